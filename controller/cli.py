@@ -1,0 +1,77 @@
+"""The `leaktap` command line: doctor, run, replay, analyze.
+
+Each subcommand's implementation is imported only when it is chosen, so that
+`leaktap analyze` works on a machine without BCC and `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger(__name__)
+
+# subcommand -> module whose main(args) -> int implements it
+_COMMANDS = {
+    "doctor": "leaktap.controller.doctor",
+    "run": "leaktap.controller.agent",
+    "replay": "leaktap.controller.replay",
+    "analyze": "leaktap.analytics.cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leaktap", description="eBPF egress-leak monitor for CRM traffic"
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("doctor", help="check that this host can run the agent")
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    run.add_argument(
+        "--iface", action="append", default=None, metavar="IF",
+        help="interface to watch (repeatable; default: the default route's)",
+    )
+    run.add_argument("--listen", metavar="HOST:PORT", help="API address (default 127.0.0.1:8470)")
+    run.add_argument("--db", metavar="PATH", help="SQLite database path")
+    run.add_argument("--mode", choices=["tc", "xdp"], help="attach mode (default tc)")
+
+    replay = sub.add_parser(
+        "replay", help="push a pcap through the kernel program, print one JSON line per flow"
+    )
+    replay.add_argument("pcap", metavar="PCAP", help="pcap or pcapng file")
+    replay.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    replay.add_argument("--mode", choices=["tc", "xdp"], default="tc", help=argparse.SUPPRESS)
+
+    analyze = sub.add_parser("analyze", help="run the detectors over minute buckets")
+    analyze.add_argument("--buckets", required=True, metavar="FILE.jsonl", help="minute buckets")
+    analyze.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(_COMMANDS[args.command])
+    try:
+        return int(module.main(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        from leaktap.controller.errors import LeaktapError
+
+        if isinstance(e, LeaktapError):
+            sys.stderr.write(f"leaktap {args.command}: {e}\n")
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

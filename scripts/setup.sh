@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# One idempotent setup for a Debian 12 host (also run by vagrant/ provisioning):
+# apt packages, a kernel-header tree for BCC, bpffs/tracefs mounts and the
+# project's virtual environment. Safe to run again; it only does what is missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-$ROOT/.venv}
+KREL=$(uname -r)
+quiet() { if [ "${V:-0}" = 1 ]; then "$@"; else "$@" >/dev/null; fi; }
+say() { printf 'setup: %s\n' "$*"; }
+
+[ "$(id -u)" = 0 ] || { echo "setup: must run as root (BPF, tc and apt need it)" >&2; exit 1; }
+
+# 1. Debian packages. bcc's Python module is python3-bpfcc (not on PyPI).
+PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 ethtool
+      ca-certificates)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+# BCC compiles against a kernel header tree. Prefer the exact package; this
+# machine's kernel is newer than any Debian headers, so fall back to the cloud
+# flavour: the programs use only UAPI structures, which are stable.
+if [ ! -e "/lib/modules/$KREL/build/include" ]; then
+    if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+        missing+=("linux-headers-$KREL")
+    else
+        dpkg-query -W -f='${Status}' linux-headers-cloud-amd64 2>/dev/null \
+            | grep -q "install ok installed" || missing+=(linux-headers-cloud-amd64)
+    fi
+fi
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    if ! apt-cache show "${missing[@]}" >/dev/null 2>&1; then
+        # linux-headers-$KREL may have vanished between update and install
+        missing=("${missing[@]/linux-headers-$KREL/linux-headers-cloud-amd64}")
+    fi
+    quiet apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# 2. Kernel header link (Debian splits the tree: arch part = build, common = source).
+if [ ! -e "/lib/modules/$KREL/build/include" ]; then
+    hdr=$(ls -d /usr/src/linux-headers-*-cloud-amd64 2>/dev/null | sort -V | tail -n 1)
+    [ -n "$hdr" ] || { echo "setup: no kernel header tree found under /usr/src" >&2; exit 1; }
+    common=${hdr%-cloud-amd64}-common
+    say "linking kernel headers $hdr for $KREL"
+    mkdir -p "/lib/modules/$KREL"
+    ln -sfn "$hdr" "/lib/modules/$KREL/build"
+    [ -d "$common" ] && ln -sfn "$common" "/lib/modules/$KREL/source"
+fi
+
+# 3. Mounts: bpffs for pinned maps, tracefs for uprobes/tracepoints.
+if ! mountpoint -q /sys/fs/bpf; then
+    say "mounting bpffs at /sys/fs/bpf"
+    mkdir -p /sys/fs/bpf && mount -t bpf bpf /sys/fs/bpf
+fi
+if ! mountpoint -q /sys/kernel/tracing && [ -d /sys/kernel/tracing ]; then
+    say "mounting tracefs at /sys/kernel/tracing"
+    mount -t tracefs tracefs /sys/kernel/tracing || say "tracefs mount failed (uprobes unavailable)"
+fi
+
+# 4. Python environment: system site-packages so that `import bcc` works.
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating $VENV"
+    /usr/bin/python3 -m venv --system-site-packages "$VENV"
+    quiet "$VENV/bin/pip" install -q --upgrade pip
+fi
+stamp="$VENV/.leaktap-installed"
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+    say "installing leaktap and its test extras into $VENV"
+    quiet "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    touch "$stamp"
+fi
+"$VENV/bin/python" -c "import bcc, leaktap.controller" \
+    || { echo "setup: the environment cannot import bcc and leaktap" >&2; exit 1; }
