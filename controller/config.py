@@ -1,0 +1,257 @@
+"""The agent's YAML configuration, validated with pydantic.
+
+An error names the file, the line and the dotted key, e.g.
+``leaktap.yaml:14: tenants[0].match.cidrs[1]: not a CIDR: '198.18.1.0/33'``.
+Unknown keys are errors too: a typo must not silently disable a detector.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from leaktap.analytics.settings import DetectionSettings
+from leaktap.controller.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:8470"
+DEFAULT_DB = "/var/lib/leaktap/leaktap.db"
+UNASSIGNED_TENANT = "unassigned"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError as e:
+        raise ValueError(f"not a CIDR: {value!r}") from e
+
+
+def _check_glob(value: str) -> str:
+    if not value or "\x00" in value:
+        raise ValueError(f"not a pattern: {value!r}")
+    try:
+        re.compile(fnmatch.translate(value))
+    except re.error as e:
+        raise ValueError(f"bad pattern {value!r}: {e}") from e
+    return value
+
+
+Cidr = Annotated[str, AfterValidator(_check_cidr)]
+
+
+class TenantMatch(_Strict):
+    """Rules tried in order cgroup, uid, source CIDR, SNI pattern (first tenant wins)."""
+
+    cgroup: str | None = None  # glob on the cgroup v2 path, e.g. "/tenants/acme*"
+    uids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = []
+    cidrs: list[Cidr] = []
+    sni: str | None = None  # host pattern with an optional {tenant} capture
+
+    @field_validator("cgroup")
+    @classmethod
+    def _cgroup(cls, v: str | None) -> str | None:
+        return None if v is None else _check_glob(v)
+
+    @field_validator("sni")
+    @classmethod
+    def _sni(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v.count("{tenant}") > 1:
+            raise ValueError("an SNI pattern may capture {tenant} once")
+        return _check_glob(v.replace("{tenant}", "x")) and v.lower()
+
+
+class TenantConfig(_Strict):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    match: TenantMatch = TenantMatch()
+    allow: list[Annotated[str, Field(pattern=r"^[a-z0-9_-]+:[^\s:]+$")]] = []
+    environment: str | None = None  # label used by oauth_token_reuse
+
+
+class CatalogueEntry(_Strict):
+    """A site-specific CRM host pattern added to the shipped catalogue."""
+
+    vendor: Annotated[str, Field(pattern=r"^[a-z0-9_-]+$")]
+    pattern: str  # glob on the host name; {instance} captures the instance label
+    instance: str | None = None  # fixed instance when the pattern has no capture
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        return _check_glob(v.replace("{instance}", "x")) and v.lower()
+
+
+class TokensConfig(_Strict):
+    reader: list[Annotated[str, Field(min_length=16)]] = []
+    admin: list[Annotated[str, Field(min_length=16)]] = []
+
+
+class TokenFilesConfig(_Strict):
+    reader: list[str] = []
+    admin: list[str] = []
+
+
+class StorageConfig(_Strict):
+    path: str = DEFAULT_DB
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+
+
+class KernelConfig(_Strict):
+    """Kernel map sizes; reach C only as integers (-DLT_X=%d)."""
+
+    flows_max: Annotated[int, Field(ge=16, le=4_194_304)] = 65536
+    ringbuf_pages: Annotated[int, Field(ge=1, le=65536)] = 64
+    hello_segments_max: Annotated[int, Field(ge=1, le=16)] = 6
+
+
+class PlaintextSelect(_Strict):
+    cgroups: list[str] = []
+    exes: list[str] = []
+    uids: list[int] = []
+
+
+class PlaintextConfig(_Strict):
+    enabled: bool = False
+    select: PlaintextSelect | Literal["all"] = PlaintextSelect()
+    max_bytes: Annotated[int, Field(ge=64, le=16384)] = 4096
+    canaries: list[str] = []
+
+
+class SinkConfig(_Strict):
+    """One alert destination; type-specific keys are checked by the sink itself."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    type: Literal["pagerduty", "webhook", "syslog", "file"]
+
+
+class LeaktapConfig(_Strict):
+    interfaces: list[str] = []  # empty: the default route's interface
+    mode: Literal["tc", "xdp"] = "tc"
+    inside: list[Cidr] = []  # gateway mode: the networks whose initiators are tenants
+    listen: str = DEFAULT_LISTEN
+    tokens: TokensConfig = TokensConfig()
+    token_files: TokenFilesConfig = TokenFilesConfig()
+    storage: StorageConfig = StorageConfig()
+    kernel: KernelConfig = KernelConfig()
+    tenants: list[TenantConfig] = []
+    catalogue: list[CatalogueEntry] = []
+    plaintext: PlaintextConfig = PlaintextConfig()
+    detection: DetectionSettings = DetectionSettings()
+    sinks: list[SinkConfig] = []
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+    @model_validator(mode="after")
+    def _unique_tenants(self) -> LeaktapConfig:
+        names = [t.name for t in self.tenants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate tenant names: {', '.join(dupes)}")
+        if UNASSIGNED_TENANT in names:
+            raise ValueError(f"{UNASSIGNED_TENANT!r} is reserved for unmatched traffic")
+        return self
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ValueError names what is wrong."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())
+    if not m:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if not 0 < port < 65536:
+        raise ValueError(f"port out of range in {value!r}")
+    return host, port
+
+
+def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """1-based line of the deepest YAML node on the pydantic error path."""
+    node, line = root, None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            # an unknown key is present in the YAML; a missing one leaves the parent's line
+            key_value = next(((k, v) for k, v in node.value if k.value == part), None)
+            node = None
+            if key_value is not None:
+                line, node = key_value[0].start_mark.line + 1, key_value[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if part < len(node.value) else None
+            if node is not None:
+                line = node.start_mark.line + 1
+        else:
+            node = None
+    return line
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
+    """Validate YAML text; ConfigError names the source, line and key of each problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}:1: the configuration must be a mapping of keys")
+    try:
+        return LeaktapConfig.model_validate(data)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            line = _node_line(root, loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}:{line or 1}: {_dotted(loc)}: {msg}")
+        raise ConfigError("\n".join(lines)) from e
+
+
+def load_config(path: str | os.PathLike[str] | None) -> LeaktapConfig:
+    """Load the file at `path`, or the defaults when no file is given."""
+    if path is None:
+        return LeaktapConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    return parse_config(text, str(p))
