@@ -1,13 +1,95 @@
 """Detection settings (the `detection:` section of the config).
 
-Owned by the analytics package; controller/config.py embeds it. Placeholder
-defaults until the detectors land.
+Owned by the analytics package; controller/config.py embeds it. Byte floors are
+per minute or per episode as their names say. The defaults were tuned on the
+synthetic scenarios in tests/analytics/scenario.py (see perf/bench_analyze.py).
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveBytes = Annotated[int, Field(ge=0, le=2**50)]
 
 
-class DetectionSettings(BaseModel):
+class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VolumeSettings(_Frozen):
+    """volume_anomaly (and egress_ratio) on each (tenant, destination) and tenant total."""
+
+    # Offset added before taking logs: changes below this many bytes a minute are noise.
+    floor_bytes_per_minute: PositiveBytes = 16_384
+    # An episode pages only once its excess over the baseline reaches this.
+    min_excess_bytes: PositiveBytes = 262_144
+    # Fast CUSUM on the robust z-score of each minute: catches bursts within minutes.
+    burst_k: Annotated[float, Field(gt=0, le=10)] = 1.0
+    burst_h: Annotated[float, Field(gt=0, le=100)] = 8.0
+    # A single minute this many robust sigmas above the baseline pages at once.
+    spike_z: Annotated[float, Field(gt=0, le=100)] = 9.0
+    # The expected per-hour maximum of normal minutes sits about this many sigmas up;
+    # scoring against it as well keeps recurring batch minutes quiet.
+    envelope_z: Annotated[float, Field(ge=0, le=10)] = 2.3
+    # Slow drips: excess of windowed sums over the expected sums.
+    drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = [60, 240]
+    drip_z: Annotated[float, Field(gt=0, le=100)] = 5.0
+    drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.5
+    # Noise scales never go below these (log units).
+    sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.12
+    level_sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.08
+    # Multiplicative level (growth) tracker, updated hourly.
+    level_halflife_hours: Annotated[float, Field(gt=0, le=24 * 28)] = 12.0
+    level_clip: Annotated[float, Field(gt=0, le=5)] = 0.7
+    # Cold start: a series with no week of history is scored against an EWMA.
+    cold_halflife_minutes: Annotated[float, Field(gt=0, le=10_080)] = 60.0
+    cold_sigma: Annotated[float, Field(gt=0, le=5)] = 0.8
+    cold_min_age_minutes: Annotated[int, Field(ge=0, le=10_080)] = 120
+
+
+class RatioSettings(_Frozen):
+    """egress_ratio: a destination pushing far more than it usually does per byte pulled."""
+
+    enabled: bool = True
+    window_minutes: Annotated[int, Field(ge=1, le=240)] = 15
+    min_factor: Annotated[float, Field(gt=1, le=1e6)] = 4.0
+    z: Annotated[float, Field(gt=0, le=100)] = 5.0
+    min_bytes_out: PositiveBytes = 4_194_304
+
+
+class NewDestinationSettings(_Frozen):
+    enabled: bool = True
+    min_bytes: PositiveBytes = 65_536
+
+
+class UnsanctionedSettings(_Frozen):
+    enabled: bool = True
+    min_bytes: PositiveBytes = 1
+    # A new episode (and page) only after this long without traffic to it.
+    episode_gap_minutes: Annotated[int, Field(ge=1, le=10_080)] = 240
+
+
+class DetectionSettings(_Frozen):
+    # No volume or new_destination alert for a tenant before it has been seen this long.
+    warmup_days: Annotated[float, Field(ge=0, le=90)] = 7.0
+    # Hour-of-week history kept per series; the seasonal fit is the median across weeks.
+    baseline_weeks: Annotated[int, Field(ge=1, le=12)] = 3
+    refit_hours: Annotated[int, Field(ge=1, le=168)] = 24
+    # An episode ends after this many minutes without an alarm.
+    episode_gap_minutes: Annotated[int, Field(ge=1, le=10_080)] = 30
+    volume: VolumeSettings = VolumeSettings()
+    ratio: RatioSettings = RatioSettings()
+    new_destination: NewDestinationSettings = NewDestinationSettings()
+    unsanctioned: UnsanctionedSettings = UnsanctionedSettings()
+
+    @model_validator(mode="after")
+    def _windows(self) -> DetectionSettings:
+        if len(set(self.volume.drip_windows_minutes)) != len(self.volume.drip_windows_minutes):
+            raise ValueError("volume.drip_windows_minutes has duplicates")
+        return self
+
+    @property
+    def warmup_minutes(self) -> int:
+        return int(self.warmup_days * 1440)

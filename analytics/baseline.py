@@ -1,0 +1,216 @@
+"""Seasonal baselines: hourly summaries per series and their hour-of-week fit.
+
+Each series keeps a ring of `baseline_weeks` weeks of hourly summaries (minute
+median, p90 and max, hourly sums out and in). The fit is the median across weeks
+of every hour-of-week slot, so one odd week (an incident, a holiday) does not move
+it, and a weekly batch that recurs every week becomes part of it. Memory is
+bounded: 5 float32 per series per hour kept (10,000 series x 3 weeks: ~100 MB).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+logger = logging.getLogger(__name__)
+
+HOURS_PER_WEEK = 168
+MINUTES_PER_HOUR = 60
+# 1970-01-01 was a Thursday: shift so that slot 0 is Monday 00:00 UTC.
+_EPOCH_HOUR_OF_WEEK = 72
+_Z90 = 1.2816  # standard normal 90th percentile: p90/p50 of a log-normal minute -> sigma
+_MAD_TO_SIGMA = 1.4826
+
+FloatArray = npt.NDArray[np.float64]
+
+P50, P90, PMAX, SUM_OUT, SUM_IN = range(5)
+N_STATS = 5
+
+
+def hour_of_week(abs_hour: int) -> int:
+    return (abs_hour + _EPOCH_HOUR_OF_WEEK) % HOURS_PER_WEEK
+
+
+class HourlyHistory:
+    """Per-minute buffer of the open hour and a ring of hourly summaries per series."""
+
+    def __init__(self, weeks: int, capacity: int) -> None:
+        self.depth = weeks * HOURS_PER_WEEK
+        self.hour_ids = np.full(self.depth, -1, dtype=np.int64)  # absolute hour per ring slot
+        self.stats = np.full((self.depth, N_STATS, capacity), np.nan, dtype=np.float32)
+        self.minutes_out = np.zeros((MINUTES_PER_HOUR, capacity))
+        self.hour_in = np.zeros(capacity)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self.stats.shape[2]
+        self.stats = np.concatenate(
+            [self.stats, np.full((self.depth, N_STATS, extra), np.nan, dtype=np.float32)], axis=2
+        )
+        self.minutes_out = np.concatenate(
+            [self.minutes_out, np.zeros((MINUTES_PER_HOUR, extra))], axis=1
+        )
+        self.hour_in = np.concatenate([self.hour_in, np.zeros(extra)])
+
+    def record_minute(self, minute_of_hour: int, out: FloatArray, inb: FloatArray) -> None:
+        n = out.shape[0]
+        self.minutes_out[minute_of_hour, :n] = out
+        self.hour_in[:n] += inb
+
+    def close_hour(self, abs_hour: int, n: int, existed: npt.NDArray[np.bool_]) -> FloatArray:
+        """Store the hour's summary; series that did not exist yet stay NaN. Returns sums out."""
+        minutes = self.minutes_out[:, :n]
+        p50, p90 = np.percentile(minutes, [50, 90], axis=0)
+        sum_out = minutes.sum(axis=0)
+        pos = abs_hour % self.depth
+        row = np.stack([p50, p90, minutes.max(axis=0), sum_out, self.hour_in[:n]])
+        row[:, ~existed[:n]] = np.nan
+        self.stats[pos, :, :n] = row
+        self.stats[pos, :, n:] = np.nan
+        self.hour_ids[pos] = abs_hour
+        self.minutes_out[:, :n] = 0.0
+        self.hour_in[:n] = 0.0
+        return sum_out
+
+    def frame(self, n: int) -> pd.DataFrame:
+        """Long table of the stored hours: series, week, slot and the five statistics."""
+        valid = np.flatnonzero(self.hour_ids >= 0)
+        hours = self.hour_ids[valid]
+        stats = self.stats[valid, :, :n]  # (hours, stats, series)
+        series = np.tile(np.arange(n), len(valid))
+        frame = pd.DataFrame(
+            {
+                "series": series,
+                "hour": np.repeat(hours, n),
+                "p50": stats[:, P50, :].ravel(),
+                "p90": stats[:, P90, :].ravel(),
+                "max": stats[:, PMAX, :].ravel(),
+                "sum_out": stats[:, SUM_OUT, :].ravel(),
+                "sum_in": stats[:, SUM_IN, :].ravel(),
+            }
+        )
+        frame = frame[frame["sum_out"].notna()]
+        frame["slot"] = (frame["hour"] + _EPOCH_HOUR_OF_WEEK) % HOURS_PER_WEEK
+        frame["week"] = (frame["hour"] + _EPOCH_HOUR_OF_WEEK) // HOURS_PER_WEEK
+        return frame
+
+
+@dataclass
+class SeasonalFit:
+    """Per hour-of-week slot (first axis) and series (second axis), in log(bytes + floor)."""
+
+    center: FloatArray  # median minute
+    envelope: FloatArray  # typical hourly maximum, widened to the neighbouring slots
+    sigma: FloatArray  # robust per-minute noise, level uncertainty included
+    hour_mean: FloatArray  # expected bytes per minute, widened to the neighbouring slots
+    hour_mean_raw: FloatArray  # expected bytes per minute of the slot itself (level tracking)
+    ratio: FloatArray  # log(out/in) of the hour, widened to the neighbouring slots
+    weeks: npt.NDArray[np.int16]  # weeks of history behind each slot; 0 = no seasonal baseline
+    sigma_level: FloatArray  # per series: hour-to-hour level noise, trend removed
+    sigma_ratio: FloatArray  # per series: noise of the hourly log(out/in)
+    level: FloatArray  # per series: log level of the last day against this fit
+
+    @classmethod
+    def empty(cls, n: int) -> SeasonalFit:
+        slots = np.zeros((HOURS_PER_WEEK, n))
+        return cls(
+            center=slots.copy(), envelope=slots.copy(), sigma=np.ones((HOURS_PER_WEEK, n)),
+            hour_mean=slots.copy(), hour_mean_raw=slots.copy(), ratio=slots.copy(),
+            weeks=np.zeros((HOURS_PER_WEEK, n), dtype=np.int16),
+            sigma_level=np.ones(n), sigma_ratio=np.ones(n), level=np.zeros(n),
+        )
+
+
+def _neighbour_max(slots: FloatArray) -> FloatArray:
+    """Max of each slot and the slots either side (the week wraps): tolerates timing jitter."""
+    return np.fmax(np.fmax(slots, np.roll(slots, 1, axis=0)), np.roll(slots, -1, axis=0))
+
+
+def _slot_table(grouped: pd.DataFrame, column: str, n: int) -> FloatArray:
+    table = np.full((HOURS_PER_WEEK, n), np.nan)
+    table[grouped["slot"].to_numpy(), grouped["series"].to_numpy()] = grouped[column].to_numpy()
+    return table
+
+
+def fit_seasonal(
+    frame: pd.DataFrame,
+    n: int,
+    floor: float,
+    sigma_floor: float,
+    level_sigma_floor: float,
+    recent_hours: int = 24,
+) -> SeasonalFit:
+    """Median across weeks per (series, hour-of-week) and robust noise scales per series."""
+    fit = SeasonalFit.empty(n)
+    if frame.empty:
+        return fit
+    hour_floor = MINUTES_PER_HOUR * floor
+    logs = pd.DataFrame(
+        {
+            "series": frame["series"].to_numpy(),
+            "slot": frame["slot"].to_numpy(),
+            "week": frame["week"].to_numpy(),
+            "hour": frame["hour"].to_numpy(),
+            "center": np.log(frame["p50"].to_numpy(np.float64) + floor),
+            "spread": (
+                np.log(frame["p90"].to_numpy(np.float64) + floor)
+                - np.log(frame["p50"].to_numpy(np.float64) + floor)
+            )
+            / _Z90,
+            "envelope": np.log(frame["max"].to_numpy(np.float64) + floor),
+            "level": np.log(frame["sum_out"].to_numpy(np.float64) + hour_floor),
+            "ratio": np.log(frame["sum_out"].to_numpy(np.float64) + hour_floor)
+            - np.log(frame["sum_in"].to_numpy(np.float64) + hour_floor),
+        }
+    )
+    columns = ["center", "spread", "envelope", "level", "ratio"]
+    slots = logs.groupby(["series", "slot"], sort=False)[columns].median()
+    slots["weeks"] = logs.groupby(["series", "slot"], sort=False).size()
+    slots = slots.reset_index()
+
+    # Residuals against the slot medians give the noise of hourly levels and ratios;
+    # removing each week's median residual first keeps steady growth out of the noise.
+    logs = logs.merge(
+        slots[["series", "slot", "level", "ratio"]], on=["series", "slot"], suffixes=("", "_slot")
+    )
+    logs["level_resid"] = logs["level"] - logs["level_slot"]
+    logs["level_resid"] -= logs.groupby(["series", "week"])["level_resid"].transform("median")
+    logs["ratio_resid"] = (logs["ratio"] - logs["ratio_slot"]).abs()
+    per_series = logs.assign(level_abs=logs["level_resid"].abs()).groupby("series")
+    mad = per_series[["level_abs", "ratio_resid"]].median()
+    sigma_level = np.full(n, np.nan)
+    sigma_level[mad.index.to_numpy()] = _MAD_TO_SIGMA * mad["level_abs"].to_numpy()
+    sigma_ratio = np.full(n, np.nan)
+    sigma_ratio[mad.index.to_numpy()] = _MAD_TO_SIGMA * mad["ratio_resid"].to_numpy()
+    fit.sigma_level = np.fmax(np.nan_to_num(sigma_level, nan=1.0), level_sigma_floor)
+    fit.sigma_ratio = np.fmax(np.nan_to_num(sigma_ratio, nan=1.0), 0.1)
+
+    # The level of the most recent day against this fit: growth since the median week.
+    newest = int(logs["hour"].max())
+    recent = logs[logs["hour"] > newest - recent_hours]
+    recent_level = (recent["level"] - recent["level_slot"]).groupby(recent["series"]).median()
+    fit.level[recent_level.index.to_numpy()] = recent_level.to_numpy()
+
+    weeks = _slot_table(slots, "weeks", n)
+    fit.weeks = np.nan_to_num(weeks, nan=0).astype(np.int16)
+    center = _slot_table(slots, "center", n)
+    spread = _slot_table(slots, "spread", n)
+    typical_spread = np.zeros(n)
+    per_series_spread = slots.groupby("series")["spread"].median()
+    typical_spread[per_series_spread.index.to_numpy()] = per_series_spread.to_numpy()
+    # A quiet slot's spread estimate may be unluckily small: never below 3/4 of the series'.
+    minute_sigma = np.fmax(np.fmax(spread, 0.75 * typical_spread), sigma_floor)
+    fit.sigma = np.sqrt(minute_sigma**2 + fit.sigma_level**2)
+    fit.center = center
+    fit.envelope = _neighbour_max(_slot_table(slots, "envelope", n))
+    level = _slot_table(slots, "level", n)
+    fit.hour_mean_raw = np.fmax(np.exp(level) - hour_floor, 0.0) / MINUTES_PER_HOUR
+    fit.hour_mean = _neighbour_max(fit.hour_mean_raw)
+    fit.ratio = _neighbour_max(_slot_table(slots, "ratio", n))
+    for name in ("center", "envelope", "sigma", "hour_mean", "hour_mean_raw", "ratio"):
+        setattr(fit, name, np.nan_to_num(getattr(fit, name), nan=0.0))
+    fit.sigma = np.where(fit.weeks > 0, fit.sigma, 1.0)
+    return fit

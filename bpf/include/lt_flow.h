@@ -1,0 +1,320 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * lt_flow.h - the shared data path: totals, per-flow counters and sampling of
+ * the rare bytes worth parsing (TLS ClientHello, QUIC Initial, DNS answers).
+ *
+ * The including program defines, before including this file:
+ *   LT_CTX                     its context type (struct __sk_buff, struct xdp_md)
+ *   LT_LOAD_BYTES(ctx, o, b, n) the load helper for its context
+ *   LT_SOCKET_UID(ctx)         owner uid of the packet's socket, or ~0
+ *
+ * Overhead: on an established flow a data packet costs two array updates, one
+ * LRU hash lookup and (egress) one per-cgroup hash lookup. Payload bytes are
+ * touched only for the first LT_PROBE_SEGS payload packets of a flow entry,
+ * while a multi-segment hello is being followed, and for port-53 answers.
+ */
+#ifndef __LT_FLOW_H
+#define __LT_FLOW_H
+
+#include "lt_loss.h"
+#include "lt_parse.h"
+
+/* TLS record header + handshake header of a ClientHello:
+ *   0      1      2      3      4      5      6      7      8
+ * +------+------+------+------+------+------+------+------+------+
+ * | 0x16 | 0x03 | minor| record length| 0x01 | handshake length   |
+ * +------+------+------+------+------+------+------+------+------+ */
+#define TLS_REC_HDR_LEN 5
+#define TLS_HELLO_HDR_LEN 9
+#define TLS_CT_HANDSHAKE 0x16
+#define TLS_HS_CLIENT_HELLO 0x01
+/* QUIC long header: first byte 1F......, then a 32-bit version (RFC 8999) */
+#define QUIC_LONG_FORM 0xC0
+#define QUIC_V1 0x00000001
+#define QUIC_V2 0x6b3343cf
+/* clients pad Initial datagrams to 1200 bytes (RFC 9000 14.1); half of it
+ * tolerates captures cut by a snap length */
+#define QUIC_MIN_DATAGRAM 600
+#define DNS_PORT 53
+
+/* Sequence comparisons modulo 2^32 (RFC 1982) */
+static __always_inline int seq_before(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) < 0;
+}
+
+/**
+ * volume_add - add one skb to a volume counter
+ */
+static __always_inline void volume_add(struct lt_volume *v, __u32 len, __u32 segs)
+{
+	v->bytes += len;
+	v->packets += segs;
+}
+
+/**
+ * totals_account - count every packet, parsed or not, by direction and
+ * (egress) by cgroup. These maps never evict, so LRU flow evictions never
+ * lose volume: the controller reports totals - attributed as unattributed.
+ */
+static __always_inline void totals_account(__u32 dir, __u64 cgroup_id, __u32 len, __u32 segs)
+{
+	struct lt_volume *t = lt_totals.lookup(&dir);
+
+	if (t)
+		volume_add(t, len, segs);
+	if (dir != LT_DIR_EGRESS)
+		return;
+	struct lt_volume *c = lt_cgtot.lookup(&cgroup_id);
+	if (c) {
+		volume_add(c, len, segs);
+		return;
+	}
+	struct lt_volume init = { .bytes = len, .packets = segs };
+	if (lt_cgtot.insert(&cgroup_id, &init)) {
+		/* -EEXIST: another CPU raced us; this CPU's slot is ours to set */
+		c = lt_cgtot.lookup(&cgroup_id);
+		if (c)
+			volume_add(c, len, segs);
+		else
+			stat_inc(LT_LOSS_CGROUP_FULL);
+	}
+}
+
+/**
+ * flow_account - add one skb to its flow entry, creating it if needed
+ * Returns the entry (this CPU's slot) or NULL when the insert failed.
+ */
+static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_pkt *p, __u32 len,
+							__u32 segs)
+{
+	struct lt_flow_val *v = lt_flows.lookup(&p->key);
+
+	if (!v) {
+		struct lt_flow_val init = {};
+		init.first_seen_ns = bpf_ktime_get_ns();
+		init.uid = LT_SOCKET_UID(ctx);
+		/* BPF_NOEXIST: a concurrent insert by another CPU must not be overwritten */
+		lt_flows.insert(&p->key, &init);
+		v = lt_flows.lookup(&p->key);
+		if (!v) {
+			stat_inc(LT_LOSS_FLOW_INSERT);
+			return NULL;
+		}
+		stat_inc(LT_CNT_FLOW_NEW);
+	}
+	v->tx_bytes += len;
+	v->tx_packets += segs;
+	v->last_seen_ns = bpf_ktime_get_coarse_ns();
+	__u8 f = p->tcp_flags;
+	if (p->key.proto == IPPROTO_TCP && f) {
+		if ((f & (LT_TCP_SYN | LT_TCP_ACK)) == LT_TCP_SYN)
+			v->flags |= LT_FF_SYN;
+		else if ((f & (LT_TCP_SYN | LT_TCP_ACK)) == (LT_TCP_SYN | LT_TCP_ACK))
+			v->flags |= LT_FF_SYNACK;
+		if (f & LT_TCP_FIN)
+			v->flags |= LT_FF_FIN;
+		if (f & LT_TCP_RST)
+			v->flags |= LT_FF_RST;
+	}
+	return v;
+}
+
+/**
+ * emit_payload - send payload bytes [@start, @end) to user space as events of
+ * at most @snap bytes, up to @chunks events
+ * @kind: enum lt_event_kind; @uid: socket owner
+ * Returns the offset one past the last byte sent.
+ */
+static __always_inline __u32 emit_payload(LT_CTX *ctx, struct lt_pkt *p, __u32 kind, __u32 start,
+					  __u32 end, __u32 snap, __u32 chunks, __u32 uid,
+					  __u32 ifindex)
+{
+	__u32 zero = 0;
+
+	for (__u32 i = 0; i < chunks && i < LT_HELLO_CHUNKS; i++) {
+		if (start >= end)
+			break;
+		if (!event_allowed())
+			return start;
+		struct lt_event *ev = lt_scratch.lookup(&zero);
+		if (!ev)
+			return start;
+		__u32 n = end - start;
+		if (n > snap)
+			n = snap;
+		/* n is in [1, snap] here, but clang drops checks it can prove, so
+		 * hide n from it and restate the range in a form the verifier
+		 * tracks: ((n - 1) & (LT_SNAP - 1)) + 1 is in [1, LT_SNAP]. */
+		asm volatile("" : "+r"(n));
+		n = ((n - 1) & (LT_SNAP - 1)) + 1;
+		ev->ts_ns = bpf_ktime_get_ns();
+		ev->cgroup_id = p->key.cgroup_id;
+		ev->kind = kind;
+		ev->ifindex = ifindex;
+		__builtin_memcpy(ev->saddr, p->key.saddr, 16);
+		__builtin_memcpy(ev->daddr, p->key.daddr, 16);
+		ev->sport = p->key.sport;
+		ev->dport = p->key.dport;
+		ev->family = p->key.family;
+		ev->proto = p->key.proto;
+		ev->dir = p->key.dir;
+		ev->tcp_flags = p->tcp_flags;
+		ev->seq = p->seq + start;
+		ev->uid = uid;
+		ev->payload_len = p->payload_len;
+		ev->payload_off = start;
+		ev->cap_len = n;
+		if (LT_LOAD_BYTES(ctx, p->payload_off + start, ev->payload, n)) {
+			stat_inc(LT_LOSS_LOAD_BYTES);
+			return start;
+		}
+		if (lt_events.ringbuf_output(ev, LT_EVENT_HDR_SIZE + n, 0)) {
+			stat_inc(LT_LOSS_RINGBUF_FULL);
+			return start;
+		}
+		stat_inc(kind == LT_EV_DNS ? LT_CNT_EV_DNS :
+			 kind == LT_EV_QUIC_INITIAL ? LT_CNT_EV_QUIC : LT_CNT_EV_HELLO);
+		start += n;
+	}
+	if (start < end)
+		stat_inc(LT_LOSS_TRUNCATED);
+	return start;
+}
+
+/**
+ * hello_len - bytes from the record start to the end of the ClientHello
+ * message, including the headers of further records when the message is
+ * fragmented over several records (each record adds TLS_REC_HDR_LEN).
+ */
+static __always_inline __u32 hello_len(__u8 *h)
+{
+	__u32 rec = ((__u32)h[3] << 8) | h[4];
+	__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + 4;
+	__u32 want = TLS_REC_HDR_LEN + msg;
+
+	if (rec > 0 && msg > rec)
+		want += TLS_REC_HDR_LEN * ((msg + rec - 1) / rec - 1);
+	return want > LT_HELLO_MAX_BYTES ? LT_HELLO_MAX_BYTES : want;
+}
+
+/**
+ * tls_probe - capture a ClientHello start (detected by content, any port)
+ * and, for a hello longer than this segment, follow its continuation
+ * segments until the handshake message is complete
+ */
+static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
+				      __u32 ifindex)
+{
+	__u8 h[TLS_HELLO_HDR_LEN] = {};
+
+	if (p->payload_len >= TLS_HELLO_HDR_LEN &&
+	    LT_LOAD_BYTES(ctx, p->payload_off, h, TLS_HELLO_HDR_LEN) == 0 &&
+	    h[0] == TLS_CT_HANDSHAKE && h[1] == 3 && h[2] <= 4 && h[5] == TLS_HS_CLIENT_HELLO) {
+		__u32 want = hello_len(h);
+		__u32 end = want < p->payload_len ? want : p->payload_len;
+		emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, end, LT_SNAP, LT_HELLO_CHUNKS, v->uid,
+			     ifindex);
+		v->flags |= LT_FF_HELLO;
+		if (want > p->payload_len) {
+			struct lt_hello_state st = {
+				.start_seq = p->seq,
+				.next_seq = p->seq + p->payload_len,
+				.end_seq = p->seq + want,
+				.segs = 1,
+			};
+			if (lt_hello.update(&p->key, &st))
+				stat_inc(LT_LOSS_HELLO_PENDING);
+		}
+		return;
+	}
+
+	struct lt_hello_state *st = lt_hello.lookup(&p->key);
+	if (!st)
+		return;
+	if (seq_before(p->seq, st->start_seq) || !seq_before(p->seq, st->end_seq))
+		return;
+	__u32 n = st->end_seq - p->seq;
+	if (n > p->payload_len)
+		n = p->payload_len;
+	emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, n, LT_SNAP, LT_HELLO_CHUNKS, v->uid, ifindex);
+	if (seq_before(st->next_seq, p->seq + n))
+		st->next_seq = p->seq + n;
+	st->segs++;
+	if (!seq_before(st->next_seq, st->end_seq)) {
+		lt_hello.delete(&p->key);
+	} else if (st->segs >= LT_HELLO_SEGS_MAX) {
+		stat_inc(LT_LOSS_HELLO_SEGS);
+		lt_hello.delete(&p->key);
+	}
+}
+
+/**
+ * quic_probe - capture a datagram that starts with a QUIC long header
+ * carrying an Initial packet (v1, v2) or an unknown version
+ */
+static __always_inline void quic_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
+				       __u32 ifindex)
+{
+	__u8 h[5] = {};
+
+	if (p->payload_len < QUIC_MIN_DATAGRAM || LT_LOAD_BYTES(ctx, p->payload_off, h, sizeof(h)))
+		return;
+	if ((h[0] & QUIC_LONG_FORM) != QUIC_LONG_FORM)
+		return;
+	__u32 version = ((__u32)h[1] << 24) | ((__u32)h[2] << 16) | ((__u32)h[3] << 8) | h[4];
+	__u32 type = (h[0] >> 4) & 3;
+	if (version == 0 || (version == QUIC_V1 && type != 0) || (version == QUIC_V2 && type != 1))
+		return;
+	emit_payload(ctx, p, LT_EV_QUIC_INITIAL, 0, p->payload_len, LT_SNAP, 1, v->uid, ifindex);
+}
+
+/**
+ * lt_handle - account one packet and sample what is worth parsing
+ * @dir: enum lt_dir; @probe_tls: look for ClientHello / QUIC Initial starts
+ * (off on TC ingress, where hellos are clients of local servers)
+ */
+static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, __u32 pkt_len,
+				      __u32 segs, __u64 cgroup_id, __u32 dir, int probe_tls,
+				      __u32 ifindex)
+{
+	struct lt_pkt p = {};
+	int clamped = 0;
+
+	totals_account(dir, cgroup_id, pkt_len, segs);
+
+	p.key.cgroup_id = cgroup_id;
+	p.key.dir = dir;
+	int err = pkt_parse(data, data_end, pkt_len, segs > 1, &p, &clamped);
+	if (clamped)
+		stat_inc(LT_PARSE_LEN_CLAMPED);
+	if (err) {
+		stat_inc(-err);
+		/* IP without ports (fragments, ICMP, ...) is still a flow */
+		if (err != -LT_PARSE_FRAGMENT && err != -LT_PARSE_OTHER_L4)
+			return;
+		p.payload_len = 0;
+	}
+
+	struct lt_flow_val *v = flow_account(ctx, &p, pkt_len, segs);
+	if (!v || p.payload_len == 0)
+		return;
+
+	/* DNS answers are never gated: every answer may name a destination */
+	if (p.key.sport == DNS_PORT) {
+		__u32 end = p.payload_len < LT_DNS_SNAP ? p.payload_len : LT_DNS_SNAP;
+		emit_payload(ctx, &p, LT_EV_DNS, 0, end, LT_DNS_SNAP, 1, v->uid, ifindex);
+		if (p.payload_len > LT_DNS_SNAP)
+			stat_inc(LT_LOSS_TRUNCATED);
+		return;
+	}
+	if (!probe_tls || v->probe_segs >= LT_PROBE_SEGS + LT_HELLO_SEGS_MAX)
+		return;
+	v->probe_segs++;
+	if (p.key.proto == IPPROTO_TCP)
+		tls_probe(ctx, &p, v, ifindex);
+	else if (p.key.proto == IPPROTO_UDP && v->probe_segs <= LT_PROBE_SEGS)
+		quic_probe(ctx, &p, v, ifindex);
+}
+
+#endif /* __LT_FLOW_H */

@@ -1,0 +1,140 @@
+"""From kernel samples and counters to names: SNI > DNS > catalogue, and tenants.
+
+One pipeline shared by the live agent and `leaktap replay`: samples from the
+ring buffer feed the ClientHello/QUIC reassemblers and the DNS cache; a
+conversation is then described by its server name (SNI, else the DNS names
+that resolved to its responder), the CRM vendor and instance of that name,
+and the tenant (cgroup path, uid, source CIDR, SNI pattern).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leaktap.controller.catalogue import CrmCatalogue
+from leaktap.controller.config import LeaktapConfig
+from leaktap.controller.dns import DnsCache
+from leaktap.controller.flows import Conversation, conversation_id
+from leaktap.controller.maps import FlowKey
+from leaktap.controller.quic import QuicHelloAssembler
+from leaktap.controller.ringbuf import Sample
+from leaktap.controller.tenants import TenantResolver
+from leaktap.controller.tls import ClientHello, HelloReassembler
+
+logger = logging.getLogger(__name__)
+
+_CGROUP_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """What is known of a conversation's destination."""
+
+    sni: str | None
+    ech: bool
+    dns_names: list[str]
+    crm_vendor: str | None
+    crm_instance: str | None
+    tenant: str
+    cgroup: str | None
+
+
+class CgroupPaths:
+    """cgroup v2 id -> path relative to the cgroup2 mount (the id is the directory's inode)."""
+
+    def __init__(self, mount: Path | None) -> None:
+        self._mount = mount
+        self._cache: OrderedDict[int, str | None] = OrderedDict()
+
+    def path(self, cgroup_id: int) -> str | None:
+        if not cgroup_id or self._mount is None:
+            return None
+        if cgroup_id in self._cache:
+            return self._cache[cgroup_id]
+        found = self._scan(cgroup_id)
+        self._cache[cgroup_id] = found
+        if len(self._cache) > _CGROUP_CACHE_MAX:
+            self._cache.popitem(last=False)
+        return found
+
+    def _scan(self, cgroup_id: int) -> str | None:
+        assert self._mount is not None
+        for root, dirs, _ in os.walk(self._mount):
+            for d in dirs:
+                full = os.path.join(root, d)
+                try:
+                    if os.stat(full).st_ino == cgroup_id:
+                        return "/" + os.path.relpath(full, self._mount)
+                except OSError:
+                    continue
+        if os.stat(self._mount).st_ino == cgroup_id:
+            return "/"
+        return None
+
+
+def _sample_key(s: Sample) -> FlowKey:
+    return FlowKey(s.cgroup_id, s.family, s.proto, s.dir, s.src, s.dst, s.sport, s.dport)
+
+
+class Attributor:
+    """Learns from samples; names conversations."""
+
+    def __init__(
+        self, config: LeaktapConfig, cgroup_mount: Path | None = None, use_socket: bool = True
+    ) -> None:
+        # replay runs on a test-run socket: its cgroup and uid are the replayer's, not a tenant's
+        self.use_socket = use_socket
+        self.catalogue = CrmCatalogue(config.catalogue)
+        self.tenants = TenantResolver(config.tenants)
+        self.hellos = HelloReassembler()
+        self.quic = QuicHelloAssembler()
+        self.dns = DnsCache()
+        self.cgroups = CgroupPaths(cgroup_mount)
+        self._hello_by_conv: dict[Any, ClientHello] = {}
+        self.samples = {"tls_hello": 0, "quic_initial": 0, "dns": 0}
+
+    def on_sample(self, s: Sample) -> None:
+        self.samples[s.kind] = self.samples.get(s.kind, 0) + 1
+        cid = conversation_id(_sample_key(s))
+        if s.kind == "tls_hello":
+            # direction matters for reassembly: key by the sender's side
+            hello = self.hellos.feed((cid, s.src, s.sport), s.seq, s.data)
+        elif s.kind == "quic_initial":
+            hello = self.quic.feed((cid, s.src, s.sport), s.data)
+        elif s.kind == "dns":
+            self.dns.learn_bytes(s.data, over_tcp=s.proto == 6)
+            return
+        else:
+            return
+        if hello is not None:
+            self._hello_by_conv.setdefault(cid, hello)
+
+    def forget(self, conv: Conversation) -> None:
+        self._hello_by_conv.pop((conv.family, conv.proto, conv.a, conv.b), None)
+
+    def names(self, conv: Conversation) -> Names:
+        (src, _), (dst, _), out, _in = conv.oriented()
+        hello = self._hello_by_conv.get((conv.family, conv.proto, conv.a, conv.b))
+        sni = hello.sni if hello is not None else None
+        dns_names = self.dns.names_for(dst)
+        host = sni or (dns_names[0] if dns_names else None)
+        crm = self.catalogue.lookup(host)
+        if crm is None and sni is None:
+            crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
+        cgroup = self.cgroups.path(out.cgroup_id) if self.use_socket else None
+        uid = out.uid if self.use_socket and out.uid != 0xFFFFFFFF else None
+        tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)
+        return Names(
+            sni=sni,
+            ech=bool(hello.ech) if hello is not None else False,
+            dns_names=dns_names,
+            crm_vendor=crm.vendor if crm else None,
+            crm_instance=crm.instance if crm else None,
+            tenant=tenant,
+            cgroup=cgroup,
+        )

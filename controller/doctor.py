@@ -1,0 +1,364 @@
+"""`leaktap doctor`: can this host run the agent?
+
+One line per check, in a fixed order, then a summary. FAIL lines are fatal
+(exit 1), warn lines disable an optional feature; both carry their fix.
+
+Each check is a small function that takes the paths it inspects as parameters,
+defaulting to the real ones, so tests can aim it at a directory that is not a
+bpffs or at a header tree that does not exist, without mocking anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import enum
+import errno
+import functools
+import importlib.metadata
+import logging
+import os
+import platform
+import re
+import shutil
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from leaktap.controller.errors import ProbeLoadError
+
+logger = logging.getLogger(__name__)
+
+SETUP_SCRIPT = "scripts/setup.sh"
+
+# Ring buffers (BPF_MAP_TYPE_RINGBUF) arrived in 5.8.
+MIN_KERNEL = (5, 8)
+
+BTF_PATH = Path("/sys/kernel/btf/vmlinux")
+HEADERS_BUILD_DIR = Path("/lib/modules") / os.uname().release / "build"
+TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+BPFFS_PATH = Path("/sys/fs/bpf")
+MOUNTINFO_PATH = Path("/proc/self/mountinfo")
+LIBSSL_SONAME = "libssl.so.3"
+
+# Filesystem magics from include/uapi/linux/magic.h.
+BPF_FS_MAGIC = 0xCAFE4A11
+TRACEFS_MAGIC = 0x74726163
+
+# bpf(2) has no libc wrapper; its number differs per architecture.
+BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
+BPF_MAP_CREATE = 0
+BPF_MAP_TYPE_ARRAY = 2
+
+
+class Status(enum.StrEnum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The outcome of one check; `impact` says what a warning disables."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+    impact: str = ""
+
+    def line(self) -> str:
+        text = self.detail
+        if self.impact:
+            text += f" — {self.impact}"
+        if self.fix:
+            text += f"; fix: {self.fix}" if self.impact else f" — fix: {self.fix}"
+        return f"{self.status:<6}{self.name:<15}{text}"
+
+
+Check = Callable[[], CheckResult]
+
+
+def filesystem_magic(path: Path) -> int:
+    """Return statfs(2) f_type for `path` (os.statvfs does not expose it).
+
+    Raises OSError, e.g. FileNotFoundError, when statfs fails.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    # struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
+    buf = ctypes.create_string_buffer(256)
+    if libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
+def find_cgroup2_mount(mountinfo: Path = MOUNTINFO_PATH) -> Path | None:
+    """Return the first cgroup2 mount point listed in a mountinfo file, if any."""
+    for fields, fstype in _mountinfo_entries(mountinfo):
+        if fstype == "cgroup2":
+            return Path(_unescape_mount_path(fields[4]))
+    return None
+
+
+def _mountinfo_entries(mountinfo: Path) -> Iterable[tuple[list[str], str]]:
+    # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw": the
+    # optional fields end at "-", the filesystem type follows it.
+    for raw in mountinfo.read_text().splitlines():
+        fields = raw.split()
+        if "-" in fields:
+            separator = fields.index("-")
+            if separator + 1 < len(fields):
+                yield fields, fields[separator + 1]
+
+
+def _unescape_mount_path(path: str) -> str:
+    # The kernel writes space, tab, newline and backslash as \040-style octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
+
+
+def check_kernel(release: str | None = None) -> CheckResult:
+    release = release or os.uname().release
+    match = re.match(r"(\d+)\.(\d+)", release)
+    need = ".".join(map(str, MIN_KERNEL))
+    if match is None:
+        return CheckResult(
+            "kernel", Status.FAIL, f"cannot parse kernel release {release!r}",
+            fix=f"boot a Linux kernel >= {need}",
+        )
+    if (int(match[1]), int(match[2])) < MIN_KERNEL:
+        return CheckResult(
+            "kernel", Status.FAIL, f"{release} is too old (ring buffers need >= {need})",
+            fix=f"boot a kernel >= {need} (Debian 12 ships 6.1)",
+        )
+    return CheckResult("kernel", Status.OK, f"{release} (ring buffers need >= {need})")
+
+
+def check_btf(path: Path = BTF_PATH) -> CheckResult:
+    # Our programs compile against the kernel headers, so BTF is only a bonus.
+    if path.is_file():
+        return CheckResult("btf", Status.OK, f"present at {path}")
+    return CheckResult(
+        "btf", Status.WARN, f"{path} not found",
+        impact="BCC uses the kernel headers instead",
+        fix="boot a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+    )
+
+
+def check_bpf_syscall(machine: str | None = None) -> CheckResult:
+    """Create and close a one-entry array map, so that missing CAP_BPF or a seccomp
+    filter shows up here rather than as a cryptic BCC error later."""
+    machine = machine or platform.machine()
+    number = BPF_SYSCALL_NR.get(machine)
+    if number is None:
+        return CheckResult(
+            "bpf-syscall", Status.FAIL, f"bpf() syscall number unknown on {machine}",
+            fix="run leaktap on x86_64 or aarch64",
+        )
+    # union bpf_attr for BPF_MAP_CREATE, up to map_name; the kernel zero-fills the rest.
+    attr = struct.pack(
+        "=IIIIIII16s", BPF_MAP_TYPE_ARRAY, 4, 8, 1, 0, 0, 0, b"lt_doctor"
+    )
+    attr_buf = ctypes.create_string_buffer(attr, len(attr))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(
+        ctypes.c_long(number), ctypes.c_int(BPF_MAP_CREATE), attr_buf, ctypes.c_uint(len(attr))
+    )
+    if fd < 0:
+        err = ctypes.get_errno()
+        detail = f"bpf(BPF_MAP_CREATE) failed: {_errno_name(err)} ({os.strerror(err)})"
+        if err == errno.ENOSYS:
+            fix = "boot a kernel built with CONFIG_BPF_SYSCALL=y"
+        else:
+            fix = (
+                "run as root or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN; "
+                "in a container, also allow bpf() in the seccomp profile"
+            )
+        return CheckResult("bpf-syscall", Status.FAIL, detail, fix=fix)
+    os.close(fd)
+    return CheckResult("bpf-syscall", Status.OK, "created and closed a BPF array map")
+
+
+def _errno_name(err: int) -> str:
+    return errno.errorcode.get(err, f"errno {err}")
+
+
+def check_bcc(trial_compile: Callable[[], str] | None = None) -> CheckResult:
+    """Compile and load the real TC egress program through the loader."""
+    if trial_compile is None:
+        try:
+            # The loader is the only module that imports bcc.
+            from leaktap.controller import loader
+        except ImportError as e:
+            if e.name == "bcc":
+                return CheckResult(
+                    "bcc", Status.FAIL, f"cannot import bcc: {e}",
+                    fix="apt-get install python3-bpfcc and use a venv made with "
+                    f"--system-site-packages (or run {SETUP_SCRIPT})",
+                )
+            return CheckResult(
+                "bcc", Status.FAIL, f"cannot import the leaktap loader: {e}",
+                fix=f"reinstall leaktap (run {SETUP_SCRIPT})",
+            )
+        trial_compile = loader.trial_compile
+    try:
+        description = trial_compile()
+    except ProbeLoadError as e:
+        return CheckResult(
+            "bcc", Status.FAIL, str(e),
+            fix="check the kernel-headers line; `leaktap -v doctor` shows the compiler log",
+        )
+    return CheckResult("bcc", Status.OK, f"BCC {_bcc_version()}: {description}")
+
+
+def _bcc_version() -> str:
+    try:
+        return importlib.metadata.version("bcc")
+    except importlib.metadata.PackageNotFoundError:
+        return "(version unknown)"
+
+
+def check_kernel_headers(build_dir: Path = HEADERS_BUILD_DIR) -> CheckResult:
+    include = build_dir / "include"
+    if not include.is_dir():
+        return CheckResult(
+            "kernel-headers", Status.FAIL, f"{include} does not exist",
+            fix=f"run {SETUP_SCRIPT} (installs headers for this kernel, or links "
+            "Debian's cloud header tree)",
+        )
+    if build_dir.is_symlink():
+        return CheckResult("kernel-headers", Status.OK, f"{build_dir} -> {build_dir.resolve()}")
+    return CheckResult("kernel-headers", Status.OK, f"{build_dir}")
+
+
+def check_tracefs(paths: Sequence[Path] = TRACEFS_PATHS) -> CheckResult:
+    for path in paths:
+        try:
+            if filesystem_magic(path) == TRACEFS_MAGIC:
+                return CheckResult("tracefs", Status.OK, f"mounted at {path}")
+        except OSError:
+            continue
+    return CheckResult(
+        "tracefs", Status.WARN, f"not mounted at {' or '.join(map(str, paths))}",
+        impact="uprobes (plaintext inspection) may be unavailable",
+        fix=f"mount -t tracefs tracefs {paths[0]} (or run {SETUP_SCRIPT})",
+    )
+
+
+def check_bpffs(path: Path = BPFFS_PATH) -> CheckResult:
+    # Pinned maps need a real bpffs; a plain directory at that path would let
+    # the pin fail only at run time.
+    fix = f"mount -t bpf bpf {path} (or run {SETUP_SCRIPT})"
+    try:
+        magic = filesystem_magic(path)
+    except FileNotFoundError:
+        return CheckResult("bpffs", Status.FAIL, f"{path} does not exist", fix=fix)
+    if magic != BPF_FS_MAGIC:
+        return CheckResult("bpffs", Status.FAIL, f"{path} is not a bpf filesystem", fix=fix)
+    return CheckResult("bpffs", Status.OK, f"mounted at {path}")
+
+
+def check_cgroup2(mountinfo: Path = MOUNTINFO_PATH) -> CheckResult:
+    # Tenants are matched on cgroup v2 paths, relative to this mount.
+    mount = find_cgroup2_mount(mountinfo)
+    if mount is None:
+        return CheckResult(
+            "cgroup-v2", Status.WARN, f"no cgroup2 mount in {mountinfo}",
+            impact="tenant matching by cgroup unavailable",
+            fix="mount -t cgroup2 none /sys/fs/cgroup/unified "
+            "(or boot with systemd.unified_cgroup_hierarchy=1)",
+        )
+    v1_mounted = any(fstype == "cgroup" for _, fstype in _mountinfo_entries(mountinfo))
+    mode = " (hybrid mode: cgroup v1 controllers also mounted)" if v1_mounted else ""
+    return CheckResult("cgroup-v2", Status.OK, f"mounted at {mount}{mode}")
+
+
+def check_libssl(soname: str = LIBSSL_SONAME) -> CheckResult:
+    path = find_shared_library(soname)
+    if path is None:
+        return CheckResult(
+            "libssl", Status.WARN, f"{soname} not found",
+            impact="plaintext inspection unavailable", fix="apt-get install libssl3",
+        )
+    return CheckResult("libssl", Status.OK, f"{soname} at {path}")
+
+
+def find_shared_library(soname: str) -> str | None:
+    """Return the path the dynamic linker would use for `soname`, from `ldconfig -p`."""
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    try:
+        listing = subprocess.run(
+            [ldconfig, "-p"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        logger.info("ldconfig -p failed (%s); cannot locate %s", e, soname)
+        return None
+    # "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3"
+    for entry in listing.splitlines():
+        name, _, rest = entry.strip().partition(" ")
+        if name == soname and "=>" in rest:
+            return rest.split("=>", 1)[1].strip()
+    return None
+
+
+DEFAULT_CHECKS: tuple[Check, ...] = (
+    check_kernel,
+    check_btf,
+    check_bpf_syscall,
+    check_bcc,
+    check_kernel_headers,
+    check_tracefs,
+    check_bpffs,
+    check_cgroup2,
+    check_libssl,
+)
+
+
+def run_checks(checks: Sequence[Check] = DEFAULT_CHECKS) -> list[CheckResult]:
+    results = []
+    for check in checks:
+        try:
+            results.append(check())
+        except Exception as e:  # noqa: BLE001 - one broken check must not hide the others
+            name = _check_name(check)
+            logger.warning("doctor check %s crashed", name, exc_info=True)
+            results.append(CheckResult(
+                name, Status.FAIL, f"check crashed: {e!r}",
+                fix="report a bug with the output of `leaktap -v doctor`",
+            ))
+    return results
+
+
+def _check_name(check: Check) -> str:
+    func = check.func if isinstance(check, functools.partial) else check
+    return getattr(func, "__name__", "check").removeprefix("check_").replace("_", "-")
+
+
+def write_report(results: Sequence[CheckResult], stream: TextIO) -> int:
+    """Write one line per result and a summary; return the exit code."""
+    for result in results:
+        stream.write(result.line() + "\n")
+    counts = {status: sum(r.status is status for r in results) for status in Status}
+    verdict = (
+        "leaktap cannot run here: fix the FAIL lines"
+        if counts[Status.FAIL] else "leaktap can run on this host"
+    )
+    stream.write(
+        f"summary: {counts[Status.OK]} ok, {counts[Status.WARN]} warn, "
+        f"{counts[Status.FAIL]} FAIL — {verdict}\n"
+    )
+    return 1 if counts[Status.FAIL] else 0
+
+
+def main(
+    args: argparse.Namespace | None = None,
+    *,
+    stream: TextIO | None = None,
+    checks: Sequence[Check] = DEFAULT_CHECKS,
+) -> int:
+    return write_report(run_checks(checks), stream or sys.stdout)

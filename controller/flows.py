@@ -1,0 +1,103 @@
+"""Joining the two directions of a flow into one conversation.
+
+The kernel counts packets in packet direction (src sent them). A
+conversation is both directions of one 5-tuple; its initiator is the side
+that sent the SYN, or the side whose first packet came first (a UDP
+client, or a TCP flow whose handshake was not seen). bytes_out are the
+initiator's bytes: on a node, the inside host's upload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from leaktap.controller import abi
+from leaktap.controller.maps import FlowCounters, FlowKey
+
+_FLAGS = abi.flow_flags()
+FF_SYN = _FLAGS["LT_FF_SYN"]
+FF_SYNACK = _FLAGS["LT_FF_SYNACK"]
+
+
+@dataclass(slots=True)
+class Direction:
+    """Accumulated counters of one direction of a conversation."""
+
+    bytes: int = 0
+    packets: int = 0
+    first_seen_ns: int = 0
+    last_seen_ns: int = 0
+    flags: int = 0
+    cgroup_id: int = 0
+    uid: int = 0xFFFFFFFF
+
+    def add(self, c: FlowCounters, extra_bytes: int = 0) -> None:
+        self.bytes += c.tx_bytes + extra_bytes
+        self.packets += c.tx_packets
+        if not self.first_seen_ns or c.first_seen_ns < self.first_seen_ns:
+            self.first_seen_ns = c.first_seen_ns
+        self.last_seen_ns = max(self.last_seen_ns, c.last_seen_ns)
+        self.flags |= c.flags
+        if c.key.cgroup_id:
+            self.cgroup_id = c.key.cgroup_id
+        if c.uid != 0xFFFFFFFF:
+            self.uid = c.uid
+
+
+@dataclass(slots=True)
+class Conversation:
+    """Both directions of one (family, proto, endpoints) flow."""
+
+    family: int
+    proto: int
+    a: tuple[str, int]
+    b: tuple[str, int]
+    a_to_b: Direction = field(default_factory=Direction)
+    b_to_a: Direction = field(default_factory=Direction)
+
+    def initiator_is_a(self) -> bool:
+        ab, ba = self.a_to_b, self.b_to_a
+        if bool(ab.flags & FF_SYN) != bool(ba.flags & FF_SYN):
+            return bool(ab.flags & FF_SYN)
+        if bool(ab.flags & FF_SYNACK) != bool(ba.flags & FF_SYNACK):
+            return bool(ba.flags & FF_SYNACK)
+        if not ba.packets:
+            return True
+        if not ab.packets:
+            return False
+        return ab.first_seen_ns <= ba.first_seen_ns
+
+    def oriented(self) -> tuple[tuple[str, int], tuple[str, int], Direction, Direction]:
+        """(initiator, responder, out, in)."""
+        if self.initiator_is_a():
+            return self.a, self.b, self.a_to_b, self.b_to_a
+        return self.b, self.a, self.b_to_a, self.a_to_b
+
+
+def conversation_id(key: FlowKey) -> tuple[int, int, tuple[str, int], tuple[str, int]]:
+    """Direction-free identity: endpoints in a canonical order (cgroup and hook ignored)."""
+    ends = sorted([(key.src, key.sport), (key.dst, key.dport)])
+    return key.family, key.proto, ends[0], ends[1]
+
+
+class ConversationTable:
+    """Accumulates drained flow counters into conversations."""
+
+    def __init__(self) -> None:
+        self.conversations: dict[tuple[int, int, tuple[str, int], tuple[str, int]], Conversation] = {}
+
+    def add(self, c: FlowCounters, extra_bytes: int = 0) -> Conversation:
+        """Add one drained entry; extra_bytes corrects for synthetic link headers."""
+        cid = conversation_id(c.key)
+        conv = self.conversations.get(cid)
+        if conv is None:
+            conv = Conversation(cid[0], cid[1], cid[2], cid[3])
+            self.conversations[cid] = conv
+        if (c.key.src, c.key.sport) == conv.a and (c.key.dst, c.key.dport) == conv.b:
+            conv.a_to_b.add(c, extra_bytes)
+        else:
+            conv.b_to_a.add(c, extra_bytes)
+        return conv
+
+    def __len__(self) -> int:
+        return len(self.conversations)

@@ -1,0 +1,351 @@
+"""Compile, load, pin and attach leaktap's BPF programs.
+
+The only module that imports bcc. BCC rewrites map calls (``lt_flows.lookup``)
+only in the main translation unit, so the program files and the headers they
+include from bpf/include are expanded into one text here, with ``#line``
+markers so that compiler and verifier messages name the original file.
+
+Kernel knobs reach C only as integers (``-DLT_X=%d``); the one string, the pin
+directory, is built here from a fixed prefix and a hex digest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from leaktap.controller.errors import ProbeLoadError
+
+logger = logging.getLogger(__name__)
+
+BPFFS = Path("/sys/fs/bpf")
+PIN_ROOT = BPFFS / "leaktap"
+
+# The BPF object for each mode: program files compiled together so they share maps.
+MODE_SOURCES = {
+    "tc": ("tc_egress.bpf.c", "tc_ingress.bpf.c"),
+    "xdp": ("xdp_gateway.bpf.c",),
+}
+PROGRAMS = {
+    "tc": {"egress": "lt_tc_egress", "ingress": "lt_tc_ingress"},
+    "xdp": {"ingress": "lt_xdp_gw"},
+}
+# clsact parents (TC_H_CLSACT:TC_H_MIN_EGRESS / INGRESS) and our filter slot:
+# a fixed priority and handle let a restart find and replace a crashed run's filter.
+TC_PARENT = {"egress": 0xFFFFFFF3, "ingress": 0xFFFFFFF2}
+TC_PRIO = 0x4C54  # "LT"
+TC_HANDLE = 1
+
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
+
+
+def bpf_dir() -> Path:
+    """Where the shipped C sources live (package data of leaktap.bpf)."""
+    return Path(str(resources.files("leaktap.bpf")))
+
+
+def expand_source(files: tuple[str, ...], root: Path | None = None) -> str:
+    """Inline our own quoted includes (once each) into one C text."""
+    root = root or bpf_dir()
+    seen: set[Path] = set()
+
+    def expand(path: Path) -> list[str]:
+        out = [f'#line 1 "{path.name}"\n']
+        for lineno, line in enumerate(path.read_text().splitlines(keepends=True), 1):
+            m = _INCLUDE.match(line)
+            if not m:
+                out.append(line)
+                continue
+            inc = root / "include" / m.group(1)
+            if not inc.exists():
+                inc = root / m.group(1)
+            if inc not in seen:
+                seen.add(inc)
+                out.extend(expand(inc))
+            out.append(f'#line {lineno + 1} "{path.name}"\n')
+        return out
+
+    text: list[str] = []
+    for name in files:
+        text.extend(expand(root / name))
+        text.append("\n")
+    return "".join(text)
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Sizes compiled into the programs; see bpf/include/lt_types.h for the rationale."""
+
+    flows_max: int = 65536
+    cgroups_max: int = 16384
+    hello_pending_max: int = 4096
+    ringbuf_pages: int = 64
+    hello_segs_max: int = 12
+    events_per_sec: int = 65536
+    pin: bool = False  # pin the counting maps under /sys/fs/bpf/leaktap/<abi>
+
+    def __post_init__(self) -> None:
+        for name in ("flows_max", "cgroups_max", "hello_pending_max", "events_per_sec"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 1 << 24:
+                raise ProbeLoadError(f"{name} must be an integer in 1..{1 << 24}, not {value!r}")
+        pages = self.ringbuf_pages
+        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
+            raise ProbeLoadError(f"ringbuf_pages must be a power of two, not {pages!r}")
+        if not 1 <= self.hello_segs_max <= 64:
+            raise ProbeLoadError("hello_segs_max must be in 1..64")
+
+    def cflags(self) -> list[str]:
+        return [
+            "-DLT_FLOWS_MAX=%d" % self.flows_max,
+            "-DLT_CGROUPS_MAX=%d" % self.cgroups_max,
+            "-DLT_HELLO_PENDING_MAX=%d" % self.hello_pending_max,
+            "-DLT_RINGBUF_PAGES=%d" % self.ringbuf_pages,
+            "-DLT_HELLO_SEGS_MAX=%d" % self.hello_segs_max,
+            "-DLT_EVENTS_PER_SEC=%d" % self.events_per_sec,
+        ]
+
+
+def abi_digest(source: str, cflags: list[str]) -> str:
+    """Identity of a map layout: pinned maps are reused only by the same build."""
+    h = hashlib.sha256(source.encode())
+    for flag in cflags:
+        h.update(b"\0" + flag.encode())
+    return h.hexdigest()[:12]
+
+
+@dataclass
+class Probes:
+    """A compiled and loaded BPF object for one mode, with its maps."""
+
+    mode: str
+    options: KernelOptions
+    bpf: Any
+    pin_dir: Path | None
+    functions: dict[str, Any] = field(default_factory=dict)
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name]
+
+    def fd(self, direction: str) -> int:
+        return int(self.functions[direction].fd)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+
+def _bpffs_mounted(path: Path = BPFFS) -> bool:
+    BPF_FS_MAGIC = 0xCAFE4A11
+    try:
+        return os.statvfs(path) is not None and _fs_magic(path) == BPF_FS_MAGIC
+    except OSError:
+        return False
+
+
+def _fs_magic(path: Path) -> int:
+    import ctypes
+
+    class StatFs(ctypes.Structure):  # struct statfs, x86_64/aarch64 layout prefix
+        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = StatFs()
+    if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
+        raise OSError(ctypes.get_errno(), "statfs failed", str(path))
+    return int(buf.f_type) & 0xFFFFFFFF
+
+
+def _prepare_pin_dir(digest: str) -> Path:
+    if not _bpffs_mounted():
+        raise ProbeLoadError(
+            f"{BPFFS} is not a bpf filesystem: mount -t bpf bpf {BPFFS} (scripts/setup.sh does)"
+        )
+    PIN_ROOT.mkdir(exist_ok=True)
+    for stale in PIN_ROOT.iterdir():
+        if stale.name != digest:
+            logger.warning(
+                "removing pinned maps of another build (%s): their counts since the last "
+                "poll are lost",
+                stale.name,
+            )
+            shutil.rmtree(stale, ignore_errors=True)
+    pin_dir = PIN_ROOT / digest
+    resumed = pin_dir.exists() and any(pin_dir.iterdir())
+    pin_dir.mkdir(exist_ok=True)
+    if resumed:
+        logger.info("resuming pinned maps in %s", pin_dir)
+    return pin_dir
+
+
+def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
+    """Compile and load the programs of `mode`; ProbeLoadError says what failed."""
+    options = options or KernelOptions()
+    if mode not in MODE_SOURCES:
+        raise ProbeLoadError(f"unknown mode {mode!r}; expected one of {sorted(MODE_SOURCES)}")
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise ProbeLoadError(
+            "cannot import bcc: install python3-bpfcc and use a venv made with "
+            "--system-site-packages (scripts/setup.sh)"
+        ) from e
+    files = MODE_SOURCES[mode]
+    try:
+        source = expand_source(files)
+    except OSError as e:
+        raise ProbeLoadError(f"reading BPF sources {files}: {e}") from e
+    cflags = options.cflags() + ["-Wno-unused-value"]
+    pin_dir = None
+    if options.pin:
+        pin_dir = _prepare_pin_dir(abi_digest(source, cflags))
+        cflags.append('-DLT_PIN_DIR="%s"' % pin_dir)
+    started = time.monotonic()
+    try:
+        bpf = BPF(text=source, cflags=cflags)
+    except Exception as e:
+        raise ProbeLoadError(f"compiling {', '.join(files)}: {e} (see the compiler output above)") from e
+    probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
+    prog_type = BPF.SCHED_CLS if mode == "tc" else BPF.XDP
+    for direction, name in PROGRAMS[mode].items():
+        try:
+            probes.functions[direction] = bpf.load_func(name, prog_type)
+        except Exception as e:
+            probes.close()
+            raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
+    logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
+    return probes
+
+
+def trial_compile() -> str:
+    """Compile and load the TC programs once, for `leaktap doctor`."""
+    started = time.monotonic()
+    probes = load("tc", KernelOptions(flows_max=1024, cgroups_max=64))
+    try:
+        elapsed = time.monotonic() - started
+        return f"{', '.join(MODE_SOURCES['tc'])} compiled and loaded in {elapsed:.1f} s"
+    finally:
+        probes.close()
+
+
+# ---- TC attachment (pyroute2) -------------------------------------------------
+
+
+def _ifindex(ipr: Any, iface: str) -> int:
+    found = ipr.link_lookup(ifname=iface)
+    if not found:
+        raise ProbeLoadError(f"no such interface: {iface}")
+    return int(found[0])
+
+
+def _our_filters(ipr: Any, index: int, parent: int) -> list[Any]:
+    try:
+        filters = ipr.get_filters(index=index, parent=parent)
+    except Exception:  # noqa: BLE001 - no clsact qdisc: nothing of ours there
+        return []
+    ours = []
+    for f in filters:
+        opts = f.get_attr("TCA_OPTIONS")
+        name = opts.get_attr("TCA_BPF_NAME") if opts is not None else None
+        if f.get_attr("TCA_KIND") == "bpf" and name and str(name).split(":")[0].startswith("lt_"):
+            ours.append(f)
+    return ours
+
+
+def detach_tc(iface: str) -> int:
+    """Remove every leaktap filter from `iface` (also a crashed run's); returns how many."""
+    from pyroute2 import IPRoute
+
+    removed = 0
+    with IPRoute() as ipr:
+        index = _ifindex(ipr, iface)
+        for parent in TC_PARENT.values():
+            for f in _our_filters(ipr, index, parent):
+                with contextlib.suppress(Exception):
+                    ipr.tc(
+                        "del-filter",
+                        "bpf",
+                        index,
+                        f["handle"],
+                        parent=parent,
+                        prio=f["info"] >> 16,
+                        protocol=f["info"] & 0xFFFF,
+                    )
+                    removed += 1
+        _drop_empty_clsact(ipr, index)
+    return removed
+
+
+def _drop_empty_clsact(ipr: Any, index: int) -> None:
+    """Delete the clsact qdisc when no filter of anyone remains on it."""
+    for parent in TC_PARENT.values():
+        try:
+            if ipr.get_filters(index=index, parent=parent):
+                return
+        except Exception:  # noqa: BLE001
+            return
+    with contextlib.suppress(Exception):
+        ipr.tc("del", "clsact", index)
+
+
+def attach_tc(probes: Probes, iface: str, directions: tuple[str, ...] = ("egress", "ingress")) -> None:
+    """Attach the TC programs to `iface` on a clsact qdisc, replacing stale leaktap filters."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    stale = detach_tc(iface)
+    if stale:
+        logger.warning("removed %d leaktap filter(s) left on %s by an earlier run", stale, iface)
+    with IPRoute() as ipr:
+        index = _ifindex(ipr, iface)
+        try:
+            ipr.tc("add", "clsact", index)
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise ProbeLoadError(f"adding a clsact qdisc to {iface}: {e}") from e
+        for direction in directions:
+            fn = probes.functions[direction]
+            try:
+                ipr.tc(
+                    "add-filter",
+                    "bpf",
+                    index,
+                    TC_HANDLE,
+                    fd=fn.fd,
+                    name=fn.name.decode() if isinstance(fn.name, bytes) else fn.name,
+                    parent=TC_PARENT[direction],
+                    prio=TC_PRIO,
+                    classid=1,
+                    direct_action=True,
+                )
+            except NetlinkError as e:
+                raise ProbeLoadError(f"attaching {direction} filter to {iface}: {e}") from e
+    logger.info("attached %s to %s", "+".join(directions), iface)
+
+
+@contextlib.contextmanager
+def attached(probes: Probes, ifaces: list[str]) -> Iterator[None]:
+    """Attach to every interface; detach from all of them on exit, whatever happens."""
+    done: list[str] = []
+    try:
+        for iface in ifaces:
+            done.append(iface)
+            attach_tc(probes, iface)
+        yield
+    finally:
+        for iface in done:
+            try:
+                detach_tc(iface)
+            except Exception as e:  # noqa: BLE001 - keep detaching the others
+                logger.error("detaching from %s: %s", iface, e)

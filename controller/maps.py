@@ -1,0 +1,141 @@
+"""Reading leaktap's kernel maps: flow drains, totals and loss counters.
+
+Flows are drained with BPF_MAP_LOOKUP_AND_DELETE_BATCH (never items() then
+clear(), which loses updates between the two), so whatever is in lt_flows has
+not been accounted yet; that is also what makes a restart on pinned maps
+lose nothing. Totals and stats are monotonic and only ever read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from leaktap.controller import abi
+
+logger = logging.getLogger(__name__)
+
+
+def format_addr(family: int, words: Any) -> str:
+    """Address from the key's u32[4] (network byte order in memory)."""
+    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    if family == 4:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family == 6:
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return ""
+
+
+def addr_words(addr: str) -> list[int]:
+    """Inverse of format_addr: the u32[4] a key holds for `addr`."""
+    packed = ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+    return [int.from_bytes(packed[i : i + 4], "little") for i in range(0, 16, 4)]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowKey:
+    """A flow in packet direction (src sent the packets counted under it)."""
+
+    cgroup_id: int
+    family: int
+    proto: int
+    dir: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+
+    def reversed(self) -> FlowKey:
+        return FlowKey(
+            self.cgroup_id, self.family, self.proto, self.dir,
+            self.dst, self.src, self.dport, self.sport,
+        )
+
+
+@dataclass(slots=True)
+class FlowCounters:
+    """One drained flow entry, summed over CPUs."""
+
+    key: FlowKey
+    tx_bytes: int
+    tx_packets: int
+    first_seen_ns: int
+    last_seen_ns: int
+    uid: int
+    flags: int
+
+
+def key_from_ctypes(k: Any) -> FlowKey:
+    return FlowKey(
+        cgroup_id=int(k.cgroup_id),
+        family=int(k.family),
+        proto=int(k.proto),
+        dir=int(k.dir),
+        src=format_addr(k.family, k.saddr),
+        dst=format_addr(k.family, k.daddr),
+        sport=int(k.sport),
+        dport=int(k.dport),
+    )
+
+
+def _merge_cpus(key: Any, per_cpu: Any) -> FlowCounters | None:
+    tx_bytes = tx_packets = last = flags = 0
+    first = 0
+    uid = 0xFFFFFFFF
+    for v in per_cpu:
+        if not v.tx_packets:
+            continue
+        tx_bytes += v.tx_bytes
+        tx_packets += v.tx_packets
+        first = v.first_seen_ns if not first else min(first, v.first_seen_ns)
+        last = max(last, v.last_seen_ns)
+        flags |= v.flags
+        uid = v.uid
+    if not tx_packets:
+        return None
+    return FlowCounters(key_from_ctypes(key), tx_bytes, tx_packets, first, last, uid, flags)
+
+
+class MapReader:
+    """Reads one loaded program set's maps (see bpf/include/lt_maps.h)."""
+
+    def __init__(self, probes: Any) -> None:
+        self._flows = probes.table("lt_flows")
+        self._stats = probes.table("lt_stats")
+        self._totals = probes.table("lt_totals")
+        self._cgtot = probes.table("lt_cgtot")
+        self._stat_names = abi.stat_names()
+
+    def drain_flows(self) -> list[FlowCounters]:
+        """Atomically take every flow entry out of the map."""
+        out = []
+        for key, per_cpu in self._flows.items_lookup_and_delete_batch():
+            merged = _merge_cpus(key, per_cpu)
+            if merged is not None:
+                out.append(merged)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        """Monotonic counters by reason name, summed over CPUs."""
+        out = {}
+        for index, name in enumerate(self._stat_names):
+            out[name] = sum(int(v) for v in self._stats[self._stats.Key(index)])
+        return out
+
+    def totals(self) -> dict[int, tuple[int, int]]:
+        """{direction: (bytes, packets)} over every packet seen, parsed or not."""
+        out = {}
+        for direction in range(len(self._totals)):
+            per_cpu = self._totals[self._totals.Key(direction)]
+            out[direction] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+        return out
+
+    def cgroup_totals(self) -> dict[int, tuple[int, int]]:
+        """{cgroup id: (bytes, packets)} of egress traffic (never evicted)."""
+        out = {}
+        for key, per_cpu in self._cgtot.items_lookup_batch():
+            out[int(key.value)] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+        return out

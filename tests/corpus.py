@@ -1,0 +1,241 @@
+"""The shared public corpus (../shared/corpus): expected answers and a dpkt packet reader.
+
+Packets are decoded down to TCP/UDP with dpkt for the link types the corpus uses
+(Ethernet incl. VLAN tags, raw IP, BSD loopback, PPP, Linux SLL/SLL2, pcapng).
+IPv4 fragments are skipped; IPv6 fragments are reassembled (the DNS corpus has
+a fragmented answer).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dpkt
+
+CORPUS = Path(os.environ.get("LEAKTAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
+if not CORPUS.is_dir():
+    CORPUS = Path("/work/shared/corpus")
+
+
+def corpus_available() -> bool:
+    return (CORPUS / "README.md").is_file()
+
+
+def load_tsv(name: str) -> list[dict[str, str]]:
+    """Rows of e.g. 'zeek/expected.tsv' as dicts; the pcap column is made absolute."""
+    path = CORPUS / name
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    for row in rows:
+        if "pcap" in row:
+            row["pcap_path"] = str(path.parent / row["pcap"])
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One TCP segment or UDP datagram."""
+
+    index: int
+    ts: float
+    proto: str  # "tcp" | "udp"
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    payload: bytes
+    seq: int = 0
+    syn: bool = False
+    fin: bool = False
+    rst: bool = False
+
+    @property
+    def flow(self) -> tuple[str, int, str, int, str]:
+        return (self.src, self.sport, self.dst, self.dport, self.proto)
+
+
+def _ip_str(raw: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET6 if len(raw) == 16 else socket.AF_INET, raw)
+
+
+def _open(path: Path) -> tuple[object, int]:
+    f = path.open("rb")
+    magic = f.read(4)
+    f.seek(0)
+    reader: dpkt.pcap.Reader | dpkt.pcapng.Reader
+    reader = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
+    return reader, reader.datalink()
+
+
+def _network_layer(buf: bytes, linktype: int) -> bytes | dpkt.Packet | None:
+    if linktype == dpkt.pcap.DLT_EN10MB:
+        eth = dpkt.ethernet.Ethernet(buf)
+        return eth.data if isinstance(eth.data, (dpkt.ip.IP, dpkt.ip6.IP6)) else None
+    if linktype in (dpkt.pcap.DLT_RAW, 12, 14, 101):
+        return buf
+    if linktype == dpkt.pcap.DLT_NULL:
+        return buf[4:]
+    if linktype == dpkt.pcap.DLT_LINUX_SLL:
+        return buf[16:]
+    if linktype == 276:  # LINUX_SLL2
+        return buf[20:]
+    if linktype == dpkt.pcap.DLT_PPP:
+        if buf[:2] == b"\xff\x03":
+            buf = buf[2:]
+        proto = buf[0] if buf[0] & 1 else int.from_bytes(buf[:2], "big")
+        return buf[1:] if buf[0] & 1 else (buf[2:] if proto in (0x21, 0x57) else None)
+    return None
+
+
+def _ip(obj: bytes | dpkt.Packet | None) -> dpkt.Packet | None:
+    if obj is None or isinstance(obj, dpkt.Packet):
+        return obj
+    if not obj:
+        return None
+    version = obj[0] >> 4
+    try:
+        return dpkt.ip.IP(obj) if version == 4 else dpkt.ip6.IP6(obj) if version == 6 else None
+    except (dpkt.UnpackError, IndexError):
+        return None
+
+
+def read_segments(path: str | Path, tunnels: bool = False) -> Iterator[Segment]:
+    """TCP and UDP payloads of a capture in file order.
+
+    tunnels=True also opens Teredo (IPv6 in UDP/3544) and GRE-in-UDP (UDP/4754).
+    """
+    path = Path(path)
+    reader, linktype = _open(path)
+    frags6: dict[tuple[bytes, bytes, int], dict[int, bytes]] = {}
+    for index, (ts, buf) in enumerate(reader):  # type: ignore[attr-defined]
+        try:
+            ip = _ip(_network_layer(buf, linktype))
+        except (dpkt.UnpackError, IndexError, ValueError):
+            continue
+        depth = 0
+        while ip is not None and depth < 3:
+            depth += 1
+            l4, ip_src, ip_dst = _transport(ip, frags6)
+            if l4 is None:
+                break
+            seg = _segment(index, ts, l4, ip_src, ip_dst)
+            if seg is None:
+                break
+            if tunnels and seg.proto == "udp" and 3544 in (seg.sport, seg.dport):
+                ip = _ip(seg.payload)
+                continue
+            if tunnels and seg.proto == "udp" and 4754 in (seg.sport, seg.dport):
+                ip = _ip(_gre_inner(seg.payload))
+                continue
+            yield seg
+            break
+
+
+def _gre_inner(data: bytes) -> bytes | None:
+    if len(data) < 4:
+        return None
+    flags = int.from_bytes(data[:2], "big")
+    off = 4 + (4 if flags & 0x8000 else 0) + (4 if flags & 0x2000 else 0) + (4 if flags & 0x1000 else 0)
+    proto = int.from_bytes(data[2:4], "big")
+    inner = data[off:]
+    if proto == 0x6558:  # transparent Ethernet bridging
+        eth = dpkt.ethernet.Ethernet(inner)
+        return bytes(eth.data) if isinstance(eth.data, (dpkt.ip.IP, dpkt.ip6.IP6)) else None
+    return inner if proto in (0x0800, 0x86DD) else None
+
+
+def _transport(
+    ip: dpkt.Packet, frags6: dict[tuple[bytes, bytes, int], dict[int, bytes]]
+) -> tuple[dpkt.Packet | None, str, str]:
+    src, dst = _ip_str(ip.src), _ip_str(ip.dst)
+    if isinstance(ip, dpkt.ip.IP):
+        if ip.mf or ip.offset:
+            return None, src, dst
+        return ip.data, src, dst
+    frag = ip.extension_hdrs.get(dpkt.ip.IP_PROTO_FRAGMENT) if hasattr(ip, "extension_hdrs") else None
+    if frag is not None:
+        key = (ip.src, ip.dst, frag.id)
+        parts = frags6.setdefault(key, {})
+        parts[frag.frag_off << 3] = bytes(ip.data) if not isinstance(ip.data, bytes) else ip.data
+        if frag.m_flag:
+            return None, src, dst
+        whole = bytearray()
+        for off in sorted(parts):
+            if off != len(whole):
+                return None, src, dst
+            whole += parts[off]
+        del frags6[key]
+        nxt = frag.nxt
+        try:
+            if nxt == dpkt.ip.IP_PROTO_UDP:
+                return dpkt.udp.UDP(bytes(whole)), src, dst
+            if nxt == dpkt.ip.IP_PROTO_TCP:
+                return dpkt.tcp.TCP(bytes(whole)), src, dst
+        except dpkt.UnpackError:
+            return None, src, dst
+        return None, src, dst
+    return ip.data, src, dst
+
+
+def _segment(index: int, ts: float, l4: dpkt.Packet, src: str, dst: str) -> Segment | None:
+    if isinstance(l4, dpkt.tcp.TCP):
+        flags = l4.flags
+        return Segment(
+            index, ts, "tcp", src, dst, l4.sport, l4.dport, bytes(l4.data), l4.seq,
+            bool(flags & dpkt.tcp.TH_SYN), bool(flags & dpkt.tcp.TH_FIN),
+            bool(flags & dpkt.tcp.TH_RST),
+        )
+    if isinstance(l4, dpkt.udp.UDP):
+        data = l4.data if isinstance(l4.data, bytes) else bytes(l4.data)
+        return Segment(index, ts, "udp", src, dst, l4.sport, l4.dport, data)
+    return None
+
+
+def _starts_hello(payload: bytes) -> bool:
+    # The kernel's trigger: a TLS handshake record header. SSLv2-compatible
+    # hellos (tls__ssl.v3.pcap) are accepted too; see the report to the lead.
+    if len(payload) >= 2 and payload[0] == 0x16 and payload[1] == 0x03:
+        return True
+    return len(payload) >= 5 and payload[0] & 0x80 != 0 and payload[2] == 1 and payload[3] in (0, 3)
+
+
+def kernel_hello_capture(segments: list[Segment], max_segments: int = 16) -> Iterator[Segment]:
+    """TCP payload segments as the kernel captures them for ClientHello reassembly.
+
+    Per direction of a connection: nothing until a segment (or a TFO SYN) whose
+    payload starts a TLS handshake record, then that segment and the following
+    payload segments, at most max_segments.
+    """
+    started: dict[tuple[str, int, str, int, str], int] = {}
+    for seg in segments:
+        if seg.proto != "tcp" or not seg.payload:
+            continue
+        count = started.get(seg.flow)
+        if count is None:
+            if _starts_hello(seg.payload):
+                started[seg.flow] = 1
+                yield seg
+        elif count < max_segments:
+            started[seg.flow] = count + 1
+            yield seg
+
+
+def quic_client_datagrams(segments: list[Segment]) -> Iterator[Segment]:
+    """UDP datagrams sent by the side that opened each UDP conversation with a
+    long-header packet (the QUIC client), as the kernel samples them."""
+    clients: dict[frozenset[tuple[str, int]], tuple[str, int]] = {}
+    for seg in segments:
+        if seg.proto != "udp" or not seg.payload:
+            continue
+        pair = frozenset([(seg.src, seg.sport), (seg.dst, seg.dport)])
+        if pair not in clients:
+            if not seg.payload[0] & 0x80 or len(seg.payload) < 7:
+                continue
+            clients[pair] = (seg.src, seg.sport)
+        if clients[pair] == (seg.src, seg.sport):
+            yield seg
