@@ -60,14 +60,13 @@ class HourlyHistory:
         self.minutes_out[minute_of_hour, :n] = out
         self.hour_in[:n] += inb
 
-    def close_hour(self, abs_hour: int, n: int, existed: npt.NDArray[np.bool_]) -> FloatArray:
-        """Store the hour's summary; series that did not exist yet stay NaN. Returns sums out."""
+    def close_hour(self, abs_hour: int, n: int) -> FloatArray:
+        """Store the hour's summary of series 0..n-1 (later ones stay NaN). Returns sums out."""
         minutes = self.minutes_out[:, :n]
         p50, p90 = np.percentile(minutes, [50, 90], axis=0)
         sum_out = minutes.sum(axis=0)
         pos = abs_hour % self.depth
         row = np.stack([p50, p90, minutes.max(axis=0), sum_out, self.hour_in[:n]])
-        row[:, ~existed[:n]] = np.nan
         self.stats[pos, :, :n] = row
         self.stats[pos, :, n:] = np.nan
         self.hour_ids[pos] = abs_hour
@@ -109,6 +108,7 @@ class SeasonalFit:
     hour_mean_raw: FloatArray  # expected bytes per minute of the slot itself (level tracking)
     ratio: FloatArray  # log(out/in) of the hour, widened to the neighbouring slots
     weeks: npt.NDArray[np.int16]  # weeks of history behind each slot; 0 = no seasonal baseline
+    sigma_series: FloatArray  # per series: typical per-minute noise (quiet slots' spread)
     sigma_level: FloatArray  # per series: hour-to-hour level noise, trend removed
     sigma_ratio: FloatArray  # per series: noise of the hourly log(out/in)
     level: FloatArray  # per series: log level of the last day against this fit
@@ -120,7 +120,7 @@ class SeasonalFit:
             center=slots.copy(), envelope=slots.copy(), sigma=np.ones((HOURS_PER_WEEK, n)),
             hour_mean=slots.copy(), hour_mean_raw=slots.copy(), ratio=slots.copy(),
             weeks=np.zeros((HOURS_PER_WEEK, n), dtype=np.int16),
-            sigma_level=np.ones(n), sigma_ratio=np.ones(n), level=np.zeros(n),
+            sigma_series=np.ones(n), sigma_level=np.ones(n), sigma_ratio=np.ones(n), level=np.zeros(n),
         )
 
 
@@ -204,6 +204,7 @@ def fit_seasonal(
     # A quiet slot's spread estimate may be unluckily small: never below 3/4 of the series'.
     minute_sigma = np.fmax(np.fmax(spread, 0.75 * typical_spread), sigma_floor)
     fit.sigma = np.sqrt(minute_sigma**2 + fit.sigma_level**2)
+    fit.sigma_series = np.sqrt(np.fmax(typical_spread, sigma_floor) ** 2 + fit.sigma_level**2)
     fit.center = center
     fit.envelope = _neighbour_max(_slot_table(slots, "envelope", n))
     level = _slot_table(slots, "level", n)

@@ -9,8 +9,10 @@ is additive:
 
 with `expected` the seasonal median interpolated between hour-of-week slots and
 scaled by a tracked growth level, or an EWMA for a series with no week of history.
-Burst: CUSUM of z. Spike: one huge z. Drip: windowed sums against expected sums.
-Ratio: windowed log(out/in) against the slot's usual log(out/in).
+Burst: CUSUM of z beyond a minimum ratio. Spike: one huge step. Drip: windowed
+sums against expected sums. Ratio: windowed log(out/in) against the slot's usual.
+What only changes hourly (slot baselines times the growth level) is cached per
+half hour, so a minute is a few dozen numpy calls.
 """
 
 from __future__ import annotations
@@ -59,6 +61,33 @@ class VolumeAlarms:
     level: FloatArray
 
 
+class _SlotCache:
+    """Per half hour: the two slots interpolated between, with the level applied."""
+
+    def __init__(self, scorer: VolumeScorer, slot: int, slot_a: int, slot_b: int) -> None:
+        vol = scorer.settings.volume
+        fit, n = scorer.fit, scorer.n
+        level = scorer.level[:n]
+        weeks = fit.weeks
+        self.seasonal = (weeks[slot, :n] > 0) & (weeks[slot_a, :n] > 0) & (weeks[slot_b, :n] > 0)
+        self.all_seasonal = bool(self.seasonal.all())
+        self.center_a = fit.center[slot_a, :n] + level
+        self.center_d = fit.center[slot_b, :n] - fit.center[slot_a, :n]
+        inv_a = 1.0 / fit.sigma[slot_a, :n]
+        self.inv_a, self.inv_d = inv_a, 1.0 / fit.sigma[slot_b, :n] - inv_a
+        # the envelope's slack is in the series' ordinary noise, not the slot's, so that a
+        # batch slot (huge spread) is not granted a huge slack on top of its maximum
+        self.envelope = fit.envelope[slot, :n] + level - vol.envelope_z * fit.sigma_series[:n]
+        self.hour_mean = np.where(self.seasonal, fit.hour_mean[slot, :n] * np.exp(level), 0.0)
+        self.spread_level_sq = fit.sigma_level[:n] ** 2
+        ratio = scorer.settings.ratio
+        noise = fit.sigma_ratio[:n] * math.sqrt(MINUTES_PER_HOUR / scorer.ratio_window)
+        threshold = np.maximum(math.log(ratio.min_factor), ratio.z * noise)
+        allowed = self.seasonal & ~scorer.is_total[:n] & ratio.enabled
+        self.ratio_threshold = np.where(allowed, threshold, np.inf)
+        self.ratio_base = fit.ratio[slot, :n]
+
+
 class VolumeScorer:
     """Streaming state of the volume and ratio detectors for every series."""
 
@@ -69,18 +98,22 @@ class VolumeScorer:
         self.ratio_window = settings.ratio.window_minutes
         self.ring_len = max([*self.windows, self.ratio_window])
         self.minute_index = 0
-        self.fit = SeasonalFit.empty(capacity)
-        self._cap = 0
+        self.n = 0
         self._alpha_cold = 1.0 - 0.5 ** (1.0 / vol.cold_halflife_minutes)
         self._alpha_level = 1.0 - 0.5 ** (1.0 / vol.level_halflife_hours)
-        self._arrays: dict[str, tuple[np.ndarray, float]] = {}
+        self._log_min_ratio = math.log(vol.burst_min_ratio)
+        self._arrays: dict[str, tuple[np.ndarray, bool | int | float]] = {}
+        self._cache: _SlotCache | None = None
+        self._cache_key: tuple[int, int] = (-1, -1)
+        self._cap = 0
         self._declare(capacity)
+        self.fit = SeasonalFit.empty(capacity)
 
     # -- state ----------------------------------------------------------------
 
     def _declare(self, capacity: int) -> None:
         k, length = len(self.windows), self.ring_len
-        specs = {
+        specs: dict[str, tuple[tuple[int, ...], bool | int | float]] = {
             "cusum": ((), 0.0), "run_start": ((), 0), "run_excess": ((), 0.0),
             "slow": ((), 0.0), "slow_start": ((), 0), "level": ((), 0.0),
             "cold_mean": ((), 0.0), "cold_init": ((), False), "first_minute": ((), 0),
@@ -90,8 +123,9 @@ class VolumeScorer:
             "sums_exp": ((k,), 0.0), "ratio_out": ((), 0.0), "ratio_in": ((), 0.0),
         }
         for name, (lead, fill) in specs.items():
-            dtype = np.int64 if isinstance(fill, int) and not isinstance(fill, bool) else (
-                np.bool_ if isinstance(fill, bool) else np.float64
+            dtype = (
+                np.bool_ if isinstance(fill, bool) else np.int64 if isinstance(fill, int)
+                else np.float64
             )
             self._arrays[name] = (np.full((*lead, capacity), fill, dtype=dtype), fill)
             setattr(self, name, self._arrays[name][0])
@@ -103,167 +137,207 @@ class VolumeScorer:
             grown = np.concatenate([array, extra], axis=-1)
             self._arrays[name] = (grown, fill)
             setattr(self, name, grown)
-        old = self.fit
-        self.fit = SeasonalFit.empty(capacity)
-        for name in vars(old):
-            value, target = getattr(old, name), getattr(self.fit, name)
-            target[..., : value.shape[-1]] = value
+        self.fit = self._widened(self.fit, self._cap, capacity)
         self._cap = capacity
+
+    @staticmethod
+    def _widened(fit: SeasonalFit, n: int, capacity: int) -> SeasonalFit:
+        wide = SeasonalFit.empty(capacity)
+        for name in vars(fit):
+            getattr(wide, name)[..., :n] = getattr(fit, name)[..., :n]
+        return wide
 
     def add_series(self, index: int, is_total: bool) -> None:
         self.first_minute[index] = self.minute_index
         self.is_total[index] = is_total
+        self.n = index + 1
+        self._cache = None
 
     def set_fit(self, fit: SeasonalFit, n: int) -> None:
         """Adopt a refitted baseline; the growth level restarts from the last day's."""
-        self.fit = SeasonalFit.empty(self._cap)
-        for name in vars(fit):
-            value, target = getattr(fit, name), getattr(self.fit, name)
-            target[..., :n] = value[..., :n]
+        self.fit = self._widened(fit, n, self._cap)
         self.level[:n] = np.clip(fit.level[:n], -_LEVEL_LIMIT, _LEVEL_LIMIT)
+        self._cache = None
 
-    # -- the minute -----------------------------------------------------------
-
-    def score(self, ts: int, x: FloatArray, y: FloatArray, warm: BoolArray) -> VolumeAlarms:
-        """Score minute `ts` (bytes out x, in y per series) and advance the state."""
-        vol, n = self.settings.volume, x.shape[0]
-        floor = float(vol.floor_bytes_per_minute)
-        fit = self.fit
-        abs_hour = ts // 3600
-        slot = hour_of_week(abs_hour)
+    def _slots(self, ts: int) -> tuple[_SlotCache, float]:
+        slot = hour_of_week(ts // 3600)
         minute = (ts // 60) % MINUTES_PER_HOUR
-        # interpolate between the centres of neighbouring slots so ramps are smooth
+        # interpolate between the centres of neighbouring slots so that ramps are smooth
         if minute < 30:
             slot_a, slot_b, w = (slot - 1) % HOURS_PER_WEEK, slot, (minute + 30) / 60
         else:
             slot_a, slot_b, w = slot, (slot + 1) % HOURS_PER_WEEK, (minute - 30) / 60
-        level = self.level[:n]
-        seasonal = (
-            (fit.weeks[slot, :n] > 0) & (fit.weeks[slot_a, :n] > 0) & (fit.weeks[slot_b, :n] > 0)
-        )
+        if self._cache is None or self._cache_key != (slot, slot_a):
+            self._cache = _SlotCache(self, slot, slot_a, slot_b)
+            self._cache_key = (slot, slot_a)
+        return self._cache, w
+
+    # -- the minute -----------------------------------------------------------
+
+    def score(self, ts: int, x: FloatArray, y: FloatArray, warm: BoolArray) -> VolumeAlarms | None:
+        """Score minute `ts` (bytes out x, in y per series), advance the state; None: calm."""
+        vol, n = self.settings.volume, self.n
+        floor = float(vol.floor_bytes_per_minute)
+        cache, w = self._slots(ts)
         log_x = np.log(x + floor)
-        center = (1 - w) * fit.center[slot_a, :n] + w * fit.center[slot_b, :n] + level
-        sigma = (1 - w) * fit.sigma[slot_a, :n] + w * fit.sigma[slot_b, :n]
-        z_center = (log_x - center) / sigma
-        z_envelope = (log_x - fit.envelope[slot, :n] - level) / sigma + vol.envelope_z
-        age = self.minute_index - self.first_minute[:n]
-        cold_mean = self.cold_mean[:n]
-        cold_ok = ~seasonal & self.cold_init[:n] & (age >= vol.cold_min_age_minutes)
-        z = np.where(
-            seasonal,
-            np.minimum(z_center, z_envelope),
-            np.where(cold_ok, (log_x - cold_mean) / vol.cold_sigma, 0.0),
-        )
-        scorable = (seasonal | cold_ok) & warm
-        z = np.where(scorable, z, 0.0)
-        expected = np.maximum(np.exp(np.where(seasonal, center, cold_mean)) - floor, 0.0)
+        center = cache.center_a + w * cache.center_d
+        excess = np.minimum(log_x - center, log_x - cache.envelope)
+        inv_sigma = cache.inv_a + w * cache.inv_d
+        seasonal = cache.seasonal
+        if cache.all_seasonal:
+            scorable = warm
+        else:
+            age = self.minute_index - self.first_minute[:n]
+            cold_ok = ~seasonal & self.cold_init[:n] & (age >= vol.cold_min_age_minutes)
+            cold_mean = self.cold_mean[:n]
+            excess = np.where(seasonal, excess, np.where(cold_ok, log_x - cold_mean, 0.0))
+            center = np.where(seasonal, center, cold_mean)
+            inv_sigma = np.where(seasonal, inv_sigma, 1.0 / vol.cold_sigma)
+            scorable = (seasonal | cold_ok) & warm
+        z = excess * inv_sigma
+        step = (excess - self._log_min_ratio) * inv_sigma - vol.burst_k
+        expected = np.maximum(np.exp(center) - floor, 0.0)
         above = np.maximum(x - expected, 0.0)
 
         # burst: CUSUM, capped so that it falls back soon after the burst ends
-        cusum_prev = self.cusum[:n].copy()
-        cusum = np.where(scorable, np.clip(cusum_prev + z - vol.burst_k, 0.0, 2 * vol.burst_h), 0.0)
-        started = (cusum > 0) & (cusum_prev == 0)
-        self.run_start[:n] = np.where(started, ts, self.run_start[:n])
-        self.run_excess[:n] = np.where(cusum > 0, self.run_excess[:n] + above, 0.0)
-        self.cusum[:n] = cusum
-        burst = (cusum >= vol.burst_h) & (self.run_excess[:n] >= vol.min_excess_bytes)
-        spike = scorable & (z >= vol.spike_z) & (above >= vol.min_excess_bytes)
-        slow_prev = self.slow[:n].copy()
-        slow = np.where(scorable, np.maximum(slow_prev + np.minimum(z, 3.0) - _SLOW_K, 0.0), 0.0)
-        self.slow_start[:n] = np.where((slow > 0) & (slow_prev == 0), ts, self.slow_start[:n])
-        self.slow[:n] = slow
+        cusum, run_excess = self.cusum[:n], self.run_excess[:n]
+        np.putmask(self.run_start[:n], cusum == 0, ts)  # a run starting now starts at ts
+        run_excess *= cusum > 0
+        cusum += step
+        np.clip(cusum, 0.0, 2 * vol.burst_h, out=cusum)
+        cusum *= scorable
+        run_excess += above
+        burst = (cusum >= vol.burst_h) & (run_excess >= vol.min_excess_bytes)
+        spike = (step >= vol.spike_z) & (above >= vol.min_excess_bytes) & scorable
+        slow = self.slow[:n]
+        np.putmask(self.slow_start[:n], slow == 0, ts)
+        slow += np.minimum(z, 3.0) - _SLOW_K
+        np.maximum(slow, 0.0, out=slow)
+        slow *= scorable
 
         # drip: windowed sums against expected sums (rings hold the last minutes)
         pos = self.minute_index % self.ring_len
-        hour_mean = np.where(seasonal, fit.hour_mean[slot, :n] * np.exp(level), 0.0)
-        seasonal_run = np.where(seasonal, self.seasonal_run[:n] + 1, 0)
-        self.seasonal_run[:n] = seasonal_run
-        drip = np.zeros(n, dtype=bool)
-        drip_score = np.zeros(n)
-        drip_first = np.full(n, ts, dtype=np.int64)
-        drip_excess = np.zeros(n)
+        hour_mean = cache.hour_mean
+        seasonal_run = self.seasonal_run[:n]
+        seasonal_run += 1
+        seasonal_run *= seasonal
+        drip: BoolArray | None = None
+        drip_score = drip_first = drip_excess = None
         for k, window in enumerate(self.windows):
             old = (self.minute_index - window) % self.ring_len
-            sums_out = self.sums_out[k, :n]
-            sums_exp = self.sums_exp[k, :n]
+            sums_out, sums_exp = self.sums_out[k, :n], self.sums_exp[k, :n]
             sums_out += x - self.ring_out[old, :n]
             sums_exp += hour_mean - self.ring_exp[old, :n]
-            log_ratio = np.log(sums_out + window * floor) - np.log(sums_exp + window * floor)
-            spread = np.sqrt(fit.sigma_level[:n] ** 2 + sigma**2 / window)
-            dz = log_ratio / spread
-            hit = (
-                (seasonal_run >= window) & warm & (dz >= vol.drip_z)
-                & (log_ratio >= math.log(vol.drip_min_ratio))
-                & (sums_out - sums_exp >= vol.min_excess_bytes)
+            gap = sums_out - sums_exp
+            candidates = np.flatnonzero(
+                (gap >= vol.min_excess_bytes) & (seasonal_run >= window) & warm
             )
-            newly = hit & ~drip
-            start = np.maximum(ts - (window - 1) * 60, np.where(slow > 0, self.slow_start[:n], ts))
-            drip_first = np.where(newly, start, drip_first)
-            drip_excess = np.where(newly, sums_out - sums_exp, drip_excess)
-            drip_score = np.maximum(drip_score, np.where(hit, dz / vol.drip_z, 0.0))
-            drip |= hit
-        ratio = self._score_ratio(ts, x, y, slot, seasonal & warm, seasonal_run)
-        ratio_hit = ratio > 0
+            if not len(candidates):
+                continue
+            log_ratio = np.log(sums_out[candidates] + window * floor) - np.log(
+                sums_exp[candidates] + window * floor
+            )
+            sigma_c = 1.0 / inv_sigma[candidates]
+            dz = log_ratio / np.sqrt(cache.spread_level_sq[candidates] + sigma_c**2 / window)
+            hit = (dz >= vol.drip_z) & (log_ratio >= math.log(vol.drip_min_ratio))
+            if not hit.any():
+                continue
+            if drip is None:
+                drip, drip_score = np.zeros(n, dtype=bool), np.zeros(n)
+                drip_first, drip_excess = np.full(n, ts, dtype=np.int64), np.zeros(n)
+            assert drip_score is not None and drip_first is not None and drip_excess is not None
+            where = candidates[hit]
+            newly = where[~drip[where]]
+            start = np.where(slow[newly] > 0, self.slow_start[newly], ts)
+            drip_first[newly] = np.maximum(ts - (window - 1) * 60, start)
+            drip_excess[newly] = gap[newly]
+            drip_score[where] = np.maximum(drip_score[where], dz[hit] / vol.drip_z)
+            drip[where] = True
+        ratio = self._score_ratio(x, y, cache, warm)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
 
-        # cold-start EWMA learns after scoring, so minute t is judged on minutes < t
-        log_cold = np.where(self.cold_init[:n], cold_mean + self._alpha_cold * (log_x - cold_mean), log_x)
-        self.cold_mean[:n] = log_cold
-        self.cold_init[:n] = True
+        if not cache.all_seasonal:
+            # cold-start EWMA learns after scoring, so minute t is judged on minutes < t
+            cold = np.flatnonzero(~seasonal)
+            init = self.cold_init[cold]
+            mean = self.cold_mean[cold]
+            self.cold_mean[cold] = np.where(init, mean + self._alpha_cold * (log_x[cold] - mean),
+                                            log_x[cold])
+            self.cold_init[cold] = True
         self.minute_index += 1
 
-        alarm = spike | burst | drip | ratio_hit
+        alarm = spike | burst
+        if drip is not None:
+            alarm |= drip
+        if ratio is not None:
+            alarm |= ratio > 0
+        if not alarm.any():
+            return None
         self.alarm_hour[:n] |= alarm
         index = np.flatnonzero(alarm)
+        is_spike, is_burst = spike[index], burst[index]
+        is_drip = drip[index] if drip is not None else np.zeros(len(index), dtype=bool)
+        ratio_at = ratio[index] if ratio is not None else np.zeros(len(index))
         detector = [
-            SPIKE if spike[i] else BURST if burst[i] else DRIP if drip[i] else RATIO for i in index
+            SPIKE if a else BURST if b else DRIP if c else RATIO
+            for a, b, c in zip(is_spike.tolist(), is_burst.tolist(), is_drip.tolist(), strict=True)
         ]
+        run_start = self.run_start[index]
         first_ts = np.where(
-            spike[index] & (cusum[index] == 0), ts,
-            np.where(spike[index] | burst[index], self.run_start[index],
-                     np.where(drip[index], drip_first[index],
-                              ts - (self.ratio_window - 1) * 60)),
+            is_spike | is_burst, run_start,
+            np.where(is_drip, drip_first[index] if drip_first is not None else ts,
+                     ts - (self.ratio_window - 1) * 60),
         )
         score = np.maximum.reduce([
-            np.where(spike, z / vol.spike_z, 0.0), np.where(burst, cusum / vol.burst_h, 0.0),
-            drip_score, ratio,
-        ])[index]
-        excess = np.where(drip[index] & ~(spike | burst)[index], drip_excess[index],
-                          self.run_excess[index])
+            np.where(is_spike, step[index] / vol.spike_z, 0.0),
+            np.where(is_burst, cusum[index] / vol.burst_h, 0.0),
+            drip_score[index] if drip_score is not None else np.zeros(len(index)),
+            ratio_at,
+        ])
+        run = run_excess[index]
+        excess_bytes = (
+            np.where(is_drip & ~(is_spike | is_burst), drip_excess[index], run)
+            if drip_excess is not None else run
+        )
+        slot = hour_of_week(ts // 3600)
         return VolumeAlarms(
-            index=index, detector=detector, first_ts=first_ts.astype(np.int64),
-            score=score, active=(z[index] >= 1.0) | ratio_hit[index],
-            observed=x[index], expected=expected[index], excess=excess, z=z[index],
-            seasonal=seasonal[index], weeks=fit.weeks[slot, index].astype(np.int64),
-            level=level[index],
+            index=index, detector=detector, first_ts=first_ts.astype(np.int64), score=score,
+            active=(z[index] >= 1.0) | (ratio_at > 0), observed=x[index],
+            expected=expected[index], excess=excess_bytes, z=z[index],
+            seasonal=seasonal[index], weeks=self.fit.weeks[slot, index].astype(np.int64),
+            level=self.level[index],
         )
 
     def _score_ratio(
-        self, ts: int, x: FloatArray, y: FloatArray, slot: int, ready: BoolArray,
-        seasonal_run: IntArray,
-    ) -> FloatArray:
+        self, x: FloatArray, y: FloatArray, cache: _SlotCache, warm: BoolArray
+    ) -> FloatArray | None:
         """Score (>= 1 means alarm) of the windowed log(out/in) against the slot's usual."""
-        cfg, n = self.settings.ratio, x.shape[0]
+        cfg, n = self.settings.ratio, self.n
         window = self.ratio_window
-        floor = float(self.settings.volume.floor_bytes_per_minute) * window
         old = (self.minute_index - window) % self.ring_len
         pos_in = self.minute_index % window
-        self.ratio_out[:n] += x - self.ring_out[old, :n]
-        self.ratio_in[:n] += y - self.ring_in[pos_in, :n]
+        ratio_out, ratio_in = self.ratio_out[:n], self.ratio_in[:n]
+        ratio_out += x - self.ring_out[old, :n]
+        ratio_in += y - self.ring_in[pos_in, :n]
         self.ring_in[pos_in, :n] = y
-        if not cfg.enabled:
-            return np.zeros(n)
-        out, inb = self.ratio_out[:n], self.ratio_in[:n]
-        excess = np.log(out + floor) - np.log(inb + floor) - self.fit.ratio[slot, :n]
-        # a shorter window is noisier than the hourly ratios the noise was measured on
-        noise = self.fit.sigma_ratio[:n] * math.sqrt(MINUTES_PER_HOUR / window)
-        threshold = np.maximum(math.log(cfg.min_factor), cfg.z * noise)
-        hit = (
-            ready & (seasonal_run >= window) & ~self.is_total[:n]
-            & (excess >= threshold) & (out >= cfg.min_bytes_out)
+        candidates = np.flatnonzero(
+            (ratio_out >= cfg.min_bytes_out) & (self.seasonal_run[:n] >= window) & warm
         )
-        return np.where(hit, excess / threshold, 0.0)
+        if not len(candidates):
+            return None
+        floor = float(self.settings.volume.floor_bytes_per_minute) * window
+        excess = (
+            np.log(ratio_out[candidates] + floor) - np.log(ratio_in[candidates] + floor)
+            - cache.ratio_base[candidates]
+        )
+        score = excess / cache.ratio_threshold[candidates]
+        hit = score >= 1.0
+        if not hit.any():
+            return None
+        out = np.zeros(n)
+        out[candidates[hit]] = score[hit]
+        return out
 
     def close_hour(self, abs_hour: int, hour_sums: FloatArray) -> None:
         """Hourly: track the growth level; re-sum the windows to shed float drift."""
@@ -278,6 +352,7 @@ class VolumeScorer:
         learn = (self.fit.weeks[slot, :n] > 0) & ~self.alarm_hour[:n]
         self.level[:n] = np.clip(level + np.where(learn, step, 0.0), -_LEVEL_LIMIT, _LEVEL_LIMIT)
         self.alarm_hour[:n] = False
+        self._cache = None
         newest = self.minute_index - 1
         for k, window in enumerate(self.windows):
             rows = (newest - np.arange(window)) % self.ring_len

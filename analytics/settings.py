@@ -25,11 +25,13 @@ class VolumeSettings(_Frozen):
     floor_bytes_per_minute: PositiveBytes = 16_384
     # An episode pages only once its excess over the baseline reaches this.
     min_excess_bytes: PositiveBytes = 262_144
-    # Fast CUSUM on the robust z-score of each minute: catches bursts within minutes.
-    burst_k: Annotated[float, Field(gt=0, le=10)] = 1.0
-    burst_h: Annotated[float, Field(gt=0, le=100)] = 8.0
-    # A single minute this many robust sigmas above the baseline pages at once.
-    spike_z: Annotated[float, Field(gt=0, le=100)] = 9.0
+    # Fast CUSUM of (log(x / expected) - log(burst_min_ratio)) / sigma - burst_k: bursts
+    # page within minutes, while shifts below burst_min_ratio are left to the drip windows.
+    burst_min_ratio: Annotated[float, Field(ge=1, le=100)] = 2.0
+    burst_k: Annotated[float, Field(ge=0, le=10)] = 0.25
+    burst_h: Annotated[float, Field(gt=0, le=100)] = 5.0
+    # One minute this far (same units as the CUSUM step) above the baseline pages at once.
+    spike_z: Annotated[float, Field(gt=0, le=100)] = 8.0
     # The expected per-hour maximum of normal minutes sits about this many sigmas up;
     # scoring against it as well keeps recurring batch minutes quiet.
     envelope_z: Annotated[float, Field(ge=0, le=10)] = 2.3

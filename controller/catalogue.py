@@ -16,7 +16,6 @@ from importlib import resources
 from typing import Any
 
 import yaml
-
 from leaktap.controller.config import CatalogueEntry
 from leaktap.controller.errors import ConfigError
 

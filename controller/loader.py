@@ -136,7 +136,7 @@ class Probes:
     functions: dict[str, Any] = field(default_factory=dict)
 
     def table(self, name: str) -> Any:
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def fd(self, direction: str) -> int:
         return int(self.functions[direction].fd)
@@ -213,14 +213,14 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
         cflags.append('-DLT_PIN_DIR="%s"' % pin_dir)
     started = time.monotonic()
     try:
-        bpf = BPF(text=source, cflags=cflags)
+        bpf = BPF(text=source.encode(), cflags=cflags)
     except Exception as e:
         raise ProbeLoadError(f"compiling {', '.join(files)}: {e} (see the compiler output above)") from e
     probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
     prog_type = BPF.SCHED_CLS if mode == "tc" else BPF.XDP
     for direction, name in PROGRAMS[mode].items():
         try:
-            probes.functions[direction] = bpf.load_func(name, prog_type)
+            probes.functions[direction] = bpf.load_func(name.encode(), prog_type)
         except Exception as e:
             probes.close()
             raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
@@ -272,17 +272,12 @@ def detach_tc(iface: str) -> int:
         index = _ifindex(ipr, iface)
         for parent in TC_PARENT.values():
             for f in _our_filters(ipr, index, parent):
-                with contextlib.suppress(Exception):
-                    ipr.tc(
-                        "del-filter",
-                        "bpf",
-                        index,
-                        f["handle"],
-                        parent=parent,
-                        prio=f["info"] >> 16,
-                        protocol=f["info"] & 0xFFFF,
-                    )
+                try:
+                    ipr.tc("del-filter", "bpf", index, f["handle"], parent=parent,
+                           prio=f["info"] >> 16)
                     removed += 1
+                except Exception as e:  # noqa: BLE001 - keep removing the others
+                    logger.error("removing filter %s from %s: %s", f["handle"], iface, e)
         _drop_empty_clsact(ipr, index)
     return removed
 

@@ -137,5 +137,7 @@ class MapReader:
         """{cgroup id: (bytes, packets)} of egress traffic (never evicted)."""
         out = {}
         for key, per_cpu in self._cgtot.items_lookup_batch():
-            out[int(key.value)] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+            # BCC yields a scalar key from its ctypes key array as a plain int
+            cgroup_id = int(getattr(key, "value", key))
+            out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
         return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from leaktap.controller.tls import (
     HS_CLIENT_HELLO,
     HS_HDR_LEN,
@@ -44,6 +44,7 @@ MAX_CID_LEN = 20
 MAX_CRYPTO_BYTES = 16384
 AEAD_TAG_LEN = 16
 SAMPLE_LEN = 16
+_NONZERO = re.compile(rb"[^\x00]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +193,8 @@ def iter_crypto_frames(payload: bytes) -> list[tuple[int, bytes]] | None:
     while p < n:
         ftype = payload[p]
         if ftype == 0x00:  # PADDING: skip the run at once
-            q = p + 1
-            while q < n and payload[q] == 0:
-                q += 1
-            p = q
+            m = _NONZERO.search(payload, p)
+            p = m.start() if m is not None else n
             continue
         p += 1
         if ftype == 0x01:  # PING
@@ -361,7 +360,8 @@ class QuicHelloAssembler:
                 self.stats.evicted += 1
         fl.datagrams += 1
         if fl.datagrams > self.max_datagrams:
-            return self._finish(flow_key, "gave_up_datagrams")
+            self._finish(flow_key, "gave_up_datagrams")
+            return None
         for pkt in pkts:
             payload = self._decrypt(fl, data, pkt)
             if payload is None:
@@ -373,7 +373,8 @@ class QuicHelloAssembler:
                 continue
             for off, chunk in frames:
                 if off + len(chunk) > self.max_bytes:
-                    return self._finish(flow_key, "gave_up_bytes")
+                    self._finish(flow_key, "gave_up_bytes")
+                    return None
                 prev = fl.chunks.get(off)
                 if prev is None or len(chunk) > len(prev):
                     fl.chunks[off] = chunk
@@ -423,17 +424,20 @@ class QuicHelloAssembler:
     def _try_complete(self, flow_key: Hashable, fl: _Flow) -> ClientHello | None:
         buf = _contiguous(fl.chunks, self.max_bytes)
         if len(buf) >= 1 and buf[0] != HS_CLIENT_HELLO:
-            return self._finish(flow_key, "not_client_hello")
+            self._finish(flow_key, "not_client_hello")
+            return None
         if len(buf) < HS_HDR_LEN:
             return None
         want = HS_HDR_LEN + int.from_bytes(buf[1:4], "big")
         if want > self.max_bytes:
-            return self._finish(flow_key, "gave_up_bytes")
+            self._finish(flow_key, "gave_up_bytes")
+            return None
         if len(buf) < want:
             return None
         hello = parse_handshake_message(buf[:want])
         if hello is None:
-            return self._finish(flow_key, "not_client_hello")
+            self._finish(flow_key, "not_client_hello")
+            return None
         self._finish(flow_key, "completed")
         return hello
 
@@ -445,7 +449,6 @@ class QuicHelloAssembler:
         self._done[flow_key] = None
         while len(self._done) > self.max_flows:
             self._done.popitem(last=False)
-        return None
 
     def _expire(self, now: float) -> None:
         while self._flows:

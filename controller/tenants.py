@@ -22,6 +22,7 @@ from leaktap.controller.config import UNASSIGNED_TENANT, TenantConfig
 logger = logging.getLogger(__name__)
 
 _CGROUP_CACHE_MAX = 4096
+UNASSIGNED: str = UNASSIGNED_TENANT
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -80,10 +81,10 @@ class TenantResolver:
                     continue
                 if not captures:
                     return name
-                captured = self._by_lower.get(m.group("tenant").lower())
+                captured = self._by_lower.get(str(m.group("tenant")).lower())
                 if captured is not None:
                     return captured
-        return UNASSIGNED_TENANT
+        return UNASSIGNED
 
     def _by_cgroup(self, path: str) -> str | None:
         if path in self._cgroup_cache:

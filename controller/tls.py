@@ -17,11 +17,13 @@ Wire layout of what the parser walks (RFC 8446 §4.1.2, RFC 5246 §6.2.1)::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
+import struct
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
 logger = logging.getLogger(__name__)
@@ -35,12 +37,15 @@ SESSION_ID_MAX = 32
 # Far above any real hello (a post-quantum Chrome hello is ~1.8 KB, ML-KEM-1024
 # plus X25519 ~2.5 KB); also the reassembly bound per flow.
 MAX_HELLO_BYTES = 16384
+MAX_RECORD_LEN = 16384 + 2048  # RFC 8446 §5.2 TLSCiphertext bound; plaintext is 2^14
 
 EXT_SERVER_NAME = 0x0000
 EXT_ALPN = 0x0010
 EXT_SUPPORTED_VERSIONS = 0x002B
 EXT_ECH = 0xFE0D
 SNI_HOST_NAME = 0
+_U16X2 = struct.Struct("!HH").unpack_from
+_PARSED_EXTS = frozenset((EXT_SERVER_NAME, EXT_ALPN, EXT_SUPPORTED_VERSIONS, EXT_ECH))
 
 # One label of a host name: LDH plus '_' (seen in real SNIs), 1..63 characters.
 _HOSTNAME_RE = re.compile(
@@ -76,18 +81,18 @@ def is_grease(value: int) -> bool:
     return (value & 0x0F0F) == 0x0A0A and (value >> 8) == (value & 0xFF)
 
 
+_HOSTNAME_BYTES_RE = re.compile(_HOSTNAME_RE.pattern.encode())
+
+
 def normalize_host(raw: bytes) -> tuple[str | None, str]:
     """(valid lower-case host name or None, printable form of the raw bytes)."""
-    printable = raw.decode("ascii", "backslashreplace")
-    if any(c < 0x21 or c > 0x7E for c in raw):
-        printable = "".join(ch if 0x21 <= ord(ch) <= 0x7E else f"\\x{ord(ch):02x}" for ch in printable)
-        return None, printable
-    name = printable.lower()
-    if name.endswith("."):
+    name = raw.lower()
+    if name.endswith(b"."):
         name = name[:-1]
-    if not name or len(name) > _HOSTNAME_MAX or _HOSTNAME_RE.fullmatch(name) is None:
-        return None, printable
-    return name, printable
+    if 0 < len(name) <= _HOSTNAME_MAX and _HOSTNAME_BYTES_RE.fullmatch(name) is not None:
+        return name.decode("ascii"), raw.decode("ascii")
+    printable = "".join(chr(c) if 0x21 <= c <= 0x7E else f"\\x{c:02x}" for c in raw)
+    return None, printable
 
 
 # --- record layer ------------------------------------------------------------
@@ -110,6 +115,18 @@ def collect_handshake(data: bytes) -> tuple[int, bytes | None, int]:
     ClientHello. Handshake fragments may be spread over several records.
     """
     n = len(data)
+    # Fast path: the whole hello in the first record (nearly every real client).
+    if n >= REC_HDR_LEN + HS_HDR_LEN and data[0] == REC_HANDSHAKE and data[1] == 3 and data[2] <= 4:
+        rlen = (data[3] << 8) | data[4]
+        want = HS_HDR_LEN + ((data[6] << 16) | (data[7] << 8) | data[8])
+        if (
+            data[5] == HS_CLIENT_HELLO
+            and want <= rlen
+            and REC_HDR_LEN + rlen <= n
+            and rlen <= MAX_RECORD_LEN
+            and want <= MAX_HELLO_BYTES
+        ):
+            return COMPLETE, data[REC_HDR_LEN : REC_HDR_LEN + want], REC_HDR_LEN + rlen
     pos = 0
     msg = bytearray()
     want = -1  # handshake message length incl. header, once known
@@ -120,7 +137,7 @@ def collect_handshake(data: bytes) -> tuple[int, bytes | None, int]:
         rlen = (data[pos + 3] << 8) | data[pos + 4]
         if ctype != REC_HANDSHAKE or not _tls_record_version_ok(major, minor):
             return INVALID, None, 0
-        if rlen == 0 or rlen > 16384 + 2048:
+        if rlen == 0 or rlen > MAX_RECORD_LEN:
             return INVALID, None, 0
         if pos == 0 and rlen >= 1 and n > REC_HDR_LEN and data[REC_HDR_LEN] != HS_CLIENT_HELLO:
             return INVALID, None, 0
@@ -174,13 +191,72 @@ def parse_client_hello(record_bytes: bytes) -> ClientHello | None:
     Also recognises an SSLv2-compatible hello (which carries no SNI). Anything
     incomplete, inconsistent or not a ClientHello gives None.
     """
-    data = bytes(record_bytes)
+    data = record_bytes if type(record_bytes) is bytes else bytes(record_bytes)
     if len(data) >= 3 and data[0] & 0x80 and data[2] == HS_CLIENT_HELLO:
         return _parse_sslv2(data)
     status, msg, _ = collect_handshake(data)
     if status != COMPLETE or msg is None:
         return None
     return parse_handshake_message(msg)
+
+
+DTLS_REC_HDR_LEN = 13
+DTLS_HS_HDR_LEN = 12
+
+
+def parse_dtls_client_hello(datagrams: Iterable[bytes], max_bytes: int = MAX_HELLO_BYTES
+                            ) -> ClientHello | None:
+    """The first complete ClientHello in a flow's DTLS 1.0/1.2/1.3 datagrams.
+
+    DTLS adds epoch/sequence to the record header, message_seq and fragment
+    fields to the handshake header (a hello may be fragmented over datagrams),
+    and a cookie after the session id (RFC 6347 §4.2.2, RFC 9147 §5.2); the
+    reassembled body is then parsed as TLS.
+    """
+    frags: dict[int, tuple[int, dict[int, bytes]]] = {}  # message_seq -> (length, off -> data)
+    for datagram in itertools.islice(datagrams, 32):
+        d = bytes(datagram)
+        pos = 0
+        while pos + DTLS_REC_HDR_LEN <= len(d) and d[pos] == REC_HANDSHAKE and d[pos + 1] == 0xFE:
+            rlen = int.from_bytes(d[pos + 11 : pos + 13], "big")
+            rec = d[pos + DTLS_REC_HDR_LEN : pos + DTLS_REC_HDR_LEN + rlen]
+            pos += DTLS_REC_HDR_LEN + rlen
+            if len(rec) != rlen or rlen < DTLS_HS_HDR_LEN or rec[0] != HS_CLIENT_HELLO:
+                continue
+            length = int.from_bytes(rec[1:4], "big")
+            mseq = int.from_bytes(rec[4:6], "big")
+            off = int.from_bytes(rec[6:9], "big")
+            flen = int.from_bytes(rec[9:12], "big")
+            if length > max_bytes or off + flen > length or DTLS_HS_HDR_LEN + flen > rlen:
+                continue
+            known = frags.setdefault(mseq, (length, {}))
+            if known[0] != length or len(frags) > 4:
+                continue
+            known[1].setdefault(off, rec[DTLS_HS_HDR_LEN : DTLS_HS_HDR_LEN + flen])
+            body = _join_fragments(known[1])
+            if len(body) >= length:
+                return _parse_dtls_body(body[:length])
+    return None
+
+
+def _join_fragments(parts: dict[int, bytes]) -> bytes:
+    out = bytearray()
+    for off in sorted(parts):
+        if off > len(out):
+            break
+        out += parts[off][len(out) - off :]
+    return bytes(out)
+
+
+def _parse_dtls_body(body: bytes) -> ClientHello | None:
+    p = 2 + RANDOM_LEN
+    if p + 1 > len(body):
+        return None
+    p += 1 + body[p]  # session id
+    if p + 1 > len(body):
+        return None
+    body = body[:p] + body[p + 1 + body[p] :]  # drop the cookie: the rest is TLS
+    return _parse_handshake(bytes([HS_CLIENT_HELLO]) + len(body).to_bytes(3, "big") + body, True)
 
 
 def _parse_sslv2(data: bytes) -> ClientHello | None:
@@ -201,7 +277,7 @@ def _parse_sslv2(data: bytes) -> ClientHello | None:
     )
 
 
-def _parse_handshake(msg: bytes) -> ClientHello | None:
+def _parse_handshake(msg: bytes, dtls: bool = False) -> ClientHello | None:
     n = len(msg)
     if n < HS_HDR_LEN or msg[0] != HS_CLIENT_HELLO:
         return None
@@ -212,7 +288,7 @@ def _parse_handshake(msg: bytes) -> ClientHello | None:
     if p + 2 + RANDOM_LEN + 1 > n:
         return None
     legacy_version = (msg[p] << 8) | msg[p + 1]
-    if msg[p] != 3:
+    if msg[p] != (0xFE if dtls else 3):
         return None
     p += 2 + RANDOM_LEN
     sid_len = msg[p]
@@ -250,13 +326,15 @@ def _parse_handshake(msg: bytes) -> ClientHello | None:
     while p < n:
         if p + 4 > n:
             return None
-        etype = (msg[p] << 8) | msg[p + 1]
-        elen = (msg[p + 2] << 8) | msg[p + 3]
+        etype, elen = _U16X2(msg, p)
         p += 4
         end = p + elen
         if end > n:
             return None
-        if etype in seen and not is_grease(etype):
+        if etype not in _PARSED_EXTS:
+            p = end
+            continue
+        if etype in seen:
             return None  # duplicate extension: servers reject such a hello
         seen.add(etype)
         if etype == EXT_SERVER_NAME:
@@ -445,7 +523,8 @@ class HelloReassembler:
                 self.stats.evicted += 1
         st.nsegs += 1
         if st.nsegs > self.max_segments:
-            return self._finish(flow_key, "gave_up_segments")
+            self._finish(flow_key, "gave_up_segments")
+            return None
         data = bytes(payload[: self.max_bytes])
         if _may_start_hello(data) and (st.base is None or _seq_before(seq, st.base)):
             st.base = seq
@@ -459,15 +538,19 @@ class HelloReassembler:
             self._finish(flow_key, "completed")
             return hello
         if status == INVALID:
-            return self._finish(flow_key, "not_tls")
+            self._finish(flow_key, "not_tls")
+            return None
         if len(st.buf) >= self.max_bytes:
-            return self._finish(flow_key, "gave_up_bytes")
+            self._finish(flow_key, "gave_up_bytes")
+            return None
         return None
 
     def _contiguous(self, st: _Pending) -> bytes:
         """Bytes from base up to the first gap; earlier data wins on overlap."""
         assert st.base is not None
         base = st.base
+        if len(st.segs) == 1 and st.segs[0][0] == base:
+            return st.segs[0][1]
         pieces: list[tuple[int, bytes]] = []
         for seq, data in st.segs:
             off = (seq - base) % SEQ_MOD
@@ -497,7 +580,6 @@ class HelloReassembler:
         self._done[flow_key] = None
         while len(self._done) > self.max_flows:
             self._done.popitem(last=False)
-        return None
 
     def _expire(self, now: float) -> None:
         while self._pending:

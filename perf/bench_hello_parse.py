@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from leaktap.controller.catalogue import CrmCatalogue
 from leaktap.controller.config import TenantConfig, TenantMatch
 from leaktap.controller.quic import QUIC_V1, QuicHelloAssembler, client_initial_keys
@@ -37,6 +36,10 @@ def _ext(etype: int, body: bytes) -> bytes:
 
 def make_hello(sni: bytes, pq: bool) -> bytes:
     names = b"\x00" + len(sni).to_bytes(2, "big") + sni
+    x25519 = b"\x00\x1d\x00\x20" + bytes(32)
+    mlkem = b"\x11\xec\x04\xc0" + bytes(1216)  # X25519MLKEM768
+    shares = mlkem + x25519 if pq else x25519
+    key_share = len(shares).to_bytes(2, "big") + shares
     exts = [
         _ext(0x0A0A, b""),
         _ext(0x0000, (len(names)).to_bytes(2, "big") + names),
@@ -49,8 +52,7 @@ def make_hello(sni: bytes, pq: bool) -> bytes:
         _ext(0x0005, b"\x01\x00\x00\x00\x00"),
         _ext(0x000D, b"\x00\x12" + bytes(range(18))),
         _ext(0x0012, b""),
-        _ext(0x0033, b"\x00\x26\x00\x1d\x00\x20" + bytes(32) if not pq
-             else (1256).to_bytes(2, "big") + b"\x11\xec\x04\xc0" + bytes(1216) + b"\x00\x1d\x00\x20" + bytes(32)),
+        _ext(0x0033, key_share),
         _ext(0x002D, b"\x01\x01"),
         _ext(0x002B, b"\x06\x7a\x7a\x03\x04\x03\x03"),
         _ext(0x001B, b"\x00\x02\x00\x02"),

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import dpkt
 
-CORPUS = Path(os.environ.get("LEAKTAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
-if not CORPUS.is_dir():
-    CORPUS = Path("/work/shared/corpus")
+# ../shared/corpus next to the repository, or LEAKTAP_CORPUS
+CORPUS = Path(
+    os.environ.get("LEAKTAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus")
+)
 
 
 def corpus_available() -> bool:
@@ -140,7 +141,7 @@ def _gre_inner(data: bytes) -> bytes | None:
     if len(data) < 4:
         return None
     flags = int.from_bytes(data[:2], "big")
-    off = 4 + (4 if flags & 0x8000 else 0) + (4 if flags & 0x2000 else 0) + (4 if flags & 0x1000 else 0)
+    off = 4 + 4 * sum(1 for bit in (0x8000, 0x2000, 0x1000) if flags & bit)  # csum, key, seq
     proto = int.from_bytes(data[2:4], "big")
     inner = data[off:]
     if proto == 0x6558:  # transparent Ethernet bridging
@@ -157,7 +158,7 @@ def _transport(
         if ip.mf or ip.offset:
             return None, src, dst
         return ip.data, src, dst
-    frag = ip.extension_hdrs.get(dpkt.ip.IP_PROTO_FRAGMENT) if hasattr(ip, "extension_hdrs") else None
+    frag = getattr(ip, "extension_hdrs", {}).get(dpkt.ip.IP_PROTO_FRAGMENT)
     if frag is not None:
         key = (ip.src, ip.dst, frag.id)
         parts = frags6.setdefault(key, {})

@@ -9,9 +9,6 @@ from collections import defaultdict
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.dns import DNS, DNSQR, DNSRR, dns_compress
-
-from corpus import corpus_available, load_tsv, read_segments
 from leaktap.controller.dns import (
     TYPE_A,
     TYPE_AAAA,
@@ -21,6 +18,9 @@ from leaktap.controller.dns import (
     DnsMessage,
     parse_dns_message,
 )
+from scapy.layers.dns import DNS, DNSQR, DNSRR, dns_compress
+
+from tests.corpus import corpus_available, load_tsv, read_segments
 
 
 def response(qname: str, answers: list[DNSRR], qtype: str = "A") -> bytes:
@@ -229,7 +229,9 @@ def test_cache_bounded_with_evictions_counted() -> None:
 needs_corpus = pytest.mark.skipif(not corpus_available(), reason="../shared/corpus not present")
 DNS_PORTS = {53, 5353, 5355}
 # Zeek rows whose answers are of types this parser skips by design.
-OTHER_TYPES = {("gemini._sftp-ssh._tcp.local", "gemini.local"): "mDNS SRV/PTR target, not A/AAAA/CNAME"}
+OTHER_TYPES = {
+    ("gemini._sftp-ssh._tcp.local", "gemini.local"): "mDNS SRV/PTR target, not A/AAAA/CNAME",
+}
 
 
 def _responses(path: str) -> list[DnsMessage]:
@@ -268,7 +270,9 @@ def _grouped() -> dict[str, list[dict[str, str]]]:
 
 @needs_corpus
 @pytest.mark.parametrize(
-    ("pcap", "rows"), sorted(_grouped().items()), ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else ""
+    ("pcap", "rows"),
+    sorted(_grouped().items()),
+    ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else "",
 )
 def test_corpus_dns_answers(pcap: str, rows: list[dict[str, str]]) -> None:
     msgs = _responses(pcap)
@@ -289,7 +293,7 @@ def test_corpus_dns_answers(pcap: str, rows: list[dict[str, str]]) -> None:
     cache = DnsCache()
     for m in msgs:
         cache.learn(m)
-    for key, answers, m in ours:
+    for key, _answers, m in ours:
         for a in m.answers:
             if a.rtype in (TYPE_A, TYPE_AAAA) and key is not None:
                 assert key in cache.names_for(a.value)

@@ -10,10 +10,6 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName, TLS_Ext_Unknown
-from scapy.layers.tls.handshake import TLSClientHello
-
-from corpus import corpus_available, load_tsv, quic_client_datagrams, read_segments
 from leaktap.controller.quic import (
     QUIC_V1,
     QUIC_V2,
@@ -23,6 +19,10 @@ from leaktap.controller.quic import (
     parse_long_header,
 )
 from leaktap.controller.tls import ClientHello
+from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName, TLS_Ext_Unknown
+from scapy.layers.tls.handshake import TLSClientHello
+
+from tests.corpus import corpus_available, load_tsv, quic_client_datagrams, read_segments
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")
 # RFC 9001 appendix A.1 and RFC 9369 appendix A.1: client Initial key, iv, hp
@@ -106,7 +106,8 @@ def test_rfc9001_a2_header_protection_prefix() -> None:
     """Our test encoder reproduces the start of RFC 9001 A.2's protected packet."""
     # A.2's first frame (CRYPTO of the 241-byte hello) starts "060040f1010000ed0303"; the
     # unprotected header is c300000001088394c8f03e5157080000449e00000002 (4-byte pn).
-    hdr = parse_long_header(bytes.fromhex("c000000001088394c8f03e5157080000449e7b9aec34") + bytes(1200))
+    protected = bytes.fromhex("c000000001088394c8f03e5157080000449e7b9aec34")
+    hdr = parse_long_header(protected + bytes(1200))
     assert hdr is not None and hdr.is_initial and hdr.version == QUIC_V1
     assert hdr.pn_offset == 18 and hdr.end == 18 + 0x049E
 

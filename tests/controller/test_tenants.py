@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from leaktap.controller.config import TenantConfig, TenantMatch, parse_config
 from leaktap.controller.tenants import TenantResolver
 
@@ -17,7 +16,8 @@ def tenant(name: str, **match: object) -> TenantConfig:
 TENANTS = [
     tenant("acme", cgroup="/tenants/acme*", uids=[1001], cidrs=["198.18.1.0/24"],
            sni="{tenant}.my.salesforce.com"),
-    tenant("beta", cgroup="/tenants/beta/*", uids=[1002, 1001], cidrs=["198.18.0.0/16", "2001:db8:b::/48"]),
+    tenant("beta", cgroup="/tenants/beta/*", uids=[1002, 1001],
+           cidrs=["198.18.0.0/16", "2001:db8:b::/48"]),
     tenant("Gamma", sni="{tenant}.lightning.force.com"),
     tenant("delta", sni="*.delta-crm.example"),
 ]
@@ -51,7 +51,9 @@ R = TenantResolver(TENANTS)
         (("", None, "", ""), "unassigned"),
     ],
 )
-def test_single_rules(args: tuple[str | None, int | None, str | None, str | None], expected: str) -> None:
+def test_single_rules(
+    args: tuple[str | None, int | None, str | None, str | None], expected: str
+) -> None:
     assert R.resolve(*args) == expected
 
 

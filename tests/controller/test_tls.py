@@ -10,6 +10,14 @@ from collections import Counter, defaultdict
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from leaktap.controller.tls import (
+    ClientHello,
+    HelloReassembler,
+    is_grease,
+    parse_client_hello,
+    parse_dtls_client_hello,
+    parse_handshake_message,
+)
 from scapy.layers.tls.extensions import (
     ProtocolName,
     ServerName,
@@ -22,14 +30,7 @@ from scapy.layers.tls.extensions import (
 from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 
-from leaktap.controller.tls import (
-    ClientHello,
-    HelloReassembler,
-    is_grease,
-    parse_client_hello,
-    parse_handshake_message,
-)
-from corpus import corpus_available, kernel_hello_capture, load_tsv, read_segments
+from tests.corpus import corpus_available, kernel_hello_capture, load_tsv, read_segments
 
 MSS = 1448
 FLOW = ("198.18.1.10", 40000, "198.18.5.5", 443, "tcp")
@@ -422,7 +423,7 @@ needs_corpus = pytest.mark.skipif(not corpus_available(), reason="../shared/corp
 # Rows of the corpus that are not plain TCP TLS, with the reason they are not checked here.
 ZEEK_NOT_TCP = {
     "tcp-tunneled": "TLS inside WebSocket frames (wstunnel): no TLS record on the TCP stream",
-    "udp-dtls": "DTLS is out of scope (the kernel does not capture it; both rows have no SNI)",
+    "udp-dtls": "checked by test_corpus_zeek_dtls (the kernel does not capture DTLS)",
     "quic": "checked in test_quic.py",
 }
 
@@ -499,7 +500,7 @@ def test_corpus_suricata_tcp(pcap: str, rows: list[dict[str, str]]) -> None:
      "suricata/pcaps/tcp-fastopen-11-reject-syn-data__tlpw-tcp-tfo-data-on-syn-nack.pcap"],
 )
 def test_corpus_tfo_hello_from_the_syn_alone(pcap: str) -> None:
-    from corpus import CORPUS
+    from tests.corpus import CORPUS
 
     syns = [s for s in read_segments(CORPUS / pcap) if s.syn and s.payload]
     assert syns
@@ -511,7 +512,7 @@ def test_corpus_tfo_hello_from_the_syn_alone(pcap: str) -> None:
 @needs_corpus
 def test_corpus_multi_segment_hello() -> None:
     """Suricata's MTU-300 capture: the hello spans three TCP segments."""
-    from corpus import CORPUS
+    from tests.corpus import CORPUS
 
     path = CORPUS / "suricata/pcaps/tls__tls-client-hello-frag-01__dump_mtu300.pcap"
     captured = list(kernel_hello_capture(list(read_segments(path))))
@@ -520,3 +521,31 @@ def test_corpus_multi_segment_hello() -> None:
     results = [r.feed(s.flow, s.seq, s.payload, s.syn) for s in client]
     done = [i for i, h in enumerate(results) if h is not None]
     assert done and done[0] >= 2 and results[done[0]].sni == "www.google.com"  # type: ignore[union-attr]
+
+
+@needs_corpus
+@pytest.mark.parametrize(
+    ("pcap", "rows"), sorted(_grouped("zeek/expected.tsv", "udp-dtls").items()),
+    ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else "",
+)
+def test_corpus_zeek_dtls(pcap: str, rows: list[dict[str, str]]) -> None:
+    """DTLS hellos: fragmented over datagrams, and sent twice around a HelloVerifyRequest."""
+    flows: dict[tuple[str, int, str, int, str], list[bytes]] = defaultdict(list)
+    for seg in read_segments(pcap):
+        if seg.proto == "udp":
+            flows[seg.flow].append(seg.payload)
+    hellos = [h for h in map(parse_dtls_client_hello, flows.values()) if h is not None]
+    assert Counter(_name(h) for h in hellos) == Counter(r["server_name"] for r in rows)
+    assert all(h.legacy_version in (0xFEFD, 0xFEFF) for h in hellos)
+
+
+def test_dtls_hostile_input_is_none() -> None:
+    assert parse_dtls_client_hello([b""]) is None
+    assert parse_dtls_client_hello([b"\x16\xfe\xfd" + bytes(10) + b"\xff\xff" + bytes(20)]) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=400), max_size=4))
+def test_dtls_random_bytes_never_raise(data: list[bytes]) -> None:
+    parse_dtls_client_hello([b"\x16\xfe\xfd" + d for d in data])
+    parse_dtls_client_hello([b"\x16\xfe\xfd" + bytes(8) + b"\x00\x18\x01" + d for d in data])

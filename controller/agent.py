@@ -1,0 +1,236 @@
+"""`leaktap run`: the agent.
+
+Loads the TC programs (maps pinned so a restart resumes counting), attaches
+them to the watched interfaces, drains the ring buffer on a thread and the
+flow map once a second into conversations, and serves the API. SIGTERM and
+Ctrl-C detach every probe (uvicorn turns both into a lifespan shutdown).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from leaktap.controller import loader
+from leaktap.controller.attribution import Attributor
+from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, parse_listen
+from leaktap.controller.doctor import find_cgroup2_mount
+from leaktap.controller.errors import ConfigError, ProbeLoadError
+from leaktap.controller.flows import ConversationTable
+from leaktap.controller.loss import LossMonitor
+from leaktap.controller.maps import MapReader
+from leaktap.controller.ringbuf import RingDrainer, Sample
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 1.0
+
+
+def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
+    """The interface of the IPv4 default route (the uplink to watch by default)."""
+    try:
+        for line in route_file.read_text().splitlines()[1:]:
+            fields = line.split()
+            if len(fields) > 2 and fields[1] == "00000000":
+                return fields[0]
+    except OSError as e:
+        raise ConfigError(f"cannot read {route_file}: {e}") from e
+    raise ConfigError("no default route: name the interface to watch with --iface")
+
+
+class Agent:
+    """The running monitor: probes, drains, conversations and counters."""
+
+    def __init__(self, config: LeaktapConfig, interfaces: list[str], pin: bool = True) -> None:
+        if not interfaces:
+            raise ConfigError("no interface to watch")
+        self.config = config
+        self.interfaces = interfaces
+        self.pin = pin
+        self.table = ConversationTable()
+        self.lock = threading.Lock()
+        self.loss = LossMonitor()
+        self.stats: dict[str, int] = {}
+        self.totals: dict[int, tuple[int, int]] = {}
+        self.cgroup_totals: dict[int, tuple[int, int]] = {}
+        self.attributed_egress_bytes = 0
+        self._baseline_totals = 0
+        self._baseline_attributed = 0
+        self.last_poll_monotonic = 0.0
+        self.started_monotonic = 0.0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._exit = contextlib.ExitStack()
+        self.probes: Any = None
+        self.attached = False
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        k = self.config.kernel
+        options = loader.KernelOptions(
+            flows_max=k.flows_max,
+            ringbuf_pages=k.ringbuf_pages,
+            hello_segs_max=k.hello_segments_max,
+            pin=self.pin,
+        )
+        self.probes = loader.load(self.config.mode, options)
+        self._exit.callback(self.probes.close)
+        self.reader = MapReader(self.probes)
+        self.attributor = Attributor(self.config, cgroup_mount=find_cgroup2_mount())
+        self.drainer = RingDrainer(self.probes, self._on_sample)
+        # volume counted before this start (pinned maps of a previous run) is
+        # not ours to call unattributed; flows left in the map are, and are drained now
+        self._baseline_totals = self._egress_total(self.reader.totals())
+        self.poll_once()
+        self._baseline_attributed = self.attributed_egress_bytes
+        self._exit.enter_context(loader.attached(self.probes, self.interfaces))
+        self.attached = True
+        self._exit.callback(self._mark_detached)
+        self.drainer.start()
+        self._exit.callback(self.drainer.stop)
+        poller = threading.Thread(target=self._poll_loop, name="lt-poll", daemon=True)
+        poller.start()
+        self._threads.append(poller)
+        self.started_monotonic = time.monotonic()
+        logger.info("watching %s", ", ".join(self.interfaces))
+
+    def _mark_detached(self) -> None:
+        self.attached = False
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._exit.close()  # stops the drain, detaches, closes the programs
+        logger.info("detached from %s", ", ".join(self.interfaces))
+
+    # -- work --------------------------------------------------------------------
+
+    def _on_sample(self, sample: Sample) -> None:
+        with self.lock:
+            self.attributor.on_sample(sample)
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(POLL_INTERVAL_S):
+            try:
+                self.poll_once()
+            except Exception:  # noqa: BLE001 - keep polling; the error is logged
+                logger.exception("polling the kernel maps")
+
+    @staticmethod
+    def _egress_total(totals: dict[int, tuple[int, int]]) -> int:
+        return totals.get(0, (0, 0))[0]
+
+    def poll_once(self) -> None:
+        """Drain the flow map into conversations and read the counters."""
+        flows = self.reader.drain_flows()
+        stats = self.reader.stats()
+        totals = self.reader.totals()
+        cgroups = self.reader.cgroup_totals()
+        with self.lock:
+            for counters in flows:
+                self.table.add(counters)
+                if counters.key.dir == 0:
+                    self.attributed_egress_bytes += counters.tx_bytes
+            self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
+            self.last_poll_monotonic = time.monotonic()
+        self.loss.check(stats)
+
+    @property
+    def unattributed_egress_bytes(self) -> int:
+        """Egress volume counted in the never-evicted totals but in no flow record."""
+        counted = self._egress_total(self.totals) - self._baseline_totals
+        attributed = self.attributed_egress_bytes - self._baseline_attributed
+        return max(0, counted - attributed)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self.attached:
+            return False, "probes not attached"
+        now = time.monotonic()
+        if now - self.last_poll_monotonic > 5 * POLL_INTERVAL_S:
+            return False, "flow map not polled for 5 s"
+        if now - self.drainer.last_poll_monotonic > 5:
+            return False, "ring buffer not drained for 5 s"
+        return True, "ok"
+
+    def flow_records(self) -> list[dict[str, Any]]:
+        with self.lock:
+            out = []
+            for conv in self.table.conversations.values():
+                (src, sport), (dst, dport), o, i = conv.oriented()
+                names = self.attributor.names(conv)
+                out.append(
+                    {
+                        "src": src, "dst": dst, "sport": sport, "dport": dport,
+                        "proto": {6: "tcp", 17: "udp"}.get(conv.proto, str(conv.proto)),
+                        "sni": names.sni, "dns_names": names.dns_names,
+                        "crm_vendor": names.crm_vendor, "crm_instance": names.crm_instance,
+                        "tenant": names.tenant, "bytes_out": o.bytes, "packets_out": o.packets,
+                        "bytes_in": i.bytes, "packets_in": i.packets, "cgroup": names.cgroup,
+                        "first_seen_ns": min(x for x in (o.first_seen_ns, i.first_seen_ns) if x)
+                        if (o.first_seen_ns or i.first_seen_ns) else 0,
+                        "last_seen_ns": max(o.last_seen_ns, i.last_seen_ns),
+                    }
+                )
+            return out
+
+
+def _api_tokens(config: LeaktapConfig, state_dir: Path) -> tuple[list[str], list[str]]:
+    """Reader and admin tokens: from the config, token files, or a generated one."""
+    readers, admins = list(config.tokens.reader), list(config.tokens.admin)
+    for kind, files in (("reader", config.token_files.reader), ("admin", config.token_files.admin)):
+        for f in files:
+            try:
+                token = Path(f).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"token_files.{kind}: cannot read {f}: {e.strerror}") from e
+            (readers if kind == "reader" else admins).append(token)
+    if not readers and not admins:
+        path = state_dir / "api-token"
+        if path.exists():
+            admins.append(path.read_text().strip())
+        else:
+            token = secrets.token_urlsafe(32)
+            state_dir.mkdir(parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(token + "\n")
+            admins.append(token)
+        logger.warning("no API tokens configured: using the admin token in %s", path)
+    return readers, admins
+
+
+def main(args: Any) -> int:
+    import uvicorn
+
+    from leaktap.controller.api.main import create_app
+
+    config = load_config(args.config)
+    if getattr(args, "mode", None):
+        config = config.model_copy(update={"mode": args.mode})
+    if config.mode != "tc":
+        raise ProbeLoadError("mode xdp is not available yet; use mode: tc")
+    ifaces = args.iface or list(config.interfaces) or [default_route_interface()]
+    try:
+        host, port = parse_listen(args.listen or config.listen)
+    except ValueError as e:
+        raise ConfigError(f"--listen: {e}") from e
+    db = Path(args.db or config.storage.path or DEFAULT_DB)
+    readers, admins = _api_tokens(config, db.parent)
+    agent = Agent(config, ifaces)
+    app = create_app(agent, readers=readers, admins=admins)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    )
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan detaches the
+    # probes), then re-raises the signal with the previous handler: make that a
+    # no-op for SIGTERM so a clean stop exits 0
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    server.run()
+    return 0 if not getattr(app.state, "startup_error", None) else 1

@@ -1,0 +1,44 @@
+"""The agent's FastAPI application; the lifespan starts and stops the probes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from leaktap.controller.api.routes import flows, health, metrics
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool = True) -> FastAPI:
+    """`manage`: the app's lifespan starts and stops the agent (False in tests that do it)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage:
+            try:
+                # pyroute2's sync API refuses to run inside an event loop
+                await asyncio.to_thread(agent.start)
+            except Exception as e:
+                app.state.startup_error = e
+                logger.error("agent failed to start: %s", e)
+                raise
+        try:
+            yield
+        finally:
+            if manage:
+                await asyncio.to_thread(agent.stop)
+
+    app = FastAPI(title="leaktap", version="0.1.0", lifespan=lifespan)
+    app.state.agent = agent
+    app.state.reader_tokens = list(readers)
+    app.state.admin_tokens = list(admins)
+    app.include_router(health.router)
+    app.include_router(flows.router)
+    app.include_router(metrics.router)
+    return app

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, status
+
+from leaktap.controller.api.deps import AgentDep, ReaderDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def read_health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def read_ready(agent: AgentDep, _: ReaderDep) -> dict[str, str]:
+    ok, detail = agent.ready()
+    if not ok:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail)
+    return {"status": "ready"}

@@ -1,0 +1,46 @@
+"""Turns the kernel's monotonic loss counters into warnings with a remedy.
+
+Counters are read as totals and compared with the previous reading (never
+read-then-reset, which races with the kernel). Every increase of a LT_LOSS_*
+counter is logged once per poll at WARNING with what to change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+REMEDIES = {
+    "loss_ringbuf_full": "raise kernel.ringbuf_pages or check that the controller keeps up",
+    "loss_rate_limited": "raise LT_EVENTS_PER_SEC if this rate of new TLS flows is expected",
+    "loss_truncated": "payload longer than one event (DNS > 512 B, hello > 8 chunks); usually benign",
+    "loss_flow_insert": "raise kernel.flows_max",
+    "loss_cgroup_full": "more cgroups than LT_CGROUPS_MAX; their bytes stay in the global totals",
+    "loss_hello_pending": "raise LT_HELLO_PENDING_MAX (too many handshakes in flight)",
+    "loss_hello_segs": "raise kernel.hello_segments_max (ClientHello spans more segments)",
+    "loss_load_bytes": "packet payload unreadable; report this with the kernel version",
+}
+
+
+class LossMonitor:
+    """Logs the increase of each loss counter since the previous check."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, int] | None = None
+
+    def check(self, stats: dict[str, int]) -> dict[str, int]:
+        """Returns {reason: increase} for the loss counters that rose."""
+        last = self._last if self._last is not None else stats
+        self._last = dict(stats)
+        rises = {
+            k: v - last.get(k, 0)
+            for k, v in stats.items()
+            if k.startswith("loss_") and v > last.get(k, 0)
+        }
+        for reason, count in sorted(rises.items()):
+            logger.warning(
+                "kernel lost %d sample(s)/update(s): %s — %s",
+                count, reason, REMEDIES.get(reason, "see bpf/include/lt_types.h"),
+            )
+        return rises

@@ -1,0 +1,178 @@
+"""iperf3 TCP throughput across a veth pair with leaktap's TC programs attached / not.
+
+Target (issue): throughput with the programs >= 0.97 x without.
+Setup (created here, removed on exit whatever happens):
+  host namespace   lt-perf-h  198.18.10.1/30   iperf3 client, lt_tc_egress +
+                                                lt_tc_ingress attached here
+  netns lt-perf-b  lt-perf-p  198.18.10.2/30   iperf3 server
+The end in the host namespace is where the agent attaches in production
+(loader.attach_tc). While attached, a thread drains lt_flows once per second
+as the agent does. Rounds alternate with/without (order flipping each round),
+one iperf3 run of BENCH_SECONDS (+1 s omitted warm-up) each; medians reported.
+Caveats: one TCP stream, veth with TSO/GSO (the programs see ~64 KB
+super-packets, so the per-skb cost is amortised over many wire segments);
+iperf3 client, server and softirq share this machine's CPUs with anyone else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+from leaktap.controller import loader
+from leaktap.controller.maps import FlowCounters, MapReader
+
+logger = logging.getLogger("perf.bench_veth_throughput")
+
+NS = "lt-perf-b"
+HOST_IF = "lt-perf-h"
+PEER_IF = "lt-perf-p"
+HOST_ADDR = "198.18.10.1/30"
+PEER_ADDR = "198.18.10.2"
+PORT = 5201
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "5"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+TARGET = 0.97
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+def cleanup() -> None:
+    sh("ip", "link", "del", HOST_IF, check=False)  # removes the peer too
+    sh("ip", "netns", "del", NS, check=False)
+
+
+def setup() -> None:
+    cleanup()  # leftovers of an interrupted run (our names only)
+    sh("ip", "netns", "add", NS)
+    sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF, "netns", NS)
+    sh("ip", "addr", "add", HOST_ADDR, "dev", HOST_IF)
+    sh("ip", "link", "set", HOST_IF, "up")
+    sh("ip", "-n", NS, "link", "set", "lo", "up")
+    sh("ip", "-n", NS, "addr", "add", PEER_ADDR + "/30", "dev", PEER_IF)
+    sh("ip", "-n", NS, "link", "set", PEER_IF, "up")
+
+
+def iperf(seconds: int) -> float:
+    """Gbit/s received by the server over one client run."""
+    r = sh("iperf3", "-c", PEER_ADDR, "-p", str(PORT), "-t", str(seconds), "-O", "1", "-J",
+           check=False)
+    out = json.loads(r.stdout or "{}")
+    if "error" in out or r.returncode:
+        raise RuntimeError(f"iperf3 failed: {out.get('error') or r.stderr.strip()}")
+    return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
+
+
+class Drainer(threading.Thread):
+    """The agent's per-second lt_flows drain, active only while `active` is set."""
+
+    def __init__(self, reader: MapReader) -> None:
+        super().__init__(daemon=True)
+        self.reader = reader
+        self.active = threading.Event()
+        self.stop = threading.Event()
+        self.flows = self.bytes = self.drains = 0
+        self.drain_s: list[float] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(1.0):
+            if not self.active.is_set():
+                continue
+            t = time.perf_counter()
+            drained = self.reader.drain_flows()
+            self.drain_s.append(time.perf_counter() - t)
+            self.drains += 1
+            self.count(drained)
+
+    def count(self, drained: list[FlowCounters]) -> None:
+        self.flows += len(drained)
+        self.bytes += sum(f.tx_bytes for f in drained if f.key.dir == 0)
+
+
+def main() -> int:
+    server: subprocess.Popen[bytes] | None = None
+    probes = None
+    drainer = None
+    attached = False
+    results: dict[str, list[float]] = {"without": [], "with": []}
+    try:
+        setup()
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", NS, "iperf3", "-s", "-B", PEER_ADDR, "-p", str(PORT)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(50):  # wait for the server to listen
+            if sh("ip", "netns", "exec", NS, "ss", "-Hltn", f"sport = :{PORT}").stdout.strip():
+                break
+            time.sleep(0.1)
+        probes = loader.load("tc")
+        drainer = Drainer(MapReader(probes))
+        drainer.start()
+        iperf(1)  # warm-up, not reported
+        for rnd in range(ROUNDS):
+            order = ["without", "with"] if rnd % 2 == 0 else ["with", "without"]
+            for label in order:
+                if label == "with":
+                    loader.attach_tc(probes, HOST_IF)
+                    attached = True
+                    drainer.active.set()
+                try:
+                    results[label].append(iperf(SECONDS))
+                finally:
+                    if label == "with":
+                        drainer.active.clear()
+                        loader.detach_tc(HOST_IF)
+                        attached = False
+        drainer.stop.set()
+        drainer.join(timeout=10)
+        rest = MapReader(probes).drain_flows()  # what the last interval left
+        drainer.count(rest)
+        stats = MapReader(probes).stats()
+        totals = MapReader(probes).totals()
+    finally:
+        if drainer is not None:
+            drainer.stop.set()
+            drainer.join(timeout=10)
+        if attached:
+            with contextlib.suppress(Exception):
+                loader.detach_tc(HOST_IF)
+        if probes is not None:
+            probes.close()
+        if server is not None:
+            server.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.wait(timeout=5)
+            if server.poll() is None:
+                server.kill()
+        cleanup()
+
+    w = sys.stdout.write
+    w(f"iperf3 TCP, 1 stream, host {HOST_IF} -> netns {NS}, {ROUNDS} alternating rounds "
+      f"of {SECONDS} s\n")
+    w(f"{'round':>5s} {'without Gbit/s':>15s} {'with Gbit/s':>12s} {'ratio':>6s}\n")
+    for i, (a, b) in enumerate(zip(results["without"], results["with"], strict=True)):
+        w(f"{i + 1:5d} {a:15.2f} {b:12.2f} {b / a:6.3f}\n")
+    mw = statistics.median(results["without"])
+    mb = statistics.median(results["with"])
+    ratio = mb / mw
+    w(f"{'med':>5s} {mw:15.2f} {mb:12.2f} {ratio:6.3f}\n")
+    assert drainer is not None
+    drain_ms = statistics.median(drainer.drain_s) * 1e3 if drainer.drain_s else 0.0
+    egress_bytes, egress_pkts = totals.get(0, (0, 0))
+    w(f"agent side: {drainer.drains} drains (median {drain_ms:.1f} ms), {drainer.flows} flow "
+      f"entries, {drainer.bytes / 1e9:.2f} GB egress attributed to flows; egress totals {egress_bytes / 1e9:.2f} GB "
+      f"in {egress_pkts} segments; loss_flow_insert={stats['loss_flow_insert']}\n")
+    w(f"target: with/without >= {TARGET}: {'PASS' if ratio >= TARGET else 'MISS'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
