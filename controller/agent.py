@@ -22,14 +22,18 @@ from leaktap.controller.attribution import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, parse_listen
 from leaktap.controller.doctor import find_cgroup2_mount
 from leaktap.controller.errors import ConfigError, ProbeLoadError
-from leaktap.controller.flows import ConversationTable
+from leaktap.controller.flows import Conversation, ConversationTable
 from leaktap.controller.loss import LossMonitor
 from leaktap.controller.maps import MapReader
 from leaktap.controller.ringbuf import RingDrainer, Sample
+from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 1.0
+# conversations idle this long leave memory (their row stays in the database)
+CONVERSATION_IDLE_S = 300.0
+PRUNE_EVERY_S = 3600.0
 
 
 def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
@@ -47,10 +51,14 @@ def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
 class Agent:
     """The running monitor: probes, drains, conversations and counters."""
 
-    def __init__(self, config: LeaktapConfig, interfaces: list[str], pin: bool = True) -> None:
+    def __init__(
+        self, config: LeaktapConfig, interfaces: list[str], store: Store, pin: bool = True
+    ) -> None:
         if not interfaces:
             raise ConfigError("no interface to watch")
         self.config = config
+        self.config_tenant_names = {t.name for t in config.tenants}
+        self.store = store
         self.interfaces = interfaces
         self.pin = pin
         self.table = ConversationTable()
@@ -63,6 +71,7 @@ class Agent:
         self._baseline_totals = 0
         self._baseline_attributed = 0
         self.last_poll_monotonic = 0.0
+        self._last_prune = 0.0
         self.started_monotonic = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -82,6 +91,8 @@ class Agent:
         )
         self.probes = loader.load(self.config.mode, options)
         self._exit.callback(self.probes.close)
+        # runs after the detach, before the close: counts since the last poll are kept
+        self._exit.callback(self._final_poll)
         self.reader = MapReader(self.probes)
         self.attributor = Attributor(self.config, cgroup_mount=find_cgroup2_mount())
         self.drainer = RingDrainer(self.probes, self._on_sample)
@@ -100,6 +111,12 @@ class Agent:
         self._threads.append(poller)
         self.started_monotonic = time.monotonic()
         logger.info("watching %s", ", ".join(self.interfaces))
+
+    def _final_poll(self) -> None:
+        try:
+            self.poll_once()
+        except Exception:  # noqa: BLE001 - stopping anyway; pinned maps keep the rest
+            logger.exception("final poll")
 
     def _mark_detached(self) -> None:
         self.attached = False
@@ -129,19 +146,68 @@ class Agent:
         return totals.get(0, (0, 0))[0]
 
     def poll_once(self) -> None:
-        """Drain the flow map into conversations and read the counters."""
+        """Drain the flow map into conversations, minute buckets and the database."""
         flows = self.reader.drain_flows()
         stats = self.reader.stats()
         totals = self.reader.totals()
         cgroups = self.reader.cgroup_totals()
+        now = time.time()
         with self.lock:
+            buckets: dict[BucketKey, Volume] = {}
+            touched: dict[int, Conversation] = {}
+            minute = minute_of(now)
             for counters in flows:
-                self.table.add(counters)
+                conv = self.table.add(counters)
+                touched[id(conv)] = conv
                 if counters.key.dir == 0:
                     self.attributed_egress_bytes += counters.tx_bytes
+                names = self.attributor.names(conv)
+                _, (remote, _), _, _ = conv.oriented(prefer_local=True)
+                key = BucketKey(
+                    minute, names.tenant, names.crm_vendor, names.crm_instance,
+                    names.sni or (names.dns_names[0] if names.dns_names else remote),
+                )
+                vol = buckets.setdefault(key, Volume())
+                if counters.key.dir == 0:
+                    vol.bytes_out += counters.tx_bytes
+                    vol.packets_out += counters.tx_packets
+                else:
+                    vol.bytes_in += counters.tx_bytes
+                    vol.packets_in += counters.tx_packets
+            records = [self._record(c) for c in touched.values()]
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
+        new_ids = self.store.write(buckets, records)
+        with self.lock:
+            for conv, rec in zip(touched.values(), records, strict=True):
+                if conv.row_id is None:
+                    conv.row_id = new_ids.get(id(rec))
+            idle = time.monotonic_ns() - int(CONVERSATION_IDLE_S * 1e9)
+            for conv in self.table.expire(idle):
+                self.attributor.forget(conv)
             self.last_poll_monotonic = time.monotonic()
         self.loss.check(stats)
+        if now - self._last_prune > PRUNE_EVERY_S:
+            self._last_prune = now
+            self.store.prune(now)
+
+    def _record(self, conv: Conversation) -> dict[str, Any]:
+        """A conversation as a flow row, oriented from this host."""
+        (src, sport), (dst, dport), o, i = conv.oriented(prefer_local=True)
+        names = self.attributor.names(conv)
+        first = min(x for x in (o.first_seen_ns, i.first_seen_ns) if x) if (
+            o.first_seen_ns or i.first_seen_ns) else 0
+        return {
+            "id": conv.row_id, "family": conv.family,
+            "proto": {6: "tcp", 17: "udp"}.get(conv.proto, str(conv.proto)),
+            "src": src, "sport": sport, "dst": dst, "dport": dport,
+            "sni": names.sni, "dns_names": names.dns_names,
+            "crm_vendor": names.crm_vendor, "crm_instance": names.crm_instance,
+            "tenant": names.tenant, "cgroup": names.cgroup,
+            "uid": o.uid if o.uid != 0xFFFFFFFF else None,
+            "bytes_out": o.bytes, "packets_out": o.packets,
+            "bytes_in": i.bytes, "packets_in": i.packets,
+            "first_seen": _epoch(first), "last_seen": _epoch(max(o.last_seen_ns, i.last_seen_ns)),
+        }
 
     @property
     def unattributed_egress_bytes(self) -> int:
@@ -160,26 +226,15 @@ class Agent:
             return False, "ring buffer not drained for 5 s"
         return True, "ok"
 
-    def flow_records(self) -> list[dict[str, Any]]:
-        with self.lock:
-            out = []
-            for conv in self.table.conversations.values():
-                (src, sport), (dst, dport), o, i = conv.oriented()
-                names = self.attributor.names(conv)
-                out.append(
-                    {
-                        "src": src, "dst": dst, "sport": sport, "dport": dport,
-                        "proto": {6: "tcp", 17: "udp"}.get(conv.proto, str(conv.proto)),
-                        "sni": names.sni, "dns_names": names.dns_names,
-                        "crm_vendor": names.crm_vendor, "crm_instance": names.crm_instance,
-                        "tenant": names.tenant, "bytes_out": o.bytes, "packets_out": o.packets,
-                        "bytes_in": i.bytes, "packets_in": i.packets, "cgroup": names.cgroup,
-                        "first_seen_ns": min(x for x in (o.first_seen_ns, i.first_seen_ns) if x)
-                        if (o.first_seen_ns or i.first_seen_ns) else 0,
-                        "last_seen_ns": max(o.last_seen_ns, i.last_seen_ns),
-                    }
-                )
-            return out
+    def flow_records(self, **filters: Any) -> list[dict[str, Any]]:
+        return self.store.flows(**filters)
+
+
+def _epoch(monotonic_ns: int) -> float:
+    """Kernel timestamps are CLOCK_MONOTONIC; the API speaks epoch seconds."""
+    if not monotonic_ns:
+        return 0.0
+    return time.time() - (time.monotonic_ns() - monotonic_ns) / 1e9
 
 
 def _api_tokens(config: LeaktapConfig, state_dir: Path) -> tuple[list[str], list[str]]:
@@ -223,7 +278,8 @@ def main(args: Any) -> int:
         raise ConfigError(f"--listen: {e}") from e
     db = Path(args.db or config.storage.path or DEFAULT_DB)
     readers, admins = _api_tokens(config, db.parent)
-    agent = Agent(config, ifaces)
+    store = Store(db, retention_days=config.storage.retention_days)
+    agent = Agent(config, ifaces, store)
     app = create_app(agent, readers=readers, admins=admins)
     server = uvicorn.Server(
         uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
@@ -232,5 +288,8 @@ def main(args: Any) -> int:
     # probes), then re-raises the signal with the previous handler: make that a
     # no-op for SIGTERM so a clean stop exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    finally:
+        store.close()
     return 0 if not getattr(app.state, "startup_error", None) else 1

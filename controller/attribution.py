@@ -85,10 +85,11 @@ class Attributor:
     """Learns from samples; names conversations."""
 
     def __init__(
-        self, config: LeaktapConfig, cgroup_mount: Path | None = None, use_socket: bool = True
+        self, config: LeaktapConfig, cgroup_mount: Path | None = None, live: bool = True
     ) -> None:
-        # replay runs on a test-run socket: its cgroup and uid are the replayer's, not a tenant's
-        self.use_socket = use_socket
+        # live: this host is one endpoint (orient from it) and sockets are real;
+        # replay runs on a test-run socket whose cgroup and uid are the replayer's
+        self.live = live
         self.catalogue = CrmCatalogue(config.catalogue)
         self.tenants = TenantResolver(config.tenants)
         self.hellos = HelloReassembler()
@@ -118,7 +119,7 @@ class Attributor:
         self._hello_by_conv.pop((conv.family, conv.proto, conv.a, conv.b), None)
 
     def names(self, conv: Conversation) -> Names:
-        (src, _), (dst, _), out, _in = conv.oriented()
+        (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)
         hello = self._hello_by_conv.get((conv.family, conv.proto, conv.a, conv.b))
         sni = hello.sni if hello is not None else None
         dns_names = self.dns.names_for(dst)
@@ -126,8 +127,8 @@ class Attributor:
         crm = self.catalogue.lookup(host)
         if crm is None and sni is None:
             crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
-        cgroup = self.cgroups.path(out.cgroup_id) if self.use_socket else None
-        uid = out.uid if self.use_socket and out.uid != 0xFFFFFFFF else None
+        cgroup = self.cgroups.path(out.cgroup_id) if self.live else None
+        uid = out.uid if self.live and out.uid != 0xFFFFFFFF else None
         tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)
         return Names(
             sni=sni,

@@ -54,6 +54,9 @@ class Conversation:
     b: tuple[str, int]
     a_to_b: Direction = field(default_factory=Direction)
     b_to_a: Direction = field(default_factory=Direction)
+    # live agent: which endpoint is this host (known from the hook that saw it)
+    local_is_a: bool | None = None
+    row_id: int | None = None  # the storage row recording this conversation
 
     def initiator_is_a(self) -> bool:
         ab, ba = self.a_to_b, self.b_to_a
@@ -67,9 +70,14 @@ class Conversation:
             return False
         return ab.first_seen_ns <= ba.first_seen_ns
 
-    def oriented(self) -> tuple[tuple[str, int], tuple[str, int], Direction, Direction]:
-        """(initiator, responder, out, in)."""
-        if self.initiator_is_a():
+    def oriented(
+        self, prefer_local: bool = False
+    ) -> tuple[tuple[str, int], tuple[str, int], Direction, Direction]:
+        """(src, dst, out, in): src is the initiator, or with prefer_local this host."""
+        a_first = self.local_is_a if prefer_local and self.local_is_a is not None else None
+        if a_first is None:
+            a_first = self.initiator_is_a()
+        if a_first:
             return self.a, self.b, self.a_to_b, self.b_to_a
         return self.b, self.a, self.b_to_a, self.a_to_b
 
@@ -93,11 +101,19 @@ class ConversationTable:
         if conv is None:
             conv = Conversation(cid[0], cid[1], cid[2], cid[3])
             self.conversations[cid] = conv
-        if (c.key.src, c.key.sport) == conv.a and (c.key.dst, c.key.dport) == conv.b:
-            conv.a_to_b.add(c, extra_bytes)
-        else:
-            conv.b_to_a.add(c, extra_bytes)
+        sent_by_a = (c.key.src, c.key.sport) == conv.a
+        (conv.a_to_b if sent_by_a else conv.b_to_a).add(c, extra_bytes)
+        # egress entries were sent by this host, ingress entries received by it
+        conv.local_is_a = sent_by_a if c.key.dir == 0 else not sent_by_a
         return conv
+
+    def expire(self, idle_before_ns: int) -> list[Conversation]:
+        """Remove and return conversations with no packet since idle_before_ns."""
+        gone = [
+            cid for cid, c in self.conversations.items()
+            if max(c.a_to_b.last_seen_ns, c.b_to_a.last_seen_ns) < idle_before_ns
+        ]
+        return [self.conversations.pop(cid) for cid in gone]
 
     def __len__(self) -> int:
         return len(self.conversations)

@@ -148,7 +148,7 @@ def flow_records(result: ReplayResult, attributor: Attributor) -> list[dict[str,
 def replay(path: str, config: LeaktapConfig, mode: str = "tc") -> tuple[list[dict[str, Any]], ReplayResult]:
     probes = loader.load(mode, REPLAY_OPTIONS)
     try:
-        attributor = Attributor(config, use_socket=False)
+        attributor = Attributor(config, live=False)
         result = Replayer(probes, attributor).run(path)
         return flow_records(result, attributor), result
     finally:

@@ -119,14 +119,15 @@ def collect_handshake(data: bytes) -> tuple[int, bytes | None, int]:
     if n >= REC_HDR_LEN + HS_HDR_LEN and data[0] == REC_HANDSHAKE and data[1] == 3 and data[2] <= 4:
         rlen = (data[3] << 8) | data[4]
         want = HS_HDR_LEN + ((data[6] << 16) | (data[7] << 8) | data[8])
-        if (
-            data[5] == HS_CLIENT_HELLO
-            and want <= rlen
-            and REC_HDR_LEN + rlen <= n
-            and rlen <= MAX_RECORD_LEN
-            and want <= MAX_HELLO_BYTES
-        ):
-            return COMPLETE, data[REC_HDR_LEN : REC_HDR_LEN + want], REC_HDR_LEN + rlen
+        if data[5] != HS_CLIENT_HELLO or rlen == 0 or rlen > MAX_RECORD_LEN:
+            return INVALID, None, 0
+        if rlen >= HS_HDR_LEN and want > MAX_HELLO_BYTES:
+            return INVALID, None, 0
+        if HS_HDR_LEN <= want <= rlen:
+            # The kernel stops capturing at the hello's end, not the record's.
+            if REC_HDR_LEN + want <= n:
+                return COMPLETE, data[REC_HDR_LEN : REC_HDR_LEN + want], REC_HDR_LEN + want
+            return NEED_MORE, None, REC_HDR_LEN + want
     pos = 0
     msg = bytearray()
     want = -1  # handshake message length incl. header, once known
@@ -429,19 +430,20 @@ def looks_like_sslv2_hello(payload: bytes) -> bool:
     )
 
 
-def hello_status(stream: bytes) -> tuple[int, ClientHello | None]:
-    """(NEED_MORE | COMPLETE | INVALID, hello) for a stream that starts a hello."""
+def hello_status(stream: bytes) -> tuple[int, ClientHello | None, int]:
+    """(NEED_MORE | COMPLETE | INVALID, hello, bytes known to be needed) for a
+    stream that starts a hello."""
     if looks_like_sslv2_hello(stream):
         need = 2 + (((stream[0] & 0x7F) << 8) | stream[1])
         if len(stream) < need:
-            return NEED_MORE, None
+            return NEED_MORE, None, need
         hello = _parse_sslv2(stream[:need])
-        return (COMPLETE, hello) if hello is not None else (INVALID, None)
-    status, msg, _needed = collect_handshake(stream)
+        return (COMPLETE, hello, need) if hello is not None else (INVALID, None, 0)
+    status, msg, needed = collect_handshake(stream)
     if status == COMPLETE and msg is not None:
         hello = parse_handshake_message(msg)
-        return (COMPLETE, hello) if hello is not None else (INVALID, None)
-    return status, None
+        return (COMPLETE, hello, needed) if hello is not None else (INVALID, None, 0)
+    return status, None, needed
 
 
 # --- TCP reassembly -----------------------------------------------------------
@@ -469,6 +471,7 @@ class _Pending:
     segs: list[tuple[int, bytes]] = field(default_factory=list)  # (seq, data)
     nsegs: int = 0
     buf: bytes = b""  # contiguous bytes from base
+    need: int = 0  # stream length known to be needed before a parse can succeed
 
 
 class HelloReassembler:
@@ -529,11 +532,14 @@ class HelloReassembler:
         if _may_start_hello(data) and (st.base is None or _seq_before(seq, st.base)):
             st.base = seq
             st.buf = b""
+            st.need = 0
         st.segs.append((seq, data))
         if st.base is None:
             return None
         st.buf = self._contiguous(st)
-        status, hello = hello_status(st.buf)
+        if len(st.buf) < st.need:
+            return None  # known to be incomplete: skip the parse
+        status, hello, st.need = hello_status(st.buf)
         if status == COMPLETE and hello is not None:
             self._finish(flow_key, "completed")
             return hello

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from leaktap.controller.api.routes import flows, health, metrics
+from leaktap.controller.api.routes import flows, health, metrics, tenants
 
 logger = logging.getLogger(__name__)
 
@@ -40,5 +40,6 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.state.admin_tokens = list(admins)
     app.include_router(health.router)
     app.include_router(flows.router)
+    app.include_router(tenants.router)
     app.include_router(metrics.router)
     return app

@@ -189,8 +189,12 @@ def _corrupt(data: bytes, offset: int, value: bytes) -> bytes:
 
 def test_lying_length_fields() -> None:
     rec = make_hello(seed=1)
-    # record length larger than the data, handshake length disagreeing with the record
-    assert parse_client_hello(_corrupt(rec, 3, b"\x3f\xff")) is None
+    # record length shorter than the handshake message: the next "record" is garbage
+    assert parse_client_hello(_corrupt(rec, 3, b"\x00\x10")) is None
+    # record length beyond the TLS maximum
+    assert parse_client_hello(_corrupt(rec, 3, b"\xff\xff")) is None
+    # a record longer than the hello is fine: the kernel captures up to the hello's end
+    assert parse_client_hello(_corrupt(rec, 3, b"\x3f\xff")) == parse_client_hello(rec)
     assert parse_client_hello(_corrupt(rec, 6, b"\x00\xff\xff")) is None
     assert parse_client_hello(_corrupt(rec, 6, b"\x00\x00\x10")) is None
     # session id longer than 32

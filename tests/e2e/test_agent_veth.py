@@ -17,6 +17,7 @@ import pytest
 
 from leaktap.controller.agent import Agent
 from leaktap.controller.config import parse_config
+from leaktap.controller.storage import Store
 from tests.netlab import make_cert, sh, tls_sink, tls_upload, veth_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -40,7 +41,8 @@ def _our_filters(iface: str) -> list[str]:
 def test_tls_upload_counted_within_1pct_of_tx_bytes(tmp_path: Path) -> None:
     cert, key = make_cert(tmp_path, "acme.my.salesforce.com")
     with veth_lab("lt-t1", "198.18.20.1", "198.18.20.2") as lab, tls_sink(lab, cert, key):
-        agent = Agent(parse_config(CONFIG), [lab.host_if], pin=False)
+        store = Store(tmp_path / "lt.db")
+        agent = Agent(parse_config(CONFIG), [lab.host_if], store, pin=False)
         agent.start()
         try:
             assert len(_our_filters(lab.host_if)) == 2

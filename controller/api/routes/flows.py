@@ -17,11 +17,4 @@ def read_flows(
     vendor: str | None = None,
     since: float | None = Query(None, description="epoch seconds; flows seen at or after"),
 ) -> dict[str, list[dict[str, Any]]]:
-    flows = agent.flow_records()
-    if tenant is not None:
-        flows = [f for f in flows if f["tenant"] == tenant]
-    if vendor is not None:
-        flows = [f for f in flows if f["crm_vendor"] == vendor]
-    if since is not None:
-        flows = [f for f in flows if f.get("last_seen", 0) >= since]
-    return {"flows": flows}
+    return {"flows": agent.flow_records(tenant=tenant, vendor=vendor, since=since)}

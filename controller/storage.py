@@ -1,0 +1,273 @@
+"""SQLite storage (WAL): minute buckets per tenant and destination, and flows.
+
+The agent writes every drained delta here once per poll, so a restart loses
+no minute that was already counted: the kernel maps (pinned) hold what was
+not drained yet, the database what was. The schema is versioned with
+PRAGMA user_version and upgraded by ordered migrations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from leaktap.controller.errors import LeaktapError
+
+logger = logging.getLogger(__name__)
+
+# Each entry upgrades the schema from version i to i + 1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE minute_buckets (
+        ts INTEGER NOT NULL,              -- minute start, epoch seconds
+        tenant TEXT NOT NULL,
+        crm_vendor TEXT NOT NULL,         -- '' when not a CRM
+        crm_instance TEXT NOT NULL,       -- '' when unknown
+        destination TEXT NOT NULL,        -- server name, else the address
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        packets_out INTEGER NOT NULL DEFAULT 0,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        packets_in INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (ts, tenant, crm_vendor, crm_instance, destination)
+    ) WITHOUT ROWID;
+    CREATE INDEX minute_buckets_tenant ON minute_buckets (tenant, ts);
+    CREATE TABLE flows (
+        id INTEGER PRIMARY KEY,
+        family INTEGER NOT NULL,
+        proto TEXT NOT NULL,
+        src TEXT NOT NULL,
+        sport INTEGER NOT NULL,
+        dst TEXT NOT NULL,
+        dport INTEGER NOT NULL,
+        sni TEXT,
+        dns_names TEXT NOT NULL DEFAULT '[]',
+        crm_vendor TEXT,
+        crm_instance TEXT,
+        tenant TEXT NOT NULL,
+        cgroup TEXT,
+        uid INTEGER,
+        bytes_out INTEGER NOT NULL DEFAULT 0,
+        packets_out INTEGER NOT NULL DEFAULT 0,
+        bytes_in INTEGER NOT NULL DEFAULT 0,
+        packets_in INTEGER NOT NULL DEFAULT 0,
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    CREATE INDEX flows_last_seen ON flows (last_seen);
+    CREATE INDEX flows_tenant ON flows (tenant, last_seen);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StorageError(LeaktapError):
+    """The database cannot be opened or is from a newer leaktap."""
+
+
+@dataclass(frozen=True, slots=True)
+class BucketKey:
+    ts: int
+    tenant: str
+    crm_vendor: str | None
+    crm_instance: str | None
+    destination: str
+
+
+@dataclass(slots=True)
+class Volume:
+    bytes_out: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    packets_in: int = 0
+
+
+def minute_of(epoch_s: float) -> int:
+    return int(epoch_s // 60) * 60
+
+
+class Store:
+    """One SQLite file shared by the poll thread (writes) and the API (reads)."""
+
+    def __init__(self, path: str | Path, retention_days: int = 30) -> None:
+        self.path = Path(path)
+        self.retention_s = retention_days * 86400
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+        except (OSError, sqlite3.Error) as e:
+            raise StorageError(f"opening database {self.path}: {e}") from e
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _migrate(self) -> None:
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self.path} has schema version {version}, newer than this leaktap "
+                f"({SCHEMA_VERSION}); upgrade leaktap or use another --db"
+            )
+        for target in range(version, SCHEMA_VERSION):
+            logger.info("migrating %s to schema version %d", self.path, target + 1)
+            with self._lock:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _statements(MIGRATIONS[target]):
+                        self._db.execute(statement)
+                    self._db.execute(f"PRAGMA user_version = {target + 1}")
+                    self._db.execute("COMMIT")
+                except sqlite3.Error:
+                    self._db.execute("ROLLBACK")
+                    raise
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- writes (poll thread) ------------------------------------------------------
+
+    def write(
+        self, buckets: dict[BucketKey, Volume], flows: Iterable[dict[str, Any]]
+    ) -> dict[int, int]:
+        """Add bucket deltas and upsert flow rows in one transaction.
+
+        Flow dicts with an "id" update that row; others are inserted. Returns
+        {id(flow dict): row id} for inserted flows.
+        """
+        new_ids: dict[int, int] = {}
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    """
+                    INSERT INTO minute_buckets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    ON CONFLICT (ts, tenant, crm_vendor, crm_instance, destination) DO UPDATE SET
+                        bytes_out = bytes_out + excluded.bytes_out,
+                        packets_out = packets_out + excluded.packets_out,
+                        bytes_in = bytes_in + excluded.bytes_in,
+                        packets_in = packets_in + excluded.packets_in
+                    """,
+                    [
+                        (k.ts, k.tenant, k.crm_vendor or "", k.crm_instance or "", k.destination,
+                         v.bytes_out, v.packets_out, v.bytes_in, v.packets_in)
+                        for k, v in buckets.items()
+                    ],
+                )
+                for f in flows:
+                    values = (
+                        f["family"], f["proto"], f["src"], f["sport"], f["dst"], f["dport"],
+                        f["sni"], json.dumps(f["dns_names"]), f["crm_vendor"], f["crm_instance"],
+                        f["tenant"], f["cgroup"], f["uid"], f["bytes_out"], f["packets_out"],
+                        f["bytes_in"], f["packets_in"], f["first_seen"], f["last_seen"],
+                    )
+                    if f.get("id") is None:
+                        cur = self._db.execute(
+                            "INSERT INTO flows (family, proto, src, sport, dst, dport, sni, "
+                            "dns_names, crm_vendor, crm_instance, tenant, cgroup, uid, bytes_out, "
+                            "packets_out, bytes_in, packets_in, first_seen, last_seen) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            values,
+                        )
+                        new_ids[id(f)] = int(cur.lastrowid or 0)
+                    else:
+                        self._db.execute(
+                            "UPDATE flows SET family=?, proto=?, src=?, sport=?, dst=?, dport=?, "
+                            "sni=?, dns_names=?, crm_vendor=?, crm_instance=?, tenant=?, cgroup=?, "
+                            "uid=?, bytes_out=?, packets_out=?, bytes_in=?, packets_in=?, "
+                            "first_seen=?, last_seen=? WHERE id=?",
+                            (*values, f["id"]),
+                        )
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return new_ids
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete buckets and flows older than the retention period."""
+        cutoff = (now if now is not None else time.time()) - self.retention_s
+        with self._lock:
+            n = self._db.execute("DELETE FROM minute_buckets WHERE ts < ?", (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM flows WHERE last_seen < ?", (cutoff,)).rowcount
+        return int(n)
+
+    # -- reads (API) ---------------------------------------------------------------
+
+    def _query(self, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
+
+    def flows(
+        self, tenant: str | None = None, vendor: str | None = None, since: float | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        where, args = ["1=1"], []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if vendor is not None:
+            where.append("crm_vendor = ?")
+            args.append(vendor)
+        if since is not None:
+            where.append("last_seen >= ?")
+            args.append(since)
+        rows = self._query(
+            f"SELECT * FROM flows WHERE {' AND '.join(where)} ORDER BY last_seen DESC LIMIT ?",
+            (*args, limit),
+        )
+        for r in rows:
+            r["dns_names"] = json.loads(r["dns_names"])
+        return rows
+
+    def tenants(self, since: float) -> list[dict[str, Any]]:
+        return self._query(
+            "SELECT tenant, SUM(bytes_out) AS bytes_out, SUM(bytes_in) AS bytes_in, "
+            "COUNT(DISTINCT destination) AS destinations, MAX(ts) AS last_minute "
+            "FROM minute_buckets WHERE ts >= ? GROUP BY tenant ORDER BY tenant",
+            (since,),
+        )
+
+    def volume(
+        self, tenant: str, since: float, until: float, vendor: str | None = None
+    ) -> list[dict[str, Any]]:
+        where, args = ["tenant = ?", "ts >= ?", "ts < ?"], [tenant, since, until]
+        if vendor is not None:
+            where.append("crm_vendor = ?")
+            args.append(vendor)
+        return self._query(
+            "SELECT ts, SUM(bytes_out) AS bytes_out, SUM(packets_out) AS packets_out, "
+            "SUM(bytes_in) AS bytes_in, SUM(packets_in) AS packets_in "
+            f"FROM minute_buckets WHERE {' AND '.join(where)} GROUP BY ts ORDER BY ts",
+            tuple(args),
+        )
+
+    def buckets(self, since: float, until: float) -> list[dict[str, Any]]:
+        """Rows as `leaktap analyze` reads them (vendor/instance None when '')."""
+        rows = self._query(
+            "SELECT ts, tenant, crm_vendor, crm_instance, destination, bytes_out, bytes_in "
+            "FROM minute_buckets WHERE ts >= ? AND ts < ? ORDER BY ts",
+            (since, until),
+        )
+        for r in rows:
+            r["crm_vendor"] = r["crm_vendor"] or None
+            r["crm_instance"] = r["crm_instance"] or None
+        return rows
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
