@@ -109,7 +109,7 @@ class SeasonalFit:
     ratio: FloatArray  # log(out/in) of the hour, widened to the neighbouring slots
     weeks: npt.NDArray[np.int16]  # weeks of history behind each slot; 0 = no seasonal baseline
     sigma_series: FloatArray  # per series: typical per-minute noise (quiet slots' spread)
-    sigma_level: FloatArray  # per series: hour-to-hour level noise, trend removed
+    sigma_level: FloatArray  # hour-to-hour level noise, trend removed (quiet/busy slots apart)
     sigma_ratio: FloatArray  # per series: noise of the hourly log(out/in)
     level: FloatArray  # per series: log level of the last day against this fit
 
@@ -120,7 +120,7 @@ class SeasonalFit:
             center=slots.copy(), envelope=slots.copy(), sigma=np.ones((HOURS_PER_WEEK, n)),
             hour_mean=slots.copy(), hour_mean_raw=slots.copy(), ratio=slots.copy(),
             weeks=np.zeros((HOURS_PER_WEEK, n), dtype=np.int16),
-            sigma_series=np.ones(n), sigma_level=np.ones(n), sigma_ratio=np.ones(n), level=np.zeros(n),
+            sigma_series=np.ones(n), sigma_level=np.ones((HOURS_PER_WEEK, n)), sigma_ratio=np.ones(n), level=np.zeros(n),
         )
 
 
@@ -178,15 +178,23 @@ def fit_seasonal(
     )
     logs["level_resid"] = logs["level"] - logs["level_slot"]
     logs["level_resid"] -= logs.groupby(["series", "week"])["level_resid"].transform("median")
+    logs["level_abs"] = logs["level_resid"].abs()
     logs["ratio_resid"] = (logs["ratio"] - logs["ratio_slot"]).abs()
-    per_series = logs.assign(level_abs=logs["level_resid"].abs()).groupby("series")
-    mad = per_series[["level_abs", "ratio_resid"]].median()
-    sigma_level = np.full(n, np.nan)
-    sigma_level[mad.index.to_numpy()] = _MAD_TO_SIGMA * mad["level_abs"].to_numpy()
     sigma_ratio = np.full(n, np.nan)
-    sigma_ratio[mad.index.to_numpy()] = _MAD_TO_SIGMA * mad["ratio_resid"].to_numpy()
-    fit.sigma_level = np.fmax(np.nan_to_num(sigma_level, nan=1.0), level_sigma_floor)
+    ratio_mad = logs.groupby("series")["ratio_resid"].median()
+    sigma_ratio[ratio_mad.index.to_numpy()] = _MAD_TO_SIGMA * ratio_mad.to_numpy()
     fit.sigma_ratio = np.fmax(np.nan_to_num(sigma_ratio, nan=1.0), 0.1)
+    # Quiet hours (below the series' median level) are relatively noisier than busy ones:
+    # their hourly level noise is measured apart.
+    typical_level = slots.groupby("series")["level"].transform("median")
+    slots["quiet"] = slots["level"] < typical_level
+    logs = logs.merge(slots[["series", "slot", "quiet"]], on=["series", "slot"])
+    level_mad = logs.groupby(["series", "quiet"])["level_abs"].median().rename("mad").reset_index()
+    slots = slots.merge(level_mad, on=["series", "quiet"], how="left")
+    sigma_level = np.fmax(
+        np.nan_to_num(_MAD_TO_SIGMA * _slot_table(slots, "mad", n), nan=1.0), level_sigma_floor
+    )
+    fit.sigma_level = sigma_level
 
     # The level of the most recent day against this fit: growth since the median week.
     newest = int(logs["hour"].max())
@@ -203,8 +211,9 @@ def fit_seasonal(
     typical_spread[per_series_spread.index.to_numpy()] = per_series_spread.to_numpy()
     # A quiet slot's spread estimate may be unluckily small: never below 3/4 of the series'.
     minute_sigma = np.fmax(np.fmax(spread, 0.75 * typical_spread), sigma_floor)
-    fit.sigma = np.sqrt(minute_sigma**2 + fit.sigma_level**2)
-    fit.sigma_series = np.sqrt(np.fmax(typical_spread, sigma_floor) ** 2 + fit.sigma_level**2)
+    fit.sigma = np.sqrt(minute_sigma**2 + sigma_level**2)
+    busy_level = np.median(sigma_level, axis=0)
+    fit.sigma_series = np.sqrt(np.fmax(typical_spread, sigma_floor) ** 2 + busy_level**2)
     fit.center = center
     fit.envelope = _neighbour_max(_slot_table(slots, "envelope", n))
     level = _slot_table(slots, "level", n)

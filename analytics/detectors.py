@@ -40,7 +40,8 @@ IntArray = npt.NDArray[np.int64]
 
 SPIKE, BURST, DRIP, RATIO = "spike", "burst", "drip", "ratio"
 _SLOW_K = 0.25  # slow CUSUM, only used to date the start of a drip
-_LEVEL_LIMIT = 3.0  # the growth level never claims more than e^3 = 20x
+_LEVEL_LIMIT = 3.0
+_BATCH_GAP = math.log(2.0)  # envelope this far above its noise-only position: a batch slot  # the growth level never claims more than e^3 = 20x
 
 
 @dataclass
@@ -75,11 +76,16 @@ class _SlotCache:
         self.center_d = fit.center[slot_b, :n] - fit.center[slot_a, :n]
         inv_a = 1.0 / fit.sigma[slot_a, :n]
         self.inv_a, self.inv_d = inv_a, 1.0 / fit.sigma[slot_b, :n] - inv_a
-        # the envelope's slack is in the series' ordinary noise, not the slot's, so that a
-        # batch slot (huge spread) is not granted a huge slack on top of its maximum
-        self.envelope = fit.envelope[slot, :n] + level - vol.envelope_z * fit.sigma_series[:n]
+        # Scoring against the slot's usual maximum too keeps recurring batches quiet. Its
+        # slack is the series' ordinary max-over-centre gap; in a batch-like slot (maximum
+        # far above where noise would put it) a minute must beat the maximum itself.
+        slack = vol.envelope_z * fit.sigma_series[:n]
+        gap = fit.envelope[slot, :n] - fit.center[slot, :n]
+        batch_like = gap > slack + _BATCH_GAP
+        slack = np.where(batch_like, np.minimum(slack, math.log(vol.burst_min_ratio)), slack)
+        self.envelope = fit.envelope[slot, :n] + level - slack
         self.hour_mean = np.where(self.seasonal, fit.hour_mean[slot, :n] * np.exp(level), 0.0)
-        self.spread_level_sq = fit.sigma_level[:n] ** 2
+        self.spread_level_sq = fit.sigma_level[slot, :n] ** 2
         ratio = scorer.settings.ratio
         noise = fit.sigma_ratio[:n] * math.sqrt(MINUTES_PER_HOUR / scorer.ratio_window)
         threshold = np.maximum(math.log(ratio.min_factor), ratio.z * noise)
@@ -308,6 +314,18 @@ class VolumeScorer:
             seasonal=seasonal[index], weeks=self.fit.weeks[slot, index].astype(np.int64),
             level=self.level[index],
         )
+
+    def forget_recent(self, series: IntArray) -> None:
+        """After an episode: drop its minutes from the windows so its tail cannot page again."""
+        self.ring_out[:, series] = self.ring_exp[:, series]
+        for k, window in enumerate(self.windows):
+            rows = (self.minute_index - 1 - np.arange(window)) % self.ring_len
+            self.sums_out[k, series] = self.ring_out[np.ix_(rows, series)].sum(axis=0)
+            self.sums_exp[k, series] = self.ring_exp[np.ix_(rows, series)].sum(axis=0)
+        rows = (self.minute_index - 1 - np.arange(self.ratio_window)) % self.ring_len
+        self.ratio_out[series] = self.ring_out[np.ix_(rows, series)].sum(axis=0)
+        self.cusum[series] = 0.0
+        self.slow[series] = 0.0
 
     def _score_ratio(
         self, x: FloatArray, y: FloatArray, cache: _SlotCache, warm: BoolArray

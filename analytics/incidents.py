@@ -66,6 +66,10 @@ class IncidentBook:
         self._open: dict[Hashable, tuple[Incident, int]] = {}  # key -> (incident, gap seconds)
         self._closed: list[Incident] = []
 
+    @property
+    def has_open(self) -> bool:
+        return bool(self._open)
+
     def get(self, key: Hashable) -> Incident | None:
         entry = self._open.get(key)
         return entry[0] if entry else None
@@ -85,11 +89,12 @@ class IncidentBook:
         incident.score = max(incident.score, score)
         return incident
 
-    def expire(self, now: int) -> None:
-        """Close episodes with no alarm for longer than their gap."""
+    def expire(self, now: int) -> list[Hashable]:
+        """Close episodes with no alarm for longer than their gap; returns their keys."""
         stale = [k for k, (inc, gap) in self._open.items() if now - inc.last_alarm_ts >= gap]
         for key in stale:
             self._closed.append(self._open.pop(key)[0])
+        return stale
 
     def close_all(self) -> None:
         for incident, _ in sorted(self._open.values(), key=lambda e: e[0].raised_ts):

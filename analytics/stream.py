@@ -71,6 +71,7 @@ class StreamingDetector:
         self._tenant_first = np.zeros(capacity, dtype=np.int64)  # per series: tenant first seen
         self._unsanctioned = np.zeros(capacity, dtype=bool)
         self._tenant_first_ts: dict[str, int] = {}
+        self._tenant_series: dict[str, list[int]] = {}
         self._volume = VolumeScorer(self.settings, capacity)
         self._history = HourlyHistory(self.settings.baseline_weeks, capacity)
         self._book = IncidentBook()
@@ -156,6 +157,7 @@ class StreamingDetector:
         index = len(self._keys)
         self._keys.append(key)
         self._index[key] = index
+        self._tenant_series.setdefault(key[0], []).append(index)
         self._tenant_first[index] = tenant_first
         self._volume.add_series(index, is_total)
         return index
@@ -204,7 +206,9 @@ class StreamingDetector:
         raised = self._on_volume(ts, alarms)
         raised += self._on_new_destinations(ts, x)
         raised += self._on_unsanctioned(ts, x)
-        self._book.expire(ts)
+        for key in self._book.expire(ts) if self._book.has_open else ():
+            if isinstance(key, tuple) and key[0] == "volume":
+                self._volume.forget_recent(np.asarray(self._tenant_series[key[1]]))
         if minute == MINUTES_PER_HOUR - 1:
             self._close_hour(ts // 3600, n)
         return raised

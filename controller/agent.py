@@ -22,7 +22,7 @@ from leaktap.controller.attribution import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, parse_listen
 from leaktap.controller.doctor import find_cgroup2_mount
 from leaktap.controller.errors import ConfigError, ProbeLoadError
-from leaktap.controller.flows import Conversation, ConversationTable
+from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
 from leaktap.controller.loss import LossMonitor
 from leaktap.controller.maps import MapReader
 from leaktap.controller.ringbuf import RingDrainer, Sample
@@ -203,7 +203,7 @@ class Agent:
             "sni": names.sni, "dns_names": names.dns_names,
             "crm_vendor": names.crm_vendor, "crm_instance": names.crm_instance,
             "tenant": names.tenant, "cgroup": names.cgroup,
-            "uid": o.uid if o.uid != 0xFFFFFFFF else None,
+            "uid": o.uid if o.uid != NO_UID else None,
             "bytes_out": o.bytes, "packets_out": o.packets,
             "bytes_in": i.bytes, "packets_in": i.packets,
             "first_seen": _epoch(first), "last_seen": _epoch(max(o.last_seen_ns, i.last_seen_ns)),

@@ -19,7 +19,7 @@ from typing import Any
 from leaktap.controller.catalogue import CrmCatalogue
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.dns import DnsCache
-from leaktap.controller.flows import Conversation, conversation_id
+from leaktap.controller.flows import NO_UID, Conversation, conversation_id
 from leaktap.controller.maps import FlowKey
 from leaktap.controller.quic import QuicHelloAssembler
 from leaktap.controller.ringbuf import Sample
@@ -116,7 +116,12 @@ class Attributor:
             self._hello_by_conv.setdefault(cid, hello)
 
     def forget(self, conv: Conversation) -> None:
-        self._hello_by_conv.pop((conv.family, conv.proto, conv.a, conv.b), None)
+        """Drop what was learned of a conversation that left memory (its 5-tuple may return)."""
+        cid = (conv.family, conv.proto, conv.a, conv.b)
+        self._hello_by_conv.pop(cid, None)
+        for side in (conv.a, conv.b):
+            self.hellos.forget((cid, *side))
+            self.quic.forget((cid, *side))
 
     def names(self, conv: Conversation) -> Names:
         (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)
@@ -128,7 +133,7 @@ class Attributor:
         if crm is None and sni is None:
             crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
         cgroup = self.cgroups.path(out.cgroup_id) if self.live else None
-        uid = out.uid if self.live and out.uid != 0xFFFFFFFF else None
+        uid = out.uid if self.live and out.uid != NO_UID else None
         tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)
         return Names(
             sni=sni,

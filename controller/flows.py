@@ -10,10 +10,22 @@ initiator's bytes: on a node, the inside host's upload.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from leaktap.controller import abi
 from leaktap.controller.maps import FlowCounters, FlowKey
 
+NO_UID = 0xFFFFFFFF
+
+
+def _overflow_uid() -> int:
+    try:
+        return int(Path("/proc/sys/kernel/overflowuid").read_text())
+    except (OSError, ValueError):
+        return 65534
+
+
+OVERFLOW_UID = _overflow_uid()
 _FLAGS = abi.flow_flags()
 FF_SYN = _FLAGS["LT_FF_SYN"]
 FF_SYNACK = _FLAGS["LT_FF_SYNACK"]
@@ -29,7 +41,7 @@ class Direction:
     last_seen_ns: int = 0
     flags: int = 0
     cgroup_id: int = 0
-    uid: int = 0xFFFFFFFF
+    uid: int = NO_UID
 
     def add(self, c: FlowCounters, extra_bytes: int = 0) -> None:
         self.bytes += c.tx_bytes + extra_bytes
@@ -40,7 +52,9 @@ class Direction:
         self.flags |= c.flags
         if c.key.cgroup_id:
             self.cgroup_id = c.key.cgroup_id
-        if c.uid != 0xFFFFFFFF:
+        # keep the first real owner: packets without a full socket (time-wait
+        # ACKs, ingress) report the kernel's overflow uid instead
+        if self.uid == NO_UID and c.uid not in (NO_UID, OVERFLOW_UID):
             self.uid = c.uid
 
 

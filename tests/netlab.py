@@ -39,7 +39,9 @@ class VethLab:
 
 
 @contextlib.contextmanager
-def veth_lab(name: str, host_ip: str, peer_ip: str, prefix: int = 30) -> Iterator[VethLab]:
+def veth_lab(
+    name: str, host_ip: str, peer_ip: str, prefix: int = 30, extra_host_ips: tuple[str, ...] = ()
+) -> Iterator[VethLab]:
     for ip in (host_ip, peer_ip):
         assert ipaddress.ip_address(ip) in TEST_NET, f"{ip} is outside 198.18.0.0/15"
     host_if, peer_if, ns = f"{name}-h", f"{name}-p", f"{name}-ns"
@@ -51,6 +53,9 @@ def veth_lab(name: str, host_ip: str, peer_ip: str, prefix: int = 30) -> Iterato
         # no IPv6 chatter (ND, MLD) to blur byte comparisons
         sh("sysctl", "-qw", f"net.ipv6.conf.{host_if}.disable_ipv6=1")
         sh("ip", "addr", "add", f"{host_ip}/{prefix}", "dev", host_if)
+        for extra in extra_host_ips:
+            assert ipaddress.ip_address(extra) in TEST_NET
+            sh("ip", "addr", "add", f"{extra}/32", "dev", host_if)
         sh("ip", "link", "set", host_if, "up")
         lab = VethLab(host_if, ns, host_ip, peer_ip)
         sh(*lab.in_ns("sysctl", "-qw", f"net.ipv6.conf.{peer_if}.disable_ipv6=1"))
@@ -129,8 +134,12 @@ def tls_sink(lab: VethLab, cert: Path, key: Path, port: int = 443) -> Iterator[N
         proc.wait()
 
 
-def tls_upload(host: str, port: int, sni: str, nbytes: int, timeout: float = 20) -> None:
-    """Send nbytes over TLS with the given SNI (certificate not verified: a lab CA)."""
+def tls_upload(
+    host: str, port: int, sni: str | None, nbytes: int, timeout: float = 20,
+    source: str | None = None,
+) -> None:
+    """Send nbytes over TLS with the given SNI (None: no SNI extension); the
+    certificate is not verified (a lab CA)."""
     import socket
     import ssl
 
@@ -138,7 +147,8 @@ def tls_upload(host: str, port: int, sni: str, nbytes: int, timeout: float = 20)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
-    with socket.create_connection((host, port), timeout=timeout) as raw:
+    src = (source, 0) if source else None
+    with socket.create_connection((host, port), timeout=timeout, source_address=src) as raw:
         with ctx.wrap_socket(raw, server_hostname=sni) as tls:
             tls.sendall(nbytes.to_bytes(8, "big"))
             block = b"x" * 65536
@@ -149,3 +159,54 @@ def tls_upload(host: str, port: int, sni: str, nbytes: int, timeout: float = 20)
                 sent += n
             assert sent == nbytes, f"sent {sent} of {nbytes} bytes before the deadline"
             assert tls.recv(2) == b"ok", "the sink did not confirm receipt"
+
+
+# A DNS responder answering every A query with the configured address.
+DNS_RESPONDER = textwrap.dedent(
+    """
+    import socket, sys
+    import dpkt
+    host, answer_ip = sys.argv[1], sys.argv[2]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, 53))
+    print("ready", flush=True)
+    while True:
+        data, peer = s.recvfrom(2048)
+        q = dpkt.dns.DNS(data)
+        r = dpkt.dns.DNS(id=q.id, qr=dpkt.dns.DNS_R, opcode=q.opcode, rd=q.rd, ra=1, qd=q.qd)
+        for question in q.qd:
+            rr = dpkt.dns.DNS.RR(name=question.name, type=dpkt.dns.DNS_A, cls=dpkt.dns.DNS_IN,
+                                 ttl=300, rdata=socket.inet_aton(answer_ip))
+            r.an.append(rr)
+        s.sendto(bytes(r), peer)
+    """
+)
+
+
+@contextlib.contextmanager
+def dns_responder(lab: VethLab, answer_ip: str) -> Iterator[None]:
+    proc = subprocess.Popen(
+        lab.in_ns(sys.executable, "-c", DNS_RESPONDER, lab.peer_ip, answer_ip),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def dns_query(server: str, name: str, timeout: float = 5) -> bytes:
+    """Ask `server` for the A record of `name`; returns the raw answer."""
+    import socket
+
+    import dpkt
+
+    q = dpkt.dns.DNS(id=0x4C54, rd=1, qd=[dpkt.dns.DNS.Q(name=name, type=dpkt.dns.DNS_A)])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(bytes(q), (server, 53))
+        return s.recv(2048)
