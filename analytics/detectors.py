@@ -316,14 +316,9 @@ class VolumeScorer:
         )
 
     def forget_recent(self, series: IntArray) -> None:
-        """After an episode: drop its minutes from the windows so its tail cannot page again."""
-        self.ring_out[:, series] = self.ring_exp[:, series]
-        for k, window in enumerate(self.windows):
-            rows = (self.minute_index - 1 - np.arange(window)) % self.ring_len
-            self.sums_out[k, series] = self.ring_out[np.ix_(rows, series)].sum(axis=0)
-            self.sums_exp[k, series] = self.ring_exp[np.ix_(rows, series)].sum(axis=0)
-        rows = (self.minute_index - 1 - np.arange(self.ratio_window)) % self.ring_len
-        self.ratio_out[series] = self.ring_out[np.ix_(rows, series)].sum(axis=0)
+        """After an episode: its minutes still fill the windows, so re-arm the windows only
+        once they hold fresh minutes alone, and restart the CUSUMs; the tail cannot page."""
+        self.seasonal_run[series] = 0
         self.cusum[series] = 0.0
         self.slow[series] = 0.0
 

@@ -38,7 +38,7 @@ class VolumeSettings(_Frozen):
     # Slow drips: excess of windowed sums over the expected sums.
     drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = [60, 240]
     drip_z: Annotated[float, Field(gt=0, le=100)] = 5.0
-    drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.5
+    drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.7
     # Noise scales never go below these (log units).
     sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.12
     level_sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.08

@@ -120,7 +120,7 @@ class KernelConfig(_Strict):
 
     flows_max: Annotated[int, Field(ge=16, le=4_194_304)] = 65536
     ringbuf_pages: Annotated[int, Field(ge=1, le=65536)] = 64
-    hello_segments_max: Annotated[int, Field(ge=1, le=16)] = 6
+    hello_segments_max: Annotated[int, Field(ge=1, le=64)] = 12
 
 
 class PlaintextSelect(_Strict):
