@@ -24,6 +24,8 @@ MINUTES_PER_HOUR = 60
 _EPOCH_HOUR_OF_WEEK = 72
 _Z90 = 1.2816  # standard normal 90th percentile: p90/p50 of a log-normal minute -> sigma
 _MAD_TO_SIGMA = 1.4826
+# With a single week of history there is nothing to compare against: assume +-35%.
+_ONE_WEEK_LEVEL_SIGMA = 0.3
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -141,7 +143,7 @@ def fit_seasonal(
     floor: float,
     sigma_floor: float,
     level_sigma_floor: float,
-    recent_hours: int = 24,
+    recent_hours: int = 72,
 ) -> SeasonalFit:
     """Median across weeks per (series, hour-of-week) and robust noise scales per series."""
     fit = SeasonalFit.empty(n)
@@ -178,6 +180,16 @@ def fit_seasonal(
     )
     logs["level_resid"] = logs["level"] - logs["level_slot"]
     logs["level_resid"] -= logs.groupby(["series", "week"])["level_resid"].transform("median")
+    # Against the other weeks only (leave one out): a residual against a median of three
+    # weeks is zero for the median week itself, which would halve the noise estimate.
+    by_slot = logs.groupby(["series", "slot"])["level_resid"]
+    count = by_slot.transform("size").to_numpy()
+    total = by_slot.transform("sum").to_numpy()
+    resid = logs["level_resid"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        loo = np.where(count > 1, (count * resid - total) / (count - 1), np.nan)
+        # x - mean(others) has variance sigma^2 * k / (k - 1)
+        logs["level_resid"] = loo * np.sqrt((count - 1) / np.maximum(count, 1))
     logs["level_abs"] = logs["level_resid"].abs()
     logs["ratio_resid"] = (logs["ratio"] - logs["ratio_slot"]).abs()
     sigma_ratio = np.full(n, np.nan)
@@ -192,11 +204,13 @@ def fit_seasonal(
     level_mad = logs.groupby(["series", "quiet"])["level_abs"].median().rename("mad").reset_index()
     slots = slots.merge(level_mad, on=["series", "quiet"], how="left")
     sigma_level = np.fmax(
-        np.nan_to_num(_MAD_TO_SIGMA * _slot_table(slots, "mad", n), nan=1.0), level_sigma_floor
+        np.nan_to_num(_MAD_TO_SIGMA * _slot_table(slots, "mad", n), nan=_ONE_WEEK_LEVEL_SIGMA),
+        level_sigma_floor,
     )
     fit.sigma_level = sigma_level
 
-    # The level of the most recent day against this fit: growth since the median week.
+    # The level of the last days against this fit: growth since the median week. Days,
+    # not one day, so that one unusual day is not carried into the next.
     newest = int(logs["hour"].max())
     recent = logs[logs["hour"] > newest - recent_hours]
     recent_level = (recent["level"] - recent["level_slot"]).groupby(recent["series"]).median()

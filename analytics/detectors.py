@@ -74,6 +74,9 @@ class _SlotCache:
         self.all_seasonal = bool(self.seasonal.all())
         self.center_a = fit.center[slot_a, :n] + level
         self.center_d = fit.center[slot_b, :n] - fit.center[slot_a, :n]
+        # never below the slot's own median: a slot whose median is a batch stays a batch
+        # slot to its first minute instead of being averaged with the quiet hour before it
+        self.center_floor = fit.center[slot, :n] + level
         inv_a = 1.0 / fit.sigma[slot_a, :n]
         self.inv_a, self.inv_d = inv_a, 1.0 / fit.sigma[slot_b, :n] - inv_a
         # Scoring against the slot's usual maximum too keeps recurring batches quiet. Its
@@ -186,7 +189,7 @@ class VolumeScorer:
         floor = float(vol.floor_bytes_per_minute)
         cache, w = self._slots(ts)
         log_x = np.log(x + floor)
-        center = cache.center_a + w * cache.center_d
+        center = np.maximum(cache.center_a + w * cache.center_d, cache.center_floor)
         excess = np.minimum(log_x - center, log_x - cache.envelope)
         inv_sigma = cache.inv_a + w * cache.inv_d
         seasonal = cache.seasonal

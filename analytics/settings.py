@@ -37,13 +37,13 @@ class VolumeSettings(_Frozen):
     envelope_z: Annotated[float, Field(ge=0, le=10)] = 2.3
     # Slow drips: excess of windowed sums over the expected sums.
     drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = [60, 240]
-    drip_z: Annotated[float, Field(gt=0, le=100)] = 5.0
+    drip_z: Annotated[float, Field(gt=0, le=100)] = 4.0
     drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.7
     # Noise scales never go below these (log units).
     sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.12
     level_sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.08
     # Multiplicative level (growth) tracker, updated hourly.
-    level_halflife_hours: Annotated[float, Field(gt=0, le=24 * 28)] = 12.0
+    level_halflife_hours: Annotated[float, Field(gt=0, le=24 * 28)] = 36.0
     level_clip: Annotated[float, Field(gt=0, le=5)] = 0.7
     # Cold start: a series with no week of history is scored against an EWMA.
     cold_halflife_minutes: Annotated[float, Field(gt=0, le=10_080)] = 60.0

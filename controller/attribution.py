@@ -127,6 +127,9 @@ class Attributor:
         (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)
         hello = self._hello_by_conv.get((conv.family, conv.proto, conv.a, conv.b))
         sni = hello.sni if hello is not None else None
+        # a name that is not a valid host (e.g. "server4:443") is still reported as sent
+        # (lower case, as the peers do), but never matched against the catalogue
+        reported_sni = sni or (hello.sni_raw.lower() if hello and hello.sni_raw else None)
         dns_names = self.dns.names_for(dst)
         host = sni or (dns_names[0] if dns_names else None)
         crm = self.catalogue.lookup(host)
@@ -136,7 +139,7 @@ class Attributor:
         uid = out.uid if self.live and out.uid != NO_UID else None
         tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)
         return Names(
-            sni=sni,
+            sni=reported_sni,
             ech=bool(hello.ech) if hello is not None else False,
             dns_names=dns_names,
             crm_vendor=crm.vendor if crm else None,

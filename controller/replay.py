@@ -55,11 +55,15 @@ class ReplayResult:
 class Replayer:
     """Pushes frames through one loaded program set and collects conversations."""
 
-    def __init__(self, probes: Any, attributor: Attributor) -> None:
+    def __init__(
+        self, probes: Any, attributor: Attributor, drainer: RingDrainer | None = None
+    ) -> None:
+        """`drainer`: reuse one already opened on these probes (a ring buffer opens once)."""
         self.probes = probes
         self.reader = MapReader(probes)
         self.attributor = attributor
-        self.drainer = RingDrainer(probes, attributor.on_sample)
+        self.drainer = drainer or RingDrainer(probes, attributor.on_sample)
+        self.drainer.handler = attributor.on_sample
         self.fd = probes.fd("egress" if probes.mode == "tc" else "ingress")
 
     def _drain(self, result: ReplayResult, delta: int) -> None:

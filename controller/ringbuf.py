@@ -91,7 +91,7 @@ class RingDrainer:
         table = probes.table("lt_events")
         scratch = probes.table("lt_scratch")  # per-CPU: sLeaf is one CPU's struct
         self._decoder = EventDecoder(scratch.sLeaf)
-        self._handler = handler
+        self.handler = handler
         self.received = 0
         self.undecodable = 0
         table.open_ring_buffer(self._on_event)
@@ -109,7 +109,7 @@ class RingDrainer:
             return 0
         self.received += 1
         try:
-            self._handler(sample)
+            self.handler(sample)
         except Exception:  # noqa: BLE001 - one bad sample must not stop the drain
             logger.exception("handling a %s sample", sample.kind)
         return 0

@@ -110,9 +110,9 @@ def _run_stats(fd: int) -> tuple[int, int]:
     return int(info.get("run_time_ns", 0)), int(info.get("run_cnt", 0))
 
 
-def bpf_stats_pass(probes: loader.Probes) -> dict[str, tuple[float, int]]:
+def bpf_stats_pass(probes: loader.Probes) -> dict[str, tuple[float, int, float]]:
     """One extra, unreported-throughput run with kernel BPF run-time stats on:
-    {direction: (ns per skb, skbs)} as the programs run in place (on real,
+    {direction: (ns per skb, skbs, % of one CPU)} as the programs run in place (on real,
     non-linear GSO skbs, unlike BPF_PROG_TEST_RUN). BPF_ENABLE_STATS holds
     the stats on only while its fd is open; they add two clock reads per run."""
     lib = _libbpf()
@@ -123,7 +123,9 @@ def bpf_stats_pass(probes: loader.Probes) -> dict[str, tuple[float, int]]:
     loader.attach_tc(probes, HOST_IF)
     try:
         before = {d: _run_stats(probes.fd(d)) for d in ("egress", "ingress")}
+        t = time.monotonic_ns()
         iperf(3)
+        wall_ns = time.monotonic_ns() - t
         after = {d: _run_stats(probes.fd(d)) for d in ("egress", "ingress")}
     finally:
         loader.detach_tc(HOST_IF)
@@ -131,7 +133,7 @@ def bpf_stats_pass(probes: loader.Probes) -> dict[str, tuple[float, int]]:
     out = {}
     for d in before:
         ns, cnt = after[d][0] - before[d][0], after[d][1] - before[d][1]
-        out[d] = (ns / cnt if cnt else 0.0, cnt)
+        out[d] = (ns / cnt if cnt else 0.0, cnt, 100.0 * ns / wall_ns)
     return out
 
 
@@ -141,7 +143,7 @@ def main() -> int:
     drainer = None
     attached = False
     results: dict[str, list[float]] = {"without": [], "with": []}
-    profile: dict[str, tuple[float, int]] = {}
+    profile: dict[str, tuple[float, int, float]] = {}
     try:
         setup()
         server = subprocess.Popen(
@@ -212,7 +214,8 @@ def main() -> int:
       f"in {egress_pkts} segments; loss_flow_insert={stats['loss_flow_insert']}\n")
     if profile:
         w("in place (BPF run-time stats, extra 3 s run): " + ", ".join(
-            f"{d} {ns:.0f} ns/skb over {cnt} skbs" for d, (ns, cnt) in profile.items())
+            f"{d} {ns:.0f} ns/skb over {cnt} skbs = {cpu:.1f}% of one CPU"
+            for d, (ns, cnt, cpu) in profile.items())
           + f"; BPF_PROG_TEST_RUN measures the same program on linear skbs (perf/bench_tc_cost.py)\n")
     w(f"target: with/without >= {TARGET}: {'PASS' if ratio >= TARGET else 'MISS'}\n")
     return 0

@@ -1,0 +1,156 @@
+"""The kernel/user ABI (STYLE.md section 3): layouts pinned, enums as the compiler sees them.
+
+Struct layouts come from the ctypes classes BCC derives from lt_types.h and
+are compared with tests/abi_golden.json. After an intended layout change,
+regenerate the file with LEAKTAP_UPDATE_ABI_GOLDEN=1 and review the diff.
+
+Enum and #define values are checked against clang itself: a tiny BPF object
+whose array maps are sized by each value, so controller/abi.py's header
+parsing cannot drift from what the programs are compiled with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DEFAULT
+
+from leaktap.controller import abi
+from leaktap.controller.loader import bpf_dir
+
+pytestmark = pytest.mark.kernel
+
+GOLDEN = Path(__file__).resolve().parents[1] / "abi_golden.json"
+
+
+def layout(cls: Any) -> dict[str, Any]:
+    fields = {
+        name: getattr(cls, name).offset
+        for name, *_ in cls._fields_
+        if not name.startswith("__pad")  # BCC's explicit padding members
+    }
+    return {"size": ctypes.sizeof(cls), "fields": fields}
+
+
+def current_layouts(probes: Any) -> dict[str, dict[str, Any]]:
+    flows = probes.table("lt_flows")
+    return {
+        "lt_flow_key": layout(flows.Key),
+        "lt_flow_val": layout(flows.sLeaf),  # per-CPU: sLeaf is one CPU's value
+        "lt_volume": layout(probes.table("lt_cgtot").sLeaf),
+        "lt_hello_state": layout(probes.table("lt_hello").Leaf),
+        "lt_event": layout(probes.table("lt_scratch").sLeaf),
+    }
+
+
+def layout_differences(golden: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    problems = []
+    for struct in sorted(set(golden) | set(now)):
+        if struct not in now:
+            problems.append(f"struct {struct} is no longer found")
+            continue
+        if struct not in golden:
+            problems.append(f"struct {struct} is not in {GOLDEN.name}")
+            continue
+        g, n = golden[struct], now[struct]
+        for name in g["fields"]:
+            if name not in n["fields"]:
+                problems.append(f"{struct}.{name} was removed (was at offset {g['fields'][name]})")
+            elif n["fields"][name] != g["fields"][name]:
+                problems.append(
+                    f"{struct}.{name} moved from offset {g['fields'][name]} to {n['fields'][name]}"
+                )
+        for name in n["fields"]:
+            if name not in g["fields"]:
+                problems.append(f"{struct}.{name} was added at offset {n['fields'][name]}")
+        if g["size"] != n["size"]:
+            problems.append(f"sizeof(struct {struct}) changed from {g['size']} to {n['size']}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def probes(kernels):
+    return kernels(DEFAULT).probes
+
+
+def test_struct_layouts_match_the_golden_file(probes):
+    now = current_layouts(probes)
+    if os.environ.get("LEAKTAP_UPDATE_ABI_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(now, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+
+    problems = layout_differences(golden, now)
+
+    assert not problems, (
+        "kernel/user ABI changed:\n  " + "\n  ".join(problems)
+        + f"\nIf intended, regenerate {GOLDEN} with LEAKTAP_UPDATE_ABI_GOLDEN=1."
+    )
+
+
+def test_layout_comparison_names_the_changed_field():
+    golden = {"s": {"size": 16, "fields": {"a": 0, "b": 8}}}
+    now = {"s": {"size": 24, "fields": {"a": 0, "b": 12, "c": 16}}}
+
+    assert layout_differences(golden, now) == [
+        "s.b moved from offset 8 to 12",
+        "s.c was added at offset 16",
+        "sizeof(struct s) changed from 16 to 24",
+    ]
+
+
+def test_event_header_size_is_the_payload_offset(probes):
+    event = probes.table("lt_scratch").sLeaf
+    assert event.payload.offset == 84
+    assert event.payload.size == abi.defines()["LT_SNAP"]
+
+
+def test_stats_map_has_one_slot_per_stat_name(probes):
+    names = abi.stat_names()
+    stat_max = abi.enums()["lt_stat"]["LT_STAT_MAX"]
+
+    assert len(names) == stat_max == len(probes.table("lt_stats"))
+    assert all(names) and len(set(names)) == len(names)
+
+
+def test_every_loss_reason_of_the_header_is_an_exported_stat():
+    text = re.sub(r"/\*.*?\*/", "", abi.header_path().read_text(), flags=re.S)
+    in_header = set(re.findall(r"\b(LT_LOSS_\w+)\s*,", text))
+    parsed = abi.enums()["lt_stat"]
+
+    assert in_header, "no LT_LOSS_* enumerator found in lt_types.h"
+    assert in_header <= set(parsed), f"missing from abi.enums(): {in_header - set(parsed)}"
+    names = abi.stat_names()
+    for member in in_header:
+        assert names[parsed[member]] == member.removeprefix("LT_").lower()
+
+
+@pytest.fixture(scope="module")
+def compiled_values() -> dict[str, int]:
+    """Every enumerator and integer LT_* #define as clang evaluates it."""
+    from bcc import BPF
+
+    symbols = [m for e in abi.enums().values() for m in e] + list(abi.defines())
+    lines = ['#include "lt_types.h"']
+    for i, sym in enumerate(symbols):
+        lines.append(f"BPF_ARRAY(v{i}, u8, ({sym}) + 1);")
+    text = ("\n".join(lines) + "\n").encode()
+    b = BPF(text=text, cflags=["-I", str(bpf_dir() / "include")])
+    try:
+        return {sym: b[f"v{i}".encode()].max_entries - 1 for i, sym in enumerate(symbols)}
+    finally:
+        b.cleanup()
+
+
+def test_parsed_enums_and_defines_equal_the_compilers_values(compiled_values):
+    parsed = {m: v for e in abi.enums().values() for m, v in e.items()} | abi.defines()
+
+    wrong = {sym: (parsed[sym], compiled_values[sym]) for sym in parsed
+             if parsed[sym] != compiled_values[sym]}
+
+    assert not wrong, f"controller/abi.py parsed (value, clang's value): {wrong}"
