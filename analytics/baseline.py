@@ -10,6 +10,7 @@ bounded: 5 float32 per series per hour kept (10,000 series x 3 weeks: ~100 MB).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ _Z90 = 1.2816  # standard normal 90th percentile: p90/p50 of a log-normal minute
 _MAD_TO_SIGMA = 1.4826
 # With a single week of history there is nothing to compare against: assume +-35%.
 _ONE_WEEK_LEVEL_SIGMA = 0.3
+_MAX_SLOPE = math.log(1.1) / 24  # growth tracked up to 10% a day (log per hour)
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -113,7 +115,8 @@ class SeasonalFit:
     sigma_series: FloatArray  # per series: typical per-minute noise (quiet slots' spread)
     sigma_level: FloatArray  # hour-to-hour level noise, trend removed (quiet/busy slots apart)
     sigma_ratio: FloatArray  # per series: noise of the hourly log(out/in)
-    level: FloatArray  # per series: log level of the last day against this fit
+    level: FloatArray  # per series: log level of the last days against this fit
+    slope: FloatArray  # per series: log growth per hour, applied hourly to the level
 
     @classmethod
     def empty(cls, n: int) -> SeasonalFit:
@@ -123,6 +126,7 @@ class SeasonalFit:
             hour_mean=slots.copy(), hour_mean_raw=slots.copy(), ratio=slots.copy(),
             weeks=np.zeros((HOURS_PER_WEEK, n), dtype=np.int16),
             sigma_series=np.ones(n), sigma_level=np.ones((HOURS_PER_WEEK, n)), sigma_ratio=np.ones(n), level=np.zeros(n),
+            slope=np.zeros(n),
         )
 
 
@@ -168,6 +172,19 @@ def fit_seasonal(
             - np.log(frame["sum_in"].to_numpy(np.float64) + hour_floor),
         }
     )
+    # Steady growth: the median week of a slot lies one to three weeks back depending on
+    # the weekday, so project every hour to now along the series' trend, taken as the
+    # median week-on-week change of its slots (robust to one odd week or a batch).
+    logs = logs.sort_values(["series", "slot", "hour"], kind="stable")
+    by_slot = logs.groupby(["series", "slot"], sort=False)
+    change = by_slot["level"].diff() / by_slot["hour"].diff()
+    slope = change.groupby(logs["series"]).median().fillna(0.0).clip(-_MAX_SLOPE, _MAX_SLOPE)
+    fit.slope[slope.index.to_numpy()] = slope.to_numpy()
+    age = (logs["hour"].max() + 1 - logs["hour"]).to_numpy()
+    shift = fit.slope[logs["series"].to_numpy()] * age
+    for column in ("center", "envelope", "level"):
+        logs[column] = logs[column].to_numpy() + shift
+
     columns = ["center", "spread", "envelope", "level", "ratio"]
     slots = logs.groupby(["series", "slot"], sort=False)[columns].median()
     slots["weeks"] = logs.groupby(["series", "slot"], sort=False).size()

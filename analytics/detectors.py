@@ -80,12 +80,12 @@ class _SlotCache:
         inv_a = 1.0 / fit.sigma[slot_a, :n]
         self.inv_a, self.inv_d = inv_a, 1.0 / fit.sigma[slot_b, :n] - inv_a
         # Scoring against the slot's usual maximum too keeps recurring batches quiet. Its
-        # slack is the series' ordinary max-over-centre gap; in a batch-like slot (maximum
-        # far above where noise would put it) a minute must beat the maximum itself.
+        # slack is the series' ordinary max-over-centre gap, shrinking as the slot's maximum
+        # rises above where noise alone would put it (a batch): there a minute must come
+        # close to beating the maximum itself.
         slack = vol.envelope_z * fit.sigma_series[:n]
         gap = fit.envelope[slot, :n] - fit.center[slot, :n]
-        batch_like = gap > slack + _BATCH_GAP
-        slack = np.where(batch_like, np.minimum(slack, math.log(vol.burst_min_ratio)), slack)
+        slack = np.clip(2 * slack - gap, np.minimum(slack, math.log(vol.burst_min_ratio)), slack)
         self.envelope = fit.envelope[slot, :n] + level - slack
         self.hour_mean = np.where(self.seasonal, fit.hour_mean[slot, :n] * np.exp(level), 0.0)
         self.spread_level_sq = fit.sigma_level[slot, :n] ** 2
@@ -366,7 +366,8 @@ class VolumeScorer:
         clip = self.settings.volume.level_clip
         step = self._alpha_level * np.clip(observed - level, -clip, clip)
         learn = (self.fit.weeks[slot, :n] > 0) & ~self.alarm_hour[:n]
-        self.level[:n] = np.clip(level + np.where(learn, step, 0.0), -_LEVEL_LIMIT, _LEVEL_LIMIT)
+        level = level + np.where(learn, step, 0.0) + self.fit.slope[:n]
+        self.level[:n] = np.clip(level, -_LEVEL_LIMIT, _LEVEL_LIMIT)
         self.alarm_hour[:n] = False
         self._cache = None
         newest = self.minute_index - 1

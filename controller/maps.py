@@ -20,8 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def format_addr(family: int, words: Any) -> str:
-    """Address from the key's u32[4] (network byte order in memory)."""
-    raw = b"".join(int(w).to_bytes(4, "little") for w in words)
+    """Address from the key's u32[4] (network byte order in memory).
+
+    `words` is the ctypes array itself (its memory is the address bytes) or a
+    sequence of four ints as read on this little-endian host."""
+    raw = bytes(words) if hasattr(words, "_length_") else b"".join(
+        int(w).to_bytes(4, "little") for w in words
+    )
     if family == 4:
         return socket.inet_ntop(socket.AF_INET, raw[:4])
     if family == 6:
@@ -82,6 +87,7 @@ def key_from_ctypes(k: Any) -> FlowKey:
 
 
 def _merge_cpus(key: Any, per_cpu: Any) -> FlowCounters | None:
+    """Sum one entry's per-CPU values; the key is filled in by the caller."""
     tx_bytes = tx_packets = last = flags = 0
     first = 0
     uid = 0xFFFFFFFF
@@ -96,7 +102,12 @@ def _merge_cpus(key: Any, per_cpu: Any) -> FlowCounters | None:
         uid = v.uid
     if not tx_packets:
         return None
-    return FlowCounters(key_from_ctypes(key), tx_bytes, tx_packets, first, last, uid, flags)
+    return FlowCounters(_NO_KEY, tx_bytes, tx_packets, first, last, uid, flags)
+
+
+_NO_KEY = FlowKey(0, 0, 0, 0, "", "", 0, 0)
+# formatted keys kept between drains; cleared wholesale when larger
+KEY_CACHE_MAX = 1 << 18
 
 
 class MapReader:
@@ -108,14 +119,25 @@ class MapReader:
         self._totals = probes.table("lt_totals")
         self._cgtot = probes.table("lt_cgtot")
         self._stat_names = abi.stat_names()
+        self._keys: dict[bytes, FlowKey] = {}
 
     def drain_flows(self) -> list[FlowCounters]:
         """Atomically take every flow entry out of the map."""
         out = []
+        keys = self._keys
+        if len(keys) > KEY_CACHE_MAX:
+            keys.clear()
         for key, per_cpu in self._flows.items_lookup_and_delete_batch():
             merged = _merge_cpus(key, per_cpu)
-            if merged is not None:
-                out.append(merged)
+            if merged is None:
+                continue
+            # long-lived flows come back every drain: format their key once
+            raw = bytes(key)
+            flow_key = keys.get(raw)
+            if flow_key is None:
+                flow_key = keys[raw] = key_from_ctypes(key)
+            merged.key = flow_key
+            out.append(merged)
         return out
 
     def stats(self) -> dict[str, int]:

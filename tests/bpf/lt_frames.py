@@ -38,7 +38,8 @@ def tcp4(
     dst: str = SERVER4,
     **tcp_kw: object,
 ) -> bytes:
-    pkt = eth() / IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, seq=seq, flags=flags, **tcp_kw)
+    tcp = TCP(sport=sport, dport=dport, seq=seq, flags=flags, **tcp_kw)
+    pkt = eth() / IP(src=src, dst=dst) / tcp
     return bytes(pkt / Raw(payload)) if payload else bytes(pkt)
 
 

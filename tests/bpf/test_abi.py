@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DEFAULT
-
 from leaktap.controller import abi
 from leaktap.controller.loader import bpf_dir
+
+from tests.bpf.harness import DEFAULT
+
 
 pytestmark = pytest.mark.kernel
 

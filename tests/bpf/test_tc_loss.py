@@ -6,10 +6,14 @@ flow evictions never lose volume: it stays in the totals as unattributed.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
-from lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
+from leaktap.controller.loss import LossMonitor
+
+from tests.bpf.lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
+
 
 pytestmark = pytest.mark.kernel
 
@@ -17,9 +21,11 @@ HELLO_1K = client_hello(size=1000)
 HELLO_2K = client_hello(size=1800)
 
 
-def test_one_page_ring_flood_counts_every_lost_hello(tc_tiny_ring):
+def test_one_page_ring_flood_counts_every_lost_hello(tc_tiny_ring, caplog):
     sent = 20
     frames = [tcp4(HELLO_1K, sport=44000 + i) for i in range(sent)]
+    monitor = LossMonitor()
+    monitor.check(tc_tiny_ring.reader.stats())
 
     out = tc_tiny_ring.run(frames)  # no polling until all 20 ran
 
@@ -32,6 +38,14 @@ def test_one_page_ring_flood_counts_every_lost_hello(tc_tiny_ring):
     assert [s.sport for s in out.samples] == [44000 + i for i in range(delivered)]
     assert out.changed() == {"cnt_flow_new": sent, "cnt_ev_hello": delivered,
                              "loss_ringbuf_full": lost}
+    # the controller's loss monitor turns the rise into one WARNING with a remedy
+    with caplog.at_level(logging.WARNING, logger="leaktap.controller.loss"):
+        assert monitor.check(tc_tiny_ring.reader.stats()) == {"loss_ringbuf_full": lost}
+    [record] = [r for r in caplog.records if r.name == "leaktap.controller.loss"]
+    assert record.levelno == logging.WARNING
+    assert f"lost {lost} " in record.getMessage()
+    assert "loss_ringbuf_full" in record.getMessage()
+    assert "ringbuf_pages" in record.getMessage()
 
 
 def test_ring_has_room_again_after_a_poll(tc_tiny_ring):

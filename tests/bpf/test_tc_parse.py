@@ -7,7 +7,6 @@ its lt_stat reason. Frames are at least 14 bytes (BPF_PROG_TEST_RUN's minimum).
 from __future__ import annotations
 
 import pytest
-from lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
 from scapy.layers.inet6 import (
     ICMPv6EchoRequest,
@@ -20,6 +19,9 @@ from scapy.layers.inet6 import (
 from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
+
+from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth
+
 
 pytestmark = pytest.mark.kernel
 
@@ -209,7 +211,8 @@ MALFORMED: dict[str, tuple[bytes, dict[str, int], tuple[int, int, int, int] | No
     ),
     "IPv6 7 extension headers": (bytes(eth() / V6 / _ext(7) / TCP_OK), {"parse_ipv6_ext": 1}, None),
     "IPv6 extension header longer than the packet": (
-        bytes(eth() / V6 / IPv6ExtHdrDestOpt(len=200, autopad=0) / TCP_OK), {"parse_bad_len": 1}, None
+        bytes(eth() / V6 / IPv6ExtHdrDestOpt(len=200, autopad=0) / TCP_OK),
+        {"parse_bad_len": 1}, None,
     ),
     "IPv6 extension header cut at the frame end": (
         _cut(eth() / V6 / IPv6ExtHdrHopByHop() / TCP_OK, L3 + 40 + 1), {"parse_trunc_l3": 1}, None
