@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,9 +87,12 @@ def key_from_ctypes(k: Any) -> FlowKey:
     )
 
 
-def _merge_cpus(key: Any, per_cpu: Any) -> FlowCounters | None:
-    """Sum one entry's per-CPU values; the key is filled in by the caller."""
-    tx_bytes = tx_packets = last = flags = 0
+def _merge_cpus(key: Any, per_cpu: Any, now_ns: int) -> FlowCounters | None:
+    """Sum one entry's per-CPU values; the key is filled in by the caller.
+
+    The kernel does not stamp each packet (a clock read per packet): an entry
+    lives at most one drain interval, so the drain time is its last packet."""
+    tx_bytes = tx_packets = flags = 0
     first = 0
     uid = 0xFFFFFFFF
     for v in per_cpu:
@@ -97,12 +101,11 @@ def _merge_cpus(key: Any, per_cpu: Any) -> FlowCounters | None:
         tx_bytes += v.tx_bytes
         tx_packets += v.tx_packets
         first = v.first_seen_ns if not first else min(first, v.first_seen_ns)
-        last = max(last, v.last_seen_ns)
         flags |= v.flags
         uid = v.uid
     if not tx_packets:
         return None
-    return FlowCounters(_NO_KEY, tx_bytes, tx_packets, first, last, uid, flags)
+    return FlowCounters(_NO_KEY, tx_bytes, tx_packets, first, now_ns, uid, flags)
 
 
 _NO_KEY = FlowKey(0, 0, 0, 0, "", "", 0, 0)
@@ -127,8 +130,9 @@ class MapReader:
         keys = self._keys
         if len(keys) > KEY_CACHE_MAX:
             keys.clear()
+        now_ns = time.monotonic_ns()
         for key, per_cpu in self._flows.items_lookup_and_delete_batch():
-            merged = _merge_cpus(key, per_cpu)
+            merged = _merge_cpus(key, per_cpu, now_ns)
             if merged is None:
                 continue
             # long-lived flows come back every drain: format their key once

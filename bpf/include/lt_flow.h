@@ -7,6 +7,8 @@
  *   LT_CTX                     its context type (struct __sk_buff, struct xdp_md)
  *   LT_LOAD_BYTES(ctx, o, b, n) the load helper for its context
  *   LT_SOCKET_UID(ctx)         owner uid of the packet's socket, or ~0
+ *   LT_PULL_HEADERS(ctx, len, &data, &data_end)  make up to LT_PULL_LEN header
+ *                              bytes linear and reload the pointers; 0 on success
  *
  * Overhead: on an established flow a data packet costs two array updates, one
  * LRU hash lookup and (egress) one per-cgroup hash lookup. Payload bytes are
@@ -93,6 +95,7 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 	if (!v) {
 		struct lt_flow_val init = {};
 		init.first_seen_ns = bpf_ktime_get_ns();
+		init.last_seen_ns = init.first_seen_ns;
 		init.uid = LT_SOCKET_UID(ctx);
 		/* BPF_NOEXIST: a concurrent insert by another CPU must not be overwritten */
 		lt_flows.insert(&p->key, &init);
@@ -105,7 +108,6 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 	}
 	v->tx_bytes += len;
 	v->tx_packets += segs;
-	v->last_seen_ns = bpf_ktime_get_coarse_ns();
 	__u8 f = p->tcp_flags;
 	if (p->key.proto == IPPROTO_TCP && f) {
 		if ((f & (LT_TCP_SYN | LT_TCP_ACK)) == LT_TCP_SYN)
@@ -286,6 +288,16 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 	p.key.cgroup_id = cgroup_id;
 	p.key.dir = dir;
 	int err = pkt_parse(data, data_end, pkt_len, segs > 1, &p, &clamped);
+	/* Headers beyond the linear area: make them linear and parse again. Only
+	 * then, because a pull on a cloned TCP skb copies its head (~300 ns). */
+	if ((err == -LT_PARSE_TRUNC_L2 || err == -LT_PARSE_TRUNC_L3 || err == -LT_PARSE_BAD_L4) &&
+	    data_end - data < pkt_len && LT_PULL_HEADERS(ctx, pkt_len, &data, &data_end) == 0) {
+		__builtin_memset(&p, 0, sizeof(p));
+		p.key.cgroup_id = cgroup_id;
+		p.key.dir = dir;
+		clamped = 0;
+		err = pkt_parse(data, data_end, pkt_len, segs > 1, &p, &clamped);
+	}
 	if (clamped)
 		stat_inc(LT_PARSE_LEN_CLAMPED);
 	if (err) {

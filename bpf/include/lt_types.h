@@ -147,7 +147,9 @@ struct lt_flow_val {
 	__u64 tx_bytes;           /* skb->len, as the interface counts them */
 	__u64 tx_packets;         /* max(gso_segs, 1) per skb */
 	__u64 first_seen_ns;      /* bpf_ktime_get_ns() at entry creation */
-	__u64 last_seen_ns;       /* coarse clock, last packet */
+	__u64 last_seen_ns;       /* = first_seen_ns: entries live one drain interval, so the
+				   * controller stamps the drain time instead of the kernel
+				   * reading a clock for every packet */
 	__u32 uid;                /* socket owner uid, 0xffffffff if no socket */
 	__u32 flags;              /* enum lt_flow_flag bits */
 	__u32 probe_segs;         /* payload packets inspected for a TLS/QUIC start */

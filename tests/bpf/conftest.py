@@ -11,6 +11,7 @@ from leaktap.controller.loader import KernelOptions
 from tests.bpf.harness import (
     DEFAULT,
     RATE_3,
+    TINY_CGROUPS,
     TINY_FLOWS,
     TINY_PENDING,
     TINY_RING,
@@ -74,3 +75,8 @@ def tc_rate3(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Har
 @pytest.fixture
 def tc_tiny_pending(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Harness:
     return _harness(kernels, TINY_PENDING)
+
+
+@pytest.fixture
+def tc_tiny_cgroups(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Harness:
+    return _harness(kernels, TINY_CGROUPS)

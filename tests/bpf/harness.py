@@ -25,6 +25,7 @@ TINY_RING = KernelOptions(flows_max=4096, ringbuf_pages=1)
 TINY_FLOWS = KernelOptions(flows_max=16)
 RATE_3 = KernelOptions(flows_max=4096, events_per_sec=3)
 TINY_PENDING = KernelOptions(flows_max=4096, hello_pending_max=4)
+TINY_CGROUPS = KernelOptions(flows_max=4096, cgroups_max=2)
 
 
 class Kernel:

@@ -6,10 +6,15 @@ flow evictions never lose volume: it stays in the totals as unattributed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from leaktap.controller.doctor import find_cgroup2_mount
 from leaktap.controller.loss import LossMonitor
 
 from tests.bpf.lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
@@ -133,3 +138,45 @@ def test_every_pending_hello_continuation_is_delivered_or_counted(tc_tiny_pendin
         f"delivered, {counted} counted as loss_hello_pending, "
         f"{n - delivered - counted} lost silently"
     )
+
+
+@contextlib.contextmanager
+def in_cgroup(path: Path, home: Path) -> Iterator[None]:
+    """Run this process in cgroup `path` (the test-run socket takes the caller's cgroup)."""
+    (path / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield
+    finally:
+        (home / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def test_cgroup_totals_are_per_cgroup_and_overflow_is_counted(tc_tiny_cgroups):
+    mount = find_cgroup2_mount()
+    if mount is None:
+        pytest.skip("no cgroup2 mount")
+    own = Path("/proc/self/cgroup").read_text().split("0::", 1)[1].splitlines()[0]
+    home = mount / own.lstrip("/")
+    dirs = [mount / f"lt-kernel-test-{os.getpid()}-{i}" for i in range(3)]
+    frames = [udp4(b"c" * (100 * (i + 1)), sport=44700 + i, dport=9) for i in range(3)]
+    try:
+        for d in dirs:
+            d.mkdir()
+        results = []
+        for d, frame in zip(dirs, frames, strict=True):
+            with in_cgroup(d, home):
+                results.append(tc_tiny_cgroups.run(frame))
+        ids = [d.stat().st_ino for d in dirs]
+    finally:
+        for d in dirs:
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+    # every flow carries its sender's cgroup id: the inode of the cgroup directory
+    assert [r.flow().key.cgroup_id for r in results] == ids
+    # two fit (cgroups_max=2); the third overflows, is counted, and stays in lt_totals
+    assert [r.cgroups for r in results[:2]] == [
+        {ids[0]: (len(frames[0]), 1)}, {ids[1]: (len(frames[1]), 1)}
+    ]
+    assert results[2].cgroups == {}
+    assert results[2].changed() == {"cnt_flow_new": 1, "loss_cgroup_full": 1}
+    assert [r.totals[0] for r in results] == [(len(f), 1) for f in frames]
