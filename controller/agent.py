@@ -207,6 +207,7 @@ class Agent:
             "bytes_out": o.bytes, "packets_out": o.packets,
             "bytes_in": i.bytes, "packets_in": i.packets,
             "first_seen": _epoch(first), "last_seen": _epoch(max(o.last_seen_ns, i.last_seen_ns)),
+            "flags_out": o.flags, "flags_in": i.flags,
         }
 
     @property

@@ -63,6 +63,11 @@ MIGRATIONS: list[str] = [
     CREATE INDEX flows_last_seen ON flows (last_seen);
     CREATE INDEX flows_tenant ON flows (tenant, last_seen);
     """,
+    # 2: TCP flags seen per direction, for the audit of attempted transfers
+    """
+    ALTER TABLE flows ADD COLUMN flags_out INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE flows ADD COLUMN flags_in INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -172,13 +177,15 @@ class Store:
                         f["sni"], json.dumps(f["dns_names"]), f["crm_vendor"], f["crm_instance"],
                         f["tenant"], f["cgroup"], f["uid"], f["bytes_out"], f["packets_out"],
                         f["bytes_in"], f["packets_in"], f["first_seen"], f["last_seen"],
+                        f.get("flags_out", 0), f.get("flags_in", 0),
                     )
                     if f.get("id") is None:
                         cur = self._db.execute(
                             "INSERT INTO flows (family, proto, src, sport, dst, dport, sni, "
                             "dns_names, crm_vendor, crm_instance, tenant, cgroup, uid, bytes_out, "
-                            "packets_out, bytes_in, packets_in, first_seen, last_seen) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            "packets_out, bytes_in, packets_in, first_seen, last_seen, flags_out, "
+                            "flags_in) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             values,
                         )
                         new_ids[id(f)] = int(cur.lastrowid or 0)
@@ -187,7 +194,7 @@ class Store:
                             "UPDATE flows SET family=?, proto=?, src=?, sport=?, dst=?, dport=?, "
                             "sni=?, dns_names=?, crm_vendor=?, crm_instance=?, tenant=?, cgroup=?, "
                             "uid=?, bytes_out=?, packets_out=?, bytes_in=?, packets_in=?, "
-                            "first_seen=?, last_seen=? WHERE id=?",
+                            "first_seen=?, last_seen=?, flags_out=?, flags_in=? WHERE id=?",
                             (*values, f["id"]),
                         )
                 self._db.execute("COMMIT")
