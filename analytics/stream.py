@@ -81,26 +81,25 @@ class StreamingDetector:
         self._rows_out: list[int] = []
         self._rows_in: list[int] = []
         self._open_ts: int | None = None
-        self.rows_seen = 0
+        self.rows_seen = 0  # counted per minute, off the per-row path
 
     # -- feeding --------------------------------------------------------------
 
     def observe(self, bucket: Bucket) -> list[Incident]:
         """Add one row; a row of a later minute first closes the open minute(s)."""
         raised: list[Incident] = []
-        ts = bucket.ts
+        ts = bucket[0]
         if ts != self._open_ts:
             if self._open_ts is not None and ts < self._open_ts:
                 raise ValueError(f"bucket at {ts} is older than the open minute {self._open_ts}")
             raised = self.advance(ts)
-        key = (bucket.tenant, bucket.crm_vendor, bucket.crm_instance)
+        key: SeriesKey = bucket[1:4]  # (tenant, vendor, instance), hot path
         index = self._index.get(key)
         if index is None:
             index = self._add_destination(key, ts)
         self._rows_idx.append(index)
-        self._rows_out.append(bucket.bytes_out)
-        self._rows_in.append(bucket.bytes_in)
-        self.rows_seen += 1
+        self._rows_out.append(bucket[4])
+        self._rows_in.append(bucket[5])
         return raised
 
     def advance(self, ts: int) -> list[Incident]:
@@ -192,6 +191,7 @@ class StreamingDetector:
             idx = np.asarray(self._rows_idx, dtype=np.int64)
             out = np.asarray(self._rows_out, dtype=np.float64)
             inb = np.asarray(self._rows_in, dtype=np.float64)
+            self.rows_seen += len(idx)
             totals = self._total_of[idx]
             x = np.bincount(idx, out, n) + np.bincount(totals, out, n)
             y = np.bincount(idx, inb, n) + np.bincount(totals, inb, n)

@@ -34,6 +34,8 @@ POLL_INTERVAL_S = 1.0
 # conversations idle this long leave memory (their row stays in the database)
 CONVERSATION_IDLE_S = 300.0
 PRUNE_EVERY_S = 3600.0
+# a ClientHello still incomplete after this long will not complete
+HELLO_MAX_AGE_S = 10.0
 
 
 def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
@@ -72,6 +74,7 @@ class Agent:
         self._baseline_attributed = 0
         self.last_poll_monotonic = 0.0
         self._last_prune = 0.0
+        self._last_hello_expiry = 0.0
         self.started_monotonic = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -186,6 +189,12 @@ class Agent:
                 self.attributor.forget(conv)
             self.last_poll_monotonic = time.monotonic()
         self.loss.check(stats)
+        if now - self._last_hello_expiry > HELLO_MAX_AGE_S:
+            self._last_hello_expiry = now
+            stale = self.reader.expire_hellos(int(HELLO_MAX_AGE_S * 1e9))
+            if stale:
+                logger.info("dropped %d ClientHello(s) never completed within %.0f s",
+                            stale, HELLO_MAX_AGE_S)
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)

@@ -121,6 +121,7 @@ class MapReader:
         self._stats = probes.table("lt_stats")
         self._totals = probes.table("lt_totals")
         self._cgtot = probes.table("lt_cgtot")
+        self._hello = probes.table("lt_hello")
         self._stat_names = abi.stat_names()
         self._keys: dict[bytes, FlowKey] = {}
 
@@ -167,3 +168,15 @@ class MapReader:
             cgroup_id = int(getattr(key, "value", key))
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
         return out
+
+    def expire_hellos(self, max_age_ns: int) -> int:
+        """Delete followed ClientHellos that never completed (their flow died or
+        the rest was lost); lt_hello is not LRU, so nothing else frees them."""
+        cutoff = time.monotonic_ns() - max_age_ns
+        stale = [k for k, v in self._hello.items() if v.created_ns < cutoff]
+        for k in stale:
+            try:
+                del self._hello[k]
+            except KeyError:
+                pass  # completed meanwhile
+        return len(stale)

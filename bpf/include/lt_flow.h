@@ -167,16 +167,15 @@ static __always_inline __u32 emit_payload(LT_CTX *ctx, struct lt_pkt *p, __u32 k
 		ev->payload_len = p->payload_len;
 		ev->payload_off = start;
 		ev->cap_len = n;
-		if (LT_LOAD_BYTES(ctx, p->payload_off + start, ev->payload, n)) {
+		/* a failed chunk is counted and the next one still tried, so
+		 * every event not delivered has its own count */
+		if (LT_LOAD_BYTES(ctx, p->payload_off + start, ev->payload, n))
 			stat_inc(LT_LOSS_LOAD_BYTES);
-			return start;
-		}
-		if (lt_events.ringbuf_output(ev, LT_EVENT_HDR_SIZE + n, 0)) {
+		else if (lt_events.ringbuf_output(ev, LT_EVENT_HDR_SIZE + n, 0))
 			stat_inc(LT_LOSS_RINGBUF_FULL);
-			return start;
-		}
-		stat_inc(kind == LT_EV_DNS ? LT_CNT_EV_DNS :
-			 kind == LT_EV_QUIC_INITIAL ? LT_CNT_EV_QUIC : LT_CNT_EV_HELLO);
+		else
+			stat_inc(kind == LT_EV_DNS ? LT_CNT_EV_DNS :
+				 kind == LT_EV_QUIC_INITIAL ? LT_CNT_EV_QUIC : LT_CNT_EV_HELLO);
 		start += n;
 	}
 	if (start < end)
@@ -185,19 +184,48 @@ static __always_inline __u32 emit_payload(LT_CTX *ctx, struct lt_pkt *p, __u32 k
 }
 
 /**
- * hello_len - bytes from the record start to the end of the ClientHello
- * message, including the headers of further records when the message is
- * fragmented over several records (each record adds TLS_REC_HDR_LEN).
+ * hello_walk - read the TLS record headers that start inside this segment,
+ * advancing @st->rec_seq and @st->msg_left; fixes @st->end_seq once the
+ * handshake message is covered (or a non-handshake record shows it ended)
  */
-static __always_inline __u32 hello_len(__u8 *h)
+static __always_inline void hello_walk(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st)
 {
-	__u32 rec = ((__u32)h[3] << 8) | h[4];
-	__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + 4;
-	__u32 want = TLS_REC_HDR_LEN + msg;
+	for (int i = 0; i < LT_HELLO_REC_WALK && st->msg_left; i++) {
+		__u32 off = st->rec_seq - p->seq;
+		if (seq_before(st->rec_seq, p->seq) || off + TLS_REC_HDR_LEN > p->payload_len)
+			break;
+		__u8 h[TLS_REC_HDR_LEN] = {};
+		if (LT_LOAD_BYTES(ctx, p->payload_off + off, h, TLS_REC_HDR_LEN)) {
+			stat_inc(LT_LOSS_LOAD_BYTES);
+			break;
+		}
+		if (h[0] != TLS_CT_HANDSHAKE) {
+			st->msg_left = 0; /* the handshake message ended before this record */
+			break;
+		}
+		__u32 len = ((__u32)h[3] << 8) | h[4];
+		st->rec_seq += TLS_REC_HDR_LEN + len;
+		st->msg_left = len >= st->msg_left ? 0 : st->msg_left - len;
+	}
+	if (!st->msg_left)
+		st->end_seq = st->rec_seq;
+}
 
-	if (rec > 0 && msg > rec)
-		want += TLS_REC_HDR_LEN * ((msg + rec - 1) / rec - 1);
-	return want > LT_HELLO_MAX_BYTES ? LT_HELLO_MAX_BYTES : want;
+/**
+ * hello_capture - capture the hello bytes of this segment and keep or drop the
+ * pending state; @st is on the stack for a first segment, in lt_hello after
+ */
+static __always_inline void hello_capture(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st,
+					  __u32 uid, __u32 ifindex)
+{
+	__u32 n = st->end_seq - p->seq;
+
+	if (n > p->payload_len)
+		n = p->payload_len;
+	emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, n, LT_SNAP, LT_HELLO_CHUNKS, uid, ifindex);
+	if (seq_before(st->next_seq, p->seq + n))
+		st->next_seq = p->seq + n;
+	st->segs++;
 }
 
 /**
@@ -213,21 +241,22 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 	if (p->payload_len >= TLS_HELLO_HDR_LEN &&
 	    LT_LOAD_BYTES(ctx, p->payload_off, h, TLS_HELLO_HDR_LEN) == 0 &&
 	    h[0] == TLS_CT_HANDSHAKE && h[1] == 3 && h[2] <= 4 && h[5] == TLS_HS_CLIENT_HELLO) {
-		__u32 want = hello_len(h);
-		__u32 end = want < p->payload_len ? want : p->payload_len;
-		emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, end, LT_SNAP, LT_HELLO_CHUNKS, v->uid,
-			     ifindex);
+		__u32 rec = ((__u32)h[3] << 8) | h[4];
+		__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + 4;
+		struct lt_hello_state st = {
+			.created_ns = bpf_ktime_get_ns(),
+			.start_seq = p->seq,
+			.next_seq = p->seq,
+			.rec_seq = p->seq + TLS_REC_HDR_LEN + rec,
+			.msg_left = msg > rec ? msg - rec : 0,
+		};
+		st.end_seq = st.msg_left ? p->seq + LT_HELLO_MAX_BYTES : p->seq + TLS_REC_HDR_LEN + msg;
+		hello_walk(ctx, p, &st);
+		hello_capture(ctx, p, &st, v->uid, ifindex);
 		v->flags |= LT_FF_HELLO;
-		if (want > p->payload_len) {
-			struct lt_hello_state st = {
-				.start_seq = p->seq,
-				.next_seq = p->seq + p->payload_len,
-				.end_seq = p->seq + want,
-				.segs = 1,
-			};
-			if (lt_hello.update(&p->key, &st))
-				stat_inc(LT_LOSS_HELLO_PENDING);
-		}
+		/* BPF_ANY: a retransmitted first segment restarts the follow */
+		if (seq_before(st.next_seq, st.end_seq) && lt_hello.update(&p->key, &st))
+			stat_inc(LT_LOSS_HELLO_PENDING);
 		return;
 	}
 
@@ -236,13 +265,9 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 		return;
 	if (seq_before(p->seq, st->start_seq) || !seq_before(p->seq, st->end_seq))
 		return;
-	__u32 n = st->end_seq - p->seq;
-	if (n > p->payload_len)
-		n = p->payload_len;
-	emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, n, LT_SNAP, LT_HELLO_CHUNKS, v->uid, ifindex);
-	if (seq_before(st->next_seq, p->seq + n))
-		st->next_seq = p->seq + n;
-	st->segs++;
+	hello_walk(ctx, p, st);
+	if (seq_before(p->seq, st->end_seq))
+		hello_capture(ctx, p, st, v->uid, ifindex);
 	if (!seq_before(st->next_seq, st->end_seq)) {
 		lt_hello.delete(&p->key);
 	} else if (st->segs >= LT_HELLO_SEGS_MAX) {

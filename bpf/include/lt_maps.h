@@ -29,7 +29,7 @@ LT_TABLE("percpu_array", __u32, struct lt_volume, lt_totals, LT_DIR_MAX);
 /* Loss, parse-reject and event counters, indexed by enum lt_stat. */
 LT_TABLE("percpu_array", __u32, __u64, lt_stats, LT_STAT_MAX);
 /* ClientHellos spanning several segments that are still being followed. */
-LT_TABLE("lru_hash", struct lt_flow_key, struct lt_hello_state, lt_hello, LT_HELLO_PENDING_MAX);
+LT_TABLE("hash", struct lt_flow_key, struct lt_hello_state, lt_hello, LT_HELLO_PENDING_MAX);
 
 /* Transient state: never pinned. */
 BPF_TABLE("percpu_array", __u32, struct lt_rate, lt_rate, 1);

@@ -226,8 +226,12 @@ static __always_inline int ipv6_parse(void *data, void *data_end, __u32 off, __u
 		if (l4 > ip_end)
 			return -LT_PARSE_BAD_LEN;
 	}
-	p->key.proto = nh;
-	return -LT_PARSE_IPV6_EXT;
+	/* the loop read LT_IPV6_EXT_MAX headers; only a further one is too many */
+	if (nh == IPPROTO_HOPOPTS || nh == IPPROTO_ROUTING || nh == IPPROTO_DSTOPTS ||
+	    nh == IPPROTO_FRAGMENT || nh == IPPROTO_AH) {
+		p->key.proto = nh;
+		return -LT_PARSE_IPV6_EXT;
+	}
 l4:
 	p->key.proto = nh;
 	return l4_parse(data, data_end, l4, ip_end, p);

@@ -17,7 +17,7 @@
 /* Flows active within one drain interval (1 s). LRU: an eviction loses at
  * most the bytes since the last drain, and those still show up in the
  * per-cgroup and global totals as unattributed volume. 64k entries x (48 B
- * key + 64 B value per CPU) is ~16 MB of kernel memory on 2 CPUs. */
+ * key + 48 B value per CPU) is ~13 MB of kernel memory on 2 CPUs. */
 #ifndef LT_FLOWS_MAX
 #define LT_FLOWS_MAX 65536
 #endif
@@ -31,7 +31,9 @@
 
 /* Flows whose ClientHello spans several segments and is not complete yet.
  * A handshake completes within one RTT, so this is bounded by the new-flow
- * rate x RTT: 4096 covers 40k new flows/s at 100 ms. */
+ * rate x RTT: 4096 covers 40k new flows/s at 100 ms. Not LRU, so a full map
+ * fails the insert and counts LT_LOSS_HELLO_PENDING instead of evicting
+ * silently; the controller deletes entries older than a few seconds. */
 #ifndef LT_HELLO_PENDING_MAX
 #define LT_HELLO_PENDING_MAX 4096
 #endif
@@ -50,6 +52,9 @@
 #define LT_DNS_SNAP 512
 /* Events per skb when a ClientHello arrives in one GSO super-packet. */
 #define LT_HELLO_CHUNKS 8
+/* TLS record headers read per segment while following a hello (a hello split
+ * into tiny records ends early and is completed in user space). */
+#define LT_HELLO_REC_WALK 4
 /* A ClientHello is at most one 16 KiB handshake message plus record headers. */
 #define LT_HELLO_MAX_BYTES 18432
 /* Continuation segments followed per hello before giving up (counted). */
@@ -57,9 +62,10 @@
 #define LT_HELLO_SEGS_MAX 12
 #endif
 /* Payload-carrying packets per flow entry whose first bytes are inspected
- * for a TLS/QUIC start. Entries are drained each second, so a STARTTLS
- * upgrade later in a long flow is still seen within the first packets of
- * the next interval. */
+ * for a QUIC start; TCP segments are inspected for a hello start or a pending
+ * continuation for LT_PROBE_SEGS + LT_HELLO_SEGS_MAX of them. Entries are
+ * drained each second, so a STARTTLS upgrade later in a long flow is still
+ * seen within the first packets of the next interval. */
 #define LT_PROBE_SEGS 8
 /* Events per second per CPU before rate limiting (counted). */
 #ifndef LT_EVENTS_PER_SEC
@@ -162,11 +168,17 @@ struct lt_volume {
 	__u64 packets;
 };
 
-/* A multi-segment ClientHello being followed (global, not per CPU). */
+/* A ClientHello being followed across segments (global, not per CPU). The
+ * kernel reads the TLS record headers as they pass (rec_seq, msg_left), so the
+ * end is exact however the handshake message is split into records. */
 struct lt_hello_state {
-	__u32 start_seq;          /* sequence of the record's first byte */
+	__u64 created_ns;         /* the controller expires hellos never completed */
+	__u32 start_seq;          /* sequence of the first record's first byte */
 	__u32 next_seq;           /* highest sequence captured so far + 1 */
-	__u32 end_seq;            /* sequence one past the hello's last byte */
+	__u32 end_seq;            /* one past the hello's last byte; an upper bound
+				   * (start + LT_HELLO_MAX_BYTES) while msg_left > 0 */
+	__u32 rec_seq;            /* sequence of the next record header not read yet */
+	__u32 msg_left;           /* message bytes beyond the records read; 0 = end known */
 	__u32 segs;               /* segments captured */
 };
 

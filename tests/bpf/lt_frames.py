@@ -12,7 +12,7 @@ from scapy.layers.l2 import Ether
 from scapy.layers.tls.extensions import TLS_Ext_Padding, TLS_Ext_ServerName, ServerName
 from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
-from scapy.packet import Packet, Raw
+from scapy.packet import Raw
 
 CLIENT4, SERVER4 = "198.18.0.1", "198.19.0.2"
 CLIENT6, SERVER6 = "2001:db8::1", "2001:db8:1::2"
@@ -22,10 +22,6 @@ SNI = "acme.my.salesforce.com"
 
 def eth(**kw: object) -> Ether:
     return Ether(src=MAC_SRC, dst=MAC_DST, **kw)
-
-
-def frame(pkt: Packet) -> bytes:
-    return bytes(pkt)
 
 
 def tcp4(

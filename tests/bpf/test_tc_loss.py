@@ -180,3 +180,19 @@ def test_cgroup_totals_are_per_cgroup_and_overflow_is_counted(tc_tiny_cgroups):
     assert results[2].cgroups == {}
     assert results[2].changed() == {"cnt_flow_new": 1, "loss_cgroup_full": 1}
     assert [r.totals[0] for r in results] == [(len(f), 1) for f in frames]
+
+
+
+def test_controller_expires_hellos_that_never_complete(tc):
+    # lt_hello is not LRU (a full map must count, not evict): the controller frees
+    # entries of hellos whose continuation never came
+    pieces = segments(HELLO_2K, [1000])
+    tc.run(tcp4(pieces[0][1], sport=47111, seq=1))
+    hellos = tc.probes.table("lt_hello")
+    assert len(list(hellos.items())) == 1
+    assert tc.reader.expire_hellos(max_age_ns=60 * 10**9) == 0  # still young
+    assert tc.reader.expire_hellos(max_age_ns=0) == 1
+    assert list(hellos.items()) == []
+    # the continuation now arrives too late: not captured, nothing counted as lost
+    late = tc.run(tcp4(pieces[1][1], sport=47111, seq=1 + 1000))
+    assert late.samples == [] and late.changed() == {"cnt_flow_new": 1}
