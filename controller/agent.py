@@ -21,7 +21,7 @@ from leaktap.controller import loader
 from leaktap.controller.attribution import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, parse_listen
 from leaktap.controller.doctor import find_cgroup2_mount
-from leaktap.controller.errors import ConfigError, ProbeLoadError
+from leaktap.controller.errors import ConfigError
 from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
 from leaktap.controller.loss import LossMonitor
 from leaktap.controller.maps import MapReader
@@ -63,13 +63,13 @@ class Agent:
         self.store = store
         self.interfaces = interfaces
         self.pin = pin
-        self.table = ConversationTable()
+        self.table = ConversationTable(inside=config.inside if config.mode == "xdp" else None)
         self.lock = threading.Lock()
         self.loss = LossMonitor()
         self.stats: dict[str, int] = {}
         self.totals: dict[int, tuple[int, int]] = {}
         self.cgroup_totals: dict[int, tuple[int, int]] = {}
-        self.attributed_egress_bytes = 0
+        self.attributed_bytes = 0
         self._baseline_totals = 0
         self._baseline_attributed = 0
         self.last_poll_monotonic = 0.0
@@ -90,6 +90,7 @@ class Agent:
             flows_max=k.flows_max,
             ringbuf_pages=k.ringbuf_pages,
             hello_segs_max=k.hello_segments_max,
+            dedup=self.config.mode == "xdp" and self.config.dedup,
             pin=self.pin,
         )
         self.probes = loader.load(self.config.mode, options)
@@ -101,9 +102,9 @@ class Agent:
         self.drainer = RingDrainer(self.probes, self._on_sample)
         # volume counted before this start (pinned maps of a previous run) is
         # not ours to call unattributed; flows left in the map are, and are drained now
-        self._baseline_totals = self._egress_total(self.reader.totals())
+        self._baseline_totals = self._all_totals(self.reader.totals())
         self.poll_once()
-        self._baseline_attributed = self.attributed_egress_bytes
+        self._baseline_attributed = self.attributed_bytes
         self._exit.enter_context(loader.attached(self.probes, self.interfaces))
         self.attached = True
         self._exit.callback(self._mark_detached)
@@ -145,8 +146,8 @@ class Agent:
                 logger.exception("polling the kernel maps")
 
     @staticmethod
-    def _egress_total(totals: dict[int, tuple[int, int]]) -> int:
-        return totals.get(0, (0, 0))[0]
+    def _all_totals(totals: dict[int, tuple[int, int]]) -> int:
+        return sum(b for b, _ in totals.values())
 
     def poll_once(self) -> None:
         """Drain the flow map into conversations, minute buckets and the database."""
@@ -162,8 +163,8 @@ class Agent:
             for counters in flows:
                 conv = self.table.add(counters)
                 touched[id(conv)] = conv
-                if counters.key.dir == 0:
-                    self.attributed_egress_bytes += counters.tx_bytes
+                self.attributed_bytes += counters.tx_bytes
+                outbound = conv.is_outbound(counters.key)
                 names = self.attributor.names(conv)
                 _, (remote, _), _, _ = conv.oriented(prefer_local=True)
                 key = BucketKey(
@@ -171,7 +172,7 @@ class Agent:
                     names.sni or (names.dns_names[0] if names.dns_names else remote),
                 )
                 vol = buckets.setdefault(key, Volume())
-                if counters.key.dir == 0:
+                if outbound:
                     vol.bytes_out += counters.tx_bytes
                     vol.packets_out += counters.tx_packets
                 else:
@@ -220,10 +221,10 @@ class Agent:
         }
 
     @property
-    def unattributed_egress_bytes(self) -> int:
-        """Egress volume counted in the never-evicted totals but in no flow record."""
-        counted = self._egress_total(self.totals) - self._baseline_totals
-        attributed = self.attributed_egress_bytes - self._baseline_attributed
+    def unattributed_bytes(self) -> int:
+        """Volume counted in the never-evicted totals but in no flow record."""
+        counted = self._all_totals(self.totals) - self._baseline_totals
+        attributed = self.attributed_bytes - self._baseline_attributed
         return max(0, counted - attributed)
 
     def ready(self) -> tuple[bool, str]:
@@ -279,8 +280,8 @@ def main(args: Any) -> int:
     config = load_config(args.config)
     if getattr(args, "mode", None):
         config = config.model_copy(update={"mode": args.mode})
-    if config.mode != "tc":
-        raise ProbeLoadError("mode xdp is not available yet; use mode: tc")
+    if config.mode == "xdp" and not config.inside:
+        raise ConfigError("mode xdp needs `inside:` networks (the tenant side of the gateway)")
     ifaces = args.iface or list(config.interfaces) or [default_route_interface()]
     try:
         host, port = parse_listen(args.listen or config.listen)

@@ -25,7 +25,9 @@ from pydantic import (
     model_validator,
 )
 
+from leaktap.analytics.alert_settings import AlertsSettings
 from leaktap.analytics.settings import DetectionSettings
+from leaktap.analytics.sinks import SinkConfig
 from leaktap.controller.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
@@ -136,18 +138,22 @@ class PlaintextConfig(_Strict):
     canaries: list[str] = []
 
 
-class SinkConfig(_Strict):
-    """One alert destination; type-specific keys are checked by the sink itself."""
+class TlsConfig(_Strict):
+    """Serve the API over HTTPS (uvicorn's ssl_certfile / ssl_keyfile)."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["pagerduty", "webhook", "syslog", "file"]
+    certfile: Annotated[str, Field(min_length=1)]
+    keyfile: Annotated[str, Field(min_length=1)]
 
 
 class LeaktapConfig(_Strict):
     interfaces: list[str] = []  # empty: the default route's interface
     mode: Literal["tc", "xdp"] = "tc"
     inside: list[Cidr] = []  # gateway mode: the networks whose initiators are tenants
+    dedup: bool = False  # gateway mode on a mirror (SPAN/TAP) port that repeats packets
     listen: str = DEFAULT_LISTEN
+    tls: TlsConfig | None = None
+    # a label for this node's deployment (e.g. prod), sent with every alert
+    environment: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
     tokens: TokensConfig = TokensConfig()
     token_files: TokenFilesConfig = TokenFilesConfig()
     storage: StorageConfig = StorageConfig()
@@ -156,6 +162,7 @@ class LeaktapConfig(_Strict):
     catalogue: list[CatalogueEntry] = []
     plaintext: PlaintextConfig = PlaintextConfig()
     detection: DetectionSettings = DetectionSettings()
+    alerts: AlertsSettings = AlertsSettings()
     sinks: list[SinkConfig] = []
 
     @field_validator("listen")
@@ -172,6 +179,17 @@ class LeaktapConfig(_Strict):
             raise ValueError(f"duplicate tenant names: {', '.join(dupes)}")
         if UNASSIGNED_TENANT in names:
             raise ValueError(f"{UNASSIGNED_TENANT!r} is reserved for unmatched traffic")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_sinks(self) -> LeaktapConfig:
+        # outbox entries name their sink: names must be unique and stable
+        names = [s.sink_name for s in self.sinks]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"sinks: more than one sink named {', '.join(dupes)}; give each a distinct name"
+            )
         return self
 
 
@@ -209,6 +227,24 @@ def _node_line(root: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None
     return line
 
 
+def _without_union_tags(loc: tuple[int | str, ...], data: Any) -> tuple[int | str, ...]:
+    """Drop the tag pydantic puts in the path of a tagged union (sinks[0].webhook.url)."""
+    out: list[int | str] = []
+    node = data
+    for part in loc:
+        if (isinstance(node, dict) and isinstance(part, str) and part not in node
+                and node.get("type") == part):
+            continue
+        out.append(part)
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            node = None
+    return tuple(out)
+
+
 def _dotted(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -235,6 +271,7 @@ def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
         lines = []
         for err in e.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            loc = _without_union_tags(loc, data)
             line = _node_line(root, loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

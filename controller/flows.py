@@ -9,6 +9,7 @@ initiator's bytes: on a node, the inside host's upload.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,11 @@ class Conversation:
             return False
         return ab.first_seen_ns <= ba.first_seen_ns
 
+    def is_outbound(self, key: FlowKey) -> bool:
+        """Whether packets counted under `key` left the local (tenant) side."""
+        (src, sport), _, _, _ = self.oriented(prefer_local=True)
+        return (key.src, key.sport) == (src, sport)
+
     def oriented(
         self, prefer_local: bool = False
     ) -> tuple[tuple[str, int], tuple[str, int], Direction, Direction]:
@@ -103,10 +109,20 @@ def conversation_id(key: FlowKey) -> tuple[int, int, tuple[str, int], tuple[str,
 
 
 class ConversationTable:
-    """Accumulates drained flow counters into conversations."""
+    """Accumulates drained flow counters into conversations.
 
-    def __init__(self) -> None:
+    `inside` (gateway mode): the networks whose hosts are the tenant side; a
+    conversation is then oriented from its inside endpoint. Without it the
+    local side is known from the hook (egress: this host sent it).
+    """
+
+    def __init__(self, inside: list[str] | None = None) -> None:
         self.conversations: dict[tuple[int, int, tuple[str, int], tuple[str, int]], Conversation] = {}
+        self.inside = [ipaddress.ip_network(n, strict=False) for n in inside or []]
+
+    def _is_inside(self, addr: str) -> bool:
+        ip = ipaddress.ip_address(addr)
+        return any(ip.version == n.version and ip in n for n in self.inside)
 
     def add(self, c: FlowCounters, extra_bytes: int = 0) -> Conversation:
         """Add one drained entry; extra_bytes corrects for synthetic link headers."""
@@ -117,8 +133,12 @@ class ConversationTable:
             self.conversations[cid] = conv
         sent_by_a = (c.key.src, c.key.sport) == conv.a
         (conv.a_to_b if sent_by_a else conv.b_to_a).add(c, extra_bytes)
-        # egress entries were sent by this host, ingress entries received by it
-        conv.local_is_a = sent_by_a if c.key.dir == 0 else not sent_by_a
+        if self.inside:
+            a_in, b_in = self._is_inside(conv.a[0]), self._is_inside(conv.b[0])
+            conv.local_is_a = a_in if a_in != b_in else None  # both or neither: initiator
+        else:
+            # egress entries were sent by this host, ingress entries received by it
+            conv.local_is_a = sent_by_a if c.key.dir == 0 else not sent_by_a
         return conv
 
     def expire(self, idle_before_ns: int) -> list[Conversation]:

@@ -93,6 +93,7 @@ class KernelOptions:
     ringbuf_pages: int = 64
     hello_segs_max: int = 12
     events_per_sec: int = 65536
+    dedup: bool = False  # mirror ports: count a packet repeated back to back once
     pin: bool = False  # pin the counting maps under /sys/fs/bpf/leaktap/<abi>
 
     def __post_init__(self) -> None:
@@ -114,6 +115,7 @@ class KernelOptions:
             "-DLT_RINGBUF_PAGES=%d" % self.ringbuf_pages,
             "-DLT_HELLO_SEGS_MAX=%d" % self.hello_segs_max,
             "-DLT_EVENTS_PER_SEC=%d" % self.events_per_sec,
+            "-DLT_DEDUP=%d" % int(self.dedup),
         ]
 
 
@@ -134,6 +136,7 @@ class Probes:
     bpf: Any
     pin_dir: Path | None
     functions: dict[str, Any] = field(default_factory=dict)
+    attach_modes: dict[str, str] = field(default_factory=dict)  # iface -> tc | native | generic
 
     def table(self, name: str) -> Any:
         return self.bpf[name.encode()]
@@ -326,21 +329,81 @@ def attach_tc(probes: Probes, iface: str, directions: tuple[str, ...] = ("egress
                 )
             except NetlinkError as e:
                 raise ProbeLoadError(f"attaching {direction} filter to {iface}: {e}") from e
+    probes.attach_modes[iface] = "tc"
     logger.info("attached %s to %s", "+".join(directions), iface)
+
+
+# ---- XDP attachment (gateway / mirror-port mode) -------------------------------
+
+XDP_FLAGS_SKB_MODE = 1 << 1  # generic: any driver, after the skb is built
+XDP_FLAGS_DRV_MODE = 1 << 2  # native: in the driver, before the skb
+_XDP_ATTACHED = {1: "native", 2: "generic", 3: "offload"}
+
+
+def xdp_program(iface: str) -> tuple[str | None, str | None]:
+    """(program name, attach mode) of the XDP program on `iface`, or (None, None)."""
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        ["ip", "-j", "-d", "link", "show", "dev", iface], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise ProbeLoadError(f"no such interface: {iface} ({out.stderr.strip()})")
+    xdp = (json.loads(out.stdout) or [{}])[0].get("xdp") or {}
+    prog = xdp.get("prog") or {}
+    return prog.get("name"), _XDP_ATTACHED.get(xdp.get("mode", 0))
+
+
+def detach_xdp(iface: str) -> bool:
+    """Remove leaktap's XDP program from `iface` (also a crashed run's); never another's."""
+    from bcc import BPF
+
+    name, mode = xdp_program(iface)
+    if name is None or not name.startswith("lt_"):
+        return False
+    flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
+    BPF.remove_xdp(iface.encode(), flags)
+    return True
+
+
+def attach_xdp(probes: Probes, iface: str) -> str:
+    """Attach the XDP program natively where the driver can, else generic; returns the mode."""
+    from bcc import BPF
+
+    name, _ = xdp_program(iface)
+    if name is not None and not name.startswith("lt_"):
+        raise ProbeLoadError(f"{iface} already runs XDP program {name!r}; leaktap will not replace it")
+    if detach_xdp(iface):
+        logger.warning("removed a leaktap XDP program left on %s by an earlier run", iface)
+    fn = probes.functions["ingress"]
+    errors = []
+    for flags, mode in ((XDP_FLAGS_DRV_MODE, "native"), (XDP_FLAGS_SKB_MODE, "generic")):
+        try:
+            BPF.attach_xdp(iface.encode(), fn, flags)
+        except Exception as e:  # noqa: BLE001 - try the next mode, report both
+            errors.append(f"{mode}: {e}")
+            continue
+        probes.attach_modes[iface] = mode
+        logger.info("attached XDP to %s in %s mode", iface, mode)
+        return mode
+    raise ProbeLoadError(f"attaching XDP to {iface}: {'; '.join(errors)}")
 
 
 @contextlib.contextmanager
 def attached(probes: Probes, ifaces: list[str]) -> Iterator[None]:
     """Attach to every interface; detach from all of them on exit, whatever happens."""
+    attach, detach = (attach_tc, detach_tc) if probes.mode == "tc" else (attach_xdp, detach_xdp)
     done: list[str] = []
     try:
         for iface in ifaces:
             done.append(iface)
-            attach_tc(probes, iface)
+            attach(probes, iface)
         yield
     finally:
         for iface in done:
             try:
-                detach_tc(iface)
+                detach(iface)
             except Exception as e:  # noqa: BLE001 - keep detaching the others
                 logger.error("detaching from %s: %s", iface, e)
+            probes.attach_modes.pop(iface, None)

@@ -68,6 +68,67 @@ MIGRATIONS: list[str] = [
     ALTER TABLE flows ADD COLUMN flags_out INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE flows ADD COLUMN flags_in INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: alerts, their state changes, and the durable outbox of deliveries to sinks
+    """
+    CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dedup_key TEXT NOT NULL UNIQUE,   -- the key of the first incident or finding
+        kind TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        crm_vendor TEXT NOT NULL,         -- '' when none
+        crm_instance TEXT NOT NULL,       -- '' when none
+        destination TEXT NOT NULL,        -- '' when the alert is about every destination
+        severity TEXT NOT NULL,           -- critical | high | medium | low | info
+        score REAL NOT NULL DEFAULT 0,
+        summary TEXT NOT NULL,
+        evidence TEXT NOT NULL DEFAULT '{}',  -- JSON as the producer gave it (redacted)
+        status TEXT NOT NULL,             -- open | acknowledged | resolved
+        count INTEGER NOT NULL DEFAULT 1,
+        first_seen REAL NOT NULL,         -- epoch seconds of the activity
+        last_seen REAL NOT NULL,
+        raised_ts REAL NOT NULL,          -- when leaktap opened (paged) it
+        updated_ts REAL NOT NULL,
+        acknowledged_by TEXT,
+        acknowledged_ts REAL,
+        resolved_by TEXT,
+        resolved_ts REAL
+    );
+    CREATE INDEX alerts_status ON alerts (status, last_seen);
+    CREATE INDEX alerts_tenant ON alerts (tenant, last_seen);
+    CREATE INDEX alerts_scope ON alerts (kind, tenant, crm_vendor, crm_instance, destination,
+                                         last_seen);
+    -- every dedup key folded into an alert (repeats, suppressed episodes)
+    CREATE TABLE alert_keys (
+        dedup_key TEXT PRIMARY KEY,
+        alert_id INTEGER NOT NULL REFERENCES alerts (id)
+    ) WITHOUT ROWID;
+    CREATE TABLE alert_changes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        alert_id INTEGER NOT NULL REFERENCES alerts (id),
+        ts REAL NOT NULL,
+        action TEXT NOT NULL,             -- trigger | acknowledge | resolve
+        actor TEXT NOT NULL               -- 'leaktap', 'auto', or the API caller's role
+    );
+    CREATE INDEX alert_changes_alert ON alert_changes (alert_id, id);
+    CREATE TABLE outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- delivery order per sink; never reused
+        change_id INTEGER NOT NULL REFERENCES alert_changes (id),
+        alert_id INTEGER NOT NULL REFERENCES alerts (id),
+        sink TEXT NOT NULL,               -- the configured sink name
+        action TEXT NOT NULL,
+        payload TEXT NOT NULL,            -- JSON: the alert as of the change
+        state TEXT NOT NULL DEFAULT 'pending',  -- pending | delivered | failed
+        attempts INTEGER NOT NULL DEFAULT 0,
+        created_ts REAL NOT NULL,
+        next_attempt_ts REAL NOT NULL,
+        last_attempt_ts REAL,
+        last_error TEXT,
+        delivered_ts REAL,
+        UNIQUE (change_id, sink)
+    );
+    CREATE INDEX outbox_due ON outbox (sink, state, next_attempt_ts, id);
+    CREATE INDEX outbox_alert ON outbox (alert_id, sink, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -240,6 +301,46 @@ class Store:
         for r in rows:
             r["dns_names"] = json.loads(r["dns_names"])
         return rows
+
+    def audit(
+        self, syn: int, synack: int, rst: int, tenant: str | None = None,
+        since: float | None = None, attempted_only: bool = False, limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """TCP flows with their outcome from the flag masks seen per direction.
+
+        `attempted`: a SYN left and no SYN+ACK came back (unanswered or refused),
+        or either side reset the connection. Bit values come from the caller
+        (enum lt_flow_flag through controller.abi), not from here.
+        """
+        outcome = (
+            "CASE WHEN (flags_out & :syn) AND NOT (flags_in & :synack) AND (flags_in & :rst) "
+            "THEN 'refused' "
+            "WHEN (flags_out & :syn) AND NOT (flags_in & :synack) THEN 'unanswered' "
+            "WHEN ((flags_out | flags_in) & :rst) THEN 'reset' "
+            "ELSE 'completed' END"
+        )
+        where = ["proto = 'tcp'"]
+        args: dict[str, Any] = {"syn": syn, "synack": synack, "rst": rst, "limit": limit}
+        if tenant is not None:
+            where.append("tenant = :tenant")
+            args["tenant"] = tenant
+        if since is not None:
+            where.append("last_seen >= :since")
+            args["since"] = since
+        if attempted_only:
+            where.append(
+                "(((flags_out & :syn) AND NOT (flags_in & :synack)) OR ((flags_out | flags_in) & :rst))"
+            )
+        with self._lock:
+            cur = self._db.execute(
+                "SELECT id, src, sport, dst, dport, sni, crm_vendor, crm_instance, tenant, "
+                "bytes_out, packets_out, bytes_in, packets_in, first_seen, last_seen, "
+                f"flags_out, flags_in, {outcome} AS outcome FROM flows "
+                f"WHERE {' AND '.join(where)} ORDER BY last_seen DESC LIMIT :limit",
+                args,
+            )
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
     def tenants(self, since: float) -> list[dict[str, Any]]:
         return self._query(

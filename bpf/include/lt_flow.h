@@ -108,6 +108,7 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 	}
 	v->tx_bytes += len;
 	v->tx_packets += segs;
+	v->last_sig = p->sig;
 	__u8 f = p->tcp_flags;
 	if (p->key.proto == IPPROTO_TCP && f) {
 		if ((f & (LT_TCP_SYN | LT_TCP_ACK)) == LT_TCP_SYN)
@@ -308,8 +309,6 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 	struct lt_pkt p = {};
 	int clamped = 0;
 
-	totals_account(dir, cgroup_id, pkt_len, segs);
-
 	p.key.cgroup_id = cgroup_id;
 	p.key.dir = dir;
 	int err = pkt_parse(data, data_end, pkt_len, segs > 1, &p, &clamped);
@@ -323,6 +322,17 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 		clamped = 0;
 		err = pkt_parse(data, data_end, pkt_len, segs > 1, &p, &clamped);
 	}
+#if LT_DEDUP
+	/* a TAP or SPAN port may deliver the same packet twice: count it once */
+	if (!err && p.sig) {
+		struct lt_flow_val *last = lt_flows.lookup(&p.key);
+		if (last && last->last_sig == p.sig) {
+			stat_inc(LT_CNT_DUPLICATE);
+			return;
+		}
+	}
+#endif
+	totals_account(dir, cgroup_id, pkt_len, segs);
 	if (clamped)
 		stat_inc(LT_PARSE_LEN_CLAMPED);
 	if (err) {

@@ -71,6 +71,10 @@
 #ifndef LT_EVENTS_PER_SEC
 #define LT_EVENTS_PER_SEC 65536
 #endif
+/* Mirror-port mode: skip a packet identical to its flow's previous one. */
+#ifndef LT_DEDUP
+#define LT_DEDUP 0
+#endif
 /* IPv6 extension headers walked before giving up (counted). */
 #define LT_IPV6_EXT_MAX 6
 
@@ -113,6 +117,7 @@ enum lt_stat {
 	LT_CNT_EV_HELLO,          /* ClientHello events delivered */
 	LT_CNT_EV_QUIC,           /* QUIC Initial events delivered */
 	LT_CNT_EV_DNS,            /* DNS answer events delivered */
+	LT_CNT_DUPLICATE,         /* mirror-port copies of the previous packet, not counted */
 	LT_STAT_MAX,
 };
 
@@ -159,7 +164,7 @@ struct lt_flow_val {
 	__u32 uid;                /* socket owner uid, 0xffffffff if no socket */
 	__u32 flags;              /* enum lt_flow_flag bits */
 	__u32 probe_segs;         /* payload packets inspected for a TLS/QUIC start */
-	__u32 pad;
+	__u32 last_sig;           /* signature of the last packet (mirror-port dedup) */
 };
 
 /* Volume counters for lt_totals (by direction) and lt_cgtot (by cgroup). */

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -42,7 +42,6 @@ def rows(
 def run(
     buckets: Iterator[Bucket], settings: DetectionSettings | None = None,
     allow: dict[str, list[str]] | None = None,
-    on_minute: Callable[[StreamingDetector, int], None] | None = None,
 ) -> list[Incident]:
     detector = StreamingDetector(settings, allow)
     for bucket in buckets:
@@ -55,88 +54,109 @@ def merged(*streams: Iterator[Bucket]) -> list[Bucket]:
     return sorted((b for s in streams for b in s), key=lambda b: b.ts)
 
 
+# One four-week stream carries every case below on its own tenant, so the detector
+# runs once for all of them; injections happen in week 4 only.
+W4 = 3 * WEEK
+BURST_AT = W4 + 1440 + NOON  # Tuesday noon
+DRIP_AT = W4 + 2 * 1440 + 9 * 60  # Wednesday 09:00
+NIGHT_AT = W4 + 5 * 1440 + 2 * 60  # Saturday 02:00
+RATIO_AT = W4 + 3 * 1440 + 11 * 60  # Thursday 11:00
+NEW_AT = W4 + 600
+
+
+def _case_rates() -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    minutes = 4 * WEEK
+    cases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for seed, name in enumerate(("quiet", "burst", "drip", "night", "ratio", "batch", "new")):
+        rng = np.random.default_rng(seed + 3)
+        rates = weekly_rates(minutes, rng)
+        inbound = rates * 2
+        if name == "burst":
+            rates[BURST_AT:BURST_AT + 10] *= 8
+        elif name == "drip":
+            rates[DRIP_AT:DRIP_AT + 6 * 60] *= 2.2
+        elif name == "night":
+            rates[NIGHT_AT:NIGHT_AT + 45] += 4e6  # weekday-noon level
+        elif name == "ratio":
+            inbound[RATIO_AT:RATIO_AT + 30] /= 40
+        elif name == "batch":  # 3%/day growth and a weekly batch at 10x weekday noon
+            rates *= np.exp(0.03 * np.arange(minutes) / 1440)
+            for week in range(4):
+                start = week * WEEK + 6 * 1440 + 2 * 60 + 10 + int(rng.integers(-4, 5))
+                rates[start:start + 25] += 4e7
+            inbound = rates * 2
+        cases[name] = (rates, inbound)
+    return cases
+
+
 @pytest.fixture(scope="module")
-def three_weeks() -> np.ndarray:
-    return weekly_rates(3 * WEEK, np.random.default_rng(3))
+def by_tenant() -> dict[str, list[Incident]]:
+    streams = [rows(r, tenant=name, inbound=i) for name, (r, i) in _case_rates().items()]
+    early = [Bucket(MONDAY + 60 * (2 * 1440 + m), "new", "hubspot", "side", 500_000, 0)
+             for m in range(3)]
+    late = [Bucket(MONDAY + 60 * (NEW_AT + m), "new", "zoho", "leak", 40_000, 100)
+            for m in range(5)]
+    tiny = [Bucket(MONDAY + 60 * (NEW_AT + 2000), "new", "zoho", "ping", 100, 100)]
+    incidents = run(iter(merged(*streams, iter(early), iter(late), iter(tiny))))
+    grouped: dict[str, list[Incident]] = {}
+    for incident in incidents:
+        grouped.setdefault(incident.tenant, []).append(incident)
+    return grouped
 
 
-def test_quiet_weeks_raise_nothing(three_weeks: np.ndarray) -> None:
-    assert run(rows(three_weeks)) == []
+def test_quiet_weeks_raise_nothing(by_tenant: dict[str, list[Incident]]) -> None:
+    assert by_tenant.get("quiet", []) == []
 
 
-def test_burst_pages_within_minutes_once(three_weeks: np.ndarray) -> None:
-    rates = three_weeks.copy()
-    start = 2 * WEEK + 1440 + NOON  # week 3, Tuesday noon
-    rates[start:start + 10] *= 8
-    incidents = run(rows(rates))
-    assert len(incidents) == 1
-    burst = incidents[0]
+def test_weekly_batch_and_growth_do_not_page(by_tenant: dict[str, list[Incident]]) -> None:
+    assert by_tenant.get("batch", []) == []
+
+
+def test_burst_pages_within_minutes_once(by_tenant: dict[str, list[Incident]]) -> None:
+    assert len(by_tenant["burst"]) == 1
+    burst = by_tenant["burst"][0]
     assert burst.kind == "volume_anomaly"
-    assert (burst.tenant, burst.crm_vendor, burst.crm_instance) == ("acme", "salesforce", "acme-prod")
-    assert 0 <= burst.raised_ts - (MONDAY + 60 * start) <= 3 * 60
-    assert burst.first_ts == MONDAY + 60 * start
-    assert burst.last_ts >= MONDAY + 60 * (start + 9)
+    assert (burst.crm_vendor, burst.crm_instance) == ("salesforce", "acme-prod")
+    assert 0 <= burst.raised_ts - (MONDAY + 60 * BURST_AT) <= 3 * 60
+    assert burst.first_ts == MONDAY + 60 * BURST_AT
+    assert burst.last_ts >= MONDAY + 60 * (BURST_AT + 9)
     assert burst.evidence["baseline"] == "seasonal"
-    assert burst.evidence["weeks_of_history"] == 2
+    assert burst.evidence["weeks_of_history"] == 3
     assert burst.severity in {"medium", "high"}
     assert burst.dedup_key == hashlib.sha256(
-        f"volume_anomaly|acme|salesforce|acme-prod|{burst.first_ts}".encode()).hexdigest()
+        f"volume_anomaly|burst|salesforce|acme-prod|{burst.first_ts}".encode()).hexdigest()
 
 
-def test_slow_drip_pages_once(three_weeks: np.ndarray) -> None:
-    rates = three_weeks.copy()
-    start = 2 * WEEK + 2 * 1440 + 9 * 60  # week 3, Wednesday 09:00
-    rates[start:start + 6 * 60] *= 2.2
-    incidents = run(rows(rates))
-    assert [i.kind for i in incidents] == ["volume_anomaly"]
-    assert MONDAY + 60 * start <= incidents[0].raised_ts <= MONDAY + 60 * (start + 180)
-    assert incidents[0].last_ts >= MONDAY + 60 * (start + 300)
+def test_slow_drip_pages_once(by_tenant: dict[str, list[Incident]]) -> None:
+    drip = by_tenant["drip"]
+    assert [i.kind for i in drip] == ["volume_anomaly"]
+    assert MONDAY + 60 * DRIP_AT <= drip[0].raised_ts <= MONDAY + 60 * (DRIP_AT + 180)
+    assert drip[0].last_ts >= MONDAY + 60 * (DRIP_AT + 300)
 
 
-def test_weekend_night_transfer_pages(three_weeks: np.ndarray) -> None:
-    rates = three_weeks.copy()
-    start = 2 * WEEK + 5 * 1440 + 2 * 60  # week 3, Saturday 02:00
-    rates[start:start + 45] += 4e6  # weekday-noon level
-    incidents = run(rows(rates))
-    assert len(incidents) == 1
-    assert incidents[0].raised_ts - (MONDAY + 60 * start) <= 120
+def test_weekend_night_transfer_pages(by_tenant: dict[str, list[Incident]]) -> None:
+    night = by_tenant["night"]
+    assert len(night) == 1
+    assert 0 <= night[0].raised_ts - (MONDAY + 60 * NIGHT_AT) <= 120
 
 
-def test_weekly_batch_and_growth_do_not_page() -> None:
-    rng = np.random.default_rng(8)
-    minutes = 4 * WEEK
-    rates = weekly_rates(minutes, rng) * np.exp(0.03 * np.arange(minutes) / 1440)
-    for week in range(4):  # Sunday 02:10 every week, 25 minutes at 10x weekday noon
-        start = week * WEEK + 6 * 1440 + 2 * 60 + 10 + int(rng.integers(-4, 5))
-        rates[start:start + 25] += 4e7
-    assert run(rows(rates)) == []
+def test_egress_ratio_pages_when_a_flow_stops_pulling(
+    by_tenant: dict[str, list[Incident]],
+) -> None:
+    ratio = by_tenant["ratio"]
+    assert [i.kind for i in ratio] == ["egress_ratio"]
+    assert 0 <= ratio[0].raised_ts - (MONDAY + 60 * RATIO_AT) <= 15 * 60
+    assert ratio[0].evidence["detector"] == "ratio"
 
 
-def test_egress_ratio_pages_when_a_flow_stops_pulling(three_weeks: np.ndarray) -> None:
-    inbound = three_weeks * 2
-    start = 2 * WEEK + 3 * 1440 + 11 * 60  # week 3, Thursday 11:00
-    inbound[start:start + 30] /= 40
-    incidents = run(rows(three_weeks, inbound=inbound))
-    assert [i.kind for i in incidents] == ["egress_ratio"]
-    assert incidents[0].raised_ts - (MONDAY + 60 * start) <= 15 * 60
-    assert incidents[0].evidence["detector"] == "ratio"
-
-
-def test_new_destination_after_warmup_only(three_weeks: np.ndarray) -> None:
-    early = [Bucket(MONDAY + 60 * (2 * 1440 + m), "acme", "hubspot", "side", 500_000, 0)
-             for m in range(3)]
-    late_start = 2 * WEEK + 600
-    late = [Bucket(MONDAY + 60 * (late_start + m), "acme", "zoho", "leak", 40_000, 100)
-            for m in range(5)]
-    tiny = [Bucket(MONDAY + 60 * (late_start + 2000), "acme", "zoho", "ping", 100, 100)]
-    incidents = run(iter(merged(rows(three_weeks), iter(early), iter(late), iter(tiny))))
-    assert [(i.kind, i.crm_instance) for i in incidents] == [("new_destination", "leak")]
-    new = incidents[0]
-    assert new.first_ts == MONDAY + 60 * late_start
+def test_new_destination_after_warmup_only(by_tenant: dict[str, list[Incident]]) -> None:
+    new = by_tenant["new"]
+    assert [(i.kind, i.crm_instance) for i in new] == [("new_destination", "leak")]
+    assert new[0].first_ts == MONDAY + 60 * NEW_AT
     # 40 kB a minute reaches the 64 KiB floor in the second minute
-    assert new.raised_ts == MONDAY + 60 * (late_start + 1)
-    assert new.last_ts == MONDAY + 60 * (late_start + 4)
-    assert new.evidence["known_destinations"] == ["hubspot:side", "salesforce:acme-prod"]
+    assert new[0].raised_ts == MONDAY + 60 * (NEW_AT + 1)
+    assert new[0].last_ts == MONDAY + 60 * (NEW_AT + 4)
+    assert new[0].evidence["known_destinations"] == ["hubspot:side", "salesforce:acme-prod"]
 
 
 def test_unsanctioned_is_immediate_and_once_per_episode() -> None:
@@ -165,10 +185,10 @@ def test_no_allow_list_means_no_policy() -> None:
     assert run(iter(rogue), allow={"other-tenant": ["salesforce:x"]}) == []
 
 
-def test_live_usage_pages_at_the_minute_it_closes(three_weeks: np.ndarray) -> None:
+def test_live_usage_pages_at_the_minute_it_closes() -> None:
     """The agent's way: a minute's rows, then advance(); raised_ts is that minute."""
-    rates = three_weeks.copy()
-    start = 2 * WEEK + 1440 + NOON
+    rates = weekly_rates(2 * WEEK, np.random.default_rng(4))
+    start = WEEK + 1440 + NOON
     rates[start:start + 10] *= 12
     detector = StreamingDetector()
     raised: list[Incident] = []

@@ -37,8 +37,8 @@ class _AgentCollector:
         yield cg
         yield CounterMetricFamily(
             "leaktap_unattributed_bytes",
-            "egress bytes counted in totals but in no flow record (LRU evictions)",
-            value=a.unattributed_egress_bytes,
+            "bytes counted in the totals but in no flow record (LRU evictions)",
+            value=a.unattributed_bytes,
         )
         yield GaugeMetricFamily(
             "leaktap_conversations", "conversations in memory", value=len(a.table)
