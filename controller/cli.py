@@ -47,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("pcap", metavar="PCAP", help="pcap or pcapng file")
     replay.add_argument("--config", metavar="FILE", help="YAML configuration file")
-    replay.add_argument("--mode", choices=["tc", "xdp"], default="tc", help=argparse.SUPPRESS)
+    replay.add_argument(
+        "--mode", choices=["tc", "xdp"], default="tc",
+        help="program to replay through: tc (egress, default) or xdp (gateway)",
+    )
 
     analyze = sub.add_parser("analyze", help="run the detectors over minute buckets")
     analyze.add_argument("--buckets", required=True, metavar="FILE.jsonl", help="minute buckets")

@@ -378,4 +378,16 @@ class Store:
 
 
 def _statements(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
+    """Split a migration into statements (comments may contain ';')."""
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip() and any(
+        ln.strip() and not ln.strip().startswith("--") for ln in current.splitlines()
+    ):
+        raise StorageError(f"unterminated statement in a migration: {current.strip()[:80]}")
+    return out

@@ -21,14 +21,14 @@ from tests.bpf.harness import (
 
 
 @pytest.fixture(scope="session")
-def kernels() -> Iterator[Callable[[KernelOptions], Kernel]]:
-    """Compile on first use, once per distinct KernelOptions."""
-    built: dict[KernelOptions, Kernel] = {}
+def kernels() -> Iterator[Callable[..., Kernel]]:
+    """Compile on first use, once per distinct (KernelOptions, mode)."""
+    built: dict[tuple[KernelOptions, str], Kernel] = {}
 
-    def get(options: KernelOptions) -> Kernel:
-        if options not in built:
-            built[options] = Kernel(options)
-        return built[options]
+    def get(options: KernelOptions, mode: str = "tc") -> Kernel:
+        if (options, mode) not in built:
+            built[options, mode] = Kernel(options, mode)
+        return built[options, mode]
 
     yield get
     for kernel in built.values():
@@ -80,3 +80,15 @@ def tc_tiny_pending(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int)
 @pytest.fixture
 def tc_tiny_cgroups(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Harness:
     return _harness(kernels, TINY_CGROUPS)
+
+
+@pytest.fixture
+def xdp(kernels: Callable[..., Kernel], pinned_cpu: int) -> Harness:
+    """The XDP gateway program, same sizes as the default TC build."""
+    return Harness(kernels(DEFAULT, "xdp"))
+
+
+@pytest.fixture
+def xdp_dedup(kernels: Callable[..., Kernel], pinned_cpu: int) -> Harness:
+    """The XDP program built for a mirror port that repeats packets."""
+    return Harness(kernels(KernelOptions(flows_max=4096, dedup=True), "xdp"))

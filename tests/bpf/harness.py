@@ -1,4 +1,4 @@
-"""The kernel test harness: frames through the compiled TC programs with BPF_PROG_TEST_RUN.
+"""The kernel test harness: frames through the compiled TC/XDP programs with BPF_PROG_TEST_RUN.
 
 Each distinct KernelOptions is compiled once per session (BCC takes seconds
 per compile) and its ring buffer is opened once (a `Kernel`). A test gets a
@@ -31,9 +31,10 @@ TINY_CGROUPS = KernelOptions(flows_max=4096, cgroups_max=2)
 class Kernel:
     """One compiled and loaded program set, its map reader and its ring buffer."""
 
-    def __init__(self, options: KernelOptions) -> None:
+    def __init__(self, options: KernelOptions, mode: str = "tc") -> None:
         self.options = options
-        self.probes: Probes = load("tc", options)
+        self.mode = mode
+        self.probes: Probes = load(mode, options)
         self.reader = MapReader(self.probes)
         self.received: list[Sample] = []
         self.drainer = RingDrainer(self.probes, self.received.append)
@@ -108,14 +109,15 @@ class Harness:
         self,
         frames: bytes | Iterable[bytes],
         *,
-        direction: str = "egress",
+        direction: str | None = None,
         gso_segs: int = 0,
         gso_size: int = 0,
     ) -> Outcome:
         """Run every frame (no ring polling in between), then collect."""
         if isinstance(frames, bytes | bytearray):
             frames = [bytes(frames)]
-        fd = self.probes.fd(direction)
+        # TC tests default to egress; the XDP program is a single ingress hook
+        fd = self.probes.fd(direction or ("egress" if self.kernel.mode == "tc" else "ingress"))
         retvals = [
             testrun.run_frame(fd, f, gso_segs=gso_segs, gso_size=gso_size).retval for f in frames
         ]

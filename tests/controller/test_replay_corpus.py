@@ -16,7 +16,7 @@ from leaktap.controller.attribution import Attributor
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.replay import REPLAY_OPTIONS, Replayer, flow_records
 from leaktap.controller.ringbuf import RingDrainer
-from tests.corpus import corpus_available, load_tsv
+from tests.corpus import CORPUS, corpus_available, load_tsv
 
 pytestmark = [
     pytest.mark.kernel,
@@ -140,3 +140,30 @@ def test_dns_answers_name_addresses(replayer_parts: Any, path: str, query: str, 
 
 def test_dns_cases_cover_the_corpus() -> None:
     assert len(DNS_CASES) >= 20
+
+
+@pytest.fixture(scope="module")
+def xdp_replayer_parts() -> Iterator[tuple[Any, RingDrainer]]:
+    probes = loader.load("xdp", REPLAY_OPTIONS)
+    drainer = RingDrainer(probes, lambda s: None)
+    yield probes, drainer
+    probes.close()
+
+
+ALL_PCAPS = (
+    sorted(str(p) for p in CORPUS.glob("*/pcaps/*") if p.suffix in (".pcap", ".pcapng"))
+    if corpus_available() else []
+)
+
+
+@pytest.mark.parametrize("path", ALL_PCAPS, ids=[p.rsplit("/", 1)[-1] for p in ALL_PCAPS])
+def test_xdp_replay_equals_tc_replay(
+    replayer_parts: Any, xdp_replayer_parts: Any, path: str
+) -> None:
+    """`replay --mode xdp` gives the same flows, names and byte counts as TC."""
+    via_tc = _replay(replayer_parts, path)
+    probes, drainer = xdp_replayer_parts
+    attributor = Attributor(LeaktapConfig(), live=False)
+    via_xdp = flow_records(Replayer(probes, attributor, drainer).run(path), attributor)
+    assert via_xdp == via_tc
+    assert via_tc, "every corpus capture has at least one flow"
