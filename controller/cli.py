@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    sub.add_parser("doctor", help="check that this host can run the agent")
+    doctor = sub.add_parser("doctor", help="check that this host can run the agent")
+    doctor.add_argument("--mode", choices=["tc", "xdp"], help="also check gateway-mode needs")
+    doctor.add_argument("--iface", action="append", metavar="IF",
+                        help="interface to check for native XDP (with --mode xdp)")
 
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", metavar="FILE", help="YAML configuration file")

@@ -306,6 +306,48 @@ def find_shared_library(soname: str) -> str | None:
     return None
 
 
+# Drivers with native (in-driver) XDP; on others the agent attaches in generic
+# mode, which runs after the skb is built and costs more per packet.
+NATIVE_XDP_DRIVERS = frozenset({
+    "veth", "virtio_net", "tun", "mlx5_core", "mlx4_en", "i40e", "ice", "ixgbe", "ixgbevf",
+    "igb", "igc", "bnxt_en", "ena", "nfp", "qede", "sfc", "thunder-nicvf", "netsec",
+    "xen-netfront", "hv_netvsc", "gve", "stmmac", "mvneta", "mvpp2", "cpsw", "fec",
+    "netdevsim", "lan966x-switch", "dpaa2-eth", "enetc", "octeontx2-nicvf", "af_xdp",
+})
+
+
+def interface_driver(iface: str, sys_net: Path = Path("/sys/class/net")) -> str | None:
+    """The kernel driver behind `iface` (ethtool's "driver:"), None if unknown."""
+    link = sys_net / iface / "device" / "driver"
+    if link.exists():
+        return link.resolve().name
+    try:
+        out = subprocess.run(["ethtool", "-i", iface], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        if line.startswith("driver:"):
+            return line.split(":", 1)[1].strip() or None
+    return None
+
+
+def check_xdp(iface: str, sys_net: Path = Path("/sys/class/net")) -> CheckResult:
+    """Gateway mode: whether `iface` gets native or generic XDP."""
+    name = f"xdp {iface}"
+    if not (sys_net / iface).exists():
+        return CheckResult(name, Status.FAIL, f"no interface {iface}",
+                           fix="name an existing interface with --iface")
+    driver = interface_driver(iface, sys_net)
+    if driver in NATIVE_XDP_DRIVERS:
+        return CheckResult(name, Status.OK, f"driver {driver}: native XDP")
+    return CheckResult(
+        name, Status.WARN, f"driver {driver or 'unknown'}: generic XDP",
+        impact="runs after the skb is built, more CPU per packet",
+        fix="use a NIC whose driver supports native XDP for line rate",
+    )
+
+
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_kernel,
     check_btf,
@@ -361,4 +403,7 @@ def main(
     stream: TextIO | None = None,
     checks: Sequence[Check] = DEFAULT_CHECKS,
 ) -> int:
+    if args is not None and getattr(args, "mode", None) == "xdp":
+        ifaces = getattr(args, "iface", None) or []
+        checks = (*checks, *(functools.partial(check_xdp, i) for i in ifaces))
     return write_report(run_checks(checks), stream or sys.stdout)

@@ -332,3 +332,20 @@ def test_crashing_check_is_reported_not_raised(caplog: pytest.LogCaptureFixture)
         "ok    kernel         6.1.0 (ring buffers need >= 5.8)",
     ]
     assert "doctor check widget crashed" in caplog.text
+
+
+@pytest.mark.kernel
+def test_xdp_check_reports_native_for_a_veth_and_fails_for_a_missing_interface() -> None:
+    import subprocess
+
+    from leaktap.controller.doctor import Status, check_xdp
+
+    subprocess.run(["ip", "link", "add", "lt-doc0", "type", "veth", "peer", "name", "lt-doc1"],
+                   check=True)
+    try:
+        ok = check_xdp("lt-doc0")
+        assert (ok.status, ok.detail) == (Status.OK, "driver veth: native XDP")
+    finally:
+        subprocess.run(["ip", "link", "del", "lt-doc0"], check=True)
+    missing = check_xdp("lt-doc0")
+    assert missing.status == Status.FAIL and "no interface lt-doc0" in missing.line()

@@ -119,7 +119,8 @@ def test_cli_run_serves_api_and_sigterm_detaches(tmp_path: Path) -> None:
             time.sleep(2.5)  # two poll intervals
             assert _get(f"http://127.0.0.1:{port}/v1/flows", None)[0] == 401
             assert _get(f"http://127.0.0.1:{port}/v1/flows", "wrong-token-0123456789")[0] == 401
-            assert _get(f"http://127.0.0.1:{port}/readyz", token)[0] == 200
+            status, body = _get(f"http://127.0.0.1:{port}/readyz", token)
+            assert status == 200 and json.loads(body)["attached"] == {lab.host_if: "tc"}
             status, body = _get(f"http://127.0.0.1:{port}/v1/flows?tenant=acme", token)
             assert status == 200
             flows = json.loads(body)["flows"]

@@ -13,8 +13,9 @@ def read_health() -> dict[str, str]:
 
 
 @router.get("/readyz")
-def read_ready(agent: AgentDep, _: ReaderDep) -> dict[str, str]:
+def read_ready(agent: AgentDep, _: ReaderDep) -> dict[str, object]:
     ok, detail = agent.ready()
     if not ok:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail)
-    return {"status": "ready"}
+    # per interface: tc, or the XDP mode the driver allowed (native | generic)
+    return {"status": "ready", "attached": dict(agent.probes.attach_modes)}
