@@ -102,7 +102,10 @@ class Conversation:
         return self.b, self.a, self.b_to_a, self.a_to_b
 
 
-def conversation_id(key: FlowKey) -> tuple[int, int, tuple[str, int], tuple[str, int]]:
+ConversationId = tuple[int, int, tuple[str, int], tuple[str, int]]
+
+
+def conversation_id(key: FlowKey) -> ConversationId:
     """Direction-free identity: endpoints in a canonical order (cgroup and hook ignored)."""
     ends = sorted([(key.src, key.sport), (key.dst, key.dport)])
     return key.family, key.proto, ends[0], ends[1]
@@ -117,7 +120,7 @@ class ConversationTable:
     """
 
     def __init__(self, inside: list[str] | None = None) -> None:
-        self.conversations: dict[tuple[int, int, tuple[str, int], tuple[str, int]], Conversation] = {}
+        self.conversations: dict[ConversationId, Conversation] = {}
         self.inside = [ipaddress.ip_network(n, strict=False) for n in inside or []]
 
     def _is_inside(self, addr: str) -> bool:

@@ -109,13 +109,13 @@ class KernelOptions:
 
     def cflags(self) -> list[str]:
         return [
-            "-DLT_FLOWS_MAX=%d" % self.flows_max,
-            "-DLT_CGROUPS_MAX=%d" % self.cgroups_max,
-            "-DLT_HELLO_PENDING_MAX=%d" % self.hello_pending_max,
-            "-DLT_RINGBUF_PAGES=%d" % self.ringbuf_pages,
-            "-DLT_HELLO_SEGS_MAX=%d" % self.hello_segs_max,
-            "-DLT_EVENTS_PER_SEC=%d" % self.events_per_sec,
-            "-DLT_DEDUP=%d" % int(self.dedup),
+            f"-DLT_FLOWS_MAX={self.flows_max:d}",
+            f"-DLT_CGROUPS_MAX={self.cgroups_max:d}",
+            f"-DLT_HELLO_PENDING_MAX={self.hello_pending_max:d}",
+            f"-DLT_RINGBUF_PAGES={self.ringbuf_pages:d}",
+            f"-DLT_HELLO_SEGS_MAX={self.hello_segs_max:d}",
+            f"-DLT_EVENTS_PER_SEC={self.events_per_sec:d}",
+            f"-DLT_DEDUP={int(self.dedup):d}",
         ]
 
 
@@ -213,12 +213,15 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
     pin_dir = None
     if options.pin:
         pin_dir = _prepare_pin_dir(abi_digest(source, cflags))
-        cflags.append('-DLT_PIN_DIR="%s"' % pin_dir)
+        # the one string define: a fixed prefix and a hex digest, nothing from the user
+        cflags.append(f'-DLT_PIN_DIR="{pin_dir}"')
     started = time.monotonic()
     try:
         bpf = BPF(text=source.encode(), cflags=cflags)
     except Exception as e:
-        raise ProbeLoadError(f"compiling {', '.join(files)}: {e} (see the compiler output above)") from e
+        raise ProbeLoadError(
+            f"compiling {', '.join(files)}: {e} (see the compiler output above)"
+        ) from e
     probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
     prog_type = BPF.SCHED_CLS if mode == "tc" else BPF.XDP
     for direction, name in PROGRAMS[mode].items():
@@ -297,7 +300,9 @@ def _drop_empty_clsact(ipr: Any, index: int) -> None:
         ipr.tc("del", "clsact", index)
 
 
-def attach_tc(probes: Probes, iface: str, directions: tuple[str, ...] = ("egress", "ingress")) -> None:
+def attach_tc(
+    probes: Probes, iface: str, directions: tuple[str, ...] = ("egress", "ingress")
+) -> None:
     """Attach the TC programs to `iface` on a clsact qdisc, replacing stale leaktap filters."""
     from pyroute2 import IPRoute
     from pyroute2.netlink.exceptions import NetlinkError
@@ -373,7 +378,9 @@ def attach_xdp(probes: Probes, iface: str) -> str:
 
     name, _ = xdp_program(iface)
     if name is not None and not name.startswith("lt_"):
-        raise ProbeLoadError(f"{iface} already runs XDP program {name!r}; leaktap will not replace it")
+        raise ProbeLoadError(
+            f"{iface} already runs XDP program {name!r}; leaktap will not replace it"
+        )
     if detach_xdp(iface):
         logger.warning("removed a leaktap XDP program left on %s by an earlier run", iface)
     fn = probes.functions["ingress"]

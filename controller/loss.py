@@ -14,7 +14,9 @@ logger = logging.getLogger(__name__)
 REMEDIES = {
     "loss_ringbuf_full": "raise kernel.ringbuf_pages or check that the controller keeps up",
     "loss_rate_limited": "raise LT_EVENTS_PER_SEC if this rate of new TLS flows is expected",
-    "loss_truncated": "payload longer than one event (DNS > 512 B, hello > 8 chunks); usually benign",
+    "loss_truncated": (
+        "payload longer than one event (DNS > 512 B, hello > 8 chunks); usually benign"
+    ),
     "loss_flow_insert": "raise kernel.flows_max",
     "loss_cgroup_full": "more cgroups than LT_CGROUPS_MAX; their bytes stay in the global totals",
     "loss_hello_pending": "raise LT_HELLO_PENDING_MAX (too many handshakes in flight)",

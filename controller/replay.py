@@ -149,7 +149,9 @@ def flow_records(result: ReplayResult, attributor: Attributor) -> list[dict[str,
     return records
 
 
-def replay(path: str, config: LeaktapConfig, mode: str = "tc") -> tuple[list[dict[str, Any]], ReplayResult]:
+def replay(
+    path: str, config: LeaktapConfig, mode: str = "tc"
+) -> tuple[list[dict[str, Any]], ReplayResult]:
     probes = loader.load(mode, REPLAY_OPTIONS)
     try:
         attributor = Attributor(config, live=False)

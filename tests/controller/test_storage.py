@@ -12,8 +12,8 @@ from leaktap.controller.storage import (
     MIGRATIONS,
     SCHEMA_VERSION,
     BucketKey,
-    Store,
     StorageError,
+    Store,
     Volume,
     _statements,
 )
