@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 import yaml
+
 from leaktap.controller.config import CatalogueEntry
 from leaktap.controller.errors import ConfigError
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from leaktap.controller.tls import (
     HS_CLIENT_HELLO,
     HS_HDR_LEN,
