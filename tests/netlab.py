@@ -45,7 +45,7 @@ def veth_lab(
     for ip in (host_ip, peer_ip):
         assert ipaddress.ip_address(ip) in TEST_NET, f"{ip} is outside 198.18.0.0/15"
     host_if, peer_if, ns = f"{name}-h", f"{name}-p", f"{name}-ns"
-    cleanup()  # a previous crashed run
+    cleanup(name)  # a previous crashed run
     try:
         sh("ip", "netns", "add", ns)
         sh("ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if)
@@ -68,14 +68,10 @@ def veth_lab(
         sh("ip", "netns", "del", ns, check=False)
 
 
-def cleanup() -> None:
-    for line in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
-        parts = line.split(":")
-        if len(parts) > 1 and parts[1].strip().split("@")[0].startswith("lt-t"):
-            sh("ip", "link", "del", parts[1].strip().split("@")[0], check=False)
-    for line in sh("ip", "netns", "list", check=False).stdout.splitlines():
-        if line.split()[0].startswith("lt-t"):
-            sh("ip", "netns", "del", line.split()[0], check=False)
+def cleanup(name: str) -> None:
+    """Remove what a crashed run of lab `name` left (only that lab's link and namespace)."""
+    sh("ip", "link", "del", f"{name}-h", check=False)
+    sh("ip", "netns", "del", f"{name}-ns", check=False)
 
 
 def make_cert(directory: Path, cn: str) -> tuple[Path, Path]:
