@@ -9,6 +9,7 @@ Ctrl-C detach every probe (uvicorn turns both into a lifespan shutdown).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
@@ -17,10 +18,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from leaktap.analytics.alerts import AlertManager, SinkRoute
+from leaktap.analytics.outbox import OutboxDispatcher
+from leaktap.analytics.sinks import SinkConfigError, build_sink
 from leaktap.controller import loader
 from leaktap.controller.attribution import Attributor
-from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, parse_listen
-from leaktap.controller.doctor import find_cgroup2_mount
+from leaktap.controller.config import (
+    DEFAULT_DB,
+    LeaktapConfig,
+    TlsConfig,
+    load_config,
+    parse_listen,
+)
+from leaktap.controller.hostfs import find_cgroup2_mount
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
 from leaktap.controller.loss import LossMonitor
@@ -85,6 +95,7 @@ class Agent:
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
+        self._start_alerting()
         k = self.config.kernel
         options = loader.KernelOptions(
             flows_max=k.flows_max,
@@ -116,6 +127,29 @@ class Agent:
         self.started_monotonic = time.monotonic()
         logger.info("watching %s", ", ".join(self.interfaces))
 
+    def _start_alerting(self) -> None:
+        """The alert lifecycle and the outbox dispatcher, stopped last (after the final poll)."""
+        try:
+            sinks = [build_sink(s) for s in self.config.sinks]
+        except SinkConfigError as e:
+            raise ConfigError(f"sinks: {e}") from e
+        self.outbox = OutboxDispatcher(self.store.path, sinks, self.config.alerts.outbox)
+        self.alerts = AlertManager(
+            self.store.path,
+            [SinkRoute(s.sink_name, s.min_severity) for s in self.config.sinks],
+            self.config.alerts,
+            environment=self.config.environment,
+            on_change=self.outbox.notify,
+        )
+        self.outbox.start()
+        self._exit.callback(self._stop_alerting)
+
+    def _stop_alerting(self) -> None:
+        if self.outbox is not None:
+            self.outbox.stop()
+        if self.alerts is not None:
+            self.alerts.close()
+
     def _final_poll(self) -> None:
         try:
             self.poll_once()
@@ -144,6 +178,11 @@ class Agent:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - keep polling; the error is logged
                 logger.exception("polling the kernel maps")
+            try:
+                if self.alerts is not None:
+                    self.alerts.tick()
+            except Exception:  # noqa: BLE001 - as above
+                logger.exception("auto-resolving alerts")
 
     @staticmethod
     def _all_totals(totals: dict[int, tuple[int, int]]) -> int:
@@ -159,6 +198,7 @@ class Agent:
         with self.lock:
             buckets: dict[BucketKey, Volume] = {}
             touched: dict[int, Conversation] = {}
+            egress = dict(self.egress_by_destination)
             minute = minute_of(now)
             for counters in flows:
                 conv = self.table.add(counters)
@@ -180,6 +220,7 @@ class Agent:
                     vol.packets_in += counters.tx_packets
             records = [self._record(c) for c in touched.values()]
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
+            self.egress_by_destination = egress
         new_ids = self.store.write(buckets, records)
         with self.lock:
             for conv, rec in zip(touched.values(), records, strict=True):
@@ -272,9 +313,34 @@ def _api_tokens(config: LeaktapConfig, state_dir: Path) -> tuple[list[str], list
     return readers, admins
 
 
-def main(args: Any) -> int:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name may resolve anywhere
+
+
+def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
+    """The uvicorn server for the API; HTTPS with `tls`, a warning when the bind is
+    reachable from elsewhere without it."""
     import uvicorn
 
+    if tls is None and not is_loopback(host):
+        logger.warning(
+            "the API listens on %s:%d without TLS: bearer tokens and alerts cross the network "
+            "in clear; set tls.certfile and tls.keyfile", host, port,
+        )
+    return uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="on",
+            ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None,
+        )
+    )
+
+
+def main(args: Any) -> int:
     from leaktap.controller.api.main import create_app
 
     config = load_config(args.config)
@@ -292,9 +358,7 @@ def main(args: Any) -> int:
     store = Store(db, retention_days=config.storage.retention_days)
     agent = Agent(config, ifaces, store)
     app = create_app(agent, readers=readers, admins=admins)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
-    )
+    server = api_server(app, host, port, config.tls)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan detaches the
     # probes), then re-raises the signal with the previous handler: make that a
     # no-op for SIGTERM so a clean stop exits 0

@@ -24,12 +24,20 @@ import shutil
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from leaktap.controller.errors import ProbeLoadError
+from leaktap.controller.hostfs import (
+    BPF_FS_MAGIC,
+    MOUNTINFO_PATH,
+    TRACEFS_MAGIC,
+    filesystem_magic,
+    find_cgroup2_mount,
+    mountinfo_entries,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +50,9 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 HEADERS_BUILD_DIR = Path("/lib/modules") / os.uname().release / "build"
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BPFFS_PATH = Path("/sys/fs/bpf")
-MOUNTINFO_PATH = Path("/proc/self/mountinfo")
 LIBSSL_SONAME = "libssl.so.3"
 
 # Filesystem magics from include/uapi/linux/magic.h.
-BPF_FS_MAGIC = 0xCAFE4A11
-TRACEFS_MAGIC = 0x74726163
 
 # bpf(2) has no libc wrapper; its number differs per architecture.
 BPF_SYSCALL_NR = {"x86_64": 321, "aarch64": 280}
@@ -81,44 +86,6 @@ class CheckResult:
 
 
 Check = Callable[[], CheckResult]
-
-
-def filesystem_magic(path: Path) -> int:
-    """Return statfs(2) f_type for `path` (os.statvfs does not expose it).
-
-    Raises OSError, e.g. FileNotFoundError, when statfs fails.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    # struct statfs is 120 bytes on 64-bit Linux; f_type (a long) comes first.
-    buf = ctypes.create_string_buffer(256)
-    if libc.statfs(os.fsencode(path), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(path))
-    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
-
-
-def find_cgroup2_mount(mountinfo: Path = MOUNTINFO_PATH) -> Path | None:
-    """Return the first cgroup2 mount point listed in a mountinfo file, if any."""
-    for fields, fstype in _mountinfo_entries(mountinfo):
-        if fstype == "cgroup2":
-            return Path(_unescape_mount_path(fields[4]))
-    return None
-
-
-def _mountinfo_entries(mountinfo: Path) -> Iterable[tuple[list[str], str]]:
-    # "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw": the
-    # optional fields end at "-", the filesystem type follows it.
-    for raw in mountinfo.read_text().splitlines():
-        fields = raw.split()
-        if "-" in fields:
-            separator = fields.index("-")
-            if separator + 1 < len(fields):
-                yield fields, fields[separator + 1]
-
-
-def _unescape_mount_path(path: str) -> str:
-    # The kernel writes space, tab, newline and backslash as \040-style octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), path)
 
 
 def check_kernel(release: str | None = None) -> CheckResult:
@@ -273,7 +240,7 @@ def check_cgroup2(mountinfo: Path = MOUNTINFO_PATH) -> CheckResult:
             fix="mount -t cgroup2 none /sys/fs/cgroup/unified "
             "(or boot with systemd.unified_cgroup_hierarchy=1)",
         )
-    v1_mounted = any(fstype == "cgroup" for _, fstype in _mountinfo_entries(mountinfo))
+    v1_mounted = any(fstype == "cgroup" for _, fstype in mountinfo_entries(mountinfo))
     mode = " (hybrid mode: cgroup v1 controllers also mounted)" if v1_mounted else ""
     return CheckResult("cgroup-v2", Status.OK, f"mounted at {mount}{mode}")
 

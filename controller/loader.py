@@ -15,7 +15,6 @@ import contextlib
 import errno
 import hashlib
 import logging
-import os
 import re
 import shutil
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
+from leaktap.controller.hostfs import BPF_FS_MAGIC, filesystem_magic
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ class KernelOptions:
     hello_segs_max: int = 12
     events_per_sec: int = 65536
     dedup: bool = False  # mirror ports: count a packet repeated back to back once
-    pin: bool = False  # pin the counting maps under /sys/fs/bpf/leaktap/<abi>
+    pin: bool = False  # pin the counting maps under <pin_root>/<abi>
+    pin_root: str = str(PIN_ROOT)
 
     def __post_init__(self) -> None:
         for name in ("flows_max", "cgroups_max", "hello_pending_max", "events_per_sec"):
@@ -149,34 +150,22 @@ class Probes:
             self.bpf.cleanup()
 
 
-def _bpffs_mounted(path: Path = BPFFS) -> bool:
-    BPF_FS_MAGIC = 0xCAFE4A11
+def _bpffs_mounted(path: Path) -> bool:
     try:
-        return os.statvfs(path) is not None and _fs_magic(path) == BPF_FS_MAGIC
+        return filesystem_magic(path) == BPF_FS_MAGIC
     except OSError:
         return False
 
 
-def _fs_magic(path: Path) -> int:
-    import ctypes
-
-    class StatFs(ctypes.Structure):  # struct statfs, x86_64/aarch64 layout prefix
-        _fields_ = [("f_type", ctypes.c_long), ("rest", ctypes.c_byte * 112)]
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    buf = StatFs()
-    if libc.statfs(str(path).encode(), ctypes.byref(buf)) != 0:
-        raise OSError(ctypes.get_errno(), "statfs failed", str(path))
-    return int(buf.f_type) & 0xFFFFFFFF
-
-
-def _prepare_pin_dir(digest: str) -> Path:
-    if not _bpffs_mounted():
+def _prepare_pin_dir(digest: str, root: Path) -> Path:
+    """root/<digest>, created; pins of other builds under root are removed."""
+    if not _bpffs_mounted(root.parent if not root.exists() else root):
         raise ProbeLoadError(
-            f"{BPFFS} is not a bpf filesystem: mount -t bpf bpf {BPFFS} (scripts/setup.sh does)"
+            f"{root} is not on a bpf filesystem: mount -t bpf bpf {BPFFS} "
+            "(scripts/setup.sh does)"
         )
-    PIN_ROOT.mkdir(exist_ok=True)
-    for stale in PIN_ROOT.iterdir():
+    root.mkdir(exist_ok=True)
+    for stale in root.iterdir():
         if stale.name != digest:
             logger.warning(
                 "removing pinned maps of another build (%s): their counts since the last "
@@ -184,7 +173,7 @@ def _prepare_pin_dir(digest: str) -> Path:
                 stale.name,
             )
             shutil.rmtree(stale, ignore_errors=True)
-    pin_dir = PIN_ROOT / digest
+    pin_dir = root / digest
     resumed = pin_dir.exists() and any(pin_dir.iterdir())
     pin_dir.mkdir(exist_ok=True)
     if resumed:
@@ -212,7 +201,7 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
     cflags = options.cflags() + ["-Wno-unused-value"]
     pin_dir = None
     if options.pin:
-        pin_dir = _prepare_pin_dir(abi_digest(source, cflags))
+        pin_dir = _prepare_pin_dir(abi_digest(source, cflags), Path(options.pin_root))
         # the one string define: a fixed prefix and a hex digest, nothing from the user
         cflags.append(f'-DLT_PIN_DIR="{pin_dir}"')
     started = time.monotonic()
@@ -222,6 +211,7 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
         raise ProbeLoadError(
             f"compiling {', '.join(files)}: {e} (see the compiler output above)"
         ) from e
+    _release_compiler_heap()
     probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
     prog_type = BPF.SCHED_CLS if mode == "tc" else BPF.XDP
     for direction, name in PROGRAMS[mode].items():
@@ -232,6 +222,16 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
             raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return probes
+
+
+def _release_compiler_heap() -> None:
+    """Give clang/LLVM's freed compile-time heap back to the OS (glibc keeps it)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 def trial_compile() -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -80,8 +81,9 @@ def key_from_ctypes(k: Any) -> FlowKey:
         family=int(k.family),
         proto=int(k.proto),
         dir=int(k.dir),
-        src=format_addr(k.family, k.saddr),
-        dst=format_addr(k.family, k.daddr),
+        # a node talks from few addresses to few CRM endpoints: share the strings
+        src=sys.intern(format_addr(k.family, k.saddr)),
+        dst=sys.intern(format_addr(k.family, k.daddr)),
         sport=int(k.sport),
         dport=int(k.dport),
     )
@@ -109,8 +111,6 @@ def _merge_cpus(key: Any, per_cpu: Any, now_ns: int) -> FlowCounters | None:
 
 
 _NO_KEY = FlowKey(0, 0, 0, 0, "", "", 0, 0)
-# formatted keys kept between drains; cleared wholesale when larger
-KEY_CACHE_MAX = 1 << 18
 
 
 class MapReader:
@@ -128,9 +128,10 @@ class MapReader:
     def drain_flows(self) -> list[FlowCounters]:
         """Atomically take every flow entry out of the map."""
         out = []
-        keys = self._keys
-        if len(keys) > KEY_CACHE_MAX:
-            keys.clear()
+        # keys of the previous drain only: flows active now were mostly active
+        # then, and memory stays bounded by one drain's flows
+        previous, keys = self._keys, {}
+        self._keys = keys
         now_ns = time.monotonic_ns()
         for key, per_cpu in self._flows.items_lookup_and_delete_batch():
             merged = _merge_cpus(key, per_cpu, now_ns)
@@ -138,9 +139,10 @@ class MapReader:
                 continue
             # long-lived flows come back every drain: format their key once
             raw = bytes(key)
-            flow_key = keys.get(raw)
+            flow_key = previous.get(raw)
             if flow_key is None:
-                flow_key = keys[raw] = key_from_ctypes(key)
+                flow_key = key_from_ctypes(key)
+            keys[raw] = flow_key
             merged.key = flow_key
             out.append(merged)
         return out
