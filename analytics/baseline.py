@@ -68,7 +68,7 @@ class HourlyHistory:
         """Store the hour's summary of series 0..n-1 (later ones stay NaN). Returns sums out."""
         minutes = self.minutes_out[:, :n]
         p50, p90 = np.percentile(minutes, [50, 90], axis=0)
-        sum_out = minutes.sum(axis=0)
+        sum_out: FloatArray = minutes.sum(axis=0)
         pos = abs_hour % self.depth
         row = np.stack([p50, p90, minutes.max(axis=0), sum_out, self.hour_in[:n]])
         self.stats[pos, :, :n] = row
@@ -125,8 +125,8 @@ class SeasonalFit:
             center=slots.copy(), envelope=slots.copy(), sigma=np.ones((HOURS_PER_WEEK, n)),
             hour_mean=slots.copy(), hour_mean_raw=slots.copy(), ratio=slots.copy(),
             weeks=np.zeros((HOURS_PER_WEEK, n), dtype=np.int16),
-            sigma_series=np.ones(n), sigma_level=np.ones((HOURS_PER_WEEK, n)), sigma_ratio=np.ones(n), level=np.zeros(n),
-            slope=np.zeros(n),
+            sigma_series=np.ones(n), sigma_level=np.ones((HOURS_PER_WEEK, n)),
+            sigma_ratio=np.ones(n), level=np.zeros(n), slope=np.zeros(n),
         )
 
 

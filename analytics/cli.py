@@ -63,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
         settings = config.detection
         allow = {tenant.name: list(tenant.allow) for tenant in config.tenants}
     try:
-        handle = open(args.buckets, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+        # undecodable bytes become a bad row (reported), not a crash
+        handle = open(args.buckets, encoding="utf-8", errors="replace")  # noqa: SIM115
     except OSError as e:
         from leaktap.controller.errors import LeaktapError
 

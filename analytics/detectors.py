@@ -40,8 +40,7 @@ IntArray = npt.NDArray[np.int64]
 
 SPIKE, BURST, DRIP, RATIO = "spike", "burst", "drip", "ratio"
 _SLOW_K = 0.25  # slow CUSUM, only used to date the start of a drip
-_LEVEL_LIMIT = 3.0
-_BATCH_GAP = math.log(2.0)  # envelope this far above its noise-only position: a batch slot  # the growth level never claims more than e^3 = 20x
+_LEVEL_LIMIT = 3.0  # the growth level never claims more than e^3 = 20x
 
 
 @dataclass
@@ -99,6 +98,27 @@ class _SlotCache:
 
 class VolumeScorer:
     """Streaming state of the volume and ratio detectors for every series."""
+
+    # per-series state, series on the last axis (declared in _declare, grown together)
+    cusum: FloatArray
+    run_start: IntArray
+    run_excess: FloatArray
+    slow: FloatArray
+    slow_start: IntArray
+    level: FloatArray
+    cold_mean: FloatArray
+    cold_init: BoolArray
+    first_minute: IntArray
+    seasonal_run: IntArray
+    is_total: BoolArray
+    alarm_hour: BoolArray
+    ring_out: FloatArray  # (ring_len, series): bytes out of the last minutes
+    ring_exp: FloatArray  # (ring_len, series): expected bytes of the same minutes
+    ring_in: FloatArray  # (ratio window, series)
+    sums_out: FloatArray  # (drip windows, series)
+    sums_exp: FloatArray
+    ratio_out: FloatArray
+    ratio_in: FloatArray
 
     def __init__(self, settings: DetectionSettings, capacity: int) -> None:
         self.settings = settings

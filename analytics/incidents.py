@@ -27,7 +27,9 @@ OUTPUT_FIELDS = (
 )
 
 
-def dedup_key(kind: str, tenant: str, vendor: str | None, instance: str | None, first_ts: int) -> str:
+def dedup_key(
+    kind: str, tenant: str, vendor: str | None, instance: str | None, first_ts: int
+) -> str:
     material = f"{kind}|{tenant}|{vendor or ''}|{instance or ''}|{first_ts}"
     return hashlib.sha256(material.encode()).hexdigest()
 

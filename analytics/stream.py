@@ -123,16 +123,19 @@ class StreamingDetector:
 
     def pop_closed(self) -> list[Incident]:
         """Incidents whose episode has ended since the last call, final spans included."""
-        return self._book.pop_closed()
+        closed: list[Incident] = self._book.pop_closed()
+        return closed
 
     def close_all(self) -> list[Incident]:
         """End every open episode (end of input) and return all closed incidents."""
         self._book.close_all()
         self._open_dest.clear()
-        return self._book.pop_closed()
+        closed: list[Incident] = self._book.pop_closed()
+        return closed
 
     def open_incidents(self) -> list[Incident]:
-        return self._book.open_incidents()
+        opened: list[Incident] = self._book.open_incidents()
+        return opened
 
     @property
     def series_count(self) -> int:
@@ -193,8 +196,8 @@ class StreamingDetector:
             inb = np.asarray(self._rows_in, dtype=np.float64)
             self.rows_seen += len(idx)
             totals = self._total_of[idx]
-            x = np.bincount(idx, out, n) + np.bincount(totals, out, n)
-            y = np.bincount(idx, inb, n) + np.bincount(totals, inb, n)
+            x: np.ndarray = np.bincount(idx, out, n) + np.bincount(totals, out, n)
+            y: np.ndarray = np.bincount(idx, inb, n) + np.bincount(totals, inb, n)
             self._rows_idx, self._rows_out, self._rows_in = [], [], []
         else:
             x = np.zeros(n)
@@ -234,11 +237,8 @@ class StreamingDetector:
 
     # -- incidents ------------------------------------------------------------
 
-    def _destination(self, index: int) -> tuple[str, str | None, str | None]:
-        return self._keys[index]
-
     def _label(self, index: int) -> str:
-        tenant, vendor, instance = self._keys[index]
+        _, vendor, instance = self._keys[index]
         return f"{vendor}:{instance}" if vendor is not None else "*"
 
     def _on_volume(self, ts: int, alarms: VolumeAlarms | None) -> list[Incident]:
@@ -248,7 +248,9 @@ class StreamingDetector:
         gap = self.settings.episode_gap_minutes * MINUTE
         floor = float(self.settings.volume.floor_bytes_per_minute)
         # destinations before totals, so that a page names the destination when it can
-        order = sorted(range(len(alarms.index)), key=lambda j: self._keys[alarms.index[j]][1] is None)
+        order = sorted(
+            range(len(alarms.index)), key=lambda j: self._keys[alarms.index[j]][1] is None
+        )
         for j in order:
             index = int(alarms.index[j])
             tenant, vendor, instance = self._keys[index]
@@ -258,7 +260,9 @@ class StreamingDetector:
             incident = self._book.extend(key, ts, bool(alarms.active[j]), score)
             if incident is not None:
                 evidence = incident.evidence
-                evidence["peak_observed_bytes"] = max(evidence["peak_observed_bytes"], int(observed))
+                evidence["peak_observed_bytes"] = max(
+                    evidence["peak_observed_bytes"], int(observed)
+                )
                 evidence["minutes_in_alarm"] += 1
                 detectors, series = evidence["detectors"], evidence["series_alarmed"]
                 if alarms.detector[j] not in detectors:
@@ -327,7 +331,8 @@ class StreamingDetector:
                     )[:_MAX_LISTED_SERIES],
                 },
             )
-            self._book.open((NEW_DESTINATION, index), incident, self.settings.episode_gap_minutes * MINUTE)
+            gap = self.settings.episode_gap_minutes * MINUTE
+            self._book.open((NEW_DESTINATION, index), incident, gap)
             self._open_dest[index] = (NEW_DESTINATION, index)
             raised.append(incident)
         for index, key in list(self._open_dest.items()):

@@ -12,7 +12,9 @@ from leaktap.analytics.stream import StreamingDetector
 EVAL_SEEDS = (11, 12)
 
 
-def run_detector(scen: scenario.Scenario, settings: DetectionSettings | None = None) -> list[Incident]:
+def run_detector(
+    scen: scenario.Scenario, settings: DetectionSettings | None = None
+) -> list[Incident]:
     detector = StreamingDetector(settings or DetectionSettings(), scen.allow)
     for bucket in scen.buckets():
         detector.observe(bucket)

@@ -107,7 +107,7 @@ def _business_curve(local_hour: np.ndarray) -> np.ndarray:
     return np.minimum(up, down) ** 1.5
 
 
-def _tenant_models(rng: np.random.Generator, n_tenants: int, minutes: int) -> list[TenantModel]:
+def _tenant_models(rng: np.random.Generator, n_tenants: int) -> list[TenantModel]:
     tenants = []
     for t in range(n_tenants):
         n_dest = int(rng.choice([1, 2, 2, 3]))
@@ -201,7 +201,7 @@ def generate(
     """Build the scenario; `allow_fraction` of tenants get an allow list of their own CRMs."""
     rng = np.random.default_rng(seed)
     minutes = weeks * WEEK_MINUTES
-    tenants = _tenant_models(rng, n_tenants, minutes)
+    tenants = _tenant_models(rng, n_tenants)
     minute = np.arange(minutes)
     picked = _pick_events(rng, tenants, weeks, events_per_kind)
 
@@ -219,7 +219,9 @@ def generate(
             allow[tenant.name] = [f"{d.vendor}:{d.instance}" for d in tenant.destinations]
         for d, dest in enumerate(tenant.destinations):
             share = expected * dest.weight
-            noise = np.exp(rng.normal(0, tenant.sigma_minute, minutes) + rng.normal(0, 0.1, minutes))
+            noise = np.exp(
+                rng.normal(0, tenant.sigma_minute, minutes) + rng.normal(0, 0.1, minutes)
+            )
             out = share * noise * (rng.random(minutes) >= idle_p)
             inb = out * tenant.in_ratio * np.exp(rng.normal(0, 0.25, minutes))
             if tenant.batch is not None and tenant.batch[0] == d:
