@@ -19,6 +19,7 @@ class Database:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._lock = threading.RLock()
+        self._commits = 0  # ours; PRAGMA data_version counts the other connections'
         found = self._db.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (require_table,)
         ).fetchone()
@@ -39,6 +40,7 @@ class Database:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self._commits += 1
 
     def query(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         with self._lock:
@@ -48,7 +50,14 @@ class Database:
 
     def execute(self, sql: str, args: tuple[Any, ...] = ()) -> int:
         with self._lock:
-            return int(self._db.execute(sql, args).rowcount)
+            rowcount = int(self._db.execute(sql, args).rowcount)
+            self._commits += 1
+            return rowcount
+
+    def version(self) -> tuple[int, int]:
+        """Differs from any earlier value once anything was committed to the file."""
+        with self._lock:
+            return self._commits, int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@
 
 #define LT_CTX struct xdp_md
 #define LT_LOAD_BYTES(ctx, off, buf, n) bpf_xdp_load_bytes(ctx, off, buf, n)
-#define LT_SOCKET_UID(ctx) 0xFFFFFFFF
+#define LT_SOCKET_UID(ctx) LT_NO_UID
 /* XDP sees the whole first buffer linearly: nothing to pull */
 #define LT_PULL_HEADERS(ctx, len, data, data_end) (-1)
 #include "lt_flow.h"

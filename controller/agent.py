@@ -30,9 +30,9 @@ from leaktap.controller.config import (
     load_config,
     parse_listen,
 )
-from leaktap.controller.hostfs import find_cgroup2_mount
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
+from leaktap.controller.hostfs import find_cgroup2_mount
 from leaktap.controller.loss import LossMonitor
 from leaktap.controller.maps import MapReader
 from leaktap.controller.ringbuf import RingDrainer, Sample
@@ -80,6 +80,11 @@ class Agent:
         self.totals: dict[int, tuple[int, int]] = {}
         self.cgroup_totals: dict[int, tuple[int, int]] = {}
         self.attributed_bytes = 0
+        # (tenant, vendor, instance) -> (bytes, packets) out since start, for /metrics;
+        # replaced, never mutated, so readers need no lock
+        self.egress_by_destination: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self.alerts: AlertManager | None = None
+        self.outbox: OutboxDispatcher | None = None
         self._baseline_totals = 0
         self._baseline_attributed = 0
         self.last_poll_monotonic = 0.0
@@ -215,6 +220,9 @@ class Agent:
                 if outbound:
                     vol.bytes_out += counters.tx_bytes
                     vol.packets_out += counters.tx_packets
+                    dest = (names.tenant, names.crm_vendor or "", names.crm_instance or "")
+                    b, p = egress.get(dest, (0, 0))
+                    egress[dest] = (b + counters.tx_bytes, p + counters.tx_packets)
                 else:
                     vol.bytes_in += counters.tx_bytes
                     vol.packets_in += counters.tx_packets
@@ -334,7 +342,7 @@ def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
         )
     return uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="on",
+            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
             ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None,
         )
     )

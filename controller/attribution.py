@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leaktap.controller.catalogue import CrmCatalogue
+from leaktap.controller.catalogue import CrmCatalogue, CrmMatch
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.dns import DnsCache
 from leaktap.controller.flows import NO_UID, Conversation, conversation_id
@@ -122,6 +122,22 @@ class Attributor:
         for side in (conv.a, conv.b):
             self.hellos.forget((cid, *side))
             self.quic.forget((cid, *side))
+
+    def destination(
+        self, family: int, local: tuple[str, int], remote: tuple[str, int], proto: int = 6
+    ) -> tuple[str | None, list[str], CrmMatch | None]:
+        """(SNI, DNS names, CRM) of a live connection seen from this host, for
+        joining a TLS plaintext write to its flow. Reads only; safe without the
+        agent's lock (dict lookups)."""
+        ends = sorted([local, remote])
+        hello = self._hello_by_conv.get((family, proto, ends[0], ends[1]))
+        sni = hello.sni if hello is not None else None
+        dns_names = self.dns.names_for(remote[0])
+        host = sni or (dns_names[0] if dns_names else None)
+        crm = self.catalogue.lookup(host)
+        if crm is None and sni is None:
+            crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
+        return sni, dns_names, crm
 
     def names(self, conv: Conversation) -> Names:
         (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)

@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--mode", choices=["tc", "xdp"], help="also check gateway-mode needs")
     doctor.add_argument("--iface", action="append", metavar="IF",
                         help="interface to check for native XDP (with --mode xdp)")
+    doctor.add_argument("--config", metavar="FILE",
+                        help="also check what this configuration asks for (plaintext probes)")
 
     run = sub.add_parser("run", help="run the agent")
     run.add_argument("--config", metavar="FILE", help="YAML configuration file")

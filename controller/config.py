@@ -125,17 +125,69 @@ class KernelConfig(_Strict):
     hello_segments_max: Annotated[int, Field(ge=1, le=64)] = 12
 
 
+Glob = Annotated[str, AfterValidator(_check_glob)]
+Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+
 class PlaintextSelect(_Strict):
-    cgroups: list[str] = []
-    exes: list[str] = []
-    uids: list[int] = []
+    """Processes whose TLS writes are probed (any rule matching selects)."""
+
+    cgroups: list[Glob] = []  # glob on the cgroup v2 path, e.g. "/crm-sync/*"
+    exes: list[Glob] = []  # glob on the executable path or argv[0]
+    uids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = []
+
+
+class CanaryRecord(_Strict):
+    """A planted token and what it was planted in; a bare string is a token alone."""
+
+    token: Annotated[str, Field(min_length=8, max_length=512)]
+    tenant: str | None = None  # whose data the record is
+    record: str = "canary"  # e.g. "Account/001xx000003DGb2"
+    environment: Label | None = None
+
+
+class PlaintextTenantPolicy(_Strict):
+    """Per-tenant content rules, under plaintext.tenants.<tenant name>."""
+
+    # CRM fields that must only leave encrypted (field-level encryption)
+    encrypted_fields: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.$-]{1,128}$")]] = []
+    # a value starting with one of these is ciphertext (e.g. "enc:v1:")
+    envelope_prefixes: list[Annotated[str, Field(min_length=2, max_length=64)]] = []
+    # bulk operations allowed without an alert, e.g. "salesforce:bulk2.ingest",
+    # "hubspot:export", "zendesk:incremental", globs allowed
+    bulk_operations: list[
+        Annotated[str, Field(pattern=r"^[a-z0-9_-]+:[A-Za-z0-9_.*?\[\]-]+$")]] = []
+
+
+class EnvironmentLabel(_Strict):
+    """An environment (prod, staging...) by cgroup or uid, for oauth_token_reuse."""
+
+    label: Label
+    cgroup: Glob | None = None
+    uids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = []
 
 
 class PlaintextConfig(_Strict):
     enabled: bool = False
     select: PlaintextSelect | Literal["all"] = PlaintextSelect()
     max_bytes: Annotated[int, Field(ge=64, le=16384)] = 4096
-    canaries: list[str] = []
+    # plaintext events per second per process before the kernel drops (counted)
+    events_per_second: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    canaries: list[CanaryRecord] = []
+    tenants: dict[str, PlaintextTenantPolicy] = {}
+    environments: list[EnvironmentLabel] = []
+    # the per-install HMAC key for token hashes; created (0600) when missing.
+    # Default: plaintext-hmac.key beside the database
+    hmac_secret_file: str | None = None
+    # full /proc rescans for processes that changed cgroup or uid without exec
+    rescan_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
+
+    @field_validator("canaries", mode="before")
+    @classmethod
+    def _bare_tokens(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return [{"token": c} if isinstance(c, str) else c for c in v]
+        return v
 
 
 class TlsConfig(_Strict):
@@ -266,7 +318,7 @@ def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}:1: the configuration must be a mapping of keys")
     try:
-        return LeaktapConfig.model_validate(data)
+        config = LeaktapConfig.model_validate(data)
     except ValidationError as e:
         lines = []
         for err in e.errors():
@@ -278,6 +330,26 @@ def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
                 msg = "unknown key"
             lines.append(f"{source}:{line or 1}: {_dotted(loc)}: {msg}")
         raise ConfigError("\n".join(lines)) from e
+    problems = _unknown_tenant_references(config)
+    if problems:
+        raise ConfigError("\n".join(
+            f"{source}:{_node_line(root, loc) or 1}: {_dotted(loc)}: {msg}" for loc, msg in problems
+        ))
+    return config
+
+
+def _unknown_tenant_references(config: LeaktapConfig) -> list[tuple[tuple[int | str, ...], str]]:
+    """Tenant names used by the plaintext rules must be configured tenants."""
+    names = {t.name for t in config.tenants}
+    out: list[tuple[tuple[int | str, ...], str]] = []
+    for name in config.plaintext.tenants:
+        if name not in names:
+            out.append((("plaintext", "tenants", name), f"no tenant named {name!r}"))
+    for i, canary in enumerate(config.plaintext.canaries):
+        if canary.tenant is not None and canary.tenant not in names:
+            out.append((("plaintext", "canaries", i, "tenant"),
+                        f"no tenant named {canary.tenant!r}"))
+    return out
 
 
 def load_config(path: str | os.PathLike[str] | None) -> LeaktapConfig:

@@ -315,6 +315,30 @@ def check_xdp(iface: str, sys_net: Path = Path("/sys/class/net")) -> CheckResult
     )
 
 
+def check_plaintext_select(select: object, enabled: bool = True,
+                           libssl: Callable[[], str | None] | None = None) -> CheckResult:
+    """The cost of plaintext.select: `all` puts a uprobe trap on every process's
+    SSL_write (a tight 4 KiB TLS write loop runs at about half speed)."""
+    name = "plaintext"
+    if not enabled:
+        return CheckResult(name, Status.OK, "plaintext inspection disabled")
+    path = (libssl or (lambda: find_shared_library(LIBSSL_SONAME)))()
+    where = path or LIBSSL_SONAME
+    if select == "all":
+        return CheckResult(
+            name, Status.WARN, f"select: all probes SSL_write in every process mapping {where}",
+            impact="every TLS write on this host traps into the kernel (~1-2 us each; a tight "
+            "4 KiB write loop runs at about half speed), selected or not",
+            fix="select the CRM connectors: plaintext.select: {cgroups, exes, uids}",
+        )
+    if not select:
+        return CheckResult(name, Status.WARN, "plaintext.select matches no process",
+                           impact="nothing is inspected",
+                           fix="list cgroups, exes or uids under plaintext.select")
+    return CheckResult(name, Status.OK, f"per-process probes on {where} for the selected "
+                       "processes only")
+
+
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_kernel,
     check_btf,
@@ -373,4 +397,11 @@ def main(
     if args is not None and getattr(args, "mode", None) == "xdp":
         ifaces = getattr(args, "iface", None) or []
         checks = (*checks, *(functools.partial(check_xdp, i) for i in ifaces))
+    if args is not None and getattr(args, "config", None):
+        from leaktap.controller.config import load_config
+
+        pt = load_config(args.config).plaintext
+        select = pt.select if pt.select == "all" else any(
+            (pt.select.cgroups, pt.select.exes, pt.select.uids))  # type: ignore[union-attr]
+        checks = (*checks, functools.partial(check_plaintext_select, select, pt.enabled))
     return write_report(run_checks(checks), stream or sys.stdout)

@@ -36,6 +36,8 @@ PIN_ROOT = BPFFS / "leaktap"
 MODE_SOURCES = {
     "tc": ("tc_egress.bpf.c", "tc_ingress.bpf.c"),
     "xdp": ("xdp_gateway.bpf.c",),
+    # TLS plaintext: uprobes and tracepoints, their own maps and ring buffer (load_ssl)
+    "ssl": ("ssl_uprobe.bpf.c",),
 }
 PROGRAMS = {
     "tc": {"egress": "lt_tc_egress", "ingress": "lt_tc_ingress"},
@@ -184,7 +186,7 @@ def _prepare_pin_dir(digest: str, root: Path) -> Path:
 def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
     """Compile and load the programs of `mode`; ProbeLoadError says what failed."""
     options = options or KernelOptions()
-    if mode not in MODE_SOURCES:
+    if mode not in PROGRAMS:
         raise ProbeLoadError(f"unknown mode {mode!r}; expected one of {sorted(MODE_SOURCES)}")
     try:
         from bcc import BPF
@@ -414,3 +416,159 @@ def attached(probes: Probes, ifaces: list[str]) -> Iterator[None]:
             except Exception as e:  # noqa: BLE001 - keep detaching the others
                 logger.error("detaching from %s: %s", iface, e)
             probes.attach_modes.pop(iface, None)
+
+
+# ---- TLS plaintext uprobes (ssl_uprobe.bpf.c) ----------------------------------
+
+# symbol -> program: both write entry points (OpenSSL 3 and CPython call the
+# _ex form, so hooking SSL_write alone sees nothing of them) and the fd binding
+SSL_SYMBOLS = {
+    "SSL_write": "lt_ssl_write",
+    "SSL_write_ex": "lt_ssl_write_ex",
+    "SSL_set_fd": "lt_ssl_set_fd",
+}
+SSL_SNAP_MAX = 16384  # one TLS record
+
+
+@dataclass(frozen=True)
+class SslOptions:
+    """Sizes compiled into ssl_uprobe.bpf.c; see bpf/include/lt_types.h (LT_SSL_*)."""
+
+    snap_bytes: int = 4096  # plaintext.max_bytes
+    ringbuf_pages: int = 256
+    events_per_sec: int = 2000  # per process
+    procs_max: int = 4096
+    conns_max: int = 16384
+    threads_max: int = 4096
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snap_bytes, int) or not 1 <= self.snap_bytes <= SSL_SNAP_MAX:
+            raise ProbeLoadError(
+                f"snap_bytes must be in 1..{SSL_SNAP_MAX}, not {self.snap_bytes!r}")
+        pages = self.ringbuf_pages
+        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
+            raise ProbeLoadError(f"ringbuf_pages must be a power of two, not {pages!r}")
+        for name in ("events_per_sec", "procs_max", "conns_max", "threads_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 1 <= value <= 1 << 24:
+                raise ProbeLoadError(f"{name} must be an integer in 1..{1 << 24}, not {value!r}")
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DLT_SSL_SNAP={int(self.snap_bytes)}",
+            f"-DLT_SSL_RINGBUF_PAGES={int(self.ringbuf_pages)}",
+            f"-DLT_SSL_EVENTS_PER_SEC={int(self.events_per_sec)}",
+            f"-DLT_SSL_PROCS_MAX={int(self.procs_max)}",
+            f"-DLT_SSL_CONNS_MAX={int(self.conns_max)}",
+            f"-DLT_SSL_THREADS_MAX={int(self.threads_max)}",
+        ]
+
+
+@dataclass
+class SslProbes:
+    """The loaded plaintext program set and its uprobe attachments.
+
+    Its tracepoints (send syscalls, exec, exit) attach at load; the uprobes are
+    attached per (library, pid), pid -1 meaning every process.
+    """
+
+    options: SslOptions
+    bpf: Any
+    attached: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
+    # library -> {symbol: address}: resolved once, since BCC re-reads the ELF symbol
+    # table for every by-name attach (5-30 ms, longer than a fresh curl takes to write)
+    addresses: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def symbols(self, library: str) -> dict[str, int]:
+        found = self.addresses.get(library)
+        if found is None:
+            from bcc import BPF
+
+            pattern = "^(" + "|".join(SSL_SYMBOLS) + ")$"
+            try:
+                pairs = BPF.get_user_functions_and_addresses(library.encode(), pattern.encode())
+            except Exception as e:  # noqa: BLE001 - reported as a load error below
+                raise ProbeLoadError(f"reading the symbols of {library}: {e}") from e
+            found = {name.decode(): int(addr) for name, addr in pairs}
+            self.addresses[library] = found
+        return found
+
+    def table(self, name: str) -> Any:
+        return self.bpf[name.encode()]
+
+    def attach(self, library: str, pid: int = -1) -> tuple[str, ...]:
+        """Probe `library` for `pid` (-1: every process); returns the symbols hooked.
+
+        A library without one of the symbols (an old OpenSSL without
+        SSL_write_ex) is probed on the others; none at all is an error."""
+        if (library, pid) in self.attached:
+            return self.attached[library, pid]
+        hooked = []
+        errors = []
+        addresses = self.symbols(library)
+        for sym, fn in SSL_SYMBOLS.items():
+            if sym not in addresses:
+                errors.append(f"{sym}: no such symbol")
+                continue
+            try:
+                self.bpf.attach_uprobe(name=library.encode(), addr=addresses[sym],
+                                       fn_name=fn.encode(), pid=pid)
+            except Exception as e:  # noqa: BLE001 - a missing symbol is reported below
+                errors.append(f"{sym}: {e}")
+                continue
+            hooked.append(sym)
+        if not any(s.startswith("SSL_write") for s in hooked):
+            for sym in hooked:
+                self._detach_one(library, sym, pid)
+            raise ProbeLoadError(f"probing {library} for pid {pid}: {'; '.join(errors)}")
+        self.attached[library, pid] = tuple(hooked)
+        return tuple(hooked)
+
+    def _detach_one(self, library: str, sym: str, pid: int) -> None:
+        try:
+            self.bpf.detach_uprobe(name=library.encode(), addr=self.addresses[library][sym],
+                                   pid=pid)
+        except Exception as e:  # noqa: BLE001 - the process may be gone; keep going
+            logger.debug("detaching %s:%s for pid %d: %s", library, sym, pid, e)
+
+    def detach(self, library: str, pid: int = -1) -> None:
+        for sym in self.attached.pop((library, pid), ()):
+            self._detach_one(library, sym, pid)
+
+    def detach_pid(self, pid: int) -> int:
+        """Remove every uprobe of `pid`; returns how many libraries it had."""
+        libs = [lib for lib, p in self.attached if p == pid]
+        for lib in libs:
+            self.detach(lib, pid)
+        return len(libs)
+
+    def close(self) -> None:
+        for library, pid in list(self.attached):
+            self.detach(library, pid)
+        with contextlib.suppress(Exception):
+            self.bpf.cleanup()
+
+
+def load_ssl(options: SslOptions | None = None) -> SslProbes:
+    """Compile and load ssl_uprobe.bpf.c (its tracepoints attach at once)."""
+    options = options or SslOptions()
+    try:
+        from bcc import BPF
+    except ImportError as e:
+        raise ProbeLoadError(
+            "cannot import bcc: install python3-bpfcc and use a venv made with "
+            "--system-site-packages (scripts/setup.sh)"
+        ) from e
+    files = MODE_SOURCES["ssl"]
+    try:
+        source = expand_source(files)
+    except OSError as e:
+        raise ProbeLoadError(f"reading BPF sources {files}: {e}") from e
+    started = time.monotonic()
+    try:
+        bpf = BPF(text=source.encode(), cflags=options.cflags() + ["-Wno-unused-value"])
+    except Exception as e:
+        raise ProbeLoadError(
+            f"compiling {', '.join(files)}: {e} (see the compiler output above)") from e
+    logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
+    return SslProbes(options=options, bpf=bpf)

@@ -28,8 +28,10 @@ REMEDIES = {
 class LossMonitor:
     """Logs the increase of each loss counter since the previous check."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str = "loss_", remedies: dict[str, str] | None = None) -> None:
         self._last: dict[str, int] | None = None
+        self._prefix = prefix
+        self._remedies = REMEDIES if remedies is None else remedies
 
     def check(self, stats: dict[str, int]) -> dict[str, int]:
         """Returns {reason: increase} for the loss counters that rose."""
@@ -38,11 +40,11 @@ class LossMonitor:
         rises = {
             k: v - last.get(k, 0)
             for k, v in stats.items()
-            if k.startswith("loss_") and v > last.get(k, 0)
+            if k.startswith(self._prefix) and v > last.get(k, 0)
         }
         for reason, count in sorted(rises.items()):
             logger.warning(
                 "kernel lost %d sample(s)/update(s): %s — %s",
-                count, reason, REMEDIES.get(reason, "see bpf/include/lt_types.h"),
+                count, reason, self._remedies.get(reason, "see bpf/include/lt_types.h"),
             )
         return rises

@@ -102,9 +102,10 @@ def _merge_cpus(key: Any, per_cpu: Any, now_ns: int) -> FlowCounters | None:
             continue
         tx_bytes += v.tx_bytes
         tx_packets += v.tx_packets
-        first = v.first_seen_ns if not first else min(first, v.first_seen_ns)
         flags |= v.flags
-        uid = v.uid
+        if not first or v.first_seen_ns < first:
+            # the earliest slot's owner: each CPU's slot is stamped by its first packet
+            first, uid = v.first_seen_ns, v.uid
     if not tx_packets:
         return None
     return FlowCounters(_NO_KEY, tx_bytes, tx_packets, first, now_ns, uid, flags)

@@ -129,6 +129,10 @@ MIGRATIONS: list[str] = [
     CREATE INDEX outbox_due ON outbox (sink, state, next_attempt_ts, id);
     CREATE INDEX outbox_alert ON outbox (alert_id, sink, id);
     """,
+    # 4: the unfiltered alert list (newest first) walks an index instead of sorting
+    """
+    CREATE INDEX alerts_recent ON alerts (last_seen, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -246,7 +250,7 @@ class Store:
                             "dns_names, crm_vendor, crm_instance, tenant, cgroup, uid, bytes_out, "
                             "packets_out, bytes_in, packets_in, first_seen, last_seen, flags_out, "
                             "flags_in) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            f"VALUES ({', '.join('?' * 21)})",
                             values,
                         )
                         new_ids[id(f)] = int(cur.lastrowid or 0)
@@ -284,7 +288,8 @@ class Store:
         self, tenant: str | None = None, vendor: str | None = None, since: float | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        where, args = ["1=1"], []
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
         if tenant is not None:
             where.append("tenant = ?")
             args.append(tenant)
@@ -329,7 +334,8 @@ class Store:
             args["since"] = since
         if attempted_only:
             where.append(
-                "(((flags_out & :syn) AND NOT (flags_in & :synack)) OR ((flags_out | flags_in) & :rst))"
+                "(((flags_out & :syn) AND NOT (flags_in & :synack)) "
+                "OR ((flags_out | flags_in) & :rst))"
             )
         with self._lock:
             cur = self._db.execute(

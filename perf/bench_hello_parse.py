@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from leaktap.controller.catalogue import CrmCatalogue
 from leaktap.controller.config import TenantConfig, TenantMatch
 from leaktap.controller.quic import QUIC_V1, QuicHelloAssembler, client_initial_keys

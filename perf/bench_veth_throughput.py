@@ -216,7 +216,7 @@ def main() -> int:
         w("in place (BPF run-time stats, extra 3 s run): " + ", ".join(
             f"{d} {ns:.0f} ns/skb over {cnt} skbs = {cpu:.1f}% of one CPU"
             for d, (ns, cnt, cpu) in profile.items())
-          + f"; BPF_PROG_TEST_RUN measures the same program on linear skbs (perf/bench_tc_cost.py)\n")
+          + "; BPF_PROG_TEST_RUN measures the same program on linear skbs (perf/bench_tc_cost.py)\n")
     lo, hi = min(results["without"]), max(results["without"])
     spread = (hi - lo) / mw
     noisy = spread > 2 * (1 - TARGET)

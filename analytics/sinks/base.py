@@ -29,13 +29,14 @@ class SinkSettings(BaseModel):
     """Keys every sink accepts."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str  # each sink narrows it to its Literal: the union's tag
     name: SinkName | None = None  # default: the type; needed when two sinks share a type
     min_severity: Severity = "info"  # alerts below this never reach the sink
     timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
 
     @property
     def sink_name(self) -> str:
-        return self.name or str(getattr(self, "type"))
+        return self.name or str(self.type)
 
 
 def check_http_url(value: str) -> str:

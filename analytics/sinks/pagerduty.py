@@ -67,7 +67,8 @@ class PagerDutySink:
             "summary": str(alert["summary"])[:SUMMARY_MAX],
             "source": self.source,
             "severity": SEVERITY.get(alert["severity"], "error"),
-            "timestamp": iso8601(alert["first_seen"]),
+            # when leaktap detected it (raised or reopened); the activity span is in details
+            "timestamp": iso8601(alert.get("raised_ts", alert["first_seen"])),
             "component": f"{vendor}:{instance}" if vendor else destination_of(alert) or "egress",
             "group": alert["tenant"],
             "class": alert["kind"],

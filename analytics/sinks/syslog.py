@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import threading
 from typing import Annotated, Any, Literal
@@ -100,6 +101,19 @@ def cef_message(event: AlertEvent, host: str, with_evidence: bool = True) -> str
     return header + "|" + " ".join(f"{k}={cef_value(v)}" for k, v in ext)
 
 
+def _peer_closed(sock: socket.socket) -> bool:
+    """True when the receiver closed or reset the connection (it never sends data)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class SyslogSink:
     def __init__(self, settings: SyslogSettings) -> None:
         self.name = settings.sink_name
@@ -135,6 +149,9 @@ class SyslogSink:
         message = self.format(event)
         with self._lock:
             try:
+                if self._sock is not None and self.transport == "tcp" and _peer_closed(self._sock):
+                    # a write into a connection the receiver closed would "succeed" and be lost
+                    self._close()
                 if self._sock is None:
                     self._sock = self._connect()
                 if self.transport == "udp":

@@ -94,9 +94,6 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 
 	if (!v) {
 		struct lt_flow_val init = {};
-		init.first_seen_ns = bpf_ktime_get_ns();
-		init.last_seen_ns = init.first_seen_ns;
-		init.uid = LT_SOCKET_UID(ctx);
 		/* BPF_NOEXIST: a concurrent insert by another CPU must not be overwritten */
 		lt_flows.insert(&p->key, &init);
 		v = lt_flows.lookup(&p->key);
@@ -105,6 +102,15 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 			return NULL;
 		}
 		stat_inc(LT_CNT_FLOW_NEW);
+	}
+	/* An insert fills only the inserting CPU's slot; every other CPU's slot
+	 * starts zeroed, so each slot is stamped by its own first packet. The
+	 * owner is read on egress only: an ingress skb may still carry the sending
+	 * socket of a local peer (veth across namespaces keeps skb->sk). */
+	if (!v->first_seen_ns) {
+		v->first_seen_ns = bpf_ktime_get_ns();
+		v->last_seen_ns = v->first_seen_ns;
+		v->uid = p->key.dir == LT_DIR_EGRESS ? LT_SOCKET_UID(ctx) : LT_NO_UID;
 	}
 	v->tx_bytes += len;
 	v->tx_packets += segs;

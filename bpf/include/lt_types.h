@@ -78,6 +78,9 @@
 /* IPv6 extension headers walked before giving up (counted). */
 #define LT_IPV6_EXT_MAX 6
 
+/* lt_flow_val.uid when no socket owner is known (ingress, XDP) */
+#define LT_NO_UID 0xFFFFFFFF
+
 /* ---- enums ---- */
 
 /* Direction of a packet relative to the monitored interface. */
@@ -161,7 +164,7 @@ struct lt_flow_val {
 	__u64 last_seen_ns;       /* = first_seen_ns: entries live one drain interval, so the
 				   * controller stamps the drain time instead of the kernel
 				   * reading a clock for every packet */
-	__u32 uid;                /* socket owner uid, 0xffffffff if no socket */
+	__u32 uid;                /* socket owner uid on egress, LT_NO_UID otherwise */
 	__u32 flags;              /* enum lt_flow_flag bits */
 	__u32 probe_segs;         /* payload packets inspected for a TLS/QUIC start */
 	__u32 last_sig;           /* signature of the last packet (mirror-port dedup) */
@@ -217,5 +220,117 @@ struct lt_event {
 };
 
 #define LT_EVENT_HDR_SIZE __builtin_offsetof(struct lt_event, payload)
+
+/* ---- TLS plaintext (ssl_uprobe.bpf.c): its own object, maps and counters ---- */
+
+/* Plaintext bytes one event carries: the config's plaintext.max_bytes
+ * (default 4096, at most 16384 = one TLS record). Writes are copied from
+ * user memory only up to this; the rest is counted as LT_SSL_LOSS_TRUNCATED. */
+#ifndef LT_SSL_SNAP
+#define LT_SSL_SNAP 4096
+#endif
+/* Plaintext ring buffer in pages (power of two). 256 pages = 1 MiB hold
+ * ~250 full 4 KiB events, i.e. 25 ms of a 10k events/s burst before the
+ * controller's drain (woken by epoll) catches up. */
+#ifndef LT_SSL_RINGBUF_PAGES
+#define LT_SSL_RINGBUF_PAGES 256
+#endif
+/* Plaintext events per second per process before rate limiting (counted).
+ * A CRM connector makes at most a few hundred API calls a second; a process
+ * streaming a bulk upload in 4 KiB writes is sampled, not followed. */
+#ifndef LT_SSL_EVENTS_PER_SEC
+#define LT_SSL_EVENTS_PER_SEC 2000
+#endif
+/* Processes with rate-limit state. LRU: an evicted process only starts a
+ * fresh window, so eviction loses nothing. */
+#ifndef LT_SSL_PROCS_MAX
+#define LT_SSL_PROCS_MAX 4096
+#endif
+/* SSL objects with a known socket fd (SSL_set_fd, or learned from the next
+ * send syscall). LRU: an evicted connection is learned again from its next
+ * write's send syscall (LT_SSL_CNT_BIND counts each learning). 16k open TLS
+ * connections x 24 B = 384 KiB. */
+#ifndef LT_SSL_CONNS_MAX
+#define LT_SSL_CONNS_MAX 16384
+#endif
+/* Threads between an SSL_write on an SSL object without a known fd and
+ * their next send syscall. An entry lives microseconds; LRU, overwritten by
+ * the thread's next write. */
+#ifndef LT_SSL_THREADS_MAX
+#define LT_SSL_THREADS_MAX 4096
+#endif
+/* Selected processes whose exit the controller wants to hear of. */
+#ifndef LT_SSL_PIDS_MAX
+#define LT_SSL_PIDS_MAX 16384
+#endif
+/* write(2) calls on a thread with a pending SSL object that are not TLS
+ * records (a log line between SSL_write and the send) before giving up. */
+#define LT_SSL_BIND_TRIES 4
+
+/* Index of lt_ssl_stats (per-CPU, monotonic), exported as ssl_<name>. */
+enum lt_ssl_stat {
+	LT_SSL_CNT_WRITE = 0,       /* SSL_write/SSL_write_ex calls probed */
+	LT_SSL_CNT_EVENT,           /* plaintext events delivered */
+	LT_SSL_CNT_BIND,            /* SSL object -> fd bindings learned from a send syscall */
+	LT_SSL_CNT_SET_FD,          /* SSL_set_fd calls probed */
+	LT_SSL_CNT_EXEC,            /* exec notifications delivered */
+	LT_SSL_CNT_EXIT,            /* exit notifications of selected processes delivered */
+	LT_SSL_CNT_EMPTY,           /* writes of 0 bytes (or negative SSL_write lengths) */
+	LT_SSL_LOSS_RINGBUF_FULL,   /* ring buffer reservation failed */
+	LT_SSL_LOSS_RATE_LIMITED,   /* event dropped by the per-process rate limit */
+	LT_SSL_LOSS_TRUNCATED,      /* write longer than LT_SSL_SNAP: the rest not captured */
+	LT_SSL_LOSS_READ_USER,      /* bpf_probe_read_user of the buffer failed */
+	LT_SSL_LOSS_BIND_EVENT,     /* a binding could not be sent (ring buffer full) */
+	LT_SSL_LOSS_NOTIFY,         /* an exec/exit notification could not be sent */
+	LT_SSL_LOSS_BIND_GIVEUP,    /* no TLS-looking send within LT_SSL_BIND_TRIES writes */
+	LT_SSL_STAT_MAX,
+};
+
+/* Kind of an lt_ssl_events record. */
+enum lt_ssl_event_kind {
+	LT_SSL_EV_WRITE = 1,        /* the first bytes of one SSL_write/SSL_write_ex */
+	LT_SSL_EV_BIND = 2,         /* ssl_ptr now writes to fd (learned from a send syscall) */
+	LT_SSL_EV_EXEC = 3,         /* a process called execve: the controller checks selection */
+	LT_SSL_EV_EXIT = 4,         /* a selected process exited: detach its probes */
+};
+
+/* Key of lt_ssl_fds: an SSL object in one process (pointers repeat across processes). */
+struct lt_ssl_key {
+	__u64 ssl_ptr;
+	__u32 tgid;
+	__u32 pad;
+};
+
+/* Value of lt_ssl_fds. */
+struct lt_ssl_sock {
+	__s32 fd;
+	__u32 via_set_fd;           /* 1: SSL_set_fd (trusted); 0: learned from a send */
+};
+
+/* Value of lt_ssl_pend: the thread's last SSL_write whose fd is not known yet. */
+struct lt_ssl_pending {
+	__u64 ssl_ptr;
+	__u32 tries;                /* write(2) calls seen that were not TLS records */
+	__u32 pad;
+};
+
+/* One lt_ssl_events record: header plus the first cap_len plaintext bytes.
+ * Only LT_SSL_EVENT_HDR_SIZE + cap_len bytes are submitted. */
+struct lt_ssl_event {
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	__u64 ssl_ptr;
+	__u64 req_len;              /* bytes the application asked to write */
+	__u32 kind;                 /* enum lt_ssl_event_kind */
+	__u32 pid;                  /* thread id */
+	__u32 tgid;                 /* process id */
+	__u32 uid;
+	__s32 fd;                   /* socket fd of ssl_ptr, -1 if not known yet */
+	__u32 cap_len;              /* bytes of data[] that are filled */
+	char comm[16];
+	__u8 data[LT_SSL_SNAP];
+};
+
+#define LT_SSL_EVENT_HDR_SIZE __builtin_offsetof(struct lt_ssl_event, data)
 
 #endif /* __LT_TYPES_H */

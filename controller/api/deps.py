@@ -1,14 +1,19 @@
-"""Request dependencies: the agent and bearer-token roles."""
+"""Request dependencies: the agent and bearer-token roles.
+
+They are `async` although they never await: FastAPI runs a plain `def`
+dependency in the thread pool, a hop per dependency per request.
+"""
 
 from __future__ import annotations
 
 import hmac
 from typing import Annotated, Any
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
+from pydantic import BaseModel, TypeAdapter
 
 
-def get_agent(request: Request) -> Any:
+async def get_agent(request: Request) -> Any:
     return request.app.state.agent
 
 
@@ -29,7 +34,7 @@ def _role(request: Request) -> str | None:
     return role
 
 
-def require_reader(request: Request) -> str:
+async def require_reader(request: Request) -> str:
     role = _role(request)
     if role is None:
         raise HTTPException(
@@ -40,7 +45,7 @@ def require_reader(request: Request) -> str:
     return role
 
 
-def require_admin(role: Annotated[str, Depends(require_reader)]) -> str:
+async def require_admin(role: Annotated[str, Depends(require_reader)]) -> str:
     if role != "admin":
         raise HTTPException(status.HTTP_403_FORBIDDEN, "admin token required")
     return role
@@ -49,3 +54,13 @@ def require_admin(role: Annotated[str, Depends(require_reader)]) -> str:
 AgentDep = Annotated[Any, Depends(get_agent)]
 ReaderDep = Annotated[str, Depends(require_reader)]
 AdminDep = Annotated[str, Depends(require_admin)]
+
+
+_ANY = TypeAdapter(Any)
+
+
+def json_response(content: Any) -> Response:
+    """Serialize in pydantic-core: several times faster than FastAPI's default
+    path (validate, convert to Python, json.dumps) on pages of rows."""
+    body = content.model_dump_json() if isinstance(content, BaseModel) else _ANY.dump_json(content)
+    return Response(body, media_type="application/json")

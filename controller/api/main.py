@@ -9,8 +9,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from leaktap.controller.api.routes import flows, health, metrics, tenants
+from leaktap.controller.api.cache import ResponseCache
+from leaktap.controller.api.deps import ReaderDep
+from leaktap.controller.api.routes import alerts, audit, flows, health, metrics, sinks, tenants
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +38,27 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
             if manage:
                 await asyncio.to_thread(agent.stop)
 
-    app = FastAPI(title="leaktap", version="0.1.0", lifespan=lifespan)
+    # the schema and its UI need a reader token too: only /healthz is open
+    app = FastAPI(title="leaktap", version="0.1.0", lifespan=lifespan,
+                  openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def read_openapi(_: ReaderDep) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    def read_docs(_: ReaderDep) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="leaktap API")
+
     app.state.agent = agent
+    app.state.response_cache = ResponseCache()
     app.state.reader_tokens = list(readers)
     app.state.admin_tokens = list(admins)
     app.include_router(health.router)
     app.include_router(flows.router)
     app.include_router(tenants.router)
+    app.include_router(alerts.router)
+    app.include_router(audit.router)
+    app.include_router(sinks.router)
     app.include_router(metrics.router)
     return app

@@ -6,8 +6,8 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
-from leaktap.controller.loader import KernelOptions
 
+from leaktap.controller.loader import KernelOptions
 from tests.bpf.harness import (
     DEFAULT,
     RATE_3,

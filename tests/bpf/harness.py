@@ -19,7 +19,6 @@ from leaktap.controller.loader import KernelOptions, Probes, load
 from leaktap.controller.maps import FlowCounters, MapReader
 from leaktap.controller.ringbuf import RingDrainer, Sample
 
-
 DEFAULT = KernelOptions(flows_max=4096)
 TINY_RING = KernelOptions(flows_max=4096, ringbuf_pages=1)
 TINY_FLOWS = KernelOptions(flows_max=16)

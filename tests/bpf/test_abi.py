@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from leaktap.controller import abi
 from leaktap.controller.loader import bpf_dir
-
 from tests.bpf.harness import DEFAULT
-
 
 pytestmark = pytest.mark.kernel
 
@@ -39,9 +38,13 @@ def layout(cls: Any) -> dict[str, Any]:
     return {"size": ctypes.sizeof(cls), "fields": fields}
 
 
-def current_layouts(probes: Any) -> dict[str, dict[str, Any]]:
+def current_layouts(probes: Any, ssl: Any) -> dict[str, dict[str, Any]]:
     flows = probes.table("lt_flows")
     return {
+        "lt_ssl_event": layout(ssl.table("lt_ssl_scratch").sLeaf),
+        "lt_ssl_key": layout(ssl.table("lt_ssl_fds").Key),
+        "lt_ssl_sock": layout(ssl.table("lt_ssl_fds").Leaf),
+        "lt_ssl_pending": layout(ssl.table("lt_ssl_pend").Leaf),
         "lt_flow_key": layout(flows.Key),
         "lt_flow_val": layout(flows.sLeaf),  # per-CPU: sLeaf is one CPU's value
         "lt_volume": layout(probes.table("lt_cgtot").sLeaf),
@@ -80,8 +83,17 @@ def probes(kernels):
     return kernels(DEFAULT).probes
 
 
-def test_struct_layouts_match_the_golden_file(probes):
-    now = current_layouts(probes)
+@pytest.fixture(scope="module")
+def ssl_probes():
+    from leaktap.controller.loader import load_ssl
+
+    ssl = load_ssl()
+    yield ssl
+    ssl.close()
+
+
+def test_struct_layouts_match_the_golden_file(probes, ssl_probes):
+    now = current_layouts(probes, ssl_probes)
     if os.environ.get("LEAKTAP_UPDATE_ABI_GOLDEN") == "1":
         GOLDEN.write_text(json.dumps(now, indent=2) + "\n")
     golden = json.loads(GOLDEN.read_text())
@@ -111,6 +123,16 @@ def test_event_header_size_is_the_payload_offset(probes):
     assert event.payload.size == abi.defines()["LT_SNAP"]
 
 
+def test_ssl_event_header_and_stats(ssl_probes):
+    from leaktap.controller.ssl_events import ssl_stat_names
+
+    event = ssl_probes.table("lt_ssl_scratch").sLeaf
+    assert event.data.offset == 72
+    assert event.data.size == abi.defines()["LT_SSL_SNAP"]
+    names = ssl_stat_names()
+    assert len(names) == len(ssl_probes.table("lt_ssl_stats")) == len(set(names))
+
+
 def test_stats_map_has_one_slot_per_stat_name(probes):
     names = abi.stat_names()
     stat_max = abi.enums()["lt_stat"]["LT_STAT_MAX"]
@@ -131,27 +153,19 @@ def test_every_loss_reason_of_the_header_is_an_exported_stat():
         assert names[parsed[member]] == member.removeprefix("LT_").lower()
 
 
-@pytest.fixture(scope="module")
-def compiled_values() -> dict[str, int]:
-    """Every enumerator and integer LT_* #define as clang evaluates it."""
+def test_parsed_enums_and_defines_equal_the_compilers_values() -> None:
+    """Every enumerator and integer LT_* #define as clang evaluates it equals
+    what controller/abi.py parsed: one static assertion per symbol."""
     from bcc import BPF
 
-    symbols = [m for e in abi.enums().values() for m in e] + list(abi.defines())
-    lines = ['#include "lt_types.h"']
-    for i, sym in enumerate(symbols):
-        lines.append(f"BPF_ARRAY(v{i}, u8, ({sym}) + 1);")
-    text = ("\n".join(lines) + "\n").encode()
-    b = BPF(text=text, cflags=["-I", str(bpf_dir() / "include")])
-    try:
-        return {sym: b[f"v{i}".encode()].max_entries - 1 for i, sym in enumerate(symbols)}
-    finally:
-        b.cleanup()
-
-
-def test_parsed_enums_and_defines_equal_the_compilers_values(compiled_values):
     parsed = {m: v for e in abi.enums().values() for m, v in e.items()} | abi.defines()
-
-    wrong = {sym: (parsed[sym], compiled_values[sym]) for sym in parsed
-             if parsed[sym] != compiled_values[sym]}
-
-    assert not wrong, f"controller/abi.py parsed (value, clang's value): {wrong}"
+    lines = ['#include "lt_types.h"']
+    lines += [f'_Static_assert(({sym}) == {value}ULL, "{sym} is not {value}");'
+              for sym, value in parsed.items()]
+    try:
+        b = BPF(text=("\n".join(lines) + "\n").encode(),
+                cflags=["-I", str(bpf_dir() / "include")])
+    except Exception as e:  # clang printed which assertion failed above
+        raise AssertionError(f"controller/abi.py parsed a value clang disagrees with: {e}") from e
+    b.cleanup()
+    assert len(parsed) > 60

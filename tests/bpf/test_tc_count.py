@@ -5,13 +5,12 @@ from __future__ import annotations
 import socket
 
 import pytest
-from leaktap.controller import abi
-from leaktap.controller.testrun import MAX_FRAME
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
+from leaktap.controller import abi
+from leaktap.controller.testrun import MAX_FRAME
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth, tcp4, tcp6, udp4
-
 
 pytestmark = pytest.mark.kernel
 

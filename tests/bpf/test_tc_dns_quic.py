@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from leaktap.controller import abi
-from leaktap.controller.dns import DnsCache
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
+from leaktap.controller import abi
+from leaktap.controller.dns import DnsCache
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, client_hello, tcp4, udp4, udp6
-
 
 pytestmark = pytest.mark.kernel
 

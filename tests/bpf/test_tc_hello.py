@@ -9,17 +9,25 @@ from __future__ import annotations
 import math
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.packet import Raw
+
 from leaktap.controller import abi
 from leaktap.controller.ringbuf import Sample
 from leaktap.controller.testrun import MAX_FRAME
 from leaktap.controller.tls import HelloReassembler, parse_client_hello
-from scapy.layers.inet import IP, TCP
-from scapy.packet import Raw
-
 from tests.bpf.lt_frames import (
-    CLIENT4, CLIENT6, SERVER4, SERVER6, SNI, client_hello, eth, segments, tcp4, tcp6,
+    CLIENT4,
+    CLIENT6,
+    SERVER4,
+    SERVER6,
+    SNI,
+    client_hello,
+    eth,
+    segments,
+    tcp4,
+    tcp6,
 )
-
 
 pytestmark = pytest.mark.kernel
 

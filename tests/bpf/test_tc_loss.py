@@ -14,11 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from leaktap.controller.hostfs import find_cgroup2_mount
 from leaktap.controller.loss import LossMonitor
-
 from tests.bpf.lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
-
 
 pytestmark = pytest.mark.kernel
 

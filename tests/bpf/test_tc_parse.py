@@ -22,7 +22,6 @@ from scapy.packet import Packet, Raw
 
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth
 
-
 pytestmark = pytest.mark.kernel
 
 TCP_P, UDP_P, ICMP_P, ICMP6_P = 6, 17, 1, 58

@@ -9,6 +9,8 @@ from collections import defaultdict
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.dns import DNS, DNSQR, DNSRR, dns_compress
+
 from leaktap.controller.dns import (
     TYPE_A,
     TYPE_AAAA,
@@ -18,8 +20,6 @@ from leaktap.controller.dns import (
     DnsMessage,
     parse_dns_message,
 )
-from scapy.layers.dns import DNS, DNSQR, DNSRR, dns_compress
-
 from tests.corpus import corpus_available, load_tsv, read_segments
 
 

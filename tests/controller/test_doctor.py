@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from leaktap.controller.doctor import (
     DEFAULT_CHECKS,
     Check,

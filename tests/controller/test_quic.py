@@ -10,6 +10,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName, TLS_Ext_Unknown
+from scapy.layers.tls.handshake import TLSClientHello
+
 from leaktap.controller.quic import (
     QUIC_V1,
     QUIC_V2,
@@ -19,9 +22,6 @@ from leaktap.controller.quic import (
     parse_long_header,
 )
 from leaktap.controller.tls import ClientHello
-from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName, TLS_Ext_Unknown
-from scapy.layers.tls.handshake import TLSClientHello
-
 from tests.corpus import corpus_available, load_tsv, quic_client_datagrams, read_segments
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")

@@ -14,17 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from leaktap.controller.config import LeaktapConfig
-from leaktap.controller.errors import PcapError
-from leaktap.controller.replay import ReplayResult, replay
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import CookedLinux, Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import wrpcap
 
+from leaktap.controller.config import LeaktapConfig
+from leaktap.controller.errors import PcapError
+from leaktap.controller.replay import ReplayResult, replay
 from tests.corpus import corpus_available, load_tsv
-
 
 pytestmark = pytest.mark.kernel
 

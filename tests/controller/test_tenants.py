@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+
 from leaktap.controller.config import TenantConfig, TenantMatch, parse_config
 from leaktap.controller.tenants import TenantResolver
 

@@ -10,14 +10,6 @@ from collections import Counter, defaultdict
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from leaktap.controller.tls import (
-    ClientHello,
-    HelloReassembler,
-    is_grease,
-    parse_client_hello,
-    parse_dtls_client_hello,
-    parse_handshake_message,
-)
 from scapy.layers.tls.extensions import (
     ProtocolName,
     ServerName,
@@ -30,6 +22,14 @@ from scapy.layers.tls.extensions import (
 from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 
+from leaktap.controller.tls import (
+    ClientHello,
+    HelloReassembler,
+    is_grease,
+    parse_client_hello,
+    parse_dtls_client_hello,
+    parse_handshake_message,
+)
 from tests.corpus import corpus_available, kernel_hello_capture, load_tsv, read_segments
 
 MSS = 1448

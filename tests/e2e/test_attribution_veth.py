@@ -96,7 +96,8 @@ def test_flows_attributed_by_cgroup_uid_cidr_and_dns(tmp_path: Path) -> None:
         cgroup.rmdir()
 
     tls = {f["tenant"]: f for f in flows if f["dport"] == 443}
-    assert set(tls) == {"acme", "globex", "initech"}, flows
+    assert set(tls) == {"acme", "globex", "initech"}, [
+        (f["tenant"], f["uid"], f["sni"], f["cgroup"], f["src"]) for f in flows]
     acme, globex, initech = tls["acme"], tls["globex"], tls["initech"]
     assert (acme["sni"], acme["crm_vendor"], acme["crm_instance"]) == (
         "acme.my.salesforce.com", "salesforce", "acme")

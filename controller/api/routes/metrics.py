@@ -1,18 +1,30 @@
-"""Prometheus text exposition of the agent's kernel counters."""
+"""Prometheus text exposition: kernel counters, egress by destination, loss,
+alerts and deliveries."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from leaktap.controller.api.deps import AgentDep, ReaderDep
 
 router = APIRouter(tags=["metrics"])
 
 
+# the kernel object each loss counter is about (every other loss is the event ring)
+LOSS_RING = {
+    "loss_flow_insert": "lt_flows",
+    "loss_cgroup_full": "lt_cgtot",
+    "loss_hello_pending": "lt_hello",
+}
+
+
 class _AgentCollector:
-    def __init__(self, agent: object) -> None:
+    def __init__(self, agent: Any) -> None:
         self.agent = agent
 
     def collect(self):  # type: ignore[no-untyped-def]
@@ -43,10 +55,67 @@ class _AgentCollector:
         yield GaugeMetricFamily(
             "leaktap_conversations", "conversations in memory", value=len(a.table)
         )
+        egress_bytes = CounterMetricFamily(
+            "leaktap_egress_bytes", "egress bytes attributed to a flow",
+            labels=["tenant", "vendor", "instance"],
+        )
+        egress_packets = CounterMetricFamily(
+            "leaktap_egress_packets", "egress packets attributed to a flow",
+            labels=["tenant", "vendor", "instance"],
+        )
+        for (tenant, vendor, instance), (b, p) in sorted(a.egress_by_destination.items()):
+            egress_bytes.add_metric([tenant, vendor, instance], b)
+            egress_packets.add_metric([tenant, vendor, instance], p)
+        yield egress_bytes
+        yield egress_packets
+        dropped = CounterMetricFamily(
+            "leaktap_events_dropped", "kernel samples and updates lost, by ring/map and reason",
+            labels=["ring", "reason"],
+        )
+        for reason, value in sorted(a.stats.items()):
+            if reason.startswith("loss_"):
+                dropped.add_metric([LOSS_RING.get(reason, "lt_events"),
+                                    reason.removeprefix("loss_")], value)
+        yield dropped
+        attached = GaugeMetricFamily(
+            "leaktap_probe_attached",
+            "1 when the programs are attached to the interface (mode: tc, native, generic)",
+            labels=["interface", "mode"],
+        )
+        modes = dict(getattr(a.probes, "attach_modes", None) or {})
+        for iface in a.interfaces:
+            up = a.attached and iface in modes
+            attached.add_metric([iface, modes.get(iface, "")], 1 if up else 0)
+        yield attached
+        yield from _alert_metrics(getattr(a, "alerts", None), getattr(a, "outbox", None))
+
+
+def _alert_metrics(alerts: Any, outbox: Any) -> Iterator[Metric]:
+    raised = CounterMetricFamily(
+        "leaktap_alerts", "alerts raised (paged) since start", labels=["kind", "severity"]
+    )
+    for (kind, severity), n in sorted((alerts.raised if alerts else {}).items()):
+        raised.add_metric([kind, severity], n)
+    yield raised
+    deliveries = CounterMetricFamily(
+        "leaktap_sink_deliveries", "delivery attempts by sink and outcome (delivered, retry, "
+        "failed)", labels=["sink", "outcome"],
+    )
+    pending = GaugeMetricFamily(
+        "leaktap_outbox_pending", "outbox entries waiting for delivery", labels=["sink"]
+    )
+    if outbox is not None:
+        for (sink, outcome), n in sorted(outbox.deliveries.items()):
+            deliveries.add_metric([sink, outcome], n)
+        waiting = outbox.pending_by_sink()
+        for sink in sorted(set(outbox.sinks) | set(waiting)):
+            pending.add_metric([sink], waiting.get(sink, 0))
+    yield deliveries
+    yield pending
 
 
 @router.get("/metrics")
 def read_metrics(agent: AgentDep, _: ReaderDep) -> Response:
     registry = CollectorRegistry()
-    registry.register(_AgentCollector(agent))  # type: ignore[arg-type]
+    registry.register(_AgentCollector(agent))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

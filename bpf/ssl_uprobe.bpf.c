@@ -1,0 +1,335 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * ssl_uprobe.bpf.c - the first bytes of TLS plaintext written through OpenSSL.
+ *
+ * Uprobes on SSL_write and SSL_write_ex (OpenSSL 3 and CPython call the _ex
+ * form) copy the first LT_SSL_SNAP bytes of each write to lt_ssl_events,
+ * with the process, its cgroup and the SSL object. The controller joins an
+ * SSL object to its socket through the fd: SSL_set_fd gives it directly;
+ * for BIO users (curl's own BIO, memory BIOs as in asyncio) the thread's
+ * next send syscall carrying a TLS record does.
+ *
+ * WARNING, overhead: a uprobe traps into the kernel on every call of the
+ * probed function in every process whose probe covers it (~1-2 us per call
+ * here, about half the rate of a tight 4 KiB write loop even for a
+ * count-only program). The controller therefore attaches these per selected
+ * process; `select: all` makes every process that maps libssl pay it. The
+ * syscall and sched tracepoints below run for every process on the host,
+ * but only do one hash lookup for threads without a pending SSL write.
+ */
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <linux/socket.h>
+#include <linux/uio.h>
+
+#include "lt_types.h"
+
+/* Not pinned: the events are transient and the counters restart with the
+ * controller, whose loss monitor starts from the first reading. */
+BPF_RINGBUF_OUTPUT(lt_ssl_events, LT_SSL_RINGBUF_PAGES);
+BPF_TABLE("percpu_array", __u32, __u64, lt_ssl_stats, LT_SSL_STAT_MAX);
+/* Events are built here (too large for the 512-byte stack); see ssl_emit. */
+BPF_TABLE("percpu_array", __u32, struct lt_ssl_event, lt_ssl_scratch, 1);
+BPF_TABLE("lru_hash", __u32, struct lt_rate, lt_ssl_rate, LT_SSL_PROCS_MAX);
+BPF_TABLE("lru_hash", struct lt_ssl_key, struct lt_ssl_sock, lt_ssl_fds, LT_SSL_CONNS_MAX);
+BPF_TABLE("lru_hash", __u32, struct lt_ssl_pending, lt_ssl_pend, LT_SSL_THREADS_MAX);
+/* tgid -> 1 for the processes the controller probes (written by it). */
+BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
+
+/* TLS record content types 20..24 (ChangeCipherSpec .. Heartbeat), version 3.x */
+#define TLS_TYPE_MIN 20
+#define TLS_TYPE_MAX 24
+#define TLS_MAJOR 3
+
+/**
+ * ssl_stat_inc - count one occurrence of @reason (enum lt_ssl_stat)
+ * Uprobe programs can be preempted by another task on the same CPU, so the
+ * per-CPU slot is still updated atomically.
+ */
+static __always_inline void ssl_stat_inc(__u32 reason)
+{
+	__u64 *c = lt_ssl_stats.lookup(&reason);
+
+	if (c)
+		__sync_fetch_and_add(c, 1);
+}
+
+/**
+ * ssl_rate_allowed - per-process window of LT_SSL_EVENTS_PER_SEC events/second
+ * @tgid: the writing process
+ * Returns 1 when an event may be sent; counts LT_SSL_LOSS_RATE_LIMITED otherwise.
+ * Two threads resetting the window at once only grant a few extra events.
+ */
+static __always_inline int ssl_rate_allowed(__u32 tgid)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct lt_rate *r = lt_ssl_rate.lookup(&tgid);
+
+	if (!r) {
+		struct lt_rate fresh = { .window_ns = now, .count = 1 };
+
+		/* a full LRU evicts an idle process's window: nothing is lost */
+		lt_ssl_rate.update(&tgid, &fresh);
+		return 1;
+	}
+	if (now - r->window_ns >= 1000000000ULL) {
+		r->window_ns = now;
+		r->count = 0;
+	}
+	if (__sync_fetch_and_add(&r->count, 1) >= LT_SSL_EVENTS_PER_SEC) {
+		ssl_stat_inc(LT_SSL_LOSS_RATE_LIMITED);
+		return 0;
+	}
+	return 1;
+}
+
+/**
+ * ssl_event_init - fill the header of the per-CPU scratch event
+ * @kind: enum lt_ssl_event_kind
+ * Returns the event, or NULL if the scratch slot is missing (cannot happen
+ * for a one-entry array; the callers count it as their loss reason).
+ */
+static __always_inline struct lt_ssl_event *ssl_event_init(__u32 kind, __u64 ssl_ptr, __s32 fd)
+{
+	__u32 zero = 0;
+	struct lt_ssl_event *e = lt_ssl_scratch.lookup(&zero);
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+
+	if (!e)
+		return NULL;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->ssl_ptr = ssl_ptr;
+	e->req_len = 0;
+	e->kind = kind;
+	e->pid = (__u32)pid_tgid;
+	e->tgid = pid_tgid >> 32;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->fd = fd;
+	e->cap_len = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	return e;
+}
+
+/**
+ * ssl_emit - copy the filled part of @e to the ring buffer
+ * @loss: reason counted when the ring buffer is full
+ * The scratch slot is per CPU; a uprobe preempted between init and emit by
+ * another probed task on the same CPU could see its header overwritten. The
+ * window is a few hundred instructions; the cost of a per-event allocation
+ * (reserving LT_SSL_SNAP for every write) would be a 4x smaller ring.
+ */
+static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
+{
+	__u32 len = e->cap_len;
+
+	if (len > LT_SSL_SNAP)
+		len = LT_SSL_SNAP;
+	if (lt_ssl_events.ringbuf_output(e, LT_SSL_EVENT_HDR_SIZE + len, 0) != 0) {
+		ssl_stat_inc(loss);
+		return -1;
+	}
+	return 0;
+}
+
+/**
+ * ssl_write_common - capture one SSL_write/SSL_write_ex call
+ * @ssl: the SSL object (first argument)
+ * @buf: the plaintext (second argument)
+ * @len: bytes requested
+ */
+static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 len)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct lt_ssl_key key = {};
+	struct lt_ssl_sock *sock;
+	__s32 fd = -1;
+
+	ssl_stat_inc(LT_SSL_CNT_WRITE);
+	key.ssl_ptr = ssl;
+	key.tgid = pid_tgid >> 32;
+	sock = lt_ssl_fds.lookup(&key);
+	if (sock)
+		fd = sock->fd;
+	/* a binding learned from a send can go stale when the SSL object's
+	 * memory is reused for another connection: confirm it on every write */
+	if (!sock || !sock->via_set_fd) {
+		struct lt_ssl_pending p = { .ssl_ptr = ssl };
+
+		lt_ssl_pend.update(&tid, &p);
+	}
+	if (len == 0) {
+		ssl_stat_inc(LT_SSL_CNT_EMPTY);
+		return 0;
+	}
+	if (!ssl_rate_allowed(key.tgid))
+		return 0;
+
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_WRITE, ssl, fd);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_RINGBUF_FULL);
+		return 0;
+	}
+	__u32 n = len < LT_SSL_SNAP ? (__u32)len : LT_SSL_SNAP;
+	e->req_len = len;
+	if (len > LT_SSL_SNAP)
+		ssl_stat_inc(LT_SSL_LOSS_TRUNCATED);
+	/* the bound is re-stated for the verifier: n may not exceed data[] */
+	if (n > LT_SSL_SNAP)
+		return 0;
+	if (bpf_probe_read_user(e->data, n, buf) != 0) {
+		/* header-only event: the controller still sees the call */
+		ssl_stat_inc(LT_SSL_LOSS_READ_USER);
+		n = 0;
+	}
+	e->cap_len = n;
+	if (ssl_emit(e, LT_SSL_LOSS_RINGBUF_FULL) == 0)
+		ssl_stat_inc(LT_SSL_CNT_EVENT);
+	return 0;
+}
+
+/* int SSL_write(SSL *ssl, const void *buf, int num) */
+int lt_ssl_write(struct pt_regs *ctx)
+{
+	int num = (int)PT_REGS_PARM3(ctx);
+
+	/* a negative num is an error in OpenSSL; nothing is written */
+	return ssl_write_common(PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
+				num > 0 ? (__u64)num : 0);
+}
+
+/* int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written) */
+int lt_ssl_write_ex(struct pt_regs *ctx)
+{
+	return ssl_write_common(PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
+				PT_REGS_PARM3(ctx));
+}
+
+/* int SSL_set_fd(SSL *s, int fd): the socket is known before any write */
+int lt_ssl_set_fd(struct pt_regs *ctx)
+{
+	struct lt_ssl_key key = {};
+	struct lt_ssl_sock sock = {};
+
+	ssl_stat_inc(LT_SSL_CNT_SET_FD);
+	key.ssl_ptr = PT_REGS_PARM1(ctx);
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	sock.fd = (int)PT_REGS_PARM2(ctx);
+	sock.via_set_fd = 1;
+	lt_ssl_fds.update(&key, &sock);
+	return 0;
+}
+
+/**
+ * ssl_send_seen - a send-family syscall on a thread that may have a pending write
+ * @fd: the syscall's fd
+ * @data: user pointer to the first bytes sent
+ * @socket_only: sendto/sendmsg (the fd is a socket); write(2) may be a file
+ *
+ * Binds the pending SSL object to @fd when the bytes start a TLS record.
+ *
+ *   TLS record header:  | type (20..24) | 0x03 | minor | length (2) |
+ */
+static __always_inline int ssl_send_seen(int fd, const void *data, int socket_only)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	struct lt_ssl_pending *p = lt_ssl_pend.lookup(&tid);
+	__u8 hdr[2] = {};
+
+	if (!p)
+		return 0;
+	if (!data || bpf_probe_read_user(hdr, sizeof(hdr), data) != 0 ||
+	    hdr[0] < TLS_TYPE_MIN || hdr[0] > TLS_TYPE_MAX || hdr[1] != TLS_MAJOR) {
+		/* not a TLS record: a log line, or a file; try the next send */
+		if (socket_only || ++p->tries < LT_SSL_BIND_TRIES)
+			return 0;
+		ssl_stat_inc(LT_SSL_LOSS_BIND_GIVEUP);
+		lt_ssl_pend.delete(&tid);
+		return 0;
+	}
+	struct lt_ssl_key key = {};
+	struct lt_ssl_sock *known;
+
+	key.ssl_ptr = p->ssl_ptr;
+	key.tgid = pid_tgid >> 32;
+	lt_ssl_pend.delete(&tid);
+	known = lt_ssl_fds.lookup(&key);
+	if (known && known->fd == fd)
+		return 0;
+	struct lt_ssl_sock sock = { .fd = fd, .via_set_fd = 0 };
+	lt_ssl_fds.update(&key, &sock);
+	ssl_stat_inc(LT_SSL_CNT_BIND);
+
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_BIND, key.ssl_ptr, fd);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_BIND_EVENT);
+		return 0;
+	}
+	ssl_emit(e, LT_SSL_LOSS_BIND_EVENT);
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write)
+{
+	return ssl_send_seen((int)args->fd, (const void *)args->buf, 0);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+	return ssl_send_seen((int)args->fd, (const void *)args->buff, 1);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendmsg)
+{
+	struct user_msghdr msg = {};
+	struct iovec iov = {};
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	/* read the message only for threads with a pending write */
+	if (!lt_ssl_pend.lookup(&tid))
+		return 0;
+	if (bpf_probe_read_user(&msg, sizeof(msg), args->msg) != 0 || !msg.msg_iov ||
+	    bpf_probe_read_user(&iov, sizeof(iov), msg.msg_iov) != 0)
+		return 0;
+	return ssl_send_seen((int)args->fd, iov.iov_base, 1);
+}
+
+/* A new program image: the controller decides whether to probe it. */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+
+	/* exec storms are rate limited like writes, per process */
+	if (!ssl_rate_allowed(tgid))
+		return 0;
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_EXEC, 0, -1);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);
+		return 0;
+	}
+	if (ssl_emit(e, LT_SSL_LOSS_NOTIFY) == 0)
+		ssl_stat_inc(LT_SSL_CNT_EXEC);
+	return 0;
+}
+
+/* A probed process's leader exits: its uprobes can be detached. */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+
+	if ((__u32)pid_tgid != tgid || !lt_ssl_pids.lookup(&tgid))
+		return 0;
+	lt_ssl_pids.delete(&tgid);
+	lt_ssl_rate.delete(&tgid);
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_EXIT, 0, -1);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);
+		return 0;
+	}
+	if (ssl_emit(e, LT_SSL_LOSS_NOTIFY) == 0)
+		ssl_stat_inc(LT_SSL_CNT_EXIT);
+	return 0;
+}

@@ -1,0 +1,545 @@
+"""TLS plaintext inspection: which processes to probe, and what their writes say.
+
+`PlaintextMonitor` loads ssl_uprobe.bpf.c, attaches its uprobes only to the
+processes `plaintext.select` picks (one system-wide probe per library with
+`select: all`), follows processes as they start, change and exit, drains the
+plaintext ring buffer and hands each write to the content inspector with
+its tenant, environment and destination. Findings go to `on_finding`
+(analytics.alerts.Finding), bulk-export calls to `on_audit` (BulkAudit).
+
+Picking up new processes: the sched_process_exec tracepoint reports every
+exec (a few per second on a node; each costs one ring-buffer record), and the
+attach runs on a worker thread at once, before a typical client has loaded
+its TLS library. A periodic /proc rescan (plaintext.rescan_interval_s)
+catches processes that changed cgroup or uid without exec and any exec
+notice that was lost; selected processes' maps are re-read every
+MAPS_RESCAN_S for libssl copies loaded later (dlopen).
+
+The plaintext of a write exists only inside `_on_write`; nothing here logs,
+stores or forwards it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import logging
+import os
+import queue
+import re
+import secrets
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from leaktap.analytics.alerts import Finding
+from leaktap.analytics.plaintext.canary import Canary, CanaryMatcher
+from leaktap.analytics.plaintext.fields import FieldPolicy
+from leaktap.analytics.plaintext.inspector import (
+    BulkAudit,
+    ContentInspector,
+    TenantPolicy,
+    WriteContext,
+)
+from leaktap.analytics.plaintext.redact import KeyedHasher
+from leaktap.controller import loader
+from leaktap.controller.attribution import Attributor
+from leaktap.controller.config import DEFAULT_DB, LeaktapConfig
+from leaktap.controller.doctor import LIBSSL_SONAME, find_shared_library
+from leaktap.controller.errors import ConfigError, ProbeLoadError
+from leaktap.controller.loss import LossMonitor
+from leaktap.controller.procs import (
+    PROC,
+    Library,
+    ProcessInfo,
+    ProcessSelector,
+    library_at,
+    list_pids,
+    read_process,
+    ssl_libraries,
+)
+from leaktap.controller.sockets import SocketResolver
+from leaktap.controller.ssl_events import SslEvent, SslEventDecoder, ssl_stat_names
+
+logger = logging.getLogger(__name__)
+
+MAPS_RESCAN_S = 1.0
+# closing a uprobe waits for an RCU grace period (~100 ms each here) and holds up
+# attaches meanwhile; detaches wait for this long without exec notices
+DETACH_QUIET_S = 0.5
+BINDINGS_MAX = 65536
+SECRET_BYTES = 32
+SECRET_FILE = "plaintext-hmac.key"
+
+REMEDIES = {
+    "ssl_loss_ringbuf_full": "the controller fell behind: raise the plaintext ring buffer",
+    "ssl_loss_rate_limited": "a process wrote more than plaintext.events_per_second; "
+    "raise it if that rate is expected",
+    "ssl_loss_truncated": "writes longer than plaintext.max_bytes: only their start is "
+    "inspected",
+    "ssl_loss_read_user": "plaintext not readable (paged out); the write is seen without content",
+    "ssl_loss_bind_event": "a connection's socket binding was lost; its next write retries",
+    "ssl_loss_notify": "an exec/exit notice was lost; the periodic rescan catches up",
+    "ssl_loss_bind_giveup": "a memory-BIO write was not followed by a TLS send",
+}
+
+OnFinding = Callable[[Finding], None]
+OnAudit = Callable[[BulkAudit], None]
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The per-install HMAC key; created with mode 0600 when missing."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+        logger.info("created the token-hash key %s", path)
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"plaintext.hmac_secret_file: cannot read {path}: {e.strerror}") from e
+    if path.stat().st_mode & 0o077:
+        logger.warning("%s is readable by other users: chmod 600 it", path)
+    if len(data) < 16:
+        raise ConfigError(f"plaintext.hmac_secret_file: {path} holds fewer than 16 bytes")
+    return data
+
+
+class _Environments:
+    """Environment label of a write: plaintext.environments, the tenant's, the node's."""
+
+    def __init__(self, config: LeaktapConfig) -> None:
+        self._rules: list[tuple[re.Pattern[str] | None, frozenset[int], str]] = [
+            (re.compile(fnmatch.translate(e.cgroup)) if e.cgroup else None, frozenset(e.uids),
+             str(e.label))
+            for e in config.plaintext.environments
+        ]
+        self._tenant: dict[str, str] = {
+            t.name: str(t.environment) for t in config.tenants if t.environment}
+        self._node: str | None = config.environment
+
+    def label(self, cgroup: str | None, uid: int | None, tenant: str) -> str | None:
+        for rx, uids, label in self._rules:
+            if (rx is not None and cgroup is not None and rx.match(cgroup)) or (
+                    uid is not None and uid in uids):
+                return label
+        return self._tenant.get(tenant, self._node)
+
+
+def build_inspector(config: LeaktapConfig, hasher: KeyedHasher,
+                    attributor: Attributor) -> ContentInspector:
+    pt = config.plaintext
+    canaries = CanaryMatcher([
+        Canary(c.token, c.tenant or "any", c.record, c.environment) for c in pt.canaries
+    ])
+    policies = {
+        name: TenantPolicy(FieldPolicy(p.encrypted_fields, p.envelope_prefixes),
+                           tuple(p.bulk_operations))
+        for name, p in pt.tenants.items()
+    }
+
+    def resolve_host(host: str) -> tuple[str, str | None] | None:
+        crm = attributor.catalogue.lookup(host)
+        return (crm.vendor, crm.instance) if crm is not None else None
+
+    return ContentInspector(hasher, canaries, policies, resolve_host)
+
+
+class PlaintextMonitor:
+    """Probes selected processes' OpenSSL writes and inspects them."""
+
+    def __init__(
+        self,
+        config: LeaktapConfig,
+        attributor: Attributor,
+        on_finding: OnFinding,
+        on_audit: OnAudit,
+        *,
+        proc: Path = PROC,
+        system_library: str | None = None,
+        ssl_options: loader.SslOptions | None = None,
+    ) -> None:
+        self.config = config
+        pt = config.plaintext
+        self.attributor = attributor
+        self.on_finding = on_finding
+        self.on_audit = on_audit
+        self.proc = proc
+        self.select_all = pt.select == "all"
+        self.selector = ProcessSelector(pt.select) if not isinstance(pt.select, str) else None
+        self.options = ssl_options or loader.SslOptions(
+            snap_bytes=pt.max_bytes, events_per_sec=pt.events_per_second)
+        secret_path = Path(pt.hmac_secret_file) if pt.hmac_secret_file else (
+            Path(config.storage.path or DEFAULT_DB).parent / SECRET_FILE)
+        self.hasher = KeyedHasher(load_or_create_secret(secret_path))
+        self.inspector = build_inspector(config, self.hasher, attributor)
+        self.environments = _Environments(config)
+        self.sockets = SocketResolver(proc)
+        self._system_library = system_library
+        self.probes: loader.SslProbes | None = None
+        self.libraries: dict[tuple[int, int], Library] = {}
+        self.probed: dict[int, set[tuple[int, int]]] = {}  # pid -> library keys
+        self._bindings: OrderedDict[tuple[int, int], int] = OrderedDict()  # (tgid, ssl) -> fd
+        self.counters: Counter[str] = Counter()
+        self.loss = LossMonitor(prefix="ssl_loss_", remedies=REMEDIES)
+        self._lock = threading.RLock()  # probes, probed, libraries
+        self._work: queue.Queue[tuple[str, int, int]] = queue.Queue()
+        self._detach_queue: queue.Queue[tuple[int, list[str]]] = queue.Queue()
+        self._last_exec_monotonic = 0.0
+        self.attach_latency_ms: list[float] = []  # exec -> probes attached, last 100
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_drain_monotonic = 0.0
+        self._decoder: SslEventDecoder | None = None
+        self._system_key: tuple[int, int] | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self._stop.clear()
+        library = self._system_library or find_shared_library(LIBSSL_SONAME)
+        self.probes = loader.load_ssl(self.options)
+        try:
+            self._decoder = SslEventDecoder(self.probes.table("lt_ssl_scratch").sLeaf)
+            self.probes.table("lt_ssl_events").open_ring_buffer(self._on_raw)
+            if library is not None:
+                lib = library_at(library)
+                if lib is not None:
+                    self.libraries[lib.key] = lib
+                    self._system_key = lib.key
+                    self.probes.symbols(lib.path)  # read once, before the first exec
+            if not self.libraries:
+                logger.warning("%s not found: only libssl copies processes map are probed",
+                               LIBSSL_SONAME)
+            self.loss.check(self.kernel_stats())
+            self.rescan()
+        except Exception:
+            self.probes.close()
+            self.probes = None
+            raise
+        for name, target in (("lt-ssl-drain", self._drain_loop),
+                             ("lt-ssl-attach", self._work_loop),
+                             ("lt-ssl-detach", self._detach_loop),
+                             ("lt-ssl-rescan", self._rescan_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        mode = "every process (select: all)" if self.select_all else (
+            f"{len(self.probed)} selected process(es)")
+        logger.info("plaintext inspection on %s, %d byte(s) per write", mode,
+                    self.options.snap_bytes)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._work.put(("stop", 0, 0))
+        self._detach_queue.put((-2, []))
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        with self._lock:
+            if self.probes is not None:
+                self._drain(0)
+                self.probes.close()  # detaches every uprobe and tracepoint
+                self.probes = None
+            self.probed.clear()
+        logger.info("plaintext inspection stopped")
+
+    def __enter__(self) -> PlaintextMonitor:
+        self.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.stop()
+
+    # -- for the agent and the API ----------------------------------------------
+
+    def add_canary(self, token: str, tenant: str | None, record: str = "canary",
+                   environment: str | None = None) -> None:
+        """Register a canary at run time (admin API); takes effect on the next write."""
+        self.inspector.canaries.add(Canary(token, tenant or "any", record, environment))
+
+    def probed_pids(self) -> dict[int, list[str]]:
+        with self._lock:
+            return {pid: sorted(self.libraries[k].path for k in keys if k in self.libraries)
+                    for pid, keys in self.probed.items()}
+
+    def kernel_stats(self) -> dict[str, int]:
+        """lt_ssl_stats by name, summed over CPUs (monotonic)."""
+        if self.probes is None:
+            return {}
+        table = self.probes.table("lt_ssl_stats")
+        return {name: sum(int(v) for v in table[table.Key(i)])
+                for i, name in enumerate(ssl_stat_names())}
+
+    def stats(self) -> dict[str, int]:
+        """Kernel counters plus the controller's (plaintext_* names), for /metrics."""
+        out = self.kernel_stats()
+        out.update({f"plaintext_{k}": v for k, v in self.counters.items()})
+        out["plaintext_probed_processes"] = len(self.probed)
+        return out
+
+    def check_loss(self) -> dict[str, int]:
+        """Log the rise of each loss counter since the last call (the agent's poll)."""
+        rises: dict[str, int] = self.loss.check(self.kernel_stats())
+        return rises
+
+    def ready(self) -> tuple[bool, str]:
+        if self.probes is None:
+            return False, "plaintext probes not loaded"
+        if time.monotonic() - self.last_drain_monotonic > 5:
+            return False, "plaintext ring buffer not drained for 5 s"
+        return True, "ok"
+
+    # -- selection and attachment --------------------------------------------------
+
+    def rescan(self) -> None:
+        """Probe every process that should be, unprobe the rest (a full /proc pass)."""
+        started = time.monotonic()
+        if self.select_all:
+            self._attach_all()
+        else:
+            live = set()
+            for pid in list_pids(self.proc):
+                if pid == os.getpid():
+                    continue  # never inspect ourselves (the sinks' own HTTPS)
+                info = read_process(pid, self.proc)
+                if info is None:
+                    continue
+                live.add(pid)
+                self._reconsider(info)
+            for pid in [p for p in self.probed if p not in live]:
+                self._unprobe(pid, "gone")
+        self.counters["rescans"] += 1
+        self.counters["rescan_ms_total"] += int((time.monotonic() - started) * 1000)
+
+    def _attach_all(self) -> None:
+        for pid in list_pids(self.proc):
+            for lib in ssl_libraries(pid, self.proc):
+                self.libraries.setdefault(lib.key, lib)
+        with self._lock:
+            if self.probes is None:
+                return
+            for key, lib in self.libraries.items():
+                if (lib.path, -1) not in self.probes.attached:
+                    self._attach(lib, -1)
+                    self.probed.setdefault(-1, set()).add(key)
+
+    def _reconsider(self, info: ProcessInfo) -> bool:
+        """Probe or unprobe one process; True when it is (now) probed."""
+        assert self.selector is not None
+        if self.selector.matches(info):
+            self._probe(info.pid)
+            return info.pid in self.probed
+        if info.pid in self.probed:
+            self._unprobe(info.pid, "no longer selected")
+        return False
+
+    def _attach(self, lib: Library, pid: int) -> bool:
+        assert self.probes is not None
+        try:
+            self.probes.attach(lib.path, pid)
+        except ProbeLoadError as e:
+            logger.warning("%s", e)
+            self.counters["attach_failures"] += 1
+            return False
+        return True
+
+    def _probe(self, pid: int) -> None:
+        """Attach to the system libssl (before the process maps it, so no write of a
+        fresh process escapes) and to every other libssl it maps."""
+        libs = {lib.key: lib for lib in ssl_libraries(pid, self.proc)}
+        with self._lock:
+            if self.probes is None:
+                return
+            for key, lib in libs.items():
+                self.libraries.setdefault(key, lib)
+            keys = set(libs)
+            if pid not in self.probed and self._system_key is not None:
+                keys.add(self._system_key)
+            have = self.probed.setdefault(pid, set())
+            new = False
+            for key in keys - have:
+                if self._attach(self.libraries[key], pid):
+                    have.add(key)
+                    new = True
+            if new:
+                pids = self.probes.table("lt_ssl_pids")
+                pids[pids.Key(pid)] = pids.Leaf(1)
+                self.counters["attached"] += 1
+                logger.info("probing pid %d (%s)", pid,
+                            ", ".join(sorted(self.libraries[k].path for k in have)))
+
+    def _unprobe(self, pid: int, why: str) -> None:
+        """Forget `pid` at once; its uprobes are closed on the detach thread, because
+        closing one waits for an RCU grace period (tens of ms) and attaches must not."""
+        with self._lock:
+            keys = self.probed.pop(pid, None)
+            if keys is None or self.probes is None:
+                return
+            paths = [self.libraries[key].path for key in keys]
+            pids = self.probes.table("lt_ssl_pids")
+            try:
+                del pids[pids.Key(pid)]
+            except KeyError:
+                pass  # the exit tracepoint removed it
+        self._detach_queue.put((pid, paths))
+        self.inspector.forget_where(lambda conn: isinstance(conn, tuple) and conn[0] == pid)
+        for b in [b for b in self._bindings if b[0] == pid]:
+            self._bindings.pop(b, None)
+        self.counters["detached"] += 1
+        logger.info("stopped probing pid %d (%s)", pid, why)
+
+    def _detach_loop(self) -> None:
+        while True:
+            pid, paths = self._detach_queue.get()
+            if pid < -1:
+                return
+            # an attach waits behind a running detach in the kernel: let fresh
+            # processes be probed first (a quiet moment), exited ones can wait
+            while (not self._stop.is_set()
+                   and time.monotonic() - self._last_exec_monotonic < DETACH_QUIET_S):
+                self._stop.wait(DETACH_QUIET_S)
+            probes = self.probes
+            if probes is None:
+                continue
+            for path in paths:
+                probes.detach(path, pid)
+
+    # -- threads -----------------------------------------------------------------
+
+    def _drain(self, timeout_ms: int) -> None:
+        assert self.probes is not None
+        if timeout_ms:
+            self.probes.bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self.probes.bpf.ring_buffer_consume()
+        self.last_drain_monotonic = time.monotonic()
+
+    def _drain_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._drain(100)
+            except Exception:  # noqa: BLE001 - keep draining; the error is logged
+                logger.exception("draining plaintext events")
+                time.sleep(0.1)
+
+    def _work_loop(self) -> None:
+        while True:
+            what, pid, ts_ns = self._work.get()
+            if what == "stop" or self._stop.is_set():
+                return
+            try:
+                if what == "exec":
+                    info = read_process(pid, self.proc)
+                    if info is not None and self.selector is not None:
+                        if self._reconsider(info):
+                            latency = (time.monotonic_ns() - ts_ns) / 1e6
+                            self.attach_latency_ms = [*self.attach_latency_ms[-99:], latency]
+                            logger.debug("pid %d probed %.1f ms after its exec", pid, latency)
+                    elif info is None:
+                        self._unprobe(pid, "gone")
+                elif what == "exit":
+                    info = read_process(pid, self.proc)
+                    if info is None or info.zombie:
+                        self._unprobe(pid, "exited")
+            except Exception:  # noqa: BLE001 - one process must not stop the others
+                logger.exception("handling %s of pid %d", what, pid)
+
+    def _rescan_loop(self) -> None:
+        interval = self.config.plaintext.rescan_interval_s
+        next_full = time.monotonic() + interval
+        while not self._stop.wait(MAPS_RESCAN_S):
+            try:
+                if time.monotonic() >= next_full:
+                    next_full = time.monotonic() + interval
+                    self.rescan()
+                elif not self.select_all:
+                    for pid in list(self.probed):
+                        if pid in self.probed:
+                            self._probe(pid)  # libssl copies loaded since
+            except Exception:  # noqa: BLE001 - keep rescanning; the error is logged
+                logger.exception("rescanning processes")
+
+    # -- events ------------------------------------------------------------------
+
+    def _on_raw(self, _ctx: Any, data: int, size: int) -> int:
+        assert self._decoder is not None
+        try:
+            ev = self._decoder.decode(ctypes.string_at(data, size))
+        except ValueError as e:
+            self.counters["undecodable_events"] += 1
+            logger.warning("undecodable plaintext event: %s", e)
+            return 0
+        try:
+            if ev.kind == "write":
+                self._on_write(ev)
+            elif ev.kind == "bind":
+                self._remember_binding(ev.tgid, ev.ssl_ptr, ev.fd)
+            elif ev.kind in ("exec", "exit") and not self.select_all:
+                if ev.kind == "exec":
+                    self._last_exec_monotonic = time.monotonic()
+                self._work.put((ev.kind, ev.tgid, ev.ts_ns))
+        except Exception:  # noqa: BLE001 - one bad write must not stop the drain
+            self.counters["inspection_errors"] += 1
+            logger.exception("inspecting a %s event of pid %d", ev.kind, ev.tgid)
+        return 0
+
+    def _remember_binding(self, tgid: int, ssl_ptr: int, fd: int) -> None:
+        self._bindings[tgid, ssl_ptr] = fd
+        self._bindings.move_to_end((tgid, ssl_ptr))
+        if len(self._bindings) > BINDINGS_MAX:
+            self._bindings.popitem(last=False)
+
+    def context(self, ev: SslEvent) -> WriteContext:
+        """Tenant, environment and destination of a write."""
+        a = self.attributor
+        fd = ev.fd if ev.fd >= 0 else self._bindings.get((ev.tgid, ev.ssl_ptr), -1)
+        ends = self.sockets.resolve(ev.tgid, fd) if fd >= 0 else None
+        sni = vendor = instance = destination = None
+        src = None
+        if ends is not None:
+            self.counters["joined_writes"] += 1
+            src = ends.local[0]
+            sni, dns_names, crm = a.destination(ends.family, ends.local, ends.remote)
+            destination = sni or (dns_names[0] if dns_names else
+                                  f"{ends.remote[0]}:{ends.remote[1]}")
+            if crm is not None:
+                vendor, instance = crm.vendor, crm.instance
+        else:
+            self.counters["unjoined_writes"] += 1
+        cgroup = a.cgroups.path(ev.cgroup_id)
+        tenant = a.tenants.resolve(cgroup_path=cgroup, uid=ev.uid, src_ip=src, sni=sni)
+        return WriteContext(
+            conn=(ev.tgid, ev.ssl_ptr), tenant=tenant,
+            environment=self.environments.label(cgroup, ev.uid, tenant),
+            crm_vendor=vendor, crm_instance=instance, destination=destination,
+            pid=ev.tgid, comm=ev.comm, ts=time.time(),
+        )
+
+    def _on_write(self, ev: SslEvent) -> None:
+        self.counters["writes"] += 1
+        if ev.truncated:
+            self.counters["truncated_writes"] += 1
+        result = self.inspector.inspect(self.context(ev), ev.data, ev.req_len)
+        self.counters["inspected_writes"] += 1
+        self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
+        if result.undecodable_headers:
+            self.counters["h2_undecodable_header_blocks"] += result.undecodable_headers
+        for audit in result.audits:
+            self.counters["bulk_calls"] += 1
+            self._deliver(self.on_audit, audit)
+        for finding in result.findings:
+            self.counters[f"finding_{finding.kind}"] += 1
+            self._deliver(self.on_finding, finding)
+
+    def _deliver(self, callback: Callable[[Any], None], item: Any) -> None:
+        try:
+            callback(item)
+        except Exception:  # noqa: BLE001 - a failing sink must not stop inspection
+            self.counters["callback_errors"] += 1
+            logger.exception("delivering a plaintext %s", type(item).__name__)
