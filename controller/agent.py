@@ -30,6 +30,7 @@ from leaktap.controller.config import (
     load_config,
     parse_listen,
 )
+from leaktap.controller.detection import LiveDetection
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
 from leaktap.controller.hostfs import find_cgroup2_mount
@@ -84,6 +85,8 @@ class Agent:
         # replaced, never mutated, so readers need no lock
         self.egress_by_destination: dict[tuple[str, str, str], tuple[int, int]] = {}
         self.alerts: AlertManager | None = None
+        self.detection: LiveDetection | None = None
+        self.plaintext: Any = None  # PlaintextMonitor when plaintext.enabled
         self.outbox: OutboxDispatcher | None = None
         self._baseline_totals = 0
         self._baseline_attributed = 0
@@ -101,6 +104,7 @@ class Agent:
 
     def start(self) -> None:
         self._start_alerting()
+        self._start_detection()
         k = self.config.kernel
         options = loader.KernelOptions(
             flows_max=k.flows_max,
@@ -116,6 +120,7 @@ class Agent:
         self.reader = MapReader(self.probes)
         self.attributor = Attributor(self.config, cgroup_mount=find_cgroup2_mount())
         self.drainer = RingDrainer(self.probes, self._on_sample)
+        self._start_plaintext()
         # volume counted before this start (pinned maps of a previous run) is
         # not ours to call unattributed; flows left in the map are, and are drained now
         self._baseline_totals = self._all_totals(self.reader.totals())
@@ -148,6 +153,30 @@ class Agent:
         )
         self.outbox.start()
         self._exit.callback(self._stop_alerting)
+
+    def _start_detection(self) -> None:
+        """The streaming detector, warmed with the stored minutes, fed each poll."""
+        self.detection = LiveDetection(self.config, self.store, self._on_incident)
+        self.detection.warm_start(time.time())
+        self.detection.start()
+        self._exit.callback(self.detection.stop)
+
+    def _on_incident(self, incident: Any) -> None:
+        if self.alerts is not None:
+            self.alerts.record(incident)
+
+    def _start_plaintext(self) -> None:
+        """TLS plaintext inspection of the selected processes, when enabled."""
+        if not self.config.plaintext.enabled:
+            return
+        from leaktap.controller.plaintext import PlaintextMonitor
+
+        self.plaintext = PlaintextMonitor(
+            self.config, self.attributor, on_finding=self._on_incident,
+            on_audit=lambda call: self.store.add_audit_call(call.as_dict()),
+        )
+        self.plaintext.start()
+        self._exit.callback(self.plaintext.stop)
 
     def _stop_alerting(self) -> None:
         if self.outbox is not None:
@@ -230,6 +259,10 @@ class Agent:
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
             self.egress_by_destination = egress
         new_ids = self.store.write(buckets, records)
+        if self.detection is not None:
+            self.detection.add(buckets, now)
+        if self.plaintext is not None:
+            self.plaintext.check_loss()
         with self.lock:
             for conv, rec in zip(touched.values(), records, strict=True):
                 if conv.row_id is None:
@@ -284,6 +317,8 @@ class Agent:
             return False, "flow map not polled for 5 s"
         if now - self.drainer.last_poll_monotonic > 5:
             return False, "ring buffer not drained for 5 s"
+        if self.plaintext is not None:
+            return self.plaintext.ready()
         return True, "ok"
 
     def flow_records(self, **filters: Any) -> list[dict[str, Any]]:

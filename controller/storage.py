@@ -133,6 +133,28 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX alerts_recent ON alerts (last_seen, id);
     """,
+    # 5: CRM API calls seen in TLS plaintext (bulk exports, mass operations)
+    """
+    CREATE TABLE audit_calls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        tenant TEXT NOT NULL,
+        crm_vendor TEXT,
+        crm_instance TEXT,
+        destination TEXT,
+        operation TEXT NOT NULL,          -- e.g. salesforce:bulk2.ingest
+        action TEXT NOT NULL,
+        method TEXT NOT NULL,
+        path TEXT NOT NULL,               -- without the query string
+        request_bytes INTEGER NOT NULL,
+        allowed INTEGER NOT NULL,         -- within the tenant's allowed operations
+        protocol TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        comm TEXT NOT NULL
+    );
+    CREATE INDEX audit_calls_tenant ON audit_calls (tenant, ts);
+    CREATE INDEX audit_calls_ts ON audit_calls (ts);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -268,12 +290,47 @@ class Store:
                 raise
         return new_ids
 
+    AUDIT_CALL_FIELDS = (
+        "ts", "tenant", "crm_vendor", "crm_instance", "destination", "operation", "action",
+        "method", "path", "request_bytes", "allowed", "protocol", "pid", "comm",
+    )
+
+    def add_audit_call(self, call: dict[str, Any]) -> None:
+        """One CRM API call of the audit log (already free of secrets)."""
+        names = self.AUDIT_CALL_FIELDS
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO audit_calls ({', '.join(names)}) "
+                f"VALUES ({', '.join('?' * len(names))})",
+                tuple(int(call[n]) if n == "allowed" else call[n] for n in names),
+            )
+
+    def audit_calls(
+        self, tenant: str | None = None, since: float | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        rows = self._query(
+            f"SELECT * FROM audit_calls WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?",
+            (*args, limit),
+        )
+        for r in rows:
+            r["allowed"] = bool(r["allowed"])
+        return rows
+
     def prune(self, now: float | None = None) -> int:
         """Delete buckets and flows older than the retention period."""
         cutoff = (now if now is not None else time.time()) - self.retention_s
         with self._lock:
             n = self._db.execute("DELETE FROM minute_buckets WHERE ts < ?", (cutoff,)).rowcount
             n += self._db.execute("DELETE FROM flows WHERE last_seen < ?", (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM audit_calls WHERE ts < ?", (cutoff,)).rowcount
         return int(n)
 
     # -- reads (API) ---------------------------------------------------------------

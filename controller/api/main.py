@@ -14,7 +14,16 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from leaktap.controller.api.cache import ResponseCache
 from leaktap.controller.api.deps import ReaderDep
-from leaktap.controller.api.routes import alerts, audit, flows, health, metrics, sinks, tenants
+from leaktap.controller.api.routes import (
+    alerts,
+    audit,
+    canaries,
+    flows,
+    health,
+    metrics,
+    sinks,
+    tenants,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,5 +69,6 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.include_router(alerts.router)
     app.include_router(audit.router)
     app.include_router(sinks.router)
+    app.include_router(canaries.router)
     app.include_router(metrics.router)
     return app

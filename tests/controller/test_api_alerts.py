@@ -122,7 +122,7 @@ READ_PATHS = [
     "/readyz", "/v1/flows", "/v1/tenants", "/v1/tenants/acme/volume", "/v1/alerts",
     "/v1/alerts/1", "/v1/audit", "/v1/sinks", "/metrics", "/openapi.json", "/docs",
 ]
-ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve"]
+ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve", "/v1/canaries"]
 
 
 def test_the_lists_above_cover_every_route(client: TestClient) -> None:
@@ -156,7 +156,8 @@ def test_a_reader_reads(client: TestClient, path: str) -> None:
 
 @pytest.mark.parametrize("path", ADMIN_PATHS)
 def test_a_reader_cannot_change_state(client: TestClient, path: str) -> None:
-    response = client.post(path, headers=auth(READER))
+    # the canary body is valid, so only the role can refuse it
+    response = client.post(path, headers=auth(READER), json={"token": "CANARY-0123456789"})
     assert response.status_code == 403 and response.json()["detail"] == "admin token required"
     assert client.get("/v1/alerts/1", headers=auth(READER)).json()["status"] == "open"
 
@@ -428,3 +429,12 @@ def test_file_sink_output_is_json_lines(agent: AgentView, tmp_path: Path) -> Non
     lines = (tmp_path / "alerts.jsonl").read_text().splitlines()
     assert [json.loads(line)["alert"]["kind"] for line in lines] == [
         "unsanctioned_destination", "canary_token"]
+
+
+def test_canaries_need_plaintext_inspection_and_a_valid_body(client: TestClient) -> None:
+    token = "CANARY-7f3a9c2e41"
+    response = client.post("/v1/canaries", headers=auth(ADMIN), json={"token": token})
+    assert response.status_code == 409
+    assert "plaintext.enabled" in response.json()["detail"] and token not in response.text
+    short = client.post("/v1/canaries", headers=auth(ADMIN), json={"token": "abc"})
+    assert short.status_code == 422

@@ -37,8 +37,29 @@ class TransferPublic(BaseModel):
     outcome: Literal["completed", "unanswered", "refused", "reset"]
 
 
+class CallPublic(BaseModel):
+    """A CRM API call seen in TLS plaintext (bulk export, mass operation)."""
+
+    id: int
+    ts: float
+    tenant: str
+    crm_vendor: str | None
+    crm_instance: str | None
+    destination: str | None
+    operation: str
+    action: str
+    method: str
+    path: str
+    request_bytes: int
+    allowed: bool
+    protocol: str
+    pid: int
+    comm: str
+
+
 class TransfersPublic(BaseModel):
     transfers: list[TransferPublic]
+    calls: list[CallPublic]
 
 
 @router.get("", response_model=TransfersPublic)
@@ -56,4 +77,5 @@ def read_audit(
         syn=flags["LT_FF_SYN"], synack=flags["LT_FF_SYNACK"], rst=flags["LT_FF_RST"],
         tenant=tenant, since=since, attempted_only=attempted, limit=limit,
     )
-    return {"transfers": rows}
+    calls = [] if attempted else agent.store.audit_calls(tenant=tenant, since=since, limit=limit)
+    return {"transfers": rows, "calls": calls}

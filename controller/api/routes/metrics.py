@@ -76,7 +76,19 @@ class _AgentCollector:
             if reason.startswith("loss_"):
                 dropped.add_metric([LOSS_RING.get(reason, "lt_events"),
                                     reason.removeprefix("loss_")], value)
+        plaintext = a.plaintext.stats() if getattr(a, "plaintext", None) is not None else {}
+        for name, value in sorted(plaintext.items()):
+            if name.startswith("ssl_loss_"):
+                dropped.add_metric(["lt_ssl_events", name.removeprefix("ssl_loss_")], value)
         yield dropped
+        if plaintext:
+            inspected = CounterMetricFamily(
+                "leaktap_plaintext", "TLS plaintext inspection counters", labels=["counter"]
+            )
+            for name, value in sorted(plaintext.items()):
+                if not name.startswith("ssl_loss_"):
+                    inspected.add_metric([name], value)
+            yield inspected
         attached = GaugeMetricFamily(
             "leaktap_probe_attached",
             "1 when the programs are attached to the interface (mode: tc, native, generic)",
