@@ -61,6 +61,16 @@ class VolumeAlarms:
     level: FloatArray
 
 
+def _slot_pair(ts: int) -> tuple[int, int, int, float]:
+    """Minute ts's slot, the two slots interpolated between, and the weight of the second."""
+    slot = hour_of_week(ts // 3600)
+    minute = (ts // 60) % MINUTES_PER_HOUR
+    # interpolate between the centres of neighbouring slots so that ramps are smooth
+    if minute < 30:
+        return slot, (slot - 1) % HOURS_PER_WEEK, slot, (minute + 30) / 60
+    return slot, slot, (slot + 1) % HOURS_PER_WEEK, (minute - 30) / 60
+
+
 class _SlotCache:
     """Per half hour: the two slots interpolated between, with the level applied."""
 
@@ -189,17 +199,38 @@ class VolumeScorer:
         self._cache = None
 
     def _slots(self, ts: int) -> tuple[_SlotCache, float]:
-        slot = hour_of_week(ts // 3600)
-        minute = (ts // 60) % MINUTES_PER_HOUR
-        # interpolate between the centres of neighbouring slots so that ramps are smooth
-        if minute < 30:
-            slot_a, slot_b, w = (slot - 1) % HOURS_PER_WEEK, slot, (minute + 30) / 60
-        else:
-            slot_a, slot_b, w = slot, (slot + 1) % HOURS_PER_WEEK, (minute - 30) / 60
+        slot, slot_a, slot_b, w = _slot_pair(ts)
         if self._cache is None or self._cache_key != (slot, slot_a):
             self._cache = _SlotCache(self, slot, slot_a, slot_b)
             self._cache_key = (slot, slot_a)
         return self._cache, w
+
+    def band(
+        self, index: int, minutes: list[int], z: float
+    ) -> list[tuple[float, float, float] | None]:
+        """Series `index`'s expected bytes at each minute with the band a normal minute stays
+        in, by the current fit and growth level, as `score` computes them: (expected, low,
+        high) with low/high z sigmas either side in log space, high raised to the slot's
+        usual maximum (scoring does the same). None where the slot has no seasonal fit."""
+        floor = float(self.settings.volume.floor_bytes_per_minute)
+        caches: dict[tuple[int, int], _SlotCache] = {}
+        out: list[tuple[float, float, float] | None] = []
+        for ts in minutes:
+            slot, slot_a, slot_b, w = _slot_pair(ts)
+            cache = caches.get((slot, slot_a))
+            if cache is None:
+                cache = caches[(slot, slot_a)] = _SlotCache(self, slot, slot_a, slot_b)
+            if not cache.seasonal[index]:
+                out.append(None)
+                continue
+            center = max(cache.center_a[index] + w * cache.center_d[index],
+                         cache.center_floor[index])
+            sigma = 1.0 / (cache.inv_a[index] + w * cache.inv_d[index])
+            top = max(center + z * sigma, cache.envelope[index])
+            out.append((max(math.exp(center) - floor, 0.0),
+                        max(math.exp(center - z * sigma) - floor, 0.0),
+                        max(math.exp(top) - floor, 0.0)))
+        return out
 
     # -- the minute -----------------------------------------------------------
 

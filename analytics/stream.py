@@ -137,6 +137,17 @@ class StreamingDetector:
         opened: list[Incident] = self._book.open_incidents()
         return opened
 
+    def baseline(
+        self, tenant: str, minutes: list[int], z: float
+    ) -> list[tuple[float, float, float] | None]:
+        """(expected, low, high) bytes per minute of the tenant's total CRM egress at each
+        minute by the current fit (VolumeScorer.band); None before a seasonal fit."""
+        index = self._index.get((tenant, None, None))
+        if index is None:
+            return [None] * len(minutes)
+        band: list[tuple[float, float, float] | None] = self._volume.band(index, minutes, z)
+        return band
+
     @property
     def series_count(self) -> int:
         return len(self._keys)

@@ -32,10 +32,10 @@ from leaktap.controller.config import (
 )
 from leaktap.controller.detection import LiveDetection
 from leaktap.controller.errors import ConfigError
-from leaktap.controller.flows import NO_UID, Conversation, ConversationTable
+from leaktap.controller.flows import FF_SYN, NO_UID, Conversation, ConversationTable
 from leaktap.controller.hostfs import find_cgroup2_mount
 from leaktap.controller.loss import LossMonitor
-from leaktap.controller.maps import MapReader
+from leaktap.controller.maps import FlowCounters, MapReader
 from leaktap.controller.ringbuf import RingDrainer, Sample
 from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
@@ -47,6 +47,10 @@ CONVERSATION_IDLE_S = 300.0
 PRUNE_EVERY_S = 3600.0
 # a ClientHello still incomplete after this long will not complete
 HELLO_MAX_AGE_S = 10.0
+# polls a new TCP conversation's volume waits for its server name before it is
+# attributed by DNS alone (its hello may still be in the ring buffer)
+NAMING_WAIT_POLLS = 2
+IPPROTO_TCP = 6
 
 
 def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
@@ -93,6 +97,7 @@ class Agent:
         self.last_poll_monotonic = 0.0
         self._last_prune = 0.0
         self._last_hello_expiry = 0.0
+        self._unnamed: list[tuple[Conversation, FlowCounters, int]] = []
         self.started_monotonic = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -186,7 +191,7 @@ class Agent:
 
     def _final_poll(self) -> None:
         try:
-            self.poll_once()
+            self.poll_once(final=True)
         except Exception:  # noqa: BLE001 - stopping anyway; pinned maps keep the rest
             logger.exception("final poll")
 
@@ -222,8 +227,10 @@ class Agent:
     def _all_totals(totals: dict[int, tuple[int, int]]) -> int:
         return sum(b for b, _ in totals.values())
 
-    def poll_once(self) -> None:
-        """Drain the flow map into conversations, minute buckets and the database."""
+    def poll_once(self, final: bool = False) -> None:
+        """Drain the flow map into conversations, minute buckets and the database.
+
+        `final`: the last poll before stopping attributes everything, waiting for nothing."""
         flows = self.reader.drain_flows()
         stats = self.reader.stats()
         totals = self.reader.totals()
@@ -234,12 +241,21 @@ class Agent:
             touched: dict[int, Conversation] = {}
             egress = dict(self.egress_by_destination)
             minute = minute_of(now)
+            pending, self._unnamed = self._unnamed, []
             for counters in flows:
                 conv = self.table.add(counters)
                 touched[id(conv)] = conv
                 self.attributed_bytes += counters.tx_bytes
-                outbound = conv.is_outbound(counters.key)
+                pending.append((conv, counters, 0))
+            for conv, counters, polls in pending:
                 names = self.attributor.names(conv)
+                if not final and polls < NAMING_WAIT_POLLS and self._awaiting_hello(conv, names):
+                    # its server name is a poll away: attributing by DNS now could
+                    # name another instance behind the same address
+                    self._unnamed.append((conv, counters, polls + 1))
+                    continue
+                conv.named = True
+                outbound = conv.is_outbound(counters.key)
                 _, (remote, _), _, _ = conv.oriented(prefer_local=True)
                 key = BucketKey(
                     minute, names.tenant, names.crm_vendor, names.crm_instance,
@@ -301,6 +317,14 @@ class Agent:
             "first_seen": _epoch(first), "last_seen": _epoch(max(o.last_seen_ns, i.last_seen_ns)),
             "flags_out": o.flags, "flags_in": i.flags,
         }
+
+    @staticmethod
+    def _awaiting_hello(conv: Conversation, names: Any) -> bool:
+        """A TCP conversation this side opened whose ClientHello is not parsed yet."""
+        if conv.named or names.sni is not None or conv.proto != IPPROTO_TCP:
+            return False
+        _, _, out, _ = conv.oriented(prefer_local=True)
+        return bool(out.flags & FF_SYN)
 
     @property
     def unattributed_bytes(self) -> int:

@@ -20,6 +20,7 @@ _COMMANDS = {
     "run": "leaktap.controller.agent",
     "replay": "leaktap.controller.replay",
     "analyze": "leaktap.analytics.cli",
+    "demo": "leaktap.controller.demo",
 }
 
 
@@ -56,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["tc", "xdp"], default="tc",
         help="program to replay through: tc (egress, default) or xdp (gateway)",
     )
+
+    demo = sub.add_parser(
+        "demo", help="a namespace lab: normal tenant traffic, then leaks and their alerts"
+    )
+    demo.add_argument("--port", type=int, default=8470, help="API and dashboard port")
 
     analyze = sub.add_parser("analyze", help="run the detectors over minute buckets")
     analyze.add_argument("--buckets", required=True, metavar="FILE.jsonl", help="minute buckets")

@@ -47,6 +47,8 @@ class LiveDetection:
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._immediate: dict[tuple[str, str, str], float] = {}  # series -> last paged
         self._lock = threading.Lock()
+        # the detector is scored on the worker and read by the API (baselines)
+        self._detector_lock = threading.Lock()
         self._queue: queue.Queue[tuple[int, int, dict[Any, list[int]]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
@@ -112,14 +114,26 @@ class LiveDetection:
         while (item := self._queue.get()) is not None:
             closed, minute, rows = item
             try:
-                for (tenant, vendor, instance), (out, in_) in sorted(rows.items()):
-                    self.detector.observe(Bucket(closed, tenant, vendor, instance, out, in_))
+                with self._detector_lock:
+                    for (tenant, vendor, instance), (out, in_) in sorted(rows.items()):
+                        self.detector.observe(Bucket(closed, tenant, vendor, instance, out, in_))
+                    raised = self.detector.advance(minute)
                 # the detector's unsanctioned incident for an episode the poll already
                 # paged has the same first minute, hence the same dedup key: it folds
-                for incident in self.detector.advance(minute):
+                for incident in raised:
                     self.on_incident(incident)
             except Exception:  # noqa: BLE001 - keep scoring the next minutes
                 logger.exception("scoring minute %d", closed)
+
+    def baseline(
+        self, tenant: str, minutes: list[int], z: float
+    ) -> list[tuple[float, float, float] | None]:
+        """The detector's expected bytes and band for the tenant's CRM total per minute.
+        Waits for a minute being scored (a daily refit can take seconds)."""
+        with self._detector_lock:
+            band: list[tuple[float, float, float] | None] = self.detector.baseline(
+                tenant, minutes, z)
+        return band
 
     def _unsanctioned_now(self, series: tuple[str, str, str], minute: int,
                           now: float) -> list[Incident]:

@@ -72,6 +72,7 @@ class Conversation:
     # live agent: which endpoint is this host (known from the hook that saw it)
     local_is_a: bool | None = None
     row_id: int | None = None  # the storage row recording this conversation
+    named: bool = False  # its volume has been attributed (by SNI, or DNS after waiting)
 
     def initiator_is_a(self) -> bool:
         ab, ba = self.a_to_b, self.b_to_a

@@ -422,7 +422,9 @@ class Store:
             args.append(vendor)
         return self._query(
             "SELECT ts, SUM(bytes_out) AS bytes_out, SUM(packets_out) AS packets_out, "
-            "SUM(bytes_in) AS bytes_in, SUM(packets_in) AS packets_in "
+            "SUM(bytes_in) AS bytes_in, SUM(packets_in) AS packets_in, "
+            # what the detector baselines: the egress to CRMs
+            "SUM(CASE WHEN crm_vendor != '' THEN bytes_out ELSE 0 END) AS crm_bytes_out "
             f"FROM minute_buckets WHERE {' AND '.join(where)} GROUP BY ts ORDER BY ts",
             tuple(args),
         )

@@ -14,7 +14,7 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # 1. Debian packages. bcc's Python module is python3-bpfcc (not on PyPI).
 PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 ethtool
-      ca-certificates)
+      ca-certificates chromium curl binutils util-linux)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,4 +1,4 @@
-"""Request dependencies: the agent and bearer-token roles.
+"""Request dependencies: the agent and the caller's role (bearer token or session).
 
 They are `async` although they never await: FastAPI runs a plain `def`
 dependency in the thread pool, a hop per dependency per request.
@@ -12,16 +12,15 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, TypeAdapter
 
+from leaktap.controller.api import sessions
+
 
 async def get_agent(request: Request) -> Any:
     return request.app.state.agent
 
 
-def _role(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        return None
+def token_role(request: Request, token: str) -> str | None:
+    """The role of a bearer token, or None."""
     # compare with every token in constant time; never log them
     role = None
     for candidate in request.app.state.admin_tokens:
@@ -34,8 +33,25 @@ def _role(request: Request) -> str | None:
     return role
 
 
+def request_role(request: Request) -> str | None:
+    """The caller's role from its bearer token, else from its dashboard session."""
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return None
+        return token_role(request, token)
+    # the dashboard's browser session (see sessions.py for why a cookie)
+    sid = request.cookies.get(sessions.COOKIE)
+    role = request.app.state.sessions.role(sid) if sid else None
+    if role is not None and request.method not in sessions.SAFE_METHODS:
+        if not sessions.same_origin(request):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin request refused")
+    return role
+
+
 async def require_reader(request: Request) -> str:
-    role = _role(request)
+    role = request_role(request)
     if role is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,

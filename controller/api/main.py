@@ -21,9 +21,13 @@ from leaktap.controller.api.routes import (
     flows,
     health,
     metrics,
+    session,
     sinks,
+    stats,
     tenants,
+    ui,
 )
+from leaktap.controller.api.sessions import SessionStore
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.state.response_cache = ResponseCache()
     app.state.reader_tokens = list(readers)
     app.state.admin_tokens = list(admins)
+    app.state.sessions = SessionStore()
     app.include_router(health.router)
     app.include_router(flows.router)
     app.include_router(tenants.router)
@@ -71,4 +76,7 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.include_router(sinks.router)
     app.include_router(canaries.router)
     app.include_router(metrics.router)
+    app.include_router(stats.router)
+    app.include_router(session.router)
+    app.include_router(ui.router)
     return app

@@ -73,8 +73,9 @@ def test_bucket_deltas_add_up_and_flows_update_in_place(tmp_path: Path) -> None:
     ids = store.write({key: Volume(50, 2, 0, 0)}, [flow])
     assert store.volume("acme", 0, 2e9) == [
         {"ts": 1_700_000_040, "bytes_out": 150, "packets_out": 3, "bytes_in": 10,
-         "packets_in": 1}
+         "packets_in": 1, "crm_bytes_out": 150}
     ]
+    assert store.volume("unassigned", 0, 2e9)[0]["crm_bytes_out"] == 0
     rows = store.buckets(0, 2e9)
     assert {(r["tenant"], r["crm_vendor"], r["bytes_out"]) for r in rows} == {
         ("acme", "salesforce", 150), ("unassigned", None, 7)}

@@ -11,6 +11,8 @@ from leaktap.controller.config import UNASSIGNED_TENANT
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 DAY_S = 86400
+# the band drawn around the expected volume: this many of the detector's sigmas (log space)
+BAND_SIGMAS = 2.0
 
 
 @router.get("")
@@ -56,4 +58,13 @@ def read_tenant_volume(
     series = agent.store.volume(tenant, since, until, vendor)
     if not known and not series:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown tenant {tenant!r}")
-    return {"tenant": tenant, "step_s": 60, "series": series}
+    # the detector baselines each tenant's CRM total (crm_bytes_out), not a vendor's share
+    detection = getattr(agent, "detection", None)
+    bands = (
+        detection.baseline(tenant, [p["ts"] for p in series], BAND_SIGMAS)
+        if detection is not None and vendor is None else [None] * len(series)
+    )
+    for point, band in zip(series, bands, strict=True):
+        point["baseline"] = None if band is None else {
+            "expected": round(band[0]), "low": round(band[1]), "high": round(band[2])}
+    return {"tenant": tenant, "step_s": 60, "band_sigmas": BAND_SIGMAS, "series": series}

@@ -1,0 +1,39 @@
+"""Kernel counters and losses as JSON, each loss with what to do about it: the numbers
+behind /metrics, for the dashboard and for a person with curl."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from leaktap.controller import loss, plaintext
+from leaktap.controller.api.deps import AgentDep, ReaderDep
+from leaktap.controller.api.routes.metrics import LOSS_RING
+
+router = APIRouter(prefix="/v1/stats", tags=["stats"])
+
+
+@router.get("")
+def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
+    kernel = dict(agent.stats)
+    monitor = getattr(agent, "plaintext", None)
+    inspection = monitor.stats() if monitor is not None else {}
+    losses = [
+        {"ring": LOSS_RING.get(name, "lt_events"), "reason": name.removeprefix("loss_"),
+         "count": value, "remedy": loss.REMEDIES.get(name)}
+        for name, value in sorted(kernel.items()) if name.startswith("loss_")
+    ] + [
+        {"ring": "lt_ssl_events", "reason": name.removeprefix("ssl_loss_"), "count": value,
+         "remedy": plaintext.REMEDIES.get(name)}
+        for name, value in sorted(inspection.items()) if name.startswith("ssl_loss_")
+    ]
+    modes = dict(getattr(agent.probes, "attach_modes", None) or {})
+    return {
+        "losses": losses,
+        "kernel": {k: v for k, v in sorted(kernel.items()) if not k.startswith("loss_")},
+        "plaintext": {k: v for k, v in sorted(inspection.items())
+                      if not k.startswith("ssl_loss_")},
+        "unattributed_bytes": agent.unattributed_bytes,
+        "interfaces": {i: (modes.get(i) if agent.attached else None) for i in agent.interfaces},
+    }
