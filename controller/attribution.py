@@ -123,6 +123,17 @@ class Attributor:
             self.hellos.forget((cid, *side))
             self.quic.forget((cid, *side))
 
+    def _crm_by_dns(self, dns_names: list[str]) -> CrmMatch | None:
+        """The CRM the names resolving to an address agree on. Several instances
+        behind one address (a CDN, a shared pod) leave the instance unknown, and
+        several vendors the CRM: guessing would misattribute."""
+        found = [m for m in map(self.catalogue.lookup, dns_names) if m is not None]
+        if len({m.vendor for m in found}) != 1:
+            return None
+        if len({m.instance for m in found}) == 1:
+            return found[0]
+        return CrmMatch(vendor=found[0].vendor, instance=None, host=found[0].host)
+
     def destination(
         self, family: int, local: tuple[str, int], remote: tuple[str, int], proto: int = 6
     ) -> tuple[str | None, list[str], CrmMatch | None]:
@@ -133,10 +144,7 @@ class Attributor:
         hello = self._hello_by_conv.get((family, proto, ends[0], ends[1]))
         sni = hello.sni if hello is not None else None
         dns_names = self.dns.names_for(remote[0])
-        host = sni or (dns_names[0] if dns_names else None)
-        crm = self.catalogue.lookup(host)
-        if crm is None and sni is None:
-            crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
+        crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
         return sni, dns_names, crm
 
     def names(self, conv: Conversation) -> Names:
@@ -148,9 +156,7 @@ class Attributor:
         reported_sni = sni or (hello.sni_raw.lower() if hello and hello.sni_raw else None)
         dns_names = self.dns.names_for(dst)
         host = sni or (dns_names[0] if dns_names else None)
-        crm = self.catalogue.lookup(host)
-        if crm is None and sni is None:
-            crm = next(filter(None, map(self.catalogue.lookup, dns_names[1:])), None)
+        crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
         cgroup = self.cgroups.path(out.cgroup_id) if self.live else None
         uid = out.uid if self.live and out.uid != NO_UID else None
         tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)

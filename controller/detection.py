@@ -37,10 +37,13 @@ class LiveDetection:
         self, config: LeaktapConfig, store: Store, on_incident: Callable[[Incident], Any]
     ) -> None:
         self.settings = config.detection
-        self.allow = {t.name: frozenset(t.allow) for t in config.tenants if t.allow}
-        self.detector = StreamingDetector(
-            self.settings, allow={t.name: t.allow for t in config.tenants}
-        )
+        # an instance the attribution could not tell (e.g. an address shared by
+        # several instances, no SNI) is not evidence of an unsanctioned one
+        self.allow = {
+            t.name: frozenset(t.allow) | {f"{a.split(':')[0]}:{UNKNOWN_INSTANCE}" for a in t.allow}
+            for t in config.tenants if t.allow
+        }
+        self.detector = StreamingDetector(self.settings, allow=self.allow)
         self.store = store
         self.on_incident = on_incident
         self._minute: int | None = None

@@ -63,3 +63,17 @@ def test_warm_start_feeds_history_without_paging_it_again(tmp_path: Path) -> Non
     assert got == []
     assert live.detector.series_count > 0
     store.close()
+
+
+def test_an_unknown_instance_of_an_allowed_vendor_is_not_unsanctioned(tmp_path: Path) -> None:
+    # the attribution leaves the instance unknown when several instances share an address
+    store = Store(tmp_path / "lt.db")
+    got: list[Incident] = []
+    live = LiveDetection(parse_config(CONFIG), store, got.append)
+    unknown = BucketKey(T0, "acme", "salesforce", None, "198.18.5.5")
+    other_vendor = BucketKey(T0, "acme", "hubspot", None, "api.hubapi.com")
+    live.add({unknown: Volume(9000, 9, 0, 0)}, now=T0 + 1)
+    assert got == []
+    live.add({other_vendor: Volume(9000, 9, 0, 0)}, now=T0 + 2)
+    assert [(i.kind, i.crm_vendor) for i in got] == [("unsanctioned_destination", "hubspot")]
+    store.close()

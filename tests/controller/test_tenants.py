@@ -100,3 +100,21 @@ def test_fast() -> None:
         r.resolve(f"/tenants/t{i % 50}/app", None, None, None)
         r.resolve(None, None, None, f"t{i % 50}.my.salesforce.com")
     assert time.perf_counter() - start < 2.0
+
+
+def test_shared_address_leaves_the_instance_unknown() -> None:
+    """DNS attribution: names of one address that disagree on the instance (or the
+    vendor) must not be resolved by picking one of them."""
+    from leaktap.controller.attribution import Attributor
+    from leaktap.controller.config import LeaktapConfig
+
+    attributor = Attributor(LeaktapConfig(), live=False)
+    same = ["acme.my.salesforce.com", "acme.my.salesforce.com"]
+    two_instances = ["acme.my.salesforce.com", "globex.my.salesforce.com"]
+    two_vendors = ["acme.my.salesforce.com", "api.hubapi.com"]
+    crm = attributor._crm_by_dns(same)
+    assert crm is not None and (crm.vendor, crm.instance) == ("salesforce", "acme")
+    crm = attributor._crm_by_dns(two_instances)
+    assert crm is not None and (crm.vendor, crm.instance) == ("salesforce", None)
+    assert attributor._crm_by_dns(two_vendors) is None
+    assert attributor._crm_by_dns(["example.org"]) is None
