@@ -308,18 +308,7 @@ class Store:
     def audit_calls(
         self, tenant: str | None = None, since: float | None = None, limit: int = 1000
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
-        if since is not None:
-            where.append("ts >= ?")
-            args.append(since)
-        rows = self._query(
-            f"SELECT * FROM audit_calls WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?",
-            (*args, limit),
-        )
+        rows = self._filtered("audit_calls", "ts", limit, tenant=tenant, since=since)
         for r in rows:
             r["allowed"] = bool(r["allowed"])
         return rows
@@ -341,25 +330,31 @@ class Store:
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, row, strict=True)) for row in cur.fetchall()]
 
+    def _filtered(
+        self, table: str, time_column: str, limit: int, tenant: str | None = None,
+        vendor: str | None = None, since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows of `table` (a fixed name, never user input), newest first."""
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
+        for column, value in (("tenant", tenant), ("crm_vendor", vendor)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if since is not None:
+            where.append(f"{time_column} >= ?")
+            args.append(since)
+        return self._query(
+            f"SELECT * FROM {table} WHERE {' AND '.join(where)} "
+            f"ORDER BY {time_column} DESC LIMIT ?",
+            (*args, limit),
+        )
+
     def flows(
         self, tenant: str | None = None, vendor: str | None = None, since: float | None = None,
         limit: int = 1000,
     ) -> list[dict[str, Any]]:
-        where: list[str] = ["1=1"]
-        args: list[Any] = []
-        if tenant is not None:
-            where.append("tenant = ?")
-            args.append(tenant)
-        if vendor is not None:
-            where.append("crm_vendor = ?")
-            args.append(vendor)
-        if since is not None:
-            where.append("last_seen >= ?")
-            args.append(since)
-        rows = self._query(
-            f"SELECT * FROM flows WHERE {' AND '.join(where)} ORDER BY last_seen DESC LIMIT ?",
-            (*args, limit),
-        )
+        rows = self._filtered("flows", "last_seen", limit, tenant, vendor, since)
         for r in rows:
             r["dns_names"] = json.loads(r["dns_names"])
         return rows

@@ -115,9 +115,11 @@ TLS_SINK = textwrap.dedent(
 
 
 @contextlib.contextmanager
-def tls_sink(lab: VethLab, cert: Path, key: Path, port: int = 443) -> Iterator[None]:
+def ns_server(lab: VethLab, script: str, *args: str) -> Iterator[None]:
+    """Run a Python server script in the lab's namespace until the block ends;
+    the script prints "ready" once it listens."""
     proc = subprocess.Popen(
-        lab.in_ns(sys.executable, "-c", TLS_SINK, str(cert), str(key), lab.peer_ip, str(port)),
+        lab.in_ns(sys.executable, "-c", script, *args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -128,6 +130,12 @@ def tls_sink(lab: VethLab, cert: Path, key: Path, port: int = 443) -> Iterator[N
     finally:
         proc.kill()
         proc.wait()
+
+
+def tls_sink(
+    lab: VethLab, cert: Path, key: Path, port: int = 443
+) -> contextlib.AbstractContextManager[None]:
+    return ns_server(lab, TLS_SINK, str(cert), str(key), lab.peer_ip, str(port))
 
 
 def tls_upload(
@@ -179,20 +187,8 @@ DNS_RESPONDER = textwrap.dedent(
 )
 
 
-@contextlib.contextmanager
-def dns_responder(lab: VethLab, answer_ip: str) -> Iterator[None]:
-    proc = subprocess.Popen(
-        lab.in_ns(sys.executable, "-c", DNS_RESPONDER, lab.peer_ip, answer_ip),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", proc.stderr.read() if proc.stderr else line
-        yield
-    finally:
-        proc.kill()
-        proc.wait()
+def dns_responder(lab: VethLab, answer_ip: str) -> contextlib.AbstractContextManager[None]:
+    return ns_server(lab, DNS_RESPONDER, lab.peer_ip, answer_ip)
 
 
 def dns_query(server: str, name: str, timeout: float = 5) -> bytes:
