@@ -3,7 +3,9 @@
 Each series keeps a ring of `baseline_weeks` weeks of hourly summaries (minute
 median, p90 and max, hourly sums out and in). The fit is the median across weeks
 of every hour-of-week slot, so one odd week (an incident, a holiday) does not move
-it, and a weekly batch that recurs every week becomes part of it. Memory is
+it, and a weekly batch that recurs every week becomes part of it. An hour a series
+was not watched for in full (the first hour of a history starting mid-hour) is left
+out, so unknown minutes never pass for idle ones. Memory is
 bounded: 5 float32 per series per hour kept (10,000 series x 3 weeks: ~100 MB).
 """
 
@@ -48,6 +50,8 @@ class HourlyHistory:
         self.stats = np.full((self.depth, N_STATS, capacity), np.nan, dtype=np.float32)
         self.minutes_out = np.zeros((MINUTES_PER_HOUR, capacity))
         self.hour_in = np.zeros(capacity)
+        # per series: minutes of the open hour it was watched for (see add_series)
+        self.minutes_seen = np.zeros(capacity, dtype=np.int64)
 
     def grow(self, capacity: int) -> None:
         extra = capacity - self.stats.shape[2]
@@ -58,24 +62,42 @@ class HourlyHistory:
             [self.minutes_out, np.zeros((MINUTES_PER_HOUR, extra))], axis=1
         )
         self.hour_in = np.concatenate([self.hour_in, np.zeros(extra)])
+        self.minutes_seen = np.concatenate([self.minutes_seen, np.zeros(extra, dtype=np.int64)])
+
+    def add_series(self, index: int, watched_like: int | None = None) -> None:
+        """A series is watched from when it is added: the minutes of the open hour before
+        (the start of the input or of the stored history, a tenant not seen yet) are
+        unknown, not idle. A destination of a known tenant is watched as long as
+        `watched_like` (its tenant's total): its minutes before its first row were idle."""
+        self.minutes_seen[index] = 0 if watched_like is None else self.minutes_seen[watched_like]
 
     def record_minute(self, minute_of_hour: int, out: FloatArray, inb: FloatArray) -> None:
+        """Minute `minute_of_hour` of series 0..n-1 (all watched)."""
         n = out.shape[0]
         self.minutes_out[minute_of_hour, :n] = out
         self.hour_in[:n] += inb
+        self.minutes_seen[:n] += 1
 
     def close_hour(self, abs_hour: int, n: int) -> FloatArray:
-        """Store the hour's summary of series 0..n-1 (later ones stay NaN). Returns sums out."""
+        """Store the hour's summary of series 0..n-1 (later ones stay NaN). Returns sums out,
+        NaN for a series not observed for the whole hour: a partly watched hour (the first
+        hour of a history that starts mid-hour) would pass its unwatched minutes off as
+        zero traffic and drag its hour-of-week slot down, so it is left out of the fit."""
         minutes = self.minutes_out[:, :n]
         p50, p90 = np.percentile(minutes, [50, 90], axis=0)
         sum_out: FloatArray = minutes.sum(axis=0)
         pos = abs_hour % self.depth
         row = np.stack([p50, p90, minutes.max(axis=0), sum_out, self.hour_in[:n]])
+        partial = self.minutes_seen[:n] < MINUTES_PER_HOUR
+        if partial.any():
+            row[:, partial] = np.nan
+            sum_out = np.where(partial, np.nan, sum_out)
         self.stats[pos, :, :n] = row
         self.stats[pos, :, n:] = np.nan
         self.hour_ids[pos] = abs_hour
         self.minutes_out[:, :n] = 0.0
         self.hour_in[:n] = 0.0
+        self.minutes_seen[:n] = 0
         return sum_out
 
     def frame(self, n: int) -> pd.DataFrame:

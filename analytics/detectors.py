@@ -407,7 +407,8 @@ class VolumeScorer:
         return out
 
     def close_hour(self, abs_hour: int, hour_sums: FloatArray) -> None:
-        """Hourly: track the growth level; re-sum the windows to shed float drift."""
+        """Hourly: track the growth level; re-sum the windows to shed float drift.
+        `hour_sums` is NaN for a series not observed for the whole hour: no level step."""
         n = hour_sums.shape[0]
         floor = MINUTES_PER_HOUR * float(self.settings.volume.floor_bytes_per_minute)
         slot = hour_of_week(abs_hour)
@@ -416,7 +417,7 @@ class VolumeScorer:
         level = self.level[:n]
         clip = self.settings.volume.level_clip
         step = self._alpha_level * np.clip(observed - level, -clip, clip)
-        learn = (self.fit.weeks[slot, :n] > 0) & ~self.alarm_hour[:n]
+        learn = (self.fit.weeks[slot, :n] > 0) & ~self.alarm_hour[:n] & np.isfinite(observed)
         level = level + np.where(learn, step, 0.0) + self.fit.slope[:n]
         self.level[:n] = np.clip(level, -_LEVEL_LIMIT, _LEVEL_LIMIT)
         self.alarm_hour[:n] = False

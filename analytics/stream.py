@@ -182,8 +182,12 @@ class StreamingDetector:
         if total is None:
             total = self._new_series((tenant, None, None), first, is_total=True)
             self._total_of[total] = -1
+            # not watched before its tenant's first row (e.g. the start of the history):
+            # a partly watched first hour stays out of the fit (HourlyHistory.close_hour)
+            self._history.add_series(total)
         index = self._new_series(key, first, is_total=False)
         self._total_of[index] = total
+        self._history.add_series(index, watched_like=total)
         policy = self._allow.get(tenant)
         if (
             policy is not None and self.settings.unsanctioned.enabled

@@ -220,3 +220,80 @@ def test_dedup_key_is_the_hash_of_the_episode_identity() -> None:
         b"new_destination|acme|zoho|leak|60").hexdigest()
     assert dedup_key("volume_anomaly", "acme", None, None, 60) == hashlib.sha256(
         b"volume_anomaly|acme|||60").hexdigest()
+
+
+# History ending "now" at any wall-clock time: the live agent warms the detector with the
+# stored history up to the current minute, so the history starts mid-hour. Its first hour
+# is only partly watched and must not enter its hour-of-week slot as an hour of zeros (it
+# dragged that slot, the one of "now" after two weeks, ~10x down and hid a 7x burst).
+FRIDAY_2239 = 1_795_819_140  # Fri 2026-11-27 22:39 UTC: the end time that missed the burst
+HISTORY_DAYS = 14
+LIVE = (3_000_000, 20_000_000, 3_000_000, 3_000_000)  # bytes out: flat, burst, flat, flat
+
+
+def _flat_then_burst(ends: dict[str, int]) -> Iterator[Bucket]:
+    """Per tenant: 14 days of flat 3 MB/min (+-10%) ending at its `end`, then LIVE, then
+    flat again until the input ends (the last tenant's LIVE). A control tenant stays flat
+    from the first history to the end."""
+    rng = np.random.default_rng(7)
+    first = min(ends.values()) - HISTORY_DAYS * 86400
+    last = max(ends.values()) + 60 * (len(LIVE) - 1)
+    for ts in range(first, last + 60, 60):
+        for tenant, end in ends.items():
+            if end <= ts < end + 60 * len(LIVE):
+                yield Bucket(ts, tenant, "salesforce", tenant, LIVE[(ts - end) // 60], 0)
+            elif ts >= end - HISTORY_DAYS * 86400:
+                out = int(3e6 * rng.uniform(0.9, 1.1))
+                yield Bucket(ts, tenant, "salesforce", tenant, out, out // 20)
+        out = int(3e6 * rng.uniform(0.9, 1.1))
+        yield Bucket(ts, "control", "salesforce", "control", out, out // 20)
+
+
+def _assert_burst_only(ends: dict[str, int], incidents: list[Incident]) -> None:
+    assert not [i for i in incidents if i.tenant not in ends], "flat control tenant paged"
+    for tenant, end in ends.items():
+        mine = [(i.kind, i.first_ts - end, i.raised_ts - end) for i in incidents
+                if i.tenant == tenant]
+        # the 20 MB minute pages when it closes; no flat minute (history, live, after) pages
+        assert mine == [("volume_anomaly", 60, 60)], (tenant, end, mine)
+
+
+def test_burst_after_history_ending_mid_hour_pages() -> None:
+    """The reported case: history ending Friday 22:39 UTC, as `leaktap analyze` runs it."""
+    ends = {"acme": FRIDAY_2239}
+    incidents = run(iter(_flat_then_burst(ends)),
+                    allow={"acme": ["salesforce:acme"], "control": ["salesforce:control"]})
+    _assert_burst_only(ends, incidents)
+    expected = float(incidents[0].evidence["expected_bytes"])
+    assert 2.5e6 < expected < 3.5e6  # the slot's fit is the history's 3 MB/min
+
+
+def test_burst_pages_whatever_the_time_history_ends() -> None:
+    """The same shape ending every 3 hours over a week (each end on its own tenant, one
+    detector run), at :39 like the reported case plus other minutes of that hour; each
+    tenant stays flat after its burst, through the later refits, without paging again."""
+    ends = {f"t{k:02d}": FRIDAY_2239 - k * 3 * 3600 for k in range(56)}
+    ends |= {f"m{m:02d}": FRIDAY_2239 - 39 * 60 + m * 60 for m in (0, 1, 29, 30, 59)}
+    detector = StreamingDetector(allow={t: [f"salesforce:{t}"] for t in [*ends, "control"]})
+    for bucket in _flat_then_burst(ends):
+        detector.observe(bucket)
+    detector.flush()
+    _assert_burst_only(ends, detector.close_all())
+
+
+def test_partly_watched_hour_is_left_out_of_the_fit() -> None:
+    """A series first seen mid-hour: that hour's summary stays NaN (unknown), later hours
+    are stored; a series watched all hour but idle still stores its zeros."""
+    detector = StreamingDetector()
+    start = MONDAY + 39 * 60
+    for ts in range(start, MONDAY + 2 * 3600, 60):
+        detector.observe(Bucket(ts, "acme", "salesforce", "x", 3_000_000, 1))
+        if ts >= MONDAY + 3600 + 10 * 60:
+            detector.observe(Bucket(ts, "acme", "salesforce", "late", 5, 1))
+    detector.flush()
+    frame = detector._history.frame(detector.series_count)  # noqa: SLF001
+    hours = frame.groupby("series")["hour"].apply(sorted).to_dict()
+    first_hour = MONDAY // 3600
+    # total and "x": only the second (whole) hour; "late" is a tenant series watched all
+    # of the second hour (zeros before its first row are real idle minutes)
+    assert hours == {0: [first_hour + 1], 1: [first_hour + 1], 2: [first_hour + 1]}
