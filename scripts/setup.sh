@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One idempotent setup for a Debian 12 host (also run by vagrant/ provisioning):
+# One idempotent setup for a Debian 12 host (also Ubuntu 24.04: vagrant/ runs it):
 # apt packages, a kernel-header tree for BCC, bpffs/tracefs mounts and the
 # project's virtual environment. Safe to run again; it only does what is missing.
 set -euo pipefail
@@ -7,6 +7,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${VENV:-$ROOT/.venv}
 KREL=$(uname -r)
+DISTRO=$(. /etc/os-release && echo "${ID:-debian}")
 quiet() { if [ "${V:-0}" = 1 ]; then "$@"; else "$@" >/dev/null; fi; }
 say() { printf 'setup: %s\n' "$*"; }
 
@@ -14,16 +15,24 @@ say() { printf 'setup: %s\n' "$*"; }
 
 # 1. Debian packages. bcc's Python module is python3-bpfcc (not on PyPI).
 PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 ethtool
-      ca-certificates chromium curl binutils util-linux)
+      ca-certificates curl binutils util-linux)
+# Test tools, on the Debian host only (the Ubuntu VM that vagrant/ makes runs the
+# agent and the demo, not the suite; Ubuntu ships chromium only as a snap):
+# chromium for the dashboard's browser test, vagrant for `vagrant validate`.
+if [ "$DISTRO" = debian ]; then PKGS+=(chromium vagrant); fi
 missing=()
 for p in "${PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    # Ubuntu 24.04 renamed libssl3 to libssl3t64 (64-bit time_t): either counts
+    # (dpkg-query fails for the name that does not exist: pipefail must not see it)
+    { dpkg-query -W -f='${Status}\n' "$p" "${p}t64" 2>/dev/null || true; } \
+        | grep -q "install ok installed" || missing+=("$p")
 done
 # BCC compiles against a kernel header tree. Prefer the exact package; this
 # machine's kernel is newer than any Debian headers, so fall back to the cloud
-# flavour: the programs use only UAPI structures, which are stable.
+# flavour: the programs use only UAPI structures, which are stable. (Ubuntu
+# always has linux-headers-$KREL for its own kernels: the fallback is Debian's.)
 if [ ! -e "/lib/modules/$KREL/build/include" ]; then
-    if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1; then
+    if apt-cache show "linux-headers-$KREL" >/dev/null 2>&1 || [ "$DISTRO" != debian ]; then
         missing+=("linux-headers-$KREL")
     else
         dpkg-query -W -f='${Status}' linux-headers-cloud-amd64 2>/dev/null \
@@ -40,6 +49,22 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     quiet apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# 1b. promtool and amtool (tests/deploy: `promtool test rules`, `amtool check-config`),
+# taken out of Debian's prometheus and prometheus-alertmanager packages: installing
+# those would start and enable a Prometheus server and an Alertmanager on this
+# host, and prometheus pulls ~230 MB of web-console JavaScript besides.
+for tool in promtool:prometheus amtool:prometheus-alertmanager; do
+    bin=${tool%%:*} pkg=${tool#*:}
+    command -v "$bin" >/dev/null 2>&1 && continue
+    say "installing $bin from Debian's $pkg package into /usr/local/bin"
+    tmp=$(mktemp -d)
+    ( cd "$tmp" && quiet apt-get download "$pkg" 2>/dev/null ) \
+        || { quiet apt-get update -qq; ( cd "$tmp" && quiet apt-get download "$pkg" ); }
+    dpkg-deb --fsys-tarfile "$tmp"/"$pkg"_*.deb | tar -x -C "$tmp" "./usr/bin/$bin"
+    install -m 0755 "$tmp/usr/bin/$bin" "/usr/local/bin/$bin"
+    rm -rf "$tmp"
+done
 
 # 2. Kernel header link (Debian splits the tree: arch part = build, common = source).
 if [ ! -e "/lib/modules/$KREL/build/include" ]; then
