@@ -341,7 +341,8 @@ def main() -> int:
     w = sys.stdout.write
     w(f"gateway forwarding, iperf3 UDP {LEN}-byte datagrams (-b 0, 1 stream) netns {NODE_NS} -> "
       f"host {INSIDE_IF} -> {OUTSIDE_IF} -> netns {CRM_NS}; {INSIDE_IF} rx kpps, {ROUNDS} rounds "
-      f"of {SECONDS:g} s windows in one iperf3 run, order rotating; ratio = case / without of the same round\n")
+      f"of {SECONDS:g} s windows in one iperf3 run, order rotating; "
+      "ratio = case / without of the same round\n")
     w("attach modes reported by the kernel: " + ", ".join(
         f"'{c}' {'/'.join(sorted(att.modes_seen[c]))}" for c in WITH) + "\n")
     w(f"{'round':>5s} {'without':>8s}" + "".join(f" {c:>13s} {'ratio':>6s}" for c in WITH) + "\n")

@@ -199,24 +199,27 @@ def main() -> int:
     w(f"iperf3 TCP, 1 stream, host {HOST_IF} -> netns {NS}, {ROUNDS} alternating rounds "
       f"of {SECONDS} s\n")
     w(f"{'round':>5s} {'without Gbit/s':>15s} {'with Gbit/s':>12s} {'ratio':>6s}\n")
-    for i, (a, b) in enumerate(zip(results["without"], results["with"], strict=True)):
+    pairs = list(zip(results["without"], results["with"], strict=True))
+    for i, (a, b) in enumerate(pairs):
         w(f"{i + 1:5d} {a:15.2f} {b:12.2f} {b / a:6.3f}\n")
     mw = statistics.median(results["without"])
     mb = statistics.median(results["with"])
     ratio = mb / mw
     w(f"{'med':>5s} {mw:15.2f} {mb:12.2f} {ratio:6.3f}   (median of per-round ratios "
-      f"{statistics.median(b / a for a, b in zip(results['without'], results['with'], strict=True)):.3f})\n")
+      f"{statistics.median(b / a for a, b in pairs):.3f})\n")
     assert drainer is not None
     drain_ms = statistics.median(drainer.drain_s) * 1e3 if drainer.drain_s else 0.0
     egress_bytes, egress_pkts = totals.get(0, (0, 0))
     w(f"agent side: {drainer.drains} drains (median {drain_ms:.1f} ms), {drainer.flows} flow "
-      f"entries, {drainer.bytes / 1e9:.2f} GB egress attributed to flows; egress totals {egress_bytes / 1e9:.2f} GB "
+      f"entries, {drainer.bytes / 1e9:.2f} GB egress attributed to flows; "
+      f"egress totals {egress_bytes / 1e9:.2f} GB "
       f"in {egress_pkts} segments; loss_flow_insert={stats['loss_flow_insert']}\n")
     if profile:
         w("in place (BPF run-time stats, extra 3 s run): " + ", ".join(
             f"{d} {ns:.0f} ns/skb over {cnt} skbs = {cpu:.1f}% of one CPU"
             for d, (ns, cnt, cpu) in profile.items())
-          + "; BPF_PROG_TEST_RUN measures the same program on linear skbs (perf/bench_tc_cost.py)\n")
+          + "; BPF_PROG_TEST_RUN measures the same program on linear skbs "
+          "(perf/bench_tc_cost.py)\n")
     lo, hi = min(results["without"]), max(results["without"])
     spread = (hi - lo) / mw
     noisy = spread > 2 * (1 - TARGET)
