@@ -183,11 +183,8 @@ def _prepare_pin_dir(digest: str, root: Path) -> Path:
     return pin_dir
 
 
-def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
-    """Compile and load the programs of `mode`; ProbeLoadError says what failed."""
-    options = options or KernelOptions()
-    if mode not in PROGRAMS:
-        raise ProbeLoadError(f"unknown mode {mode!r}; expected one of {sorted(MODE_SOURCES)}")
+def _bcc() -> Any:
+    """BCC's BPF class, or a ProbeLoadError that says how to get it."""
     try:
         from bcc import BPF
     except ImportError as e:
@@ -195,6 +192,15 @@ def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
             "cannot import bcc: install python3-bpfcc and use a venv made with "
             "--system-site-packages (scripts/setup.sh)"
         ) from e
+    return BPF
+
+
+def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
+    """Compile and load the programs of `mode`; ProbeLoadError says what failed."""
+    options = options or KernelOptions()
+    if mode not in PROGRAMS:
+        raise ProbeLoadError(f"unknown mode {mode!r}; expected one of {sorted(MODE_SOURCES)}")
+    BPF = _bcc()
     files = MODE_SOURCES[mode]
     try:
         source = expand_source(files)
@@ -552,13 +558,7 @@ class SslProbes:
 def load_ssl(options: SslOptions | None = None) -> SslProbes:
     """Compile and load ssl_uprobe.bpf.c (its tracepoints attach at once)."""
     options = options or SslOptions()
-    try:
-        from bcc import BPF
-    except ImportError as e:
-        raise ProbeLoadError(
-            "cannot import bcc: install python3-bpfcc and use a venv made with "
-            "--system-site-packages (scripts/setup.sh)"
-        ) from e
+    BPF = _bcc()
     files = MODE_SOURCES["ssl"]
     try:
         source = expand_source(files)
