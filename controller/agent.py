@@ -1,9 +1,11 @@
 """`leaktap run`: the agent.
 
-Loads the TC programs (maps pinned so a restart resumes counting), attaches
-them to the watched interfaces, drains the ring buffer on a thread and the
-flow map once a second into conversations, and serves the API. SIGTERM and
-Ctrl-C detach every probe (uvicorn turns both into a lifespan shutdown).
+Loads the programs of its mode (TC on a node, XDP on a gateway; maps pinned so
+a restart resumes counting), attaches them to the watched interfaces, drains
+the ring buffer on a thread and the flow map once a second into
+conversations, minute buckets and the database, feeds the detectors and the
+alert pipeline, and serves the API. SIGTERM and Ctrl-C detach every probe
+(uvicorn turns both into a lifespan shutdown).
 """
 
 from __future__ import annotations
