@@ -39,15 +39,14 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from leaktap.controller import loader  # noqa: E402
-from leaktap.controller.maps import FlowCounters, MapReader  # noqa: E402
-from perf.bench_veth_throughput import _run_stats  # noqa: E402
+from leaktap.controller.maps import MapReader  # noqa: E402
+from perf.bench_veth_throughput import Drainer, _run_stats  # noqa: E402
 
 logger = logging.getLogger("perf.bench_gateway_pps")
 
@@ -140,32 +139,6 @@ class Traffic:
         if self.client.poll() is None:
             self.client.kill()
             self.client.wait()
-
-
-class Drainer(threading.Thread):
-    """The agent's per-second lt_flows drain, active only while `active` is set."""
-
-    def __init__(self, reader: MapReader) -> None:
-        super().__init__(daemon=True)
-        self.reader = reader
-        self.active = threading.Event()
-        self.stop = threading.Event()
-        self.flows = self.packets = self.drains = 0
-        self.drain_s: list[float] = []
-
-    def run(self) -> None:
-        while not self.stop.wait(1.0):
-            if not self.active.is_set():
-                continue
-            t = time.perf_counter()
-            drained = self.reader.drain_flows()
-            self.drain_s.append(time.perf_counter() - t)
-            self.drains += 1
-            self.count(drained)
-
-    def count(self, drained: list[FlowCounters]) -> None:
-        self.flows += len(drained)
-        self.packets += sum(f.tx_packets for f in drained)
 
 
 class Attachment:

@@ -82,7 +82,7 @@ class Drainer(threading.Thread):
         self.reader = reader
         self.active = threading.Event()
         self.stop = threading.Event()
-        self.flows = self.bytes = self.drains = 0
+        self.flows = self.bytes = self.packets = self.drains = 0
         self.drain_s: list[float] = []
 
     def run(self) -> None:
@@ -98,6 +98,7 @@ class Drainer(threading.Thread):
     def count(self, drained: list[FlowCounters]) -> None:
         self.flows += len(drained)
         self.bytes += sum(f.tx_bytes for f in drained if f.key.dir == 0)
+        self.packets += sum(f.tx_packets for f in drained)
 
 
 def _run_stats(fd: int) -> tuple[int, int]:
