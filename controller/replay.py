@@ -24,7 +24,6 @@ from typing import Any, TextIO
 from leaktap.controller import loader, testrun
 from leaktap.controller.attribution import Attributor
 from leaktap.controller.config import LeaktapConfig, load_config
-from leaktap.controller.errors import PcapError
 from leaktap.controller.flows import ConversationTable
 from leaktap.controller.maps import MapReader
 from leaktap.controller.pcap import iter_frames
@@ -163,10 +162,8 @@ def replay(
 
 def main(args: Any, out: TextIO = sys.stdout) -> int:
     config = load_config(args.config)
-    try:
-        records, result = replay(args.pcap, config, getattr(args, "mode", "tc") or "tc")
-    except PcapError:
-        raise
+    # a PcapError reaches the CLI, which prints it as one line (exit 2)
+    records, result = replay(args.pcap, config, getattr(args, "mode", "tc") or "tc")
     for rec in records:
         out.write(json.dumps(rec) + "\n")
     # parse_len_clamped and the port-less kinds are still attributed to a flow

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -116,9 +117,10 @@ class RingDrainer:
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Consume what is in the ring now (timeout 0) or wait up to timeout_ms."""
-        import time
-
-        self._bpf.ring_buffer_poll(timeout_ms) if timeout_ms else self._bpf.ring_buffer_consume()
+        if timeout_ms:
+            self._bpf.ring_buffer_poll(timeout_ms)
+        else:
+            self._bpf.ring_buffer_consume()
         self.last_poll_monotonic = time.monotonic()
 
     def start(self) -> None:
