@@ -96,6 +96,27 @@ def per_rep(fd: int, data: bytes, repeat: int) -> float:
     return float(r.duration_ns)
 
 
+class NewFlows:
+    """Frames of flows never seen before: each call continues the numbering, so
+    no two rounds (nor two programs' maps) ever share a flow."""
+
+    def __init__(self, per_call: int) -> None:
+        self.per_call = per_call
+        self.n = 0
+
+    def frames(self, family: int, payload: bytes) -> list[bytes]:
+        out = []
+        for _ in range(self.per_call):
+            n = self.n
+            self.n += 1
+            if family == 4:
+                src = f"198.18.{1 + n // 60000}.{1 + (n // 250) % 240}"
+            else:
+                src = f"2001:2::{1 + n // 60000:x}:{n // 250 % 240 + 1:x}"
+            out.append(frame(family, 1024 + n % 60000, payload, src))
+        return out
+
+
 def main() -> int:
     cpus = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cpus[-1]})
@@ -118,19 +139,7 @@ def main() -> int:
             per_rep(empty_fd, f, 1000)
         before = reader.stats()
 
-        counter = [0]
-
-        def new_flow_frames(family: int, payload: bytes) -> list[bytes]:
-            out = []
-            for _ in range(NEW_FLOWS):
-                n = counter[0]
-                counter[0] += 1
-                if family == 4:
-                    src = f"198.18.{1 + n // 60000}.{1 + (n // 250) % 240}"
-                else:
-                    src = f"2001:2::{1 + n // 60000:x}:{n // 250 % 240 + 1:x}"
-                out.append(frame(family, 1024 + n % 60000, payload, src))
-            return out
+        new_flow_frames = NewFlows(NEW_FLOWS).frames
 
         def median_single(fd: int, frames: list[bytes]) -> float:
             return statistics.median(per_rep(fd, f, 1) for f in frames)

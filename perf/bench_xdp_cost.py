@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from leaktap.controller.loader import KernelOptions, load  # noqa: E402
 from leaktap.controller.maps import MapReader  # noqa: E402
 from leaktap.controller.testrun import run_frame  # noqa: E402
-from perf.bench_tc_cost import client_hello, frame  # noqa: E402  (the same frames)
+from perf.bench_tc_cost import NewFlows, client_hello, frame  # noqa: E402  (the same frames)
 
 logger = logging.getLogger("perf.bench_xdp_cost")
 
@@ -104,19 +104,7 @@ def main() -> int:
                 per_rep(fd, f, 1000, PROGRAMS[label])
         before = {k: r.stats() for k, r in readers.items()}
 
-        counter = [0]
-
-        def new_flow_frames(family: int, payload: bytes) -> list[bytes]:
-            out = []
-            for _ in range(NEW_FLOWS):
-                n = counter[0]
-                counter[0] += 1
-                if family == 4:
-                    src = f"198.18.{1 + n // 60000}.{1 + (n // 250) % 240}"
-                else:
-                    src = f"2001:2::{1 + n // 60000:x}:{n // 250 % 240 + 1:x}"
-                out.append(frame(family, 1024 + n % 60000, payload, src))
-            return out
+        new_flow_frames = NewFlows(NEW_FLOWS).frames
 
         def median_single(label: str, frames: list[bytes]) -> float:
             return statistics.median(per_rep(fds[label], f, 1, PROGRAMS[label]) for f in frames)
