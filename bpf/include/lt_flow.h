@@ -114,7 +114,9 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 	}
 	v->tx_bytes += len;
 	v->tx_packets += segs;
+#if LT_DEDUP
 	v->last_sig = p->sig;
+#endif
 	__u8 f = p->tcp_flags;
 	if (p->key.proto == IPPROTO_TCP && f) {
 		if ((f & (LT_TCP_SYN | LT_TCP_ACK)) == LT_TCP_SYN)

@@ -61,7 +61,7 @@ struct lt_pkt {
 	__u32 payload_off;        /* offset of the L4 payload from the frame start */
 	__u32 payload_len;        /* L4 payload bytes per the IP length fields */
 	__u32 seq;                /* TCP sequence of the first payload byte */
-	__u32 sig;                /* identity of this packet among its flow's (dedup) */
+	__u32 sig;                /* identity of this packet among its flow's (LT_DEDUP builds only) */
 	__u8 tcp_flags;
 	__u8 has_ports;           /* 0 for fragments and other L4 protocols */
 };
@@ -118,7 +118,9 @@ static __always_inline int l4_parse(void *data, void *data_end, __u32 l4, __u32 
 		p->seq = bpf_ntohl(th->seq) + ((p->tcp_flags & LT_TCP_SYN) ? 1 : 0);
 		p->payload_off = l4 + doff;
 		/* checksum covers the payload: a retransmission with other data differs */
+#if LT_DEDUP
 		p->sig = ((__u32)th->check << 16) ^ p->seq ^ bpf_ntohl(th->ack_seq) ^ p->tcp_flags;
+#endif
 	} else if (p->key.proto == IPPROTO_UDP) {
 		struct udphdr *uh = data + l4;
 		if ((void *)(uh + 1) > data_end || l4 + sizeof(*uh) > ip_end)
@@ -126,7 +128,9 @@ static __always_inline int l4_parse(void *data, void *data_end, __u32 l4, __u32 
 		p->key.sport = bpf_ntohs(uh->source);
 		p->key.dport = bpf_ntohs(uh->dest);
 		p->payload_off = l4 + sizeof(*uh);
+#if LT_DEDUP
 		p->sig = ((__u32)uh->check << 16) ^ bpf_ntohs(uh->len);
+#endif
 	} else {
 		return -LT_PARSE_OTHER_L4;
 	}
@@ -174,7 +178,9 @@ static __always_inline int ipv4_parse(void *data, void *data_end, __u32 off, __u
 		return -LT_PARSE_FRAGMENT;
 	int err = l4_parse(data, data_end, off + hlen, off + tot, p);
 	/* the IP id tells copies from retransmissions with equal checksums apart */
+#if LT_DEDUP
 	p->sig ^= (__u32)bpf_ntohs(ip->id) << 8;
+#endif
 	return err;
 }
 
