@@ -23,8 +23,8 @@ from typing import Any
 from leaktap.analytics.alerts import AlertManager, SinkRoute
 from leaktap.analytics.outbox import OutboxDispatcher
 from leaktap.analytics.sinks import SinkConfigError, build_sink
-from leaktap.controller import loader
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.attribution.flows import FF_SYN, NO_UID, Conversation, ConversationTable
 from leaktap.controller.config import (
     DEFAULT_DB,
     LeaktapConfig,
@@ -34,11 +34,11 @@ from leaktap.controller.config import (
 )
 from leaktap.controller.detection import LiveDetection
 from leaktap.controller.errors import ConfigError
-from leaktap.controller.flows import FF_SYN, NO_UID, Conversation, ConversationTable
-from leaktap.controller.hostfs import find_cgroup2_mount
-from leaktap.controller.loss import LossMonitor
-from leaktap.controller.maps import FlowCounters, MapReader
-from leaktap.controller.ringbuf import RingDrainer, Sample
+from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
+from leaktap.controller.kernel.loss import LossMonitor
+from leaktap.controller.kernel.maps import FlowCounters, MapReader
+from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ class Agent:
         """TLS plaintext inspection of the selected processes, when enabled."""
         if not self.config.plaintext.enabled:
             return
-        from leaktap.controller.plaintext import PlaintextMonitor
+        from leaktap.controller.plaintext.monitor import PlaintextMonitor
 
         self.plaintext = PlaintextMonitor(
             self.config, self.attributor, on_finding=self._on_incident,

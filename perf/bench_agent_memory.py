@@ -26,9 +26,9 @@ import struct
 import sys
 import time
 
-from leaktap.controller.loader import KernelOptions, load
-from leaktap.controller.maps import MapReader
-from leaktap.controller.testrun import run_frame
+from leaktap.controller.kernel.loader import KernelOptions, load
+from leaktap.controller.kernel.maps import MapReader
+from leaktap.controller.kernel.testrun import run_frame
 
 logger = logging.getLogger("perf.bench_agent_memory")
 

@@ -113,7 +113,8 @@ def speed(tenants: int) -> None:
         # The real command in its own process. Its peak memory comes from /usr/bin/time:
         # a child's ru_maxrss seen from here would include this (large) process's image.
         del scen
-        command = [sys.executable, "-m", "leaktap.controller.cli", "analyze", "--buckets", path]
+        command = [sys.executable, "-m", "leaktap.controller.commands.cli", "analyze",
+                   "--buckets", path]
         timer = shutil.which("time", path="/usr/bin:/bin")  # GNU time, not the shell keyword
         start = time.perf_counter()
         done = subprocess.run(

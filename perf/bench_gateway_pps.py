@@ -45,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from leaktap.controller import loader  # noqa: E402
-from leaktap.controller.maps import MapReader  # noqa: E402
+from leaktap.controller.kernel.maps import MapReader  # noqa: E402
 from perf.bench_veth_throughput import Drainer, _run_stats  # noqa: E402
 
 logger = logging.getLogger("perf.bench_gateway_pps")
@@ -199,7 +199,7 @@ def bpf_stats_pass(att: Attachment, traffic: Traffic) -> dict[str, tuple[float, 
     open; they add two clock reads per run."""
     import ctypes
 
-    from leaktap.controller.testrun import _libbpf
+    from leaktap.controller.kernel.testrun import _libbpf
 
     lib = _libbpf()
     lib.bpf_enable_stats.restype = ctypes.c_int

@@ -23,11 +23,11 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from leaktap.controller.catalogue import CrmCatalogue
+from leaktap.controller.attribution.catalogue import CrmCatalogue
+from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import TenantConfig, TenantMatch
-from leaktap.controller.quic import QUIC_V1, QuicHelloAssembler, client_initial_keys
-from leaktap.controller.tenants import TenantResolver
-from leaktap.controller.tls import HelloReassembler, parse_client_hello
+from leaktap.controller.protocols.quic import QUIC_V1, QuicHelloAssembler, client_initial_keys
+from leaktap.controller.protocols.tls import HelloReassembler, parse_client_hello
 
 logger = logging.getLogger("perf.bench_hello_parse")
 

@@ -30,12 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from leaktap.controller import loader
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.commands.doctor import find_cgroup2_mount
 from leaktap.controller.config import parse_config
-from leaktap.controller.doctor import find_cgroup2_mount
-from leaktap.controller.plaintext import PlaintextMonitor
-from leaktap.controller.ssl_events import SslEventDecoder, header_format
+from leaktap.controller.kernel import loader
+from leaktap.controller.plaintext.events import SslEventDecoder, header_format
+from leaktap.controller.plaintext.monitor import PlaintextMonitor
 
 logger = logging.getLogger("perf.bench_plaintext")
 

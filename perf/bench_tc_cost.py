@@ -38,9 +38,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from leaktap.controller.loader import KernelOptions, load
-from leaktap.controller.maps import MapReader
-from leaktap.controller.testrun import run_frame
+from leaktap.controller.kernel.loader import KernelOptions, load
+from leaktap.controller.kernel.maps import MapReader
+from leaktap.controller.kernel.testrun import run_frame
 
 logger = logging.getLogger("perf.bench_tc_cost")
 

@@ -27,9 +27,9 @@ import sys
 import threading
 import time
 
-from leaktap.controller import loader
-from leaktap.controller.maps import FlowCounters, MapReader
-from leaktap.controller.testrun import _libbpf
+from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.maps import FlowCounters, MapReader
+from leaktap.controller.kernel.testrun import _libbpf
 
 logger = logging.getLogger("perf.bench_veth_throughput")
 

@@ -39,9 +39,9 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from leaktap.controller.loader import KernelOptions, load  # noqa: E402
-from leaktap.controller.maps import MapReader  # noqa: E402
-from leaktap.controller.testrun import run_frame  # noqa: E402
+from leaktap.controller.kernel.loader import KernelOptions, load  # noqa: E402
+from leaktap.controller.kernel.maps import MapReader  # noqa: E402
+from leaktap.controller.kernel.testrun import run_frame  # noqa: E402
 from perf.bench_tc_cost import NewFlows, client_hello, frame  # noqa: E402  (the same frames)
 
 logger = logging.getLogger("perf.bench_xdp_cost")

@@ -3,7 +3,7 @@
  * lt_types.h - the kernel/user ABI of leaktap: every struct, enum and limit
  * shared between the BPF programs and the Python controller is defined here
  * and only here. Python reads the structs through the ctypes classes BCC
- * derives from these declarations and the enums through controller/abi.py;
+ * derives from these declarations and the enums through controller/kernel/abi.py;
  * tests/bpf/test_abi.py pins sizes and offsets against tests/abi_golden.json.
  *
  * Rules: structs are flat (BCC's event() cannot decode nested structs),

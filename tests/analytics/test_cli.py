@@ -14,7 +14,7 @@ import scenario
 from leaktap.analytics.cli import analyze_lines
 from leaktap.analytics.incidents import OUTPUT_FIELDS
 from leaktap.analytics.settings import DetectionSettings
-from leaktap.controller import cli
+from leaktap.controller.commands import cli
 from leaktap.controller.config import parse_config
 from leaktap.controller.errors import ConfigError
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from leaktap.controller.loader import KernelOptions
+from leaktap.controller.kernel.loader import KernelOptions
 from tests.bpf.harness import (
     DEFAULT,
     RATE_3,

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leaktap.controller import testrun
-from leaktap.controller.loader import KernelOptions, Probes, load
-from leaktap.controller.maps import FlowCounters, MapReader
-from leaktap.controller.ringbuf import RingDrainer, Sample
+from leaktap.controller.kernel import testrun
+from leaktap.controller.kernel.loader import KernelOptions, Probes, load
+from leaktap.controller.kernel.maps import FlowCounters, MapReader
+from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 
 DEFAULT = KernelOptions(flows_max=4096)
 TINY_RING = KernelOptions(flows_max=4096, ringbuf_pages=1)

@@ -5,7 +5,7 @@ are compared with tests/abi_golden.json. After an intended layout change,
 regenerate the file with LEAKTAP_UPDATE_ABI_GOLDEN=1 and review the diff.
 
 Enum and #define values are checked against clang itself: a tiny BPF object
-whose array maps are sized by each value, so controller/abi.py's header
+whose array maps are sized by each value, so controller/kernel/abi.py's header
 parsing cannot drift from what the programs are compiled with.
 """
 
@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from leaktap.controller import abi
-from leaktap.controller.loader import bpf_dir
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.loader import bpf_dir
 from tests.bpf.harness import DEFAULT
 
 pytestmark = pytest.mark.kernel
@@ -85,7 +85,7 @@ def probes(kernels):
 
 @pytest.fixture(scope="module")
 def ssl_probes():
-    from leaktap.controller.loader import load_ssl
+    from leaktap.controller.kernel.loader import load_ssl
 
     ssl = load_ssl()
     yield ssl
@@ -124,7 +124,7 @@ def test_event_header_size_is_the_payload_offset(probes):
 
 
 def test_ssl_event_header_and_stats(ssl_probes):
-    from leaktap.controller.ssl_events import ssl_stat_names
+    from leaktap.controller.plaintext.events import ssl_stat_names
 
     event = ssl_probes.table("lt_ssl_scratch").sLeaf
     assert event.data.offset == 72
@@ -155,7 +155,7 @@ def test_every_loss_reason_of_the_header_is_an_exported_stat():
 
 def test_parsed_enums_and_defines_equal_the_compilers_values() -> None:
     """Every enumerator and integer LT_* #define as clang evaluates it equals
-    what controller/abi.py parsed: one static assertion per symbol."""
+    what controller/kernel/abi.py parsed: one static assertion per symbol."""
     from bcc import BPF
 
     parsed = {m: v for e in abi.enums().values() for m, v in e.items()} | abi.defines()
@@ -166,6 +166,6 @@ def test_parsed_enums_and_defines_equal_the_compilers_values() -> None:
         b = BPF(text=("\n".join(lines) + "\n").encode(),
                 cflags=["-I", str(bpf_dir() / "include")])
     except Exception as e:  # clang printed which assertion failed above
-        raise AssertionError(f"controller/abi.py parsed a value clang disagrees with: {e}") from e
+        raise AssertionError(f"kernel/abi.py parsed a value clang disagrees with: {e}") from e
     b.cleanup()
     assert len(parsed) > 60

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from leaktap.controller.loader import SslOptions, SslProbes, load_ssl
-from leaktap.controller.loss import LossMonitor
-from leaktap.controller.plaintext import REMEDIES
-from leaktap.controller.ssl_events import SslEvent, SslEventDecoder, ssl_stat_names
+from leaktap.controller.kernel.loader import SslOptions, SslProbes, load_ssl
+from leaktap.controller.kernel.loss import LossMonitor
+from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
+from leaktap.controller.plaintext.monitor import REMEDIES
 
 pytestmark = pytest.mark.kernel
 

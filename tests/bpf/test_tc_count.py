@@ -8,8 +8,8 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from leaktap.controller import abi
-from leaktap.controller.testrun import MAX_FRAME
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.testrun import MAX_FRAME
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth, tcp4, tcp6, udp4
 
 pytestmark = pytest.mark.kernel

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
-from leaktap.controller import abi
-from leaktap.controller.dns import DnsCache
+from leaktap.controller.attribution.dns_cache import DnsCache
+from leaktap.controller.kernel import abi
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, client_hello, tcp4, udp4, udp6
 
 pytestmark = pytest.mark.kernel

@@ -12,10 +12,10 @@ import pytest
 from scapy.layers.inet import IP, TCP
 from scapy.packet import Raw
 
-from leaktap.controller import abi
-from leaktap.controller.ringbuf import Sample
-from leaktap.controller.testrun import MAX_FRAME
-from leaktap.controller.tls import HelloReassembler, parse_client_hello
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.ringbuf import Sample
+from leaktap.controller.kernel.testrun import MAX_FRAME
+from leaktap.controller.protocols.tls import HelloReassembler, parse_client_hello
 from tests.bpf.lt_frames import (
     CLIENT4,
     CLIENT6,

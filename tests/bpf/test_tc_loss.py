@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from leaktap.controller.hostfs import find_cgroup2_mount
-from leaktap.controller.loss import LossMonitor
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
+from leaktap.controller.kernel.loss import LossMonitor
 from tests.bpf.lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
 
 pytestmark = pytest.mark.kernel
@@ -43,9 +43,9 @@ def test_one_page_ring_flood_counts_every_lost_hello(tc_tiny_ring, caplog):
     assert out.changed() == {"cnt_flow_new": sent, "cnt_ev_hello": delivered,
                              "loss_ringbuf_full": lost}
     # the controller's loss monitor turns the rise into one WARNING with a remedy
-    with caplog.at_level(logging.WARNING, logger="leaktap.controller.loss"):
+    with caplog.at_level(logging.WARNING, logger="leaktap.controller.kernel.loss"):
         assert monitor.check(tc_tiny_ring.reader.stats()) == {"loss_ringbuf_full": lost}
-    [record] = [r for r in caplog.records if r.name == "leaktap.controller.loss"]
+    [record] = [r for r in caplog.records if r.name == "leaktap.controller.kernel.loss"]
     assert record.levelno == logging.WARNING
     assert f"lost {lost} " in record.getMessage()
     assert "loss_ringbuf_full" in record.getMessage()

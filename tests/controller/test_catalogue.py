@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leaktap.controller.catalogue import CrmCatalogue, CrmMatch, host_pattern_regex
+from leaktap.controller.attribution.catalogue import CrmCatalogue, CrmMatch, host_pattern_regex
 from leaktap.controller.config import CatalogueEntry
 from leaktap.controller.errors import ConfigError
 

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.dns import DNS, DNSQR, DNSRR, dns_compress
 
-from leaktap.controller.dns import (
+from leaktap.controller.attribution.dns_cache import DnsCache
+from leaktap.controller.protocols.dns import (
     TYPE_A,
     TYPE_AAAA,
     TYPE_CNAME,
     DnsAnswer,
-    DnsCache,
     DnsMessage,
     parse_dns_message,
 )

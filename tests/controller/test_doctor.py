@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from leaktap.controller.doctor import (
+from leaktap.controller.commands.doctor import (
     DEFAULT_CHECKS,
     Check,
     CheckResult,
@@ -182,7 +182,7 @@ def test_bpf_syscall_denied_to_unprivileged_user() -> None:
             setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all",
             sys.executable, "-c",
-            "import sys; from leaktap.controller.doctor import check_bpf_syscall as c;"
+            "import sys; from leaktap.controller.commands.doctor import check_bpf_syscall as c;"
             " sys.stdout.write(c().line())",
         ],
         capture_output=True, text=True, timeout=60, check=False,
@@ -339,7 +339,7 @@ def test_crashing_check_is_reported_not_raised(caplog: pytest.LogCaptureFixture)
 def test_xdp_check_reports_native_for_a_veth_and_fails_for_a_missing_interface() -> None:
     import subprocess
 
-    from leaktap.controller.doctor import Status, check_xdp
+    from leaktap.controller.commands.doctor import Status, check_xdp
 
     subprocess.run(["ip", "link", "add", "lt-doc0", "type", "veth", "peer", "name", "lt-doc1"],
                    check=True)

@@ -1,4 +1,4 @@
-"""leaktap.controller.pcap against real captures and files written byte by byte."""
+"""leaktap.controller.protocols.pcap against real captures and files written byte by byte."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from scapy.layers.l2 import ARP, CookedLinux, CookedLinuxV2, Dot1Q, Ether
 from scapy.utils import PcapWriter
 
 from leaktap.controller.errors import PcapError
-from leaktap.controller.pcap import SUPPORTED_LINKTYPES, Frame, iter_frames
+from leaktap.controller.protocols.pcap import SUPPORTED_LINKTYPES, Frame, iter_frames
 
 CORPUS = Path(os.environ.get("LEAKTAP_CORPUS", "/work/shared/corpus"))
 SYNTHETIC_MACS = bytes.fromhex("020000000002" "020000000001")

@@ -11,9 +11,9 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
-from leaktap.controller import loader, testrun
 from leaktap.controller.errors import ProbeLoadError
-from leaktap.controller.maps import MapReader
+from leaktap.controller.kernel import loader, testrun
+from leaktap.controller.kernel.maps import MapReader
 
 pytestmark = pytest.mark.kernel
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scapy.layers.tls.extensions import ServerName, TLS_Ext_ServerName, TLS_Ext_Unknown
 from scapy.layers.tls.handshake import TLSClientHello
 
-from leaktap.controller.quic import (
+from leaktap.controller.protocols.quic import (
     QUIC_V1,
     QUIC_V2,
     QuicHelloAssembler,
@@ -21,7 +21,7 @@ from leaktap.controller.quic import (
     iter_crypto_frames,
     parse_long_header,
 )
-from leaktap.controller.tls import ClientHello
+from leaktap.controller.protocols.tls import ClientHello
 from tests.corpus import corpus_available, load_tsv, quic_client_datagrams, read_segments
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")

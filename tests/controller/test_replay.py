@@ -20,9 +20,9 @@ from scapy.layers.l2 import CookedLinux, Ether
 from scapy.packet import Packet, Raw
 from scapy.utils import wrpcap
 
+from leaktap.controller.commands.replay import ReplayResult, replay
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.errors import PcapError
-from leaktap.controller.replay import ReplayResult, replay
 from tests.corpus import corpus_available, load_tsv
 
 pytestmark = pytest.mark.kernel

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from leaktap.controller import loader
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.commands.replay import REPLAY_OPTIONS, Replayer, flow_records
 from leaktap.controller.config import LeaktapConfig
-from leaktap.controller.replay import REPLAY_OPTIONS, Replayer, flow_records
-from leaktap.controller.ringbuf import RingDrainer
+from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.ringbuf import RingDrainer
 from tests.corpus import CORPUS, corpus_available, load_tsv
 
 pytestmark = [

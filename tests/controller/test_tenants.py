@@ -6,8 +6,8 @@ import time
 
 import pytest
 
+from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import TenantConfig, TenantMatch, parse_config
-from leaktap.controller.tenants import TenantResolver
 
 
 def tenant(name: str, **match: object) -> TenantConfig:
@@ -105,7 +105,7 @@ def test_fast() -> None:
 def test_shared_address_leaves_the_instance_unknown() -> None:
     """DNS attribution: names of one address that disagree on the instance (or the
     vendor) must not be resolved by picking one of them."""
-    from leaktap.controller.attribution import Attributor
+    from leaktap.controller.attribution.attributor import Attributor
     from leaktap.controller.config import LeaktapConfig
 
     attributor = Attributor(LeaktapConfig(), live=False)

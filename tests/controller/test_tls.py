@@ -22,7 +22,7 @@ from scapy.layers.tls.extensions import (
 from scapy.layers.tls.handshake import TLSClientHello
 from scapy.layers.tls.record import TLS
 
-from leaktap.controller.tls import (
+from leaktap.controller.protocols.tls import (
     ClientHello,
     HelloReassembler,
     is_grease,

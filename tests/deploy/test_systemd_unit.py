@@ -77,7 +77,7 @@ def test_runs_the_agent_from_the_documented_paths(unit: dict[str, list[str]]) ->
 
 def test_execstart_options_exist_in_the_cli() -> None:
     out = subprocess.run(
-        [sys.executable, "-c", "import sys; from leaktap.controller.cli import main; "
+        [sys.executable, "-c", "import sys; from leaktap.controller.commands.cli import main; "
          "sys.exit(main(['run', '--help']))"],
         capture_output=True, text=True, timeout=20)
     assert out.returncode == 0, out.stderr

@@ -89,7 +89,7 @@ def _start_cli(tmp_path: Path, iface: str, port: int) -> subprocess.Popen[str]:
     cfg = tmp_path / "leaktap.yaml"
     cfg.write_text(CONFIG + "tokens: {reader: [reader-token-0123456789]}\n")
     cmd = [
-        sys.executable, "-m", "leaktap.controller.cli", "run", "--config", str(cfg),
+        sys.executable, "-m", "leaktap.controller.commands.cli", "run", "--config", str(cfg),
         "--iface", iface, "--listen", f"127.0.0.1:{port}", "--db", str(tmp_path / "lt.db"),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from leaktap.controller.agent import Agent
 from leaktap.controller.api.main import create_app
 from leaktap.controller.config import parse_config
-from leaktap.controller.hostfs import find_cgroup2_mount
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from leaktap.controller.storage import Store
 from tests.netlab import dns_query, dns_responder, make_cert, tls_sink, veth_lab
 

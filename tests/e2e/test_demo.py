@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from leaktap.controller.demo import CRM_IF, CRM_NS, EXPECTED_KINDS, TENANTS
-from leaktap.controller.hostfs import find_cgroup2_mount
+from leaktap.controller.commands.demo import CRM_IF, CRM_NS, EXPECTED_KINDS, TENANTS
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from tests.netlab import sh
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -27,7 +27,8 @@ def _free_port() -> int:
 def test_demo_raises_every_promised_alert_and_cleans_up() -> None:
     started = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-m", "leaktap.controller.cli", "demo", "--port", str(_free_port())],
+        [sys.executable, "-m", "leaktap.controller.commands.cli", "demo",
+         "--port", str(_free_port())],
         capture_output=True, text=True, timeout=240,
     )
     elapsed = time.monotonic() - started

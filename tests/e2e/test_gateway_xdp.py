@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from leaktap.controller import loader
 from leaktap.controller.agent import Agent
 from leaktap.controller.config import parse_config
+from leaktap.controller.kernel import loader
 from leaktap.controller.storage import Store
 from tests.netlab import VethLab, make_cert, sh, tls_sink
 

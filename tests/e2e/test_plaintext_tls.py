@@ -21,10 +21,10 @@ import pytest
 
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext.inspector import BulkAudit
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.commands.doctor import find_cgroup2_mount
 from leaktap.controller.config import LeaktapConfig, parse_config
-from leaktap.controller.doctor import find_cgroup2_mount
-from leaktap.controller.plaintext import PlaintextMonitor
+from leaktap.controller.plaintext.monitor import PlaintextMonitor
 from tests.netlab import make_cert, veth_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -458,8 +458,8 @@ def test_hostile_writes_are_counted_and_inspection_goes_on(lab, monitor, collect
 def test_flow_join_takes_the_crm_instance_from_the_sni(lab, monitor, collected):
     """With the TC probes feeding the attributor, a write is joined through its
     socket to the flow: the instance comes from the ClientHello, not the Host header."""
-    from leaktap.controller import loader
-    from leaktap.controller.ringbuf import RingDrainer
+    from leaktap.controller.kernel import loader
+    from leaktap.controller.kernel.ringbuf import RingDrainer
 
     mon, _ = monitor
     probes = loader.load("tc", loader.KernelOptions(flows_max=4096))

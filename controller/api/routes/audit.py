@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from leaktap.controller import abi
 from leaktap.controller.api.deps import AgentDep, ReaderDep
+from leaktap.controller.kernel import abi
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 

@@ -7,9 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from leaktap.controller import loss, plaintext
 from leaktap.controller.api.deps import AgentDep, ReaderDep
 from leaktap.controller.api.routes.metrics import LOSS_RING
+from leaktap.controller.kernel import loss
+from leaktap.controller.plaintext import monitor as plaintext
 
 router = APIRouter(prefix="/v1/stats", tags=["stats"])
 

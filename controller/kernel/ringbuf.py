@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from leaktap.controller import abi
-from leaktap.controller.maps import format_addr
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.maps import format_addr
 
 logger = logging.getLogger(__name__)
 

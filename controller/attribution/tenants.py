@@ -16,7 +16,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Sequence
 
-from leaktap.controller.catalogue import host_pattern_regex, normalize_hostname
+from leaktap.controller.attribution.catalogue import host_pattern_regex, normalize_hostname
 from leaktap.controller.config import UNASSIGNED_TENANT, TenantConfig
 
 logger = logging.getLogger(__name__)

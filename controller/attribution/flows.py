@@ -13,8 +13,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from leaktap.controller import abi
-from leaktap.controller.maps import FlowCounters, FlowKey
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey
 
 NO_UID = 0xFFFFFFFF
 

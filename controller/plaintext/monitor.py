@@ -45,13 +45,14 @@ from leaktap.analytics.plaintext.inspector import (
     WriteContext,
 )
 from leaktap.analytics.plaintext.redact import KeyedHasher
-from leaktap.controller import loader
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig
-from leaktap.controller.doctor import LIBSSL_SONAME, find_shared_library
 from leaktap.controller.errors import ConfigError, ProbeLoadError
-from leaktap.controller.loss import LossMonitor
-from leaktap.controller.procs import (
+from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.loss import LossMonitor
+from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
+from leaktap.controller.plaintext.libraries import LIBSSL_SONAME, find_shared_library
+from leaktap.controller.plaintext.procs import (
     PROC,
     Library,
     ProcessInfo,
@@ -61,8 +62,7 @@ from leaktap.controller.procs import (
     read_process,
     ssl_libraries,
 )
-from leaktap.controller.sockets import SocketResolver
-from leaktap.controller.ssl_events import SslEvent, SslEventDecoder, ssl_stat_names
+from leaktap.controller.plaintext.sockets import SocketResolver
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leaktap.controller.catalogue import CrmCatalogue, CrmMatch
+from leaktap.controller.attribution.catalogue import CrmCatalogue, CrmMatch
+from leaktap.controller.attribution.dns_cache import DnsCache
+from leaktap.controller.attribution.flows import NO_UID, Conversation, conversation_id
+from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
-from leaktap.controller.dns import DnsCache
-from leaktap.controller.flows import NO_UID, Conversation, conversation_id
-from leaktap.controller.maps import FlowKey
-from leaktap.controller.quic import QuicHelloAssembler
-from leaktap.controller.ringbuf import Sample
-from leaktap.controller.tenants import TenantResolver
-from leaktap.controller.tls import ClientHello, HelloReassembler
+from leaktap.controller.kernel.maps import FlowKey
+from leaktap.controller.kernel.ringbuf import Sample
+from leaktap.controller.protocols.quic import QuicHelloAssembler
+from leaktap.controller.protocols.tls import ClientHello, HelloReassembler
 
 logger = logging.getLogger(__name__)
 

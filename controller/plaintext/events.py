@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from leaktap.controller import abi
+from leaktap.controller.kernel import abi
 
 
 @dataclass(slots=True)

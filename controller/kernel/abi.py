@@ -18,7 +18,7 @@ _DEFINE = re.compile(r"^#define\s+(LT_\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", re.M)
 
 
 def header_path() -> Path:
-    from leaktap.controller.loader import bpf_dir
+    from leaktap.controller.kernel.loader import bpf_dir
 
     return Path(bpf_dir() / "include" / "lt_types.h")
 

@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import re
-import shutil
 import struct
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from leaktap.controller.errors import ProbeLoadError
-from leaktap.controller.hostfs import (
+from leaktap.controller.kernel.hostfs import (
     BPF_FS_MAGIC,
     MOUNTINFO_PATH,
     TRACEFS_MAGIC,
@@ -38,6 +37,7 @@ from leaktap.controller.hostfs import (
     find_cgroup2_mount,
     mountinfo_entries,
 )
+from leaktap.controller.plaintext.libraries import LIBSSL_SONAME, find_shared_library
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ BTF_PATH = Path("/sys/kernel/btf/vmlinux")
 HEADERS_BUILD_DIR = Path("/lib/modules") / os.uname().release / "build"
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 BPFFS_PATH = Path("/sys/fs/bpf")
-LIBSSL_SONAME = "libssl.so.3"
 
 # Filesystem magics from include/uapi/linux/magic.h.
 
@@ -160,7 +159,7 @@ def check_bcc(trial_compile: Callable[[], str] | None = None) -> CheckResult:
     if trial_compile is None:
         try:
             # The loader is the only module that imports bcc.
-            from leaktap.controller import loader
+            from leaktap.controller.kernel import loader
         except ImportError as e:
             if e.name == "bcc":
                 return CheckResult(
@@ -253,24 +252,6 @@ def check_libssl(soname: str = LIBSSL_SONAME) -> CheckResult:
             impact="plaintext inspection unavailable", fix="apt-get install libssl3",
         )
     return CheckResult("libssl", Status.OK, f"{soname} at {path}")
-
-
-def find_shared_library(soname: str) -> str | None:
-    """Return the path the dynamic linker would use for `soname`, from `ldconfig -p`."""
-    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
-    try:
-        listing = subprocess.run(
-            [ldconfig, "-p"], capture_output=True, text=True, check=True, timeout=10
-        ).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        logger.info("ldconfig -p failed (%s); cannot locate %s", e, soname)
-        return None
-    # "\tlibssl.so.3 (libc6,x86-64) => /lib/x86_64-linux-gnu/libssl.so.3"
-    for entry in listing.splitlines():
-        name, _, rest = entry.strip().partition(" ")
-        if name == soname and "=>" in rest:
-            return rest.split("=>", 1)[1].strip()
-    return None
 
 
 # Drivers with native (in-driver) XDP; on others the agent attaches in generic

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
-from leaktap.controller.hostfs import BPF_FS_MAGIC, filesystem_magic
+from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
 
 logger = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from leaktap.controller import loader, testrun
-from leaktap.controller.attribution import Attributor
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.attribution.flows import ConversationTable
 from leaktap.controller.config import LeaktapConfig, load_config
-from leaktap.controller.flows import ConversationTable
-from leaktap.controller.maps import MapReader
-from leaktap.controller.pcap import iter_frames
-from leaktap.controller.ringbuf import RingDrainer
+from leaktap.controller.kernel import loader, testrun
+from leaktap.controller.kernel.maps import MapReader
+from leaktap.controller.kernel.ringbuf import RingDrainer
+from leaktap.controller.protocols.pcap import iter_frames
 
 logger = logging.getLogger(__name__)
 

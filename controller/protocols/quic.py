@@ -29,7 +29,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from leaktap.controller.tls import (
+from leaktap.controller.protocols.tls import (
     HS_CLIENT_HELLO,
     HS_HDR_LEN,
     ClientHello,

@@ -16,11 +16,11 @@ logger = logging.getLogger(__name__)
 
 # subcommand -> module whose main(args) -> int implements it
 _COMMANDS = {
-    "doctor": "leaktap.controller.doctor",
+    "doctor": "leaktap.controller.commands.doctor",
     "run": "leaktap.controller.agent",
-    "replay": "leaktap.controller.replay",
+    "replay": "leaktap.controller.commands.replay",
     "analyze": "leaktap.analytics.cli",
-    "demo": "leaktap.controller.demo",
+    "demo": "leaktap.controller.commands.demo",
 }
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from leaktap.controller.errors import LeaktapError
-from leaktap.controller.hostfs import find_cgroup2_mount
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from leaktap.controller import abi
+from leaktap.controller.kernel import abi
 
 logger = logging.getLogger(__name__)
 

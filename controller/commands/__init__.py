@@ -1,0 +1,1 @@
+"""The `leaktap` command line and its subcommands. Runtime code never imports from here."""
