@@ -24,7 +24,7 @@ test: setup
 	$(Q)$(PY) -m pytest $(if $(filter 1,$(V)),-v,-q) $(PYTEST_ARGS)
 
 lint: setup
-	$(Q)$(PY) -m ruff check . && $(PY) -m mypy controller analytics
+	$(Q)bash scripts/lint.sh
 
 perf: setup
 	$(Q)for b in perf/bench_*.py; do $(PY) $$b || exit 1; done

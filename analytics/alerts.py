@@ -27,9 +27,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from leaktap.analytics.alert_settings import AlertsSettings
+from leaktap.analytics.alert_settings import AlertKind, AlertsSettings
 from leaktap.analytics.db import Database
 from leaktap.analytics.sinks.base import SEVERITY_RANK
 
@@ -208,7 +208,7 @@ class AlertManager:
         """Store an incident, finding or dict; returns the change when it pages."""
         obs = _observation(item)
         now = self.clock() if now is None else now
-        window = float(self.settings.suppression.get(obs.kind, 0.0))
+        window = float(self.settings.suppression.get(cast(AlertKind, obs.kind), 0.0))
         with self.db.transaction() as db:
             row = db.execute(
                 "SELECT a.id, a.status, a.last_seen, a.raised_ts FROM alert_keys k "

@@ -344,7 +344,8 @@ class Agent:
         if now - self.drainer.last_poll_monotonic > 5:
             return False, "ring buffer not drained for 5 s"
         if self.plaintext is not None:
-            return self.plaintext.ready()
+            ready: tuple[bool, str] = self.plaintext.ready()
+            return ready
         return True, "ok"
 
     def flow_records(self, **filters: Any) -> list[dict[str, Any]]:

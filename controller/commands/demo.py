@@ -200,7 +200,8 @@ class Lab:
             self.procs.append(proc)
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != b"ready":
-                raise LeaktapError(f"demo server failed: {proc.stderr.read().decode()[-500:]}")
+                err = proc.stderr.read().decode() if proc.stderr is not None else ""
+                raise LeaktapError(f"demo server failed: {err[-500:]}")
 
     def client(self, tenant: str, cgroup: str, host: str, mode: str,
                **arg: Any) -> subprocess.Popen[bytes]:
@@ -390,7 +391,7 @@ def run_demo(out: TextIO = sys.stdout, port: int = 8470) -> dict[str, int]:
             app = create_app(agent, readers=[reader], admins=[admin], manage=False)
             server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
                                                    log_level="warning", access_log=False))
-            server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+            # uvicorn installs signal handlers only from the main thread: none here
             threading.Thread(target=server.run, name="lt-demo-api", daemon=True).start()
             printer.start()
             out.write(f"  agent watching {CRM_IF}; API and dashboard: http://127.0.0.1:{port}/ "

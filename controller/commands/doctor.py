@@ -383,6 +383,6 @@ def main(
 
         pt = load_config(args.config).plaintext
         select = pt.select if pt.select == "all" else any(
-            (pt.select.cgroups, pt.select.exes, pt.select.uids))  # type: ignore[union-attr]
+            (pt.select.cgroups, pt.select.exes, pt.select.uids))
         checks = (*checks, functools.partial(check_plaintext_select, select, pt.enabled))
     return write_report(run_checks(checks), stream or sys.stdout)

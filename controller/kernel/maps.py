@@ -131,7 +131,8 @@ class MapReader:
         out = []
         # keys of the previous drain only: flows active now were mostly active
         # then, and memory stays bounded by one drain's flows
-        previous, keys = self._keys, {}
+        keys: dict[bytes, FlowKey] = {}
+        previous = self._keys
         self._keys = keys
         now_ns = time.monotonic_ns()
         for key, per_cpu in self._flows.items_lookup_and_delete_batch():

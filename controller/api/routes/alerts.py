@@ -82,7 +82,7 @@ class AlertActionIn(BaseModel):
 
 async def get_alert_manager(agent: AgentDep) -> AlertManager:
     manager = getattr(agent, "alerts", None)
-    if manager is None:
+    if not isinstance(manager, AlertManager):
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "alerting is not running")
     return manager
 
