@@ -24,7 +24,14 @@ from leaktap.analytics.alerts import AlertManager, SinkRoute
 from leaktap.analytics.outbox import OutboxDispatcher
 from leaktap.analytics.sinks import SinkConfigError, build_sink
 from leaktap.controller.attribution.attributor import Attributor
-from leaktap.controller.attribution.flows import FF_SYN, NO_UID, Conversation, ConversationTable
+from leaktap.controller.attribution.flows import (
+    FF_SYN,
+    NO_UID,
+    Conversation,
+    ConversationTable,
+    conversation_id,
+)
+from leaktap.controller.attribution.resume import ResumableFlows
 from leaktap.controller.config import (
     DEFAULT_DB,
     LeaktapConfig,
@@ -100,6 +107,8 @@ class Agent:
         self._last_prune = 0.0
         self._last_hello_expiry = 0.0
         self._unnamed: list[tuple[Conversation, FlowCounters, int]] = []
+        # flow rows of conversations open when the previous run stopped (set at start)
+        self.resumable = ResumableFlows([], CONVERSATION_IDLE_S)
         self.started_monotonic = 0.0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -119,6 +128,7 @@ class Agent:
             hello_segs_max=k.hello_segments_max,
             dedup=self.config.mode == "xdp" and self.config.dedup,
             pin=self.pin,
+            pin_root=k.pin_root or str(loader.PIN_ROOT),
         )
         self.probes = loader.load(self.config.mode, options)
         self._exit.callback(self.probes.close)
@@ -127,6 +137,8 @@ class Agent:
         self.reader = MapReader(self.probes)
         self.attributor = Attributor(self.config, cgroup_mount=find_cgroup2_mount())
         self.drainer = RingDrainer(self.probes, self._on_sample)
+        self.resumable = ResumableFlows(
+            self.store.live_flows(time.time() - CONVERSATION_IDLE_S), CONVERSATION_IDLE_S)
         self._start_plaintext()
         # volume counted before this start (pinned maps of a previous run) is
         # not ours to call unattributed; flows left in the map are, and are drained now
@@ -245,6 +257,7 @@ class Agent:
             minute = minute_of(now)
             pending, self._unnamed = self._unnamed, []
             for counters in flows:
+                self._resume(counters, now)
                 conv = self.table.add(counters)
                 touched[id(conv)] = conv
                 self.attributed_bytes += counters.tx_bytes
@@ -288,6 +301,8 @@ class Agent:
             idle = time.monotonic_ns() - int(CONVERSATION_IDLE_S * 1e9)
             for conv in self.table.expire(idle):
                 self.attributor.forget(conv)
+            if self.resumable:
+                self.resumable.expire(now)
             self.last_poll_monotonic = time.monotonic()
         self.loss.check(stats)
         if now - self._last_hello_expiry > HELLO_MAX_AGE_S:
@@ -299,6 +314,16 @@ class Agent:
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)
+
+    def _resume(self, counters: FlowCounters, now: float) -> None:
+        """Re-bind a conversation open before this start to its flow row and names."""
+        if not self.resumable or conversation_id(counters.key) in self.table.conversations:
+            return
+        claimed = self.resumable.claim(counters, now)
+        if claimed is not None:
+            conv, names = claimed
+            self.table.adopt(conv)
+            self.attributor.resume(conv, names)
 
     def _record(self, conv: Conversation) -> dict[str, Any]:
         """A conversation as a flow row, oriented from this host."""

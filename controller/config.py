@@ -123,6 +123,8 @@ class KernelConfig(_Strict):
     flows_max: Annotated[int, Field(ge=16, le=4_194_304)] = 65536
     ringbuf_pages: Annotated[int, Field(ge=1, le=65536)] = 64
     hello_segments_max: Annotated[int, Field(ge=1, le=64)] = 12
+    # where the counting maps are pinned (a directory on bpffs); None: /sys/fs/bpf/leaktap
+    pin_root: str | None = None
 
 
 Glob = Annotated[str, AfterValidator(_check_glob)]

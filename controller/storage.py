@@ -359,6 +359,13 @@ class Store:
             r["dns_names"] = json.loads(r["dns_names"])
         return rows
 
+    def live_flows(self, since: float) -> list[dict[str, Any]]:
+        """Every flow row with a packet since `since` (the conversations a restart resumes)."""
+        rows = self._query("SELECT * FROM flows WHERE last_seen >= ?", (since,))
+        for r in rows:
+            r["dns_names"] = json.loads(r["dns_names"])
+        return rows
+
     def audit(
         self, syn: int, synack: int, rst: int, tenant: str | None = None,
         since: float | None = None, attempted_only: bool = False, limit: int = 1000,

@@ -97,6 +97,8 @@ class Attributor:
         self.dns = DnsCache()
         self.cgroups = CgroupPaths(cgroup_mount)
         self._hello_by_conv: dict[Any, ClientHello] = {}
+        # names a previous run recorded for conversations still open at this start
+        self._resumed: dict[Any, Names] = {}
         self.samples = {"tls_hello": 0, "quic_initial": 0, "dns": 0}
 
     def on_sample(self, s: Sample) -> None:
@@ -115,10 +117,16 @@ class Attributor:
         if hello is not None:
             self._hello_by_conv.setdefault(cid, hello)
 
+    def resume(self, conv: Conversation, names: Names) -> None:
+        """Name a conversation that was open before this start as the previous run did
+        (its ClientHello went by then); a hello seen from now on still wins."""
+        self._resumed[(conv.family, conv.proto, conv.a, conv.b)] = names
+
     def forget(self, conv: Conversation) -> None:
         """Drop what was learned of a conversation that left memory (its 5-tuple may return)."""
         cid = (conv.family, conv.proto, conv.a, conv.b)
         self._hello_by_conv.pop(cid, None)
+        self._resumed.pop(cid, None)
         for side in (conv.a, conv.b):
             self.hellos.forget((cid, *side))
             self.quic.forget((cid, *side))
@@ -150,6 +158,10 @@ class Attributor:
     def names(self, conv: Conversation) -> Names:
         (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)
         hello = self._hello_by_conv.get((conv.family, conv.proto, conv.a, conv.b))
+        if hello is None and self._resumed:
+            resumed = self._resumed.get((conv.family, conv.proto, conv.a, conv.b))
+            if resumed is not None:
+                return resumed
         sni = hello.sni if hello is not None else None
         # a name that is not a valid host (e.g. "server4:443") is still reported as sent
         # (lower case, as the peers do), but never matched against the catalogue

@@ -145,6 +145,10 @@ class ConversationTable:
             conv.local_is_a = sent_by_a if c.key.dir == 0 else not sent_by_a
         return conv
 
+    def adopt(self, conv: Conversation) -> None:
+        """Take in a conversation restored from storage (attribution/resume.py)."""
+        self.conversations[(conv.family, conv.proto, conv.a, conv.b)] = conv
+
     def expire(self, idle_before_ns: int) -> list[Conversation]:
         """Remove and return conversations with no packet since idle_before_ns."""
         gone = [
