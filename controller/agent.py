@@ -417,6 +417,11 @@ def is_loopback(host: str) -> bool:
         return False  # a name may resolve anywhere
 
 
+# The dashboard, a Prometheus scraper and a few scripts need a handful.
+API_MAX_CONNECTIONS = 64
+API_MAX_HEAD_BYTES = 16 * 1024
+
+
 def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
     """The uvicorn server for the API; HTTPS with `tls`, a warning when the bind is
     reachable from elsewhere without it."""
@@ -431,6 +436,11 @@ def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
         uvicorn.Config(
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
             ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None,
+            # bounded memory whoever connects: h11 (not httptools, whatever is installed)
+            # caps a request head at API_MAX_HEAD_BYTES; connections beyond
+            # API_MAX_CONNECTIONS get 503; bodies are capped by api/guard.py
+            http="h11", h11_max_incomplete_event_size=API_MAX_HEAD_BYTES,
+            limit_concurrency=API_MAX_CONNECTIONS,
         )
     )
 

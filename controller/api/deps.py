@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, Response, status
 from pydantic import BaseModel, TypeAdapter
+from starlette.requests import HTTPConnection
 
 from leaktap.controller.api import sessions
 
@@ -19,7 +20,7 @@ async def get_agent(request: Request) -> Any:
     return request.app.state.agent
 
 
-def token_role(request: Request, token: str) -> str | None:
+def token_role(request: HTTPConnection, token: str) -> str | None:
     """The role of a bearer token, or None."""
     # compare with every token in constant time; never log them
     role = None
@@ -33,18 +34,26 @@ def token_role(request: Request, token: str) -> str | None:
     return role
 
 
-def request_role(request: Request) -> str | None:
-    """The caller's role from its bearer token, else from its dashboard session."""
-    header = request.headers.get("authorization")
+def credential_role(conn: HTTPConnection) -> str | None:
+    """The role of the request head's credentials (bearer token, else the dashboard's
+    session cookie, see sessions.py for why a cookie), or None. Reads no body: the
+    API's guard (guard.py) calls it before any body is read."""
+    header = conn.headers.get("authorization")
     if header is not None:
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token:
             return None
-        return token_role(request, token)
-    # the dashboard's browser session (see sessions.py for why a cookie)
-    sid = request.cookies.get(sessions.COOKIE)
-    role = request.app.state.sessions.role(sid) if sid else None
-    if role is not None and request.method not in sessions.SAFE_METHODS:
+        return token_role(conn, token)
+    sid = conn.cookies.get(sessions.COOKIE)
+    role: str | None = conn.app.state.sessions.role(sid) if sid else None
+    return role
+
+
+def request_role(request: Request) -> str | None:
+    """The caller's role from its bearer token, else from its dashboard session."""
+    role = credential_role(request)
+    from_cookie = request.headers.get("authorization") is None
+    if role is not None and from_cookie and request.method not in sessions.SAFE_METHODS:
         if not sessions.same_origin(request):
             raise HTTPException(status.HTTP_403_FORBIDDEN, "cross-origin request refused")
     return role

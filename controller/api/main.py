@@ -13,7 +13,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from leaktap.controller.api.cache import ResponseCache
-from leaktap.controller.api.deps import ReaderDep
+from leaktap.controller.api.deps import ReaderDep, credential_role
+from leaktap.controller.api.guard import RequestGuard
 from leaktap.controller.api.routes import (
     alerts,
     audit,
@@ -68,6 +69,8 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.state.reader_tokens = list(readers)
     app.state.admin_tokens = list(admins)
     app.state.sessions = SessionStore()
+    # before anything reads a body: credentials first, then a capped body
+    app.add_middleware(RequestGuard, role_of=credential_role)
     app.include_router(health.router)
     app.include_router(flows.router)
     app.include_router(tenants.router)
