@@ -183,6 +183,20 @@ function drawAlerts(u, alerts) {
   ctx.restore();
 }
 
+function drawOpenMinute(u, ts) {
+  // the open minute (`partial` in the API) is still counting: shade the segment that
+  // leads to it, so that a low last point does not read as a drop
+  if (ts === null || ts === undefined) return;
+  const { left, top, width, height } = u.bbox;
+  const x0 = Math.max(u.valToPos(ts - 60, "x", true), left);
+  const x1 = Math.min(u.valToPos(ts, "x", true), left + width);
+  if (x1 <= x0) return;
+  u.ctx.save();
+  u.ctx.fillStyle = "rgba(100, 116, 139, 0.14)";
+  u.ctx.fillRect(x0, top, x1 - x0, height);
+  u.ctx.restore();
+}
+
 function chartOptions(width, holder) {
   const value = (u, v) => (v === null ? "–" : bytes(v));
   return {
@@ -190,7 +204,10 @@ function chartOptions(width, holder) {
     cursor: { sync: { key: "lt" } },
     scales: { y: { range: (u, min, max) => [0, Math.max(max, 1024) * 1.1] } },
     // binary steps (256 KiB, 512 KiB, 1 MiB ...) so that the labels read round
-    axes: [{}, { values: (u, ticks) => ticks.map((t) => bytes(t)), size: 76, incrs: BYTE_STEPS }],
+    // x: at least 80 px between time ticks, wider than a label ("12:45pm", "12/4"):
+    // uPlot's default 50 px lets them run into each other at the 6 h range
+    axes: [{ space: 80 },
+      { values: (u, ticks) => ticks.map((t) => bytes(t)), size: 76, incrs: BYTE_STEPS }],
     series: [
       {},
       { label: "CRM egress", stroke: "#2563eb", width: 1.5, value },
@@ -200,7 +217,8 @@ function chartOptions(width, holder) {
       { label: "band high", stroke: "rgba(21, 128, 61, 0.35)", width: 1, value },
     ],
     bands: [{ series: [5, 4], fill: "rgba(34, 197, 94, 0.14)" }],
-    hooks: { draw: [(u) => drawAlerts(u, holder.alerts)] },
+    hooks: { draw: [(u) => drawOpenMinute(u, holder.openMinute),
+                    (u) => drawAlerts(u, holder.alerts)] },
   };
 }
 
@@ -209,12 +227,13 @@ function tenantCard(tenant) {
   const card = el("article", { class: "tenant-card", "data-tenant": tenant },
     el("h3", {}, tenant, el("span", { class: "totals" })), chart,
     el("p", { class: "chart-alerts" }));
-  return { card, chart, plot: null, alerts: [] };
+  return { card, chart, plot: null, alerts: [], openMinute: null };
 }
 
 async function renderVolumes(tenants, alerts) {
-  // up to the last closed minute: the open one is still being counted
-  const until = Math.floor(Date.now() / 60000) * 60;
+  // up to the open minute included: the agent stores what it drained of it every second
+  // (the API marks it partial), so what was just sent shows at the next refresh
+  const until = (Math.floor(Date.now() / 60000) + 1) * 60;
   const since = until - Number($("range").value);
   const alerting = new Set(alerts.filter((a) => a.status !== "resolved").map((a) => a.tenant));
   const shown = tenants
@@ -234,8 +253,12 @@ async function renderVolumes(tenants, alerts) {
     holder.alerts = alerts.filter((a) => a.tenant === t.tenant && a.last_seen + 60 >= since);
     const data = seriesData(volumes[i].body, since, until);
     const crm = data[1].reduce((s, v) => s + v, 0);
+    const open = volumes[i].body.series.find((p) => p.partial);
+    holder.openMinute = open ? open.ts : null;
+    holder.card.dataset.crmBytes = String(crm);
     holder.card.querySelector(".totals").textContent =
-      ` · ${bytes(crm)} to CRMs, ${bytes(data[2].reduce((s, v) => s + v, 0))} in all`;
+      ` · ${bytes(crm)} to CRMs, ${bytes(data[2].reduce((s, v) => s + v, 0))} in all` +
+      (open ? ` (${bytes(open.crm_bytes_out)} of it this minute, still counting)` : "");
     const fitted = data[3].some((v) => v !== null);
     holder.card.querySelector(".chart-alerts").textContent =
       `${holder.alerts.length} alert(s) in view` + (fitted ? "" : " · no baseline yet (warm-up)");

@@ -8,11 +8,14 @@ Never `playwright install`: it downloads a browser build; the test uses
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import os
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -255,6 +258,7 @@ def test_reader_sees_volume_against_its_baseline_and_the_alerts(session: Session
     assert page.locator("#losses tr.lost").count() == 1
     assert "raise kernel.ringbuf_pages" in page.text_content("#losses")
     page.screenshot(path=str(SCREENSHOTS / "leaktap-dashboard-reader.png"), full_page=True)
+    assert _overlapping_tick_labels(page) == []  # the default range, across a day change
     assert session.hosts == {"127.0.0.1"}
     assert session.errors == []  # CSP violations and script errors land here
 
@@ -274,6 +278,116 @@ def test_admin_can_acknowledge_from_the_page(session: Session, agent: AgentView)
     page.wait_for_selector("#token")  # back to the form (a 401): the session is gone
     assert page.evaluate("fetch('/v1/whoami').then(r => r.status)") == 401
     assert session.hosts == {"127.0.0.1"}
+
+
+# what a poll of the agent writes once it drained a 12 MB upload to acme's instance
+UPLOAD = 12_000_000
+UPLOAD_KEY = ("acme", "salesforce", "acme", "acme.my.salesforce.com")
+
+# The x-axis tick labels of every chart as uPlot drew them on its canvas: each label's
+# horizontal extent (centred on its tick), measured with the axis font.
+TICK_LABEL_BOXES = """() => [...state.charts.values()].map((h) => {
+  const u = h.plot, axis = u.axes[0];
+  const ctx = document.createElement("canvas").getContext("2d");
+  ctx.font = Array.isArray(axis.font) ? axis.font[0] : axis.font;
+  return axis._splits.map((v, i) => [v, axis._values[i]])
+    .filter(([, t]) => t !== null && t !== undefined && String(t) !== "")
+    .map(([v, t]) => {
+      const w = Math.max(...String(t).split("\\n").map((l) => ctx.measureText(l).width));
+      const x = u.valToPos(v, "x", true);
+      return [x - w / 2, x + w / 2, String(t)];
+    });
+})"""
+
+
+def _overlapping_tick_labels(page: Any) -> list[tuple[str, str]]:
+    """Pairs of neighbouring x-axis labels that overlap (or touch: under 4 px apart)."""
+    charts = page.evaluate(TICK_LABEL_BOXES)
+    assert charts and all(len(boxes) >= 4 for boxes in charts), charts
+    return [(a[2], b[2]) for boxes in map(sorted, charts)
+            for a, b in itertools.pairwise(boxes) if b[0] - a[1] < 4]
+
+
+@pytest.fixture
+def just_sent(tmp_path: Path) -> Iterator[tuple[AgentView, str]]:
+    """An agent whose only traffic is an upload drained in the open minute, and its server."""
+    store = Store(tmp_path / "lt.db")
+    alerts = AlertManager(store.path, [], AlertsSettings())
+    agent = AgentView(store, alerts, LiveDetection(parse_config(CONFIG), store, lambda i: None))
+    app = create_app(agent, readers=[READER], admins=[ADMIN], manage=False)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        access_log=False))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield agent, f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(10)
+    alerts.close()
+    store.close()
+
+
+def _drain_upload(store: Store) -> int:
+    """Write the upload into the open minute as the agent's poll does; its minute."""
+    minute = minute_of(time.time())
+    store.write({BucketKey(minute, *UPLOAD_KEY): Volume(UPLOAD, UPLOAD // 1400, 40_000, 300)},
+                [])
+    return minute
+
+
+def test_volume_includes_the_open_minute_marked_partial(
+    just_sent: tuple[AgentView, str],
+) -> None:
+    agent, base = just_sent
+    for _ in range(2):  # a second try only if the minute turned between write and read
+        minute = _drain_upload(agent.store)
+        request = urllib.request.Request(f"{base}/v1/tenants/acme/volume",
+                                          headers={"Authorization": f"Bearer {READER}"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            series = json.loads(response.read())["series"]
+        if minute_of(time.time()) == minute:
+            break
+    (point,) = series
+    assert (point["ts"], point["crm_bytes_out"], point["partial"]) == (minute, UPLOAD, True)
+    # a closed minute is whole
+    agent.store.write({BucketKey(minute - 60, *UPLOAD_KEY): Volume(1000, 1, 0, 0)}, [])
+    with urllib.request.urlopen(request, timeout=5) as response:
+        series = json.loads(response.read())["series"]
+    assert [p["partial"] for p in series] == [False, True]
+
+
+def test_dashboard_shows_what_was_just_sent_with_readable_time_labels(
+    browser: Any, just_sent: tuple[AgentView, str],
+) -> None:
+    agent, base = just_sent
+    session = Session(browser, base)
+    try:
+        minute, uploads = _drain_upload(agent.store), 1
+        page = session.sign_in(READER)
+        if minute_of(time.time()) != minute:  # the minute turned before the page read it
+            minute, uploads = _drain_upload(agent.store), 2
+            page.reload()
+            page.wait_for_selector("body[data-ready=true]", timeout=10_000)
+        acme = page.locator(".tenant-card[data-tenant=acme]")
+        totals = acme.locator(".totals").text_content()
+        # 12 MB is 11.4 MiB, in the open minute
+        assert "(11.4 MiB of it this minute, still counting)" in totals, totals
+        assert int(acme.get_attribute("data-crm-bytes")) == uploads * UPLOAD
+        assert totals.startswith(" · 11.4 MiB to CRMs" if uploads == 1 else " · 22.9 MiB"), totals
+        page.screenshot(path=str(SCREENSHOTS / "leaktap-dashboard-just-sent.png"), full_page=True)
+        for seconds in ("21600", "3600", "86400"):  # the default range first
+            page.select_option("#range", seconds)
+            page.wait_for_function(
+                f"() => [...state.charts.values()].every((h) => "
+                f"h.plot.scales.x.max - h.plot.scales.x.min >= {int(seconds) - 120})")
+            assert _overlapping_tick_labels(page) == [], seconds
+        assert session.errors == []
+    finally:
+        session.context.close()
 
 
 # -- the same contract without a browser ------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from leaktap.controller.kernel import loader
+from leaktap.controller.storage import minute_of
 from tests.netlab import make_cert, tls_sink, veth_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -154,6 +155,11 @@ def test_sigkill_mid_upload_resumes_names_and_flow_row(tmp_path: Path, pin_root:
                 if abs(total - tx) <= 0.01 * tx or time.monotonic() > deadline:
                     break
                 time.sleep(0.5)
+            minutes = [minute_of(time.time())]  # open when asked, and when answered
+            status, body = _get(f"http://127.0.0.1:{port}/v1/tenants/acme/volume")
+            assert status == 200, body
+            series = json.loads(body)["series"]
+            minutes.append(minute_of(time.time()))
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=20)
@@ -166,5 +172,10 @@ def test_sigkill_mid_upload_resumes_names_and_flow_row(tmp_path: Path, pin_root:
     assert abs(total - tx) <= 0.01 * tx, (total, tx)
     assert misattributed == 0, f"{misattributed:.1%} of {total} bytes misattributed: {flows}"
     (flow,) = flows  # one conversation, one row, before and after the restart
+    # the minute buckets agree, the open minute included (marked partial, issue 11.7)
+    crm_bytes = sum(p["crm_bytes_out"] for p in series)
+    assert abs(crm_bytes - tx) <= 0.01 * tx, (crm_bytes, tx, series)
+    partial = [p["partial"] for p in series]
+    assert any(partial == [p["ts"] >= m for p in series] for m in minutes), series
     assert flow["sni"] == SNI
     assert abs(int(flow["bytes_out"]) - tx) <= 0.01 * tx  # type: ignore[call-overload]

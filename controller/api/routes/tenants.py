@@ -7,6 +7,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 
 from leaktap.controller.api.deps import AgentDep, ReaderDep
 from leaktap.controller.config import UNASSIGNED_TENANT
+from leaktap.controller.storage import minute_of
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -64,7 +65,11 @@ def read_tenant_volume(
         detection.baseline(tenant, [p["ts"] for p in series], BAND_SIGMAS)
         if detection is not None and vendor is None else [None] * len(series)
     )
+    # the open minute is already in the store after the agent's next poll (once a
+    # second); it is still counting, so readers must not compare it as a whole minute
+    open_minute = minute_of(time.time())
     for point, band in zip(series, bands, strict=True):
         point["baseline"] = None if band is None else {
             "expected": round(band[0]), "low": round(band[1]), "high": round(band[2])}
+        point["partial"] = point["ts"] >= open_minute
     return {"tenant": tenant, "step_s": 60, "band_sigmas": BAND_SIGMAS, "series": series}
