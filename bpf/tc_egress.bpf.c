@@ -4,7 +4,8 @@
  *
  * Counts every skb leaving the interface into per-flow (5-tuple + cgroup)
  * LRU per-CPU counters and never-evicted totals, and samples ClientHello,
- * QUIC Initial and DNS bytes into the lt_events ring buffer.
+ * QUIC Initial and DNS query bytes into the lt_events ring buffer (answers
+ * leaving the host are counted, never sampled).
  *
  * Never drops: always returns TC_ACT_OK. Overhead: see lt_flow.h; measured
  * by perf/bench_tc_cost.py against an empty classifier.

@@ -2,7 +2,8 @@
 /*
  * tc_ingress.bpf.c - leaktap's ingress side on the clsact qdisc: bytes in per
  * flow (for egress/ingress ratios) and DNS answers (source port 53, UDP and
- * TCP) so the controller can map addresses to names.
+ * TCP) so the controller can map addresses to names once each answer is
+ * paired with the query tc_egress saw leave (queries arriving are counted).
  *
  * No socket is assigned yet at TC ingress, so the cgroup is 0; the controller
  * joins ingress entries to egress flows by their reversed 5-tuple. Hellos

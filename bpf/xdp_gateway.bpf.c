@@ -16,6 +16,10 @@
 #define LT_SOCKET_UID(ctx) LT_NO_UID
 /* XDP sees the whole first buffer linearly: nothing to pull */
 #define LT_PULL_HEADERS(ctx, len, data, data_end) (-1)
+/* queries from inside hosts and their answers both arrive here: sample both,
+ * user space pairs each answer with its query */
+#undef LT_DNS_BOTH_WAYS
+#define LT_DNS_BOTH_WAYS 1
 #include "lt_flow.h"
 
 int lt_xdp_gw(struct xdp_md *ctx)

@@ -127,6 +127,17 @@ class KernelConfig(_Strict):
     pin_root: str | None = None
 
 
+class DnsConfig(_Strict):
+    """Which DNS answers may name addresses: only those answering a query this host sent."""
+
+    # an answer later than this after its query is rejected (`rejected_expired`)
+    query_window_s: Annotated[float, Field(gt=0, le=60)] = 5.0
+    # queries awaiting an answer; beyond it the oldest is dropped (`queries_evicted`)
+    pending_max: Annotated[int, Field(ge=16, le=1_048_576)] = 4096
+    # resolvers whose answers are trusted; empty: whichever resolver the query went to
+    resolvers: list[Cidr] = []
+
+
 Glob = Annotated[str, AfterValidator(_check_glob)]
 Label = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
@@ -212,6 +223,7 @@ class LeaktapConfig(_Strict):
     token_files: TokenFilesConfig = TokenFilesConfig()
     storage: StorageConfig = StorageConfig()
     kernel: KernelConfig = KernelConfig()
+    dns: DnsConfig = DnsConfig()
     tenants: list[TenantConfig] = []
     catalogue: list[CatalogueEntry] = []
     plaintext: PlaintextConfig = PlaintextConfig()

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
 /*
  * lt_flow.h - the shared data path: totals, per-flow counters and sampling of
- * the rare bytes worth parsing (TLS ClientHello, QUIC Initial, DNS answers).
+ * the rare bytes worth parsing (TLS ClientHello, QUIC Initial, DNS queries
+ * and answers).
  *
  * The including program defines, before including this file:
  *   LT_CTX                     its context type (struct __sk_buff, struct xdp_md)
@@ -13,7 +14,7 @@
  * Overhead: on an established flow a data packet costs two array updates, one
  * LRU hash lookup and (egress) one per-cgroup hash lookup. Payload bytes are
  * touched only for the first LT_PROBE_SEGS payload packets of a flow entry,
- * while a multi-segment hello is being followed, and for port-53 answers.
+ * while a multi-segment hello is being followed, and for port-53 messages.
  */
 #ifndef __LT_FLOW_H
 #define __LT_FLOW_H
@@ -38,6 +39,10 @@
  * tolerates captures cut by a snap length */
 #define QUIC_MIN_DATAGRAM 600
 #define DNS_PORT 53
+/* 1: sample DNS in both directions (one hook sees both: XDP, replay) */
+#ifndef LT_DNS_BOTH_WAYS
+#define LT_DNS_BOTH_WAYS 0
+#endif
 
 /* Sequence comparisons modulo 2^32 (RFC 1982) */
 static __always_inline int seq_before(__u32 a, __u32 b)
@@ -306,6 +311,32 @@ static __always_inline void quic_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_
 }
 
 /**
+ * dns_sample - send a DNS message to user space if this hook may see it
+ *
+ * Where the hook knows the direction (TC), only queries leaving (destination
+ * port 53) and answers arriving (source port 53) are sampled: an answer
+ * leaving the host is a local process (or a local server) speaking, never an
+ * answer to this host, so it is only counted; so is a query arriving. Where
+ * both directions arrive on one hook (XDP on a gateway or mirror port, and
+ * `leaktap replay`), LT_DNS_BOTH_WAYS samples both and user space orients
+ * them (a query's source is the client).
+ */
+static __always_inline void dns_sample(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
+				       __u32 dir, __u32 ifindex)
+{
+	int wanted = dir == LT_DIR_EGRESS ? p->key.dport == DNS_PORT : p->key.sport == DNS_PORT;
+
+	if (!LT_DNS_BOTH_WAYS && !wanted) {
+		stat_inc(dir == LT_DIR_EGRESS ? LT_CNT_DNS_ANS_OUT : LT_CNT_DNS_QRY_IN);
+		return;
+	}
+	__u32 end = p->payload_len < LT_DNS_SNAP ? p->payload_len : LT_DNS_SNAP;
+	emit_payload(ctx, p, LT_EV_DNS, 0, end, LT_DNS_SNAP, 1, v->uid, ifindex);
+	if (p->payload_len > LT_DNS_SNAP)
+		stat_inc(LT_LOSS_TRUNCATED);
+}
+
+/**
  * lt_handle - account one packet and sample what is worth parsing
  * @dir: enum lt_dir; @probe_tls: look for ClientHello / QUIC Initial starts
  * (off on TC ingress, where hellos are clients of local servers)
@@ -355,12 +386,10 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 	if (!v || p.payload_len == 0)
 		return;
 
-	/* DNS answers are never gated: every answer may name a destination */
-	if (p.key.sport == DNS_PORT) {
-		__u32 end = p.payload_len < LT_DNS_SNAP ? p.payload_len : LT_DNS_SNAP;
-		emit_payload(ctx, &p, LT_EV_DNS, 0, end, LT_DNS_SNAP, 1, v->uid, ifindex);
-		if (p.payload_len > LT_DNS_SNAP)
-			stat_inc(LT_LOSS_TRUNCATED);
+	/* DNS is never gated by the probe budget: user space learns an answer only
+	 * when it matches a query this host sent, so it needs both halves */
+	if (p.key.sport == DNS_PORT || p.key.dport == DNS_PORT) {
+		dns_sample(ctx, &p, v, dir, ifindex);
 		return;
 	}
 	if (!probe_tls || v->probe_segs >= LT_PROBE_SEGS + LT_HELLO_SEGS_MAX)

@@ -119,8 +119,10 @@ enum lt_stat {
 	LT_LOSS_LOAD_BYTES,       /* bpf_*_load_bytes failed */
 	LT_CNT_EV_HELLO,          /* ClientHello events delivered */
 	LT_CNT_EV_QUIC,           /* QUIC Initial events delivered */
-	LT_CNT_EV_DNS,            /* DNS answer events delivered */
+	LT_CNT_EV_DNS,            /* DNS events delivered (queries leaving, answers arriving) */
 	LT_CNT_DUPLICATE,         /* mirror-port copies of the previous packet, not counted */
+	LT_CNT_DNS_ANS_OUT,       /* DNS answers leaving the host (TC egress): never learned */
+	LT_CNT_DNS_QRY_IN,        /* DNS queries arriving (TC ingress, a local server): not sampled */
 	LT_STAT_MAX,
 };
 
@@ -128,7 +130,7 @@ enum lt_stat {
 enum lt_event_kind {
 	LT_EV_TLS_HELLO = 1,      /* TCP payload of a TLS handshake start or continuation */
 	LT_EV_QUIC_INITIAL = 2,   /* UDP datagram starting with a QUIC long header */
-	LT_EV_DNS = 3,            /* DNS message from source port 53 (UDP or TCP) */
+	LT_EV_DNS = 3,            /* DNS message to or from port 53 (UDP or TCP), see lt_flow.h */
 };
 
 /* lt_flow_val.flags bits */

@@ -18,6 +18,7 @@ from typing import Any
 
 from leaktap.controller.attribution.catalogue import CrmCatalogue, CrmMatch
 from leaktap.controller.attribution.dns_cache import DnsCache
+from leaktap.controller.attribution.dns_queries import DnsEnds
 from leaktap.controller.attribution.flows import NO_UID, Conversation, conversation_id
 from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
@@ -85,7 +86,8 @@ class Attributor:
     """Learns from samples; names conversations."""
 
     def __init__(
-        self, config: LeaktapConfig, cgroup_mount: Path | None = None, live: bool = True
+        self, config: LeaktapConfig, cgroup_mount: Path | None = None, live: bool = True,
+        trust_unmatched_dns: bool = False,
     ) -> None:
         # live: this host is one endpoint (orient from it) and sockets are real;
         # replay runs on a test-run socket whose cgroup and uid are the replayer's
@@ -94,7 +96,15 @@ class Attributor:
         self.tenants = TenantResolver(config.tenants)
         self.hellos = HelloReassembler()
         self.quic = QuicHelloAssembler()
-        self.dns = DnsCache()
+        self.dns = DnsCache(
+            query_window_s=config.dns.query_window_s, pending_max=config.dns.pending_max,
+            clients=config.inside if config.mode == "xdp" else (),
+            resolvers=config.dns.resolvers, trust_unmatched=trust_unmatched_dns,
+        )
+        # TC hooks know whether a DNS message left or arrived; XDP and replay see both ways
+        self._dns_directional = live and config.mode == "tc"
+        # conversations whose DNS-given CRM a ClientHello contradicted (counted once each)
+        self._dns_contradicted: set[Any] = set()
         self.cgroups = CgroupPaths(cgroup_mount)
         self._hello_by_conv: dict[Any, ClientHello] = {}
         # names a previous run recorded for conversations still open at this start
@@ -110,7 +120,9 @@ class Attributor:
         elif s.kind == "quic_initial":
             hello = self.quic.feed((cid, s.src, s.sport), s.data)
         elif s.kind == "dns":
-            self.dns.learn_bytes(s.data, over_tcp=s.proto == 6)
+            direction = ("out" if s.dir == 0 else "in") if self._dns_directional else None
+            ends = DnsEnds(s.proto, s.src, s.sport, s.dst, s.dport)
+            self.dns.observe(s.data, ends, direction, s.ts_ns / 1e9)
             return
         else:
             return
@@ -127,6 +139,7 @@ class Attributor:
         cid = (conv.family, conv.proto, conv.a, conv.b)
         self._hello_by_conv.pop(cid, None)
         self._resumed.pop(cid, None)
+        self._dns_contradicted.discard(cid)
         for side in (conv.a, conv.b):
             self.hellos.forget((cid, *side))
             self.quic.forget((cid, *side))
@@ -155,6 +168,27 @@ class Attributor:
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
         return sni, dns_names, crm
 
+    def _check_dns_against_hello(
+        self, conv: Conversation, dst: str, sni: str, crm: CrmMatch | None, dns_names: list[str]
+    ) -> None:
+        """The hello names the flow; DNS answers that made its address a CRM the hello
+        does not name are a finding (a forged or stale answer), counted once per flow."""
+        if sni in dns_names:
+            return
+        by_dns = self._crm_by_dns(dns_names)
+        if by_dns is None or (crm is not None and (crm.vendor, crm.instance) == (
+                by_dns.vendor, by_dns.instance)):
+            return
+        cid = (conv.family, conv.proto, conv.a, conv.b)
+        if cid in self._dns_contradicted:
+            return
+        self._dns_contradicted.add(cid)
+        self.dns.stats.dns_sni_mismatch += 1
+        logger.warning(
+            "DNS named %s %s (%s:%s), its ClientHello says %s: the hello wins",
+            dst, dns_names[0], by_dns.vendor, by_dns.instance or "?", sni,
+        )
+
     def names(self, conv: Conversation) -> Names:
         (src, _), (dst, _), out, _in = conv.oriented(prefer_local=self.live)
         hello = self._hello_by_conv.get((conv.family, conv.proto, conv.a, conv.b))
@@ -169,6 +203,8 @@ class Attributor:
         dns_names = self.dns.names_for(dst)
         host = sni or (dns_names[0] if dns_names else None)
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
+        if sni and dns_names:
+            self._check_dns_against_hello(conv, dst, sni, crm, dns_names)
         cgroup = self.cgroups.path(out.cgroup_id) if self.live else None
         uid = out.uid if self.live and out.uid != NO_UID else None
         tenant = self.tenants.resolve(cgroup_path=cgroup, uid=uid, src_ip=src, sni=host)

@@ -6,9 +6,10 @@ import ipaddress
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from leaktap.controller.attribution.dns_queries import DnsEnds, PendingQueries
 from leaktap.controller.protocols.dns import (
     MAX_CHAIN,
     TYPE_A,
@@ -20,6 +21,8 @@ from leaktap.controller.protocols.dns import (
 
 logger = logging.getLogger(__name__)
 
+IPPROTO_TCP = 6
+
 
 @dataclass(slots=True)
 class DnsCacheStats:
@@ -30,6 +33,24 @@ class DnsCacheStats:
     expired: int = 0
     unrelated: int = 0  # records not chained to the question, ignored
     ignored_messages: int = 0  # queries, errors, unparsable
+    # the pending-query table (dns_queries.PendingQueries)
+    queries: int = 0  # queries this host sent, recorded as pending
+    queries_matched: int = 0  # answers that matched one (and were learned)
+    queries_evicted: int = 0  # pending queries pushed out by dns.pending_max
+    queries_unanswered: int = 0  # pending queries forgotten without an answer
+    queries_inbound: int = 0  # queries arriving at this host (a local server's): not pending
+    queries_not_inside: int = 0  # gateway: a query from outside the `inside` networks
+    queries_other_resolver: int = 0  # sent to a resolver not in dns.resolvers: not pending
+    # answers not learned, by reason (see dns_queries for the rules)
+    rejected_no_query: int = 0
+    rejected_wrong_resolver: int = 0
+    rejected_question_mismatch: int = 0
+    rejected_id_mismatch: int = 0
+    rejected_expired: int = 0
+    rejected_outbound_answer: int = 0  # an answer leaving this host (a local process)
+    trusted_unmatched: int = 0  # replay --trust-unmatched-dns: answers without a query learned
+    # a ClientHello named a flow other than the CRM its address's DNS names gave (a finding)
+    dns_sni_mismatch: int = 0
 
 
 @dataclass(slots=True)
@@ -50,6 +71,14 @@ class DnsCache:
 
     TTLs are clamped to [min_ttl, max_ttl]: clients connect right after a TTL-0
     answer and keep using addresses a little past expiry.
+
+    What the kernel samples goes through `observe`, which learns an answer only
+    when it answers a query this host sent (`PendingQueries`); `learn` and
+    `learn_bytes` store a message unconditionally (tests, trusted sources).
+    `clients` (gateway mode: the inside networks) limits whose queries count,
+    `resolvers` (when set) which resolvers' answers may be learned;
+    `trust_unmatched` learns an answer with no query at all (`leaktap replay
+    --trust-unmatched-dns`, for captures that start after the query).
     """
 
     def __init__(
@@ -58,6 +87,12 @@ class DnsCache:
         clock: Callable[[], float] = time.monotonic,
         min_ttl: float = 30.0,
         max_ttl: float = 86400.0,
+        *,
+        query_window_s: float = 5.0,
+        pending_max: int = 4096,
+        clients: Sequence[str] = (),
+        resolvers: Sequence[str] = (),
+        trust_unmatched: bool = False,
     ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be positive")
@@ -68,6 +103,10 @@ class DnsCache:
         # ip -> bindings (most recent last); the OrderedDict is in least-recently-learned order
         self._map: OrderedDict[str, list[_Binding]] = OrderedDict()
         self.stats = DnsCacheStats()
+        self.pending = PendingQueries(self.stats, query_window_s, pending_max)
+        self._clients = [ipaddress.ip_network(n, strict=False) for n in clients]
+        self._resolvers = [ipaddress.ip_network(n, strict=False) for n in resolvers]
+        self.trust_unmatched = trust_unmatched
 
     def __len__(self) -> int:
         return len(self._map)
@@ -109,6 +148,47 @@ class DnsCache:
             self.stats.ignored_messages += 1
             return 0
         return self.learn(msg)
+
+    def observe(self, data: bytes, ends: DnsEnds, direction: str | None, now: float) -> int:
+        """A DNS message the kernel sampled; returns the address records learned.
+
+        direction: "out" (it left this host), "in" (it arrived), None (a hook that
+        sees both directions: gateway, mirror port, replay). `now` is the packet's
+        time in seconds, on any clock that is the same for queries and answers.
+        """
+        msg = parse_dns_message(data, ends.proto == IPPROTO_TCP)
+        if msg is None:
+            self.stats.ignored_messages += 1
+            return 0
+        if not msg.is_response:
+            self._on_query(msg, ends, direction, now)
+            return 0
+        if direction == "out":
+            # a local process (or server) answering: never an answer to this host
+            self.stats.rejected_outbound_answer += 1
+            return 0
+        reason = self.pending.match(ends, msg, now)
+        if reason is None:
+            return self.learn(msg)
+        if reason == "no_query" and self.trust_unmatched:
+            self.stats.trusted_unmatched += 1
+            return self.learn(msg)
+        field = f"rejected_{reason}"
+        setattr(self.stats, field, getattr(self.stats, field) + 1)
+        logger.debug("DNS answer for %s from %s:%d to %s:%d not learned: %s",
+                     msg.qname, ends.src, ends.sport, ends.dst, ends.dport, reason)
+        return 0
+
+    def _on_query(self, msg: DnsMessage, ends: DnsEnds, direction: str | None,
+                  now: float) -> None:
+        if direction == "in":
+            self.stats.queries_inbound += 1
+        elif self._clients and not _in_any(ends.src, self._clients):
+            self.stats.queries_not_inside += 1
+        elif self._resolvers and not _in_any(ends.dst, self._resolvers):
+            self.stats.queries_other_resolver += 1
+        else:
+            self.pending.add(ends, msg, now)
 
     def _store(self, ip: str, names: tuple[str, ...], expires: float) -> None:
         key = _canonical_ip(ip)
@@ -159,6 +239,14 @@ class DnsCache:
                 del self._map[key]
         self.stats.expired += dropped
         return dropped
+
+
+def _in_any(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(addr.version == n.version and addr in n for n in networks)
 
 
 def _canonical_ip(ip: str) -> str | None:

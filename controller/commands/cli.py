@@ -57,6 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode", choices=["tc", "xdp"], default="tc",
         help="program to replay through: tc (egress, default) or xdp (gateway)",
     )
+    replay.add_argument(
+        "--trust-unmatched-dns", action="store_true",
+        help="a DNS answer names addresses only when the capture holds the query it "
+        "answers (same client and resolver address and port, id and question, within "
+        "dns.query_window_s, 5 s by default); with this option an answer with no query "
+        "at all (a capture that started after the query) names them too. Answers "
+        "contradicting a query in the capture (another resolver, id or question, too "
+        "late) never do",
+    )
 
     demo = sub.add_parser(
         "demo", help="a namespace lab: normal tenant traffic, then leaks and their alerts"

@@ -14,6 +14,8 @@ correction exact for files mixing link types.
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import json
 import logging
 import sys
@@ -22,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.attribution.dns_cache import DnsCacheStats
 from leaktap.controller.attribution.flows import ConversationTable
 from leaktap.controller.config import LeaktapConfig, load_config
 from leaktap.controller.kernel import loader, testrun
 from leaktap.controller.kernel.maps import MapReader
-from leaktap.controller.kernel.ringbuf import RingDrainer
+from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 from leaktap.controller.protocols.pcap import iter_frames
 
 logger = logging.getLogger(__name__)
@@ -35,8 +38,11 @@ logger = logging.getLogger(__name__)
 # and the ring never fills (events per batch x 16 KiB < ring size).
 DRAIN_EVERY = 2048
 POLL_EVERY = 32
+# dns_both_ways: a capture holds both directions and runs through one program,
+# so the capture's own queries play the role of the host's (see DnsCache.observe)
 REPLAY_OPTIONS = loader.KernelOptions(
-    flows_max=1 << 16, ringbuf_pages=1 << 10, events_per_sec=1 << 24, hello_pending_max=1 << 14
+    flows_max=1 << 16, ringbuf_pages=1 << 10, events_per_sec=1 << 24, hello_pending_max=1 << 14,
+    dns_both_ways=True,
 )
 PROGRESS_EVERY_S = 2.0
 
@@ -49,6 +55,7 @@ class ReplayResult:
     conversations: ConversationTable = field(default_factory=ConversationTable)
     stats: dict[str, int] = field(default_factory=dict)
     totals_bytes: int = 0
+    dns: DnsCacheStats | None = None  # the attributor's: answers learned and rejected
 
 
 class Replayer:
@@ -61,12 +68,27 @@ class Replayer:
         self.probes = probes
         self.reader = MapReader(probes)
         self.attributor = attributor
-        self.drainer = drainer or RingDrainer(probes, attributor.on_sample)
-        self.drainer.handler = attributor.on_sample
+        self.drainer = drainer or RingDrainer(probes, self._on_sample)
+        self.drainer.handler = self._on_sample
         self.fd = probes.fd("egress" if probes.mode == "tc" else "ingress")
+        # (kernel clock before the frame ran, capture time of the frame) since the last
+        # poll: a sample is stamped with its frame's capture time, so a DNS answer is
+        # timed against its query as the capture saw them, not as fast as replay runs
+        self._clock_marks: list[tuple[int, int]] = []
+
+    def _on_sample(self, sample: Sample) -> None:
+        marks = self._clock_marks
+        i = bisect.bisect_right(marks, (sample.ts_ns, 1 << 63)) - 1
+        if i >= 0:
+            sample = dataclasses.replace(sample, ts_ns=marks[i][1])
+        self.attributor.on_sample(sample)
+
+    def _poll(self) -> None:
+        self.drainer.poll()
+        del self._clock_marks[:-1]
 
     def _drain(self, result: ReplayResult, delta: int) -> None:
-        self.drainer.poll()
+        self._poll()
         for counters in self.reader.drain_flows():
             result.conversations.add(counters, extra_bytes=counters.tx_packets * delta)
 
@@ -94,10 +116,11 @@ class Replayer:
                 if frame_delta != delta:
                     self._drain(result, delta)
                     delta, pending = frame_delta, 0
+                self._clock_marks.append((time.monotonic_ns(), int(frame.ts * 1e9)))
                 testrun.run_frame(self.fd, data)
                 pending += 1
                 if pending % POLL_EVERY == 0:
-                    self.drainer.poll()
+                    self._poll()
                 if pending >= DRAIN_EVERY:
                     self._drain(result, delta)
                     pending = 0
@@ -116,6 +139,7 @@ class Replayer:
         result.totals_bytes = sum(b for b, _ in self.reader.totals().values()) - sum(
             b for b, _ in totals_before.values()
         )
+        result.dns = self.attributor.dns.stats
         return result
 
 
@@ -149,11 +173,13 @@ def flow_records(result: ReplayResult, attributor: Attributor) -> list[dict[str,
 
 
 def replay(
-    path: str, config: LeaktapConfig, mode: str = "tc"
+    path: str, config: LeaktapConfig, mode: str = "tc", trust_unmatched_dns: bool = False
 ) -> tuple[list[dict[str, Any]], ReplayResult]:
+    """`trust_unmatched_dns`: an answer whose query is not in the capture (it started
+    after the query) names addresses too; one answering another query never does."""
     probes = loader.load(mode, REPLAY_OPTIONS)
     try:
-        attributor = Attributor(config, live=False)
+        attributor = Attributor(config, live=False, trust_unmatched_dns=trust_unmatched_dns)
         result = Replayer(probes, attributor).run(path)
         return flow_records(result, attributor), result
     finally:
@@ -163,7 +189,10 @@ def replay(
 def main(args: Any, out: TextIO = sys.stdout) -> int:
     config = load_config(args.config)
     # a PcapError reaches the CLI, which prints it as one line (exit 2)
-    records, result = replay(args.pcap, config, getattr(args, "mode", "tc") or "tc")
+    records, result = replay(
+        args.pcap, config, getattr(args, "mode", "tc") or "tc",
+        trust_unmatched_dns=bool(getattr(args, "trust_unmatched_dns", False)),
+    )
     for rec in records:
         out.write(json.dumps(rec) + "\n")
     # parse_len_clamped and the port-less kinds are still attributed to a flow
@@ -187,4 +216,28 @@ def main(args: Any, out: TextIO = sys.stdout) -> int:
         )
     if losses:
         logger.warning("samples lost: %s", ", ".join(f"{k}={v}" for k, v in sorted(losses.items())))
+    _report_dns(result.dns)
     return 0
+
+
+def _report_dns(stats: DnsCacheStats | None) -> None:
+    """Say which DNS answers named nothing, and why."""
+    if stats is None:
+        return
+    rejected = {
+        f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)
+        if f.name.startswith("rejected_") and getattr(stats, f.name)
+    }
+    if rejected:
+        logger.warning(
+            "DNS answers not learned: %s", ", ".join(f"{k}={v}" for k, v in rejected.items())
+        )
+    if stats.rejected_no_query:
+        logger.warning(
+            "%d DNS answer(s) without their query in the capture named nothing; if the "
+            "capture started after the queries, --trust-unmatched-dns learns them",
+            stats.rejected_no_query,
+        )
+    if stats.trusted_unmatched:
+        logger.info("%d DNS answer(s) without a query learned (--trust-unmatched-dns)",
+                    stats.trusted_unmatched)

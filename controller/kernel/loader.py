@@ -96,6 +96,9 @@ class KernelOptions:
     hello_segs_max: int = 12
     events_per_sec: int = 65536
     dedup: bool = False  # mirror ports: count a packet repeated back to back once
+    # sample DNS queries and answers whatever the hook's direction (replay: a capture's
+    # both directions go through one program); XDP always does
+    dns_both_ways: bool = False
     pin: bool = False  # pin the counting maps under <pin_root>/<abi>
     pin_root: str = str(PIN_ROOT)
 
@@ -119,6 +122,7 @@ class KernelOptions:
             f"-DLT_HELLO_SEGS_MAX={self.hello_segs_max:d}",
             f"-DLT_EVENTS_PER_SEC={self.events_per_sec:d}",
             f"-DLT_DEDUP={int(self.dedup):d}",
+            f"-DLT_DNS_BOTH_WAYS={int(self.dns_both_ways):d}",
         ]
 
 

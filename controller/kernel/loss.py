@@ -21,6 +21,14 @@ REMEDIES = {
     "loss_cgroup_full": "more cgroups than LT_CGROUPS_MAX; their bytes stay in the global totals",
     "loss_hello_pending": "raise LT_HELLO_PENDING_MAX (too many handshakes in flight)",
     "loss_hello_segs": "raise kernel.hello_segments_max (ClientHello spans more segments)",
+    "loss_hello_walk": (
+        "a ClientHello split into more TLS records per segment than LT_HELLO_WALK_STEPS "
+        "walks (an evasion attempt?); it is still captured up to kernel.hello_segments_max"
+    ),
+    "loss_hello_gap": (
+        "a ClientHello segment arrived past bytes never seen (reordering on a mirror port, "
+        "or an earlier event lost); it is still captured up to kernel.hello_segments_max"
+    ),
     "loss_load_bytes": "packet payload unreadable; report this with the kernel version",
 }
 

@@ -171,6 +171,12 @@ def _early_check(
         want = HS_HDR_LEN + ((partial[1] << 16) | (partial[2] << 8) | partial[3])
         if want > MAX_HELLO_BYTES:
             return INVALID, None, 0
+    if 0 <= want <= len(partial):
+        # The kernel stops at the message's end, also inside a longer last record
+        # (a record may carry the next handshake message too).
+        return COMPLETE, bytes(partial[:want]), len(data) - len(partial) + want
+    if want >= 0:
+        return NEED_MORE, None, min(end, pos + REC_HDR_LEN + want - len(msg))
     return NEED_MORE, None, end
 
 

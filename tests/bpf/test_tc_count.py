@@ -170,7 +170,7 @@ def test_egress_and_ingress_of_one_connection_are_two_entries(tc):
 
 def test_test_run_ifindex_is_loopback(tc):
     # Samples carry skb->ifindex; a test-run skb sits on the loopback device.
-    frame = udp4(b"\0" * 20, sport=53, dport=40013)
+    frame = udp4(b"\0" * 20, sport=40013, dport=53)  # sampled as a DNS query
 
     out = tc.run(frame)
 

@@ -1,4 +1,5 @@
-"""DNS answer and QUIC Initial sampling on TC egress and ingress (lt_flow.h)."""
+"""DNS and QUIC Initial sampling on TC egress and ingress (lt_flow.h): queries are
+sampled leaving, answers arriving; an answer leaving and a query arriving are counted."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ ANSWER = dns_answer()
 
 
 def test_udp_answer_from_port_53_is_one_dns_sample_with_the_whole_message(tc):
-    out = tc.run(udp4(ANSWER, src=RESOLVER, dst=CLIENT4, sport=53, dport=43001))
+    out = tc.run(udp4(ANSWER, src=RESOLVER, dst=CLIENT4, sport=53, dport=43001),
+                 direction="ingress")
 
     assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_dns": 1}
     [s] = out.samples
@@ -46,7 +48,8 @@ def test_large_answer_is_cut_to_512_bytes_and_counted_as_truncated(tc):
     answer = dns_answer(extra_txt=620)
     assert 650 <= len(answer) <= 800
 
-    out = tc.run(udp4(answer, src=RESOLVER, dst=CLIENT4, sport=53, dport=43002))
+    out = tc.run(udp4(answer, src=RESOLVER, dst=CLIENT4, sport=53, dport=43002),
+                 direction="ingress")
 
     [s] = out.samples
     assert (len(s.data), s.data, s.payload_len) == (DNS_SNAP, answer[:DNS_SNAP], len(answer))
@@ -55,7 +58,8 @@ def test_large_answer_is_cut_to_512_bytes_and_counted_as_truncated(tc):
 
 def test_tcp_answer_from_port_53_is_captured(tc):
     message = len(ANSWER).to_bytes(2, "big") + ANSWER  # DNS over TCP: length prefix
-    out = tc.run(tcp4(message, src=RESOLVER, dst=CLIENT4, sport=53, dport=43003, seq=99))
+    out = tc.run(tcp4(message, src=RESOLVER, dst=CLIENT4, sport=53, dport=43003, seq=99),
+                 direction="ingress")
 
     [s] = out.samples
     assert (s.kind, s.proto, s.data, s.seq) == ("dns", 6, message, 99)
@@ -65,18 +69,47 @@ def test_tcp_answer_from_port_53_is_captured(tc):
 
 
 def test_ipv6_answer(tc):
-    out = tc.run(udp6(ANSWER, src=SERVER6, dst=CLIENT6, sport=53, dport=43004))
+    out = tc.run(udp6(ANSWER, src=SERVER6, dst=CLIENT6, sport=53, dport=43004),
+                 direction="ingress")
 
     assert [(s.kind, s.family, s.data) for s in out.samples] == [("dns", 6, ANSWER)]
 
 
-def test_query_to_port_53_is_not_sampled(tc):
-    query = bytes(DNS(id=8, rd=1, qd=DNSQR(qname=NAME)))
-    out = tc.run(udp4(query, src=CLIENT4, dst=RESOLVER, sport=43005, dport=53))
+QUERY = bytes(DNS(id=8, rd=1, qd=DNSQR(qname=NAME)))
+
+
+def test_query_leaving_is_sampled(tc):
+    out = tc.run(udp4(QUERY, src=CLIENT4, dst=RESOLVER, sport=43005, dport=53))
+
+    [s] = out.samples
+    assert (s.kind, s.dir, s.data, s.sport, s.dport) == ("dns", 0, QUERY, 43005, 53)
+    assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_dns": 1}
+    assert out.flow().key.dport == 53
+
+
+def test_tcp_query_leaving_is_sampled(tc):
+    message = len(QUERY).to_bytes(2, "big") + QUERY
+    out = tc.run(tcp4(message, src=CLIENT4, dst=RESOLVER, sport=43009, dport=53, seq=7))
+
+    assert [(s.kind, s.proto, s.data, s.seq) for s in out.samples] == [("dns", 6, message, 7)]
+
+
+def test_answer_leaving_the_host_is_counted_not_sampled(tc):
+    # a local process forging an answer (or a local server answering): never learned
+    out = tc.run([udp4(ANSWER, src=RESOLVER, dst=CLIENT4, sport=53, dport=43010),
+                  tcp4(len(ANSWER).to_bytes(2, "big") + ANSWER, src=RESOLVER, dst=CLIENT4,
+                       sport=53, dport=43011)])
 
     assert out.samples == []
-    assert out.changed() == {"cnt_flow_new": 1}
-    assert out.flow().key.dport == 53
+    assert out.changed() == {"cnt_flow_new": 2, "cnt_dns_ans_out": 2}
+
+
+def test_query_arriving_is_counted_not_sampled(tc):
+    out = tc.run(udp4(QUERY, src=RESOLVER, dst=CLIENT4, sport=43012, dport=53),
+                 direction="ingress")
+
+    assert out.samples == []
+    assert out.changed() == {"cnt_flow_new": 1, "cnt_dns_qry_in": 1}
 
 
 def test_answers_are_sampled_beyond_the_probe_budget(tc):
@@ -84,7 +117,7 @@ def test_answers_are_sampled_beyond_the_probe_budget(tc):
     frames = [udp4(dns_answer(ip=f"198.19.8.{i}"), src=RESOLVER, dst=CLIENT4, sport=53,
                    dport=43006) for i in range(30)]
 
-    out = tc.run(frames)
+    out = tc.run(frames, direction="ingress")
 
     assert len(out.samples) == 30
     assert out.stats["cnt_ev_dns"] == 30

@@ -296,9 +296,13 @@ def test_hello_needing_more_than_the_segment_bound_is_counted(tc):
         b"\x17\x03\x03\x00\x40" + b"\xcc" * 64 + b"\x17\x03\x03\x00\x10" + b"\xdd" * 16,
         b"\x16\x03\x03\x00\x31\x02" + b"\0" * 48,  # ServerHello
         b"\x16\x03\x05\x00\x31\x01" + b"\0" * 48,  # record version 3.5
-        b"\x16\x03\x01\x00\x31",  # shorter than record + handshake header
+        # a short first segment may open a split hello (test_tc_hello_split.py); an
+        # empty record cannot
+        b"\x16\x03\x01\x00\x00\x01\x00\x00\x10",
+        b"\x16\x03\x01\x48\x00\x01",  # record longer than TLS allows
     ],
-    ids=["http-plaintext", "application-data", "server-hello", "bad-version", "8-byte-header"],
+    ids=["http-plaintext", "application-data", "server-hello", "bad-version", "empty-record",
+         "oversized-record"],
 )
 def test_non_hello_payload_on_443_is_not_sampled(tc, payload):
     out = tc.run(tcp4(payload, sport=42017, dport=443))

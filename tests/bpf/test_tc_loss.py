@@ -71,12 +71,12 @@ def test_rate_limit_delivers_the_budget_then_counts_the_rest(tc_rate3):
 
 
 def test_rate_limit_covers_every_event_kind(tc_rate3):
-    dns = bytes.fromhex("00078180000100000000000000") + b"\x00"  # a tiny answer-shaped blob
+    dns = bytes.fromhex("00070100000100000000000000") + b"\x00"  # a tiny query-shaped blob
     quic = b"\xc3\x00\x00\x00\x01" + b"\x00" * 1195
     frames = [
-        tcp4(HELLO_1K, sport=44300), udp4(dns, src=SERVER4, dst=CLIENT4, sport=53, dport=44301),
+        tcp4(HELLO_1K, sport=44300), udp4(dns, src=CLIENT4, dst=SERVER4, sport=44301, dport=53),
         udp4(quic, sport=44302), tcp4(HELLO_1K, sport=44303),
-        udp4(dns, src=SERVER4, dst=CLIENT4, sport=53, dport=44304), udp4(quic, sport=44305),
+        udp4(dns, src=CLIENT4, dst=SERVER4, sport=44304, dport=53), udp4(quic, sport=44305),
     ]
 
     out = tc_rate3.run(frames)

@@ -30,6 +30,14 @@ def _dns_answer() -> bytes:
     return b"\x12\x34\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + q + a
 
 
+def _dns_query() -> bytes:
+    return b"\x12\x35\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03crm\x07example\x00\x00\x01\x00\x01"
+
+
+# TC samples DNS answers arriving only (ingress); XDP sees both ways on its one hook
+TC_DIRECTION = {"DNS answer": "ingress"}
+
+
 def _quic_initial() -> bytes:
     # long header, version 1, Initial; padded to the client minimum
     return bytes([0xC3, 0, 0, 0, 1, 8]) + b"\x11" * 8 + b"\x00" + b"\x00" * 1185
@@ -47,6 +55,8 @@ SAMPLED: dict[str, list[bytes]] = {
     ],
     "DNS answer": [bytes(eth() / IP(src=SERVER4, dst=CLIENT4)
                          / UDP(sport=53, dport=42003) / Raw(_dns_answer()))],
+    "DNS query": [bytes(eth() / IP(src=CLIENT4, dst=SERVER4)
+                        / UDP(sport=42005, dport=53) / Raw(_dns_query()))],
     "QUIC Initial": [bytes(eth() / IP(src=CLIENT4, dst=SERVER4)
                            / UDP(sport=42004, dport=443) / Raw(_quic_initial()))],
 }
@@ -73,7 +83,7 @@ def _normalized(out: Outcome) -> dict[str, Any]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_xdp_and_tc_agree(tc: Harness, xdp: Harness, name: str) -> None:
     frames = CASES[name]
-    via_tc = tc.run(frames, direction="egress")
+    via_tc = tc.run(frames, direction=TC_DIRECTION.get(name, "egress"))
     via_xdp = xdp.run(frames, direction="ingress")
     assert via_xdp.retvals == [XDP_PASS] * len(frames)
     assert _normalized(via_xdp) == _normalized(via_tc)

@@ -16,7 +16,8 @@ from leaktap.controller.commands.replay import REPLAY_OPTIONS, Replayer, flow_re
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.kernel import loader
 from leaktap.controller.kernel.ringbuf import RingDrainer
-from tests.corpus import CORPUS, corpus_available, load_tsv
+from leaktap.controller.protocols.dns import TYPE_A, TYPE_AAAA, parse_dns_message
+from tests.corpus import CORPUS, corpus_available, load_tsv, read_segments
 
 pytestmark = [
     pytest.mark.kernel,
@@ -128,18 +129,63 @@ def _dns_cases() -> list[tuple[str, str, str]]:
 DNS_CASES = _dns_cases()
 
 
+def _answered_queries(path: str) -> set[tuple[str, str]]:
+    """(question, address) pairs of the answers whose query is in the capture (same
+    transport, client and resolver ends, id and question, within 5 s), read with dpkt."""
+    queries: dict[tuple[Any, ...], float] = {}
+    pairs = set()
+    for seg in read_segments(path):
+        if 53 not in (seg.sport, seg.dport) or not seg.payload:
+            continue
+        msg = parse_dns_message(seg.payload, over_tcp=seg.proto == "tcp")
+        if msg is None:
+            continue
+        ends = (seg.proto, _ip(seg.src), seg.sport, _ip(seg.dst), seg.dport)
+        if not msg.is_response:
+            queries[(*ends, msg.id, msg.qname, msg.qtype)] = seg.ts
+            continue
+        asked = queries.get((seg.proto, ends[3], ends[4], ends[1], ends[2], msg.id, msg.qname,
+                             msg.qtype))
+        if asked is not None and seg.ts - asked <= 5.0:
+            pairs.update((msg.qname or "", _ip(a.value) or "") for a in msg.answers
+                         if a.rtype in (TYPE_A, TYPE_AAAA))
+    return pairs
+
+
+_dns_replays: dict[tuple[str, bool], Attributor] = {}
+
+
+def _dns_replay(parts: tuple[Any, RingDrainer], path: str, trust_unmatched: bool) -> Attributor:
+    if (path, trust_unmatched) not in _dns_replays:
+        probes, drainer = parts
+        attributor = Attributor(LeaktapConfig(), live=False, trust_unmatched_dns=trust_unmatched)
+        Replayer(probes, attributor, drainer).run(path)
+        _dns_replays[path, trust_unmatched] = attributor
+    return _dns_replays[path, trust_unmatched]
+
+
 @pytest.mark.parametrize(
     "path,query,ip", DNS_CASES, ids=[f"{p.rsplit('/', 1)[-1]}:{q}:{i}" for p, q, i in DNS_CASES]
 )
 def test_dns_answers_name_addresses(replayer_parts: Any, path: str, query: str, ip: str) -> None:
-    probes, drainer = replayer_parts
-    attributor = Attributor(LeaktapConfig(), live=False)
-    Replayer(probes, attributor, drainer).run(path)
-    assert query in attributor.dns.names_for(ip)
+    """An answer whose query is in the capture names its addresses; one without its
+    query (the capture started later) only with --trust-unmatched-dns (issue 17.1)."""
+    strict = _dns_replay(replayer_parts, path, trust_unmatched=False)
+    trusting = _dns_replay(replayer_parts, path, trust_unmatched=True)
+    if (query, ip) in _answered_queries(path):
+        assert query in strict.dns.names_for(ip)
+        assert strict.dns.stats.queries_matched > 0
+    else:
+        assert query not in strict.dns.names_for(ip)
+        assert strict.dns.stats.rejected_no_query > 0
+    assert query in trusting.dns.names_for(ip)
 
 
 def test_dns_cases_cover_the_corpus() -> None:
     assert len(DNS_CASES) >= 20
+    with_query = [c for c in DNS_CASES if (c[1], c[2]) in _answered_queries(c[0])]
+    # both kinds of capture are exercised: with the queries, and answers only
+    assert 0 < len(with_query) < len(DNS_CASES)
 
 
 @pytest.fixture(scope="module")

@@ -328,6 +328,19 @@ def test_record_fragmented_hello_over_segments() -> None:
     assert out[-1] is not None and out[-1].sni == "acme.my.salesforce.com"
 
 
+def test_hello_ending_inside_a_longer_last_record_completes_at_the_message_end() -> None:
+    # The kernel stops capturing at the handshake message's end; a last record
+    # that also carries the next message must not keep the hello waiting for it.
+    record = make_hello(seed=3)
+    more = b"\x0b\x00\x00\x02\xab\xcd"
+    data = split_records(record[:5] + record[5:] + more, [150])
+    hello_end = len(data) - len(more)
+    r = HelloReassembler()
+    out = [r.feed(FLOW, s, d) for s, d in segments(data[:hello_end], [100, 100])]
+    assert out[:-1] == [None, None]
+    assert out[-1] is not None and out[-1].sni == "acme.my.salesforce.com"
+
+
 def test_tcp_fast_open_syn_carries_the_hello() -> None:
     rec = make_hello(seed=2)
     isn = 0xFFFFFF00  # sequence numbers wrap inside the hello

@@ -20,6 +20,8 @@ LOSS_RING = {
     "loss_flow_insert": "lt_flows",
     "loss_cgroup_full": "lt_cgtot",
     "loss_hello_pending": "lt_hello",
+    "loss_hello_walk": "lt_hello",
+    "loss_hello_gap": "lt_hello",
 }
 
 
