@@ -29,6 +29,7 @@
  * +------+------+------+------+------+------+------+------+------+ */
 #define TLS_REC_HDR_LEN 5
 #define TLS_HELLO_HDR_LEN 9
+#define TLS_HS_HDR_LEN 4
 #define TLS_CT_HANDSHAKE 0x16
 #define TLS_HS_CLIENT_HELLO 0x01
 /* QUIC long header: first byte 1F......, then a 32-bit version (RFC 8999) */
@@ -198,36 +199,132 @@ static __always_inline __u32 emit_payload(LT_CTX *ctx, struct lt_pkt *p, __u32 k
 }
 
 /**
- * hello_walk - read the TLS record headers that start inside this segment,
- * advancing @st->rec_seq and @st->msg_left; fixes @st->end_seq once the
- * handshake message is covered (or a non-handshake record shows it ended)
+ * hello_walk_fail - the walked bytes are not (or no longer) a ClientHello
+ * Returns 1 when no handshake header was read yet: not a hello at all, so the
+ * caller drops it; else the message ended before this record: end it here.
  */
-static __always_inline void hello_walk(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st)
+static __always_inline int hello_walk_fail(struct lt_hello_state *st, __u32 rec_start)
 {
-	for (int i = 0; i < LT_HELLO_REC_WALK && st->msg_left; i++) {
-		__u32 off = st->rec_seq - p->seq;
-		if (seq_before(st->rec_seq, p->seq) || off + TLS_REC_HDR_LEN > p->payload_len)
-			break;
-		__u8 h[TLS_REC_HDR_LEN] = {};
-		if (LT_LOAD_BYTES(ctx, p->payload_off + off, h, TLS_REC_HDR_LEN)) {
-			stat_inc(LT_LOSS_LOAD_BYTES);
-			break;
-		}
-		if (h[0] != TLS_CT_HANDSHAKE) {
-			st->msg_left = 0; /* the handshake message ended before this record */
-			break;
-		}
-		__u32 len = ((__u32)h[3] << 8) | h[4];
-		st->rec_seq += TLS_REC_HDR_LEN + len;
-		st->msg_left = len >= st->msg_left ? 0 : st->msg_left - len;
-	}
-	if (!st->msg_left)
-		st->end_seq = st->rec_seq;
+	if (st->hs_got < TLS_HS_HDR_LEN)
+		return 1;
+	st->end_seq = rec_start;
+	st->walk = LT_HW_END;
+	return 0;
 }
 
 /**
- * hello_capture - capture the hello bytes of this segment and keep or drop the
- * pending state; @st is on the stack for a first segment, in lt_hello after
+ * hello_walk_byte - walk one byte of a record header or of the handshake
+ * header, checking it against the layout drawn above
+ * Returns 1 when the byte cannot be part of a ClientHello.
+ */
+static __always_inline int hello_walk_byte(struct lt_hello_state *st, __u8 b)
+{
+	if (st->hdr_got < TLS_REC_HDR_LEN) {
+		__u8 i = st->hdr_got++;
+		if (i == 0)
+			return b != TLS_CT_HANDSHAKE;
+		if (i == 1)
+			return b != 3;
+		if (i == 2)
+			return b > 4;
+		st->rec_left = (st->rec_left << 8) | b;
+		return 0;
+	}
+	st->rec_left--;
+	if (st->hs_got++ == 0)
+		return b != TLS_HS_CLIENT_HELLO;
+	st->msg_left = (st->msg_left << 8) | b;
+	return 0;
+}
+
+/**
+ * hello_walk - walk the TLS record headers and the handshake header that lie
+ * in this segment, fixing @st->end_seq once the handshake message is covered
+ *
+ * A step reads a whole 5-byte record header or 4-byte handshake header when
+ * the segment and record hold it, else one byte of it (so a hello cut after
+ * any byte, or a handshake header spread over records, is still read); a
+ * record body past the handshake header is skipped without reading it.
+ * Returns 1 when the bytes are not a ClientHello (nothing to capture).
+ */
+static __always_inline int hello_walk(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st)
+{
+	if (st->walk == LT_HW_FOLLOW && seq_before(p->seq, st->walk_seq) == 0 &&
+	    st->walk_seq != p->seq) {
+		/* bytes between the walk and this segment were never seen */
+		stat_inc(LT_LOSS_HELLO_GAP);
+		st->walk = LT_HW_BLIND;
+	}
+	for (int i = 0; i < LT_HELLO_WALK_STEPS; i++) {
+		if (st->walk != LT_HW_FOLLOW)
+			return 0;
+		__u32 rec_start = st->walk_seq - st->hdr_got;
+		if (st->hdr_got == TLS_REC_HDR_LEN &&
+		    (st->hs_got == TLS_HS_HDR_LEN || st->rec_left == 0)) {
+			/* the rest of this record's body needs no reading */
+			if (st->hs_got == TLS_HS_HDR_LEN) {
+				if (st->msg_left <= st->rec_left) {
+					st->end_seq = st->walk_seq + st->msg_left;
+					st->walk = LT_HW_END;
+					return 0;
+				}
+				st->msg_left -= st->rec_left;
+			}
+			st->walk_seq += st->rec_left;
+			st->rec_left = 0;
+			st->hdr_got = 0;
+			continue;
+		}
+		__u32 off = st->walk_seq - p->seq;
+		if (off >= p->payload_len)
+			return 0; /* the next byte is in the next segment */
+		__u32 avail = p->payload_len - off;
+		__u8 h[TLS_REC_HDR_LEN] = {};
+		if (st->hdr_got == 0 && avail >= TLS_REC_HDR_LEN) {
+			if (LT_LOAD_BYTES(ctx, p->payload_off + off, h, TLS_REC_HDR_LEN))
+				goto load_failed;
+			if (h[0] != TLS_CT_HANDSHAKE || h[1] != 3 || h[2] > 4)
+				return hello_walk_fail(st, rec_start);
+			st->rec_left = ((__u32)h[3] << 8) | h[4];
+			st->hdr_got = TLS_REC_HDR_LEN;
+			st->walk_seq += TLS_REC_HDR_LEN;
+		} else if (st->hdr_got == TLS_REC_HDR_LEN && st->hs_got == 0 &&
+			   st->rec_left >= TLS_HS_HDR_LEN && avail >= TLS_HS_HDR_LEN) {
+			if (LT_LOAD_BYTES(ctx, p->payload_off + off, h, TLS_HS_HDR_LEN))
+				goto load_failed;
+			if (h[0] != TLS_HS_CLIENT_HELLO)
+				return hello_walk_fail(st, rec_start);
+			st->msg_left = ((__u32)h[1] << 16) | ((__u32)h[2] << 8) | h[3];
+			st->hs_got = TLS_HS_HDR_LEN;
+			st->rec_left -= TLS_HS_HDR_LEN;
+			st->walk_seq += TLS_HS_HDR_LEN;
+		} else {
+			if (LT_LOAD_BYTES(ctx, p->payload_off + off, h, 1))
+				goto load_failed;
+			st->walk_seq++;
+			if (hello_walk_byte(st, h[0]))
+				return hello_walk_fail(st, rec_start);
+		}
+		if (st->hdr_got == TLS_REC_HDR_LEN && st->walk_seq == rec_start + TLS_REC_HDR_LEN &&
+		    (st->rec_left == 0 || st->rec_left > LT_TLS_REC_MAX))
+			return hello_walk_fail(st, rec_start); /* empty or oversized record */
+		if (st->hs_got == TLS_HS_HDR_LEN && st->msg_left + TLS_HS_HDR_LEN > LT_HELLO_MAX_BYTES)
+			return hello_walk_fail(st, rec_start);
+	}
+	/* budget spent with bytes of this segment still unread */
+	if (st->walk == LT_HW_FOLLOW && seq_before(st->walk_seq, p->seq + p->payload_len)) {
+		stat_inc(LT_LOSS_HELLO_WALK);
+		st->walk = LT_HW_BLIND;
+	}
+	return 0;
+load_failed:
+	stat_inc(LT_LOSS_LOAD_BYTES);
+	st->walk = LT_HW_BLIND;
+	return 0;
+}
+
+/**
+ * hello_capture - capture the hello bytes of this segment and note progress
  */
 static __always_inline void hello_capture(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st,
 					  __u32 uid, __u32 ifindex)
@@ -243,6 +340,22 @@ static __always_inline void hello_capture(LT_CTX *ctx, struct lt_pkt *p, struct 
 }
 
 /**
+ * hello_start - does this segment open a ClientHello?
+ * Returns 2 for a whole hello header in one record (@h filled), 1 for a
+ * segment that only may open one (its first byte is a handshake record's:
+ * a cut header or a handshake header split over records), 0 otherwise.
+ */
+static __always_inline int hello_start(LT_CTX *ctx, struct lt_pkt *p, __u8 *h)
+{
+	if (p->payload_len < TLS_HELLO_HDR_LEN)
+		return LT_LOAD_BYTES(ctx, p->payload_off, h, 1) == 0 && h[0] == TLS_CT_HANDSHAKE;
+	if (LT_LOAD_BYTES(ctx, p->payload_off, h, TLS_HELLO_HDR_LEN) || h[0] != TLS_CT_HANDSHAKE ||
+	    h[1] != 3 || h[2] > 4 || h[5] != TLS_HS_CLIENT_HELLO)
+		return 0;
+	return (((__u32)h[3] << 8) | h[4]) >= 4 ? 2 : 1;
+}
+
+/**
  * tls_probe - capture a ClientHello start (detected by content, any port)
  * and, for a hello longer than this segment, follow its continuation
  * segments until the handshake message is complete
@@ -251,41 +364,64 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 				      __u32 ifindex)
 {
 	__u8 h[TLS_HELLO_HDR_LEN] = {};
+	int start = hello_start(ctx, p, h);
+	struct lt_hello_state *st = lt_hello.lookup(&p->key);
 
-	if (p->payload_len >= TLS_HELLO_HDR_LEN &&
-	    LT_LOAD_BYTES(ctx, p->payload_off, h, TLS_HELLO_HDR_LEN) == 0 &&
-	    h[0] == TLS_CT_HANDSHAKE && h[1] == 3 && h[2] <= 4 && h[5] == TLS_HS_CLIENT_HELLO) {
-		__u32 rec = ((__u32)h[3] << 8) | h[4];
-		__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + 4;
-		struct lt_hello_state st = {
+	/* A hello's own segment may open like a hello (a record boundary before
+	 * a 0x01 byte): inside a followed hello only its first segment restarts it. */
+	if (st && !seq_before(p->seq, st->start_seq) && seq_before(p->seq, st->end_seq) &&
+	    p->seq != st->start_seq)
+		start = 0;
+	if (start) {
+		struct lt_hello_state init = {
 			.created_ns = bpf_ktime_get_ns(),
 			.start_seq = p->seq,
 			.next_seq = p->seq,
-			.rec_seq = p->seq + TLS_REC_HDR_LEN + rec,
-			.msg_left = msg > rec ? msg - rec : 0,
+			.end_seq = p->seq + LT_HELLO_MAX_BYTES,
+			.walk_seq = p->seq,
 		};
-		st.end_seq = st.msg_left ? p->seq + LT_HELLO_MAX_BYTES : p->seq + TLS_REC_HDR_LEN + msg;
-		hello_walk(ctx, p, &st);
-		hello_capture(ctx, p, &st, v->uid, ifindex);
+		__u32 rec = ((__u32)h[3] << 8) | h[4];
+		__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + TLS_HS_HDR_LEN;
 		v->flags |= LT_FF_HELLO;
+		if (start == 2 && msg <= rec) {
+			/* nearly every client: the whole hello in its first record */
+			init.end_seq = p->seq + TLS_REC_HDR_LEN + msg;
+			init.walk = LT_HW_END;
+			hello_capture(ctx, p, &init, v->uid, ifindex);
+			if (!seq_before(init.next_seq, init.end_seq)) {
+				if (st)
+					lt_hello.delete(&p->key);
+				return;
+			}
+		}
 		/* BPF_ANY: a retransmitted first segment restarts the follow */
-		if (seq_before(st.next_seq, st.end_seq) && lt_hello.update(&p->key, &st))
+		if (lt_hello.update(&p->key, &init)) {
 			stat_inc(LT_LOSS_HELLO_PENDING);
-		return;
+			if (init.walk != LT_HW_END) /* not captured yet: at least this segment */
+				emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, p->payload_len, LT_SNAP,
+					     LT_HELLO_CHUNKS, v->uid, ifindex);
+			return;
+		}
+		if (init.walk == LT_HW_END)
+			return;
+		st = lt_hello.lookup(&p->key);
+	} else if (st && (seq_before(p->seq, st->start_seq) || !seq_before(p->seq, st->end_seq))) {
+		return; /* before the hello (plaintext) or after it */
 	}
-
-	struct lt_hello_state *st = lt_hello.lookup(&p->key);
 	if (!st)
 		return;
-	if (seq_before(p->seq, st->start_seq) || !seq_before(p->seq, st->end_seq))
+	if (hello_walk(ctx, p, st)) {
+		lt_hello.delete(&p->key); /* not a ClientHello after all */
 		return;
-	hello_walk(ctx, p, st);
+	}
 	if (seq_before(p->seq, st->end_seq))
 		hello_capture(ctx, p, st, v->uid, ifindex);
 	if (!seq_before(st->next_seq, st->end_seq)) {
 		lt_hello.delete(&p->key);
 	} else if (st->segs >= LT_HELLO_SEGS_MAX) {
-		stat_inc(LT_LOSS_HELLO_SEGS);
+		/* a blind follow ends here by design; its give-up is already counted */
+		if (st->walk != LT_HW_BLIND)
+			stat_inc(LT_LOSS_HELLO_SEGS);
 		lt_hello.delete(&p->key);
 	}
 }

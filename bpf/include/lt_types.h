@@ -52,9 +52,15 @@
 #define LT_DNS_SNAP 512
 /* Events per skb when a ClientHello arrives in one GSO super-packet. */
 #define LT_HELLO_CHUNKS 8
-/* TLS record headers read per segment while following a hello (a hello split
- * into tiny records ends early and is completed in user space). */
-#define LT_HELLO_REC_WALK 4
+/* Steps of the hello walker per segment: one step reads a TLS record header
+ * or the handshake header (a byte at a time where a segment or record
+ * boundary cuts them) or skips a record's body, so ~2 steps per record. 64
+ * covers 32 records in one segment; a segment with more stops the walk
+ * (LT_LOSS_HELLO_WALK) and the hello is captured up to LT_HELLO_SEGS_MAX. */
+#define LT_HELLO_WALK_STEPS 64
+/* The largest TLS record (RFC 8446 5.2, TLSCiphertext: 2^14 + 256; a
+ * TLSPlaintext is 2^14); a longer record length is not TLS. */
+#define LT_TLS_REC_MAX 16640
 /* A ClientHello is at most one 16 KiB handshake message plus record headers. */
 #define LT_HELLO_MAX_BYTES 18432
 /* Continuation segments followed per hello before giving up (counted). */
@@ -116,6 +122,10 @@ enum lt_stat {
 	LT_LOSS_TRUNCATED,        /* event payload shorter than the data */
 	LT_LOSS_HELLO_PENDING,    /* no room to follow a multi-segment hello */
 	LT_LOSS_HELLO_SEGS,       /* hello needed more than LT_HELLO_SEGS_MAX segments */
+	LT_LOSS_HELLO_WALK,       /* more records in one segment than LT_HELLO_WALK_STEPS walk:
+				   * end unknown, captured up to LT_HELLO_SEGS_MAX segments */
+	LT_LOSS_HELLO_GAP,        /* a hello segment past bytes never seen (lost, reordered):
+				   * end unknown, captured up to LT_HELLO_SEGS_MAX segments */
 	LT_LOSS_LOAD_BYTES,       /* bpf_*_load_bytes failed */
 	LT_CNT_EV_HELLO,          /* ClientHello events delivered */
 	LT_CNT_EV_QUIC,           /* QUIC Initial events delivered */
@@ -178,18 +188,33 @@ struct lt_volume {
 	__u64 packets;
 };
 
+/* How far the kernel knows a followed hello (lt_hello_state.walk). */
+enum lt_hello_walk {
+	LT_HW_FOLLOW = 0,         /* walking record headers: end_seq is an upper bound */
+	LT_HW_END = 1,            /* end_seq is the hello's exact end */
+	LT_HW_BLIND = 2,          /* walk given up (counted): capture up to the bounds */
+};
+
 /* A ClientHello being followed across segments (global, not per CPU). The
- * kernel reads the TLS record headers as they pass (rec_seq, msg_left), so the
- * end is exact however the handshake message is split into records. */
+ * kernel walks the TLS record headers and the handshake header as they pass,
+ * a byte at a time where a segment or record boundary cuts one, so the end is
+ * exact however the hello is split into segments and records. */
 struct lt_hello_state {
 	__u64 created_ns;         /* the controller expires hellos never completed */
 	__u32 start_seq;          /* sequence of the first record's first byte */
 	__u32 next_seq;           /* highest sequence captured so far + 1 */
 	__u32 end_seq;            /* one past the hello's last byte; an upper bound
-				   * (start + LT_HELLO_MAX_BYTES) while msg_left > 0 */
-	__u32 rec_seq;            /* sequence of the next record header not read yet */
-	__u32 msg_left;           /* message bytes beyond the records read; 0 = end known */
+				   * (start + LT_HELLO_MAX_BYTES) until walk is LT_HW_END */
+	__u32 walk_seq;           /* sequence of the next byte the walker reads */
+	__u32 rec_left;           /* body bytes of the current record not walked; while
+				   * hdr_got < 5, the record length bytes read so far */
+	__u32 msg_left;           /* handshake body bytes not walked; while hs_got < 4,
+				   * the handshake length bytes read so far */
 	__u32 segs;               /* segments captured */
+	__u8 hdr_got;             /* bytes of the current record header read (5: in its body) */
+	__u8 hs_got;              /* bytes of the handshake header read (4: length known) */
+	__u8 walk;                /* enum lt_hello_walk */
+	__u8 pad;
 };
 
 /* Events rate limit state, per CPU. */

@@ -22,6 +22,8 @@ LOSS_RING = {
     "loss_hello_pending": "lt_hello",
     "loss_hello_walk": "lt_hello",
     "loss_hello_gap": "lt_hello",
+    "loss_hello_walk": "lt_hello",
+    "loss_hello_gap": "lt_hello",
 }
 
 
