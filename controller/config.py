@@ -29,6 +29,7 @@ from leaktap.analytics.alert_settings import AlertsSettings
 from leaktap.analytics.settings import DetectionSettings
 from leaktap.analytics.sinks import SinkConfig
 from leaktap.controller.errors import ConfigError
+from leaktap.controller.kernel import abi
 
 DEFAULT_LISTEN = "127.0.0.1:8470"
 DEFAULT_DB = "/var/lib/leaktap/leaktap.db"
@@ -117,12 +118,26 @@ class StorageConfig(_Strict):
     retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
 
 
+def _kernel_limit(name: str) -> AfterValidator:
+    """Checks a kernel knob against the range lt_types.h gives the -D it sets."""
+
+    def check(value: int) -> int:
+        problem = abi.limit(name).problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
+
+    return AfterValidator(check)
+
+
 class KernelConfig(_Strict):
     """Kernel map sizes; reach C only as integers (-DLT_X=%d)."""
 
-    flows_max: Annotated[int, Field(ge=16, le=4_194_304)] = 65536
-    ringbuf_pages: Annotated[int, Field(ge=1, le=65536)] = 64
-    hello_segments_max: Annotated[int, Field(ge=1, le=64)] = 12
+    flows_max: Annotated[int, _kernel_limit("LT_FLOWS_MAX")] = abi.limit("LT_FLOWS_MAX").default
+    ringbuf_pages: Annotated[int, _kernel_limit("LT_RINGBUF_PAGES")] = abi.limit(
+        "LT_RINGBUF_PAGES").default
+    hello_segments_max: Annotated[int, _kernel_limit("LT_HELLO_SEGS_MAX")] = abi.limit(
+        "LT_HELLO_SEGS_MAX").default
     # where the counting maps are pinned (a directory on bpffs); None: /sys/fs/bpf/leaktap
     pin_root: str | None = None
 

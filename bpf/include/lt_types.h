@@ -21,6 +21,13 @@
 #ifndef LT_FLOWS_MAX
 #define LT_FLOWS_MAX 65536
 #endif
+/* Range of kernel.flows_max. Each limit's _FLOOR/_CEIL (and _POW2) below is
+ * what the config validation and the loader accept (controller/kernel/abi.py
+ * reads them from here) and what the build checks at the end of this section.
+ * Below 16 entries the LRU evicts within one drain; 4M x ~100 B per CPU is
+ * gigabytes of kernel memory. */
+#define LT_FLOWS_MAX_FLOOR 16
+#define LT_FLOWS_MAX_CEIL 4194304
 
 /* Per-cgroup totals are never evicted: one entry per cgroup that ever sent
  * traffic. Container hosts rarely exceed a few thousand; overflow is counted
@@ -28,6 +35,8 @@
 #ifndef LT_CGROUPS_MAX
 #define LT_CGROUPS_MAX 16384
 #endif
+#define LT_CGROUPS_MAX_FLOOR 1
+#define LT_CGROUPS_MAX_CEIL 16777216
 
 /* Flows whose ClientHello spans several segments and is not complete yet.
  * A handshake completes within one RTT, so this is bounded by the new-flow
@@ -37,12 +46,19 @@
 #ifndef LT_HELLO_PENDING_MAX
 #define LT_HELLO_PENDING_MAX 4096
 #endif
+#define LT_HELLO_PENDING_MAX_FLOOR 1
+#define LT_HELLO_PENDING_MAX_CEIL 16777216
 
 /* Ring buffer size in pages (power of two). 64 pages = 256 KiB hold ~120
  * full-size events; raise for bursts of new TLS flows. */
 #ifndef LT_RINGBUF_PAGES
 #define LT_RINGBUF_PAGES 64
 #endif
+/* The kernel refuses a ring buffer whose size is not a power-of-two number
+ * of pages; 65536 pages = 256 MiB. */
+#define LT_RINGBUF_PAGES_FLOOR 1
+#define LT_RINGBUF_PAGES_CEIL 65536
+#define LT_RINGBUF_PAGES_POW2 1
 
 /* Bytes of payload one event carries. A GSO skb holding a larger hello is
  * split into several events (LT_HELLO_CHUNKS), each with its own sequence. */
@@ -67,6 +83,8 @@
 #ifndef LT_HELLO_SEGS_MAX
 #define LT_HELLO_SEGS_MAX 12
 #endif
+#define LT_HELLO_SEGS_MAX_FLOOR 1
+#define LT_HELLO_SEGS_MAX_CEIL 64
 /* Payload-carrying packets per flow entry whose first bytes are inspected
  * for a QUIC start; TCP segments are inspected for a hello start or a pending
  * continuation for LT_PROBE_SEGS + LT_HELLO_SEGS_MAX of them. Entries are
@@ -77,12 +95,36 @@
 #ifndef LT_EVENTS_PER_SEC
 #define LT_EVENTS_PER_SEC 65536
 #endif
+#define LT_EVENTS_PER_SEC_FLOOR 1
+#define LT_EVENTS_PER_SEC_CEIL 16777216
 /* Mirror-port mode: skip a packet identical to its flow's previous one. */
 #ifndef LT_DEDUP
 #define LT_DEDUP 0
 #endif
 /* IPv6 extension headers walked before giving up (counted). */
 #define LT_IPV6_EXT_MAX 6
+
+/* A -D override outside its range fails the build, not the verifier. */
+#define LT_OUT_OF_RANGE(x, lo, hi) ((x) < (lo) || (x) > (hi))
+#if LT_OUT_OF_RANGE(LT_FLOWS_MAX, LT_FLOWS_MAX_FLOOR, LT_FLOWS_MAX_CEIL)
+#error "LT_FLOWS_MAX out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_CGROUPS_MAX, LT_CGROUPS_MAX_FLOOR, LT_CGROUPS_MAX_CEIL)
+#error "LT_CGROUPS_MAX out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_HELLO_PENDING_MAX, LT_HELLO_PENDING_MAX_FLOOR, LT_HELLO_PENDING_MAX_CEIL)
+#error "LT_HELLO_PENDING_MAX out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_RINGBUF_PAGES, LT_RINGBUF_PAGES_FLOOR, LT_RINGBUF_PAGES_CEIL) || \
+	(LT_RINGBUF_PAGES & (LT_RINGBUF_PAGES - 1))
+#error "LT_RINGBUF_PAGES must be a power of two in range"
+#endif
+#if LT_OUT_OF_RANGE(LT_HELLO_SEGS_MAX, LT_HELLO_SEGS_MAX_FLOOR, LT_HELLO_SEGS_MAX_CEIL)
+#error "LT_HELLO_SEGS_MAX out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_EVENTS_PER_SEC, LT_EVENTS_PER_SEC_FLOOR, LT_EVENTS_PER_SEC_CEIL)
+#error "LT_EVENTS_PER_SEC out of range"
+#endif
 
 /* lt_flow_val.uid when no socket owner is known (ingress, XDP) */
 #define LT_NO_UID 0xFFFFFFFF

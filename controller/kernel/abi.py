@@ -9,7 +9,9 @@ so there is exactly one definition of each.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from functools import cache
+from importlib import resources
 from pathlib import Path
 
 _ENUM = re.compile(r"enum\s+(\w+)\s*\{(.*?)\};", re.S)
@@ -18,9 +20,8 @@ _DEFINE = re.compile(r"^#define\s+(LT_\w+)\s+(0x[0-9a-fA-F]+|\d+)\s*$", re.M)
 
 
 def header_path() -> Path:
-    from leaktap.controller.kernel.loader import bpf_dir
-
-    return Path(bpf_dir() / "include" / "lt_types.h")
+    # the package data the loader compiles (loader.bpf_dir), without importing the loader
+    return Path(str(resources.files("leaktap.bpf"))) / "include" / "lt_types.h"
 
 
 def _strip_comments(text: str) -> str:
@@ -51,6 +52,38 @@ def defines(path: Path | None = None) -> dict[str, int]:
     for name, value in _DEFINE.findall(text):
         out.setdefault(name, int(value, 0))
     return out
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A kernel limit set with -D<name>: its default and the values the programs accept
+    (lt_types.h: <name>, <name>_FLOOR, <name>_CEIL, <name>_POW2)."""
+
+    name: str
+    default: int
+    floor: int
+    ceil: int
+    power_of_two: bool = False
+
+    def problem(self, value: object) -> str | None:
+        """Why `value` cannot be compiled in, or None when it can."""
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"must be an integer, not {value!r}"
+        if self.power_of_two and (value < 1 or value & (value - 1)):
+            return f"must be a power of two in {self.floor}..{self.ceil}, not {value}"
+        if not self.floor <= value <= self.ceil:
+            return f"must be in {self.floor}..{self.ceil}, not {value}"
+        return None
+
+
+def limit(name: str) -> Limit:
+    """The limit `name` (e.g. LT_RINGBUF_PAGES) as lt_types.h defines it."""
+    values = defines()
+    try:
+        return Limit(name, values[name], values[f"{name}_FLOOR"], values[f"{name}_CEIL"],
+                     values.get(f"{name}_POW2", 0) == 1)
+    except KeyError as e:
+        raise KeyError(f"lt_types.h defines no {e.args[0]}") from e
 
 
 def stat_names() -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
+from leaktap.controller.kernel import abi
 from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
 
 logger = logging.getLogger(__name__)
@@ -85,16 +86,27 @@ def expand_source(files: tuple[str, ...], root: Path | None = None) -> str:
     return "".join(text)
 
 
+# KernelOptions field -> the lt_types.h limit it sets (default and range come from there)
+KERNEL_LIMITS = {
+    "flows_max": "LT_FLOWS_MAX",
+    "cgroups_max": "LT_CGROUPS_MAX",
+    "hello_pending_max": "LT_HELLO_PENDING_MAX",
+    "ringbuf_pages": "LT_RINGBUF_PAGES",
+    "hello_segs_max": "LT_HELLO_SEGS_MAX",
+    "events_per_sec": "LT_EVENTS_PER_SEC",
+}
+
+
 @dataclass(frozen=True)
 class KernelOptions:
     """Sizes compiled into the programs; see bpf/include/lt_types.h for the rationale."""
 
-    flows_max: int = 65536
-    cgroups_max: int = 16384
-    hello_pending_max: int = 4096
-    ringbuf_pages: int = 64
-    hello_segs_max: int = 12
-    events_per_sec: int = 65536
+    flows_max: int = abi.limit("LT_FLOWS_MAX").default
+    cgroups_max: int = abi.limit("LT_CGROUPS_MAX").default
+    hello_pending_max: int = abi.limit("LT_HELLO_PENDING_MAX").default
+    ringbuf_pages: int = abi.limit("LT_RINGBUF_PAGES").default
+    hello_segs_max: int = abi.limit("LT_HELLO_SEGS_MAX").default
+    events_per_sec: int = abi.limit("LT_EVENTS_PER_SEC").default
     dedup: bool = False  # mirror ports: count a packet repeated back to back once
     # sample DNS queries and answers whatever the hook's direction (replay: a capture's
     # both directions go through one program); XDP always does
@@ -103,24 +115,14 @@ class KernelOptions:
     pin_root: str = str(PIN_ROOT)
 
     def __post_init__(self) -> None:
-        for name in ("flows_max", "cgroups_max", "hello_pending_max", "events_per_sec"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 1 << 24:
-                raise ProbeLoadError(f"{name} must be an integer in 1..{1 << 24}, not {value!r}")
-        pages = self.ringbuf_pages
-        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
-            raise ProbeLoadError(f"ringbuf_pages must be a power of two, not {pages!r}")
-        if not 1 <= self.hello_segs_max <= 64:
-            raise ProbeLoadError("hello_segs_max must be in 1..64")
+        for option, name in KERNEL_LIMITS.items():
+            problem = abi.limit(name).problem(getattr(self, option))
+            if problem is not None:
+                raise ProbeLoadError(f"{option} {problem}")
 
     def cflags(self) -> list[str]:
         return [
-            f"-DLT_FLOWS_MAX={self.flows_max:d}",
-            f"-DLT_CGROUPS_MAX={self.cgroups_max:d}",
-            f"-DLT_HELLO_PENDING_MAX={self.hello_pending_max:d}",
-            f"-DLT_RINGBUF_PAGES={self.ringbuf_pages:d}",
-            f"-DLT_HELLO_SEGS_MAX={self.hello_segs_max:d}",
-            f"-DLT_EVENTS_PER_SEC={self.events_per_sec:d}",
+            *(f"-D{name}={getattr(self, option):d}" for option, name in KERNEL_LIMITS.items()),
             f"-DLT_DEDUP={int(self.dedup):d}",
             f"-DLT_DNS_BOTH_WAYS={int(self.dns_both_ways):d}",
         ]

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import logging
 
+from leaktap.controller.kernel import abi
+
 logger = logging.getLogger(__name__)
 
 REMEDIES = {
     "loss_ringbuf_full": "raise kernel.ringbuf_pages or check that the controller keeps up",
     "loss_rate_limited": "raise LT_EVENTS_PER_SEC if this rate of new TLS flows is expected",
     "loss_truncated": (
-        "payload longer than one event (DNS > 512 B, hello > 8 chunks); usually benign"
+        f"payload longer than one event (DNS > {abi.defines()['LT_DNS_SNAP']} B, hello > "
+        f"{abi.defines()['LT_HELLO_CHUNKS']} chunks); usually benign"
     ),
     "loss_flow_insert": "raise kernel.flows_max",
     "loss_cgroup_full": "more cgroups than LT_CGROUPS_MAX; their bytes stay in the global totals",
