@@ -40,6 +40,7 @@ class CanaryHit:
     canary: Canary
     form: str  # raw | url | json | base64 | base64url
     offset: int
+    length: int = 0  # of the matched form
 
 
 def _base64_cores(raw: bytes) -> list[tuple[bytes, str]]:
@@ -91,6 +92,11 @@ class CanaryMatcher:
     def __len__(self) -> int:
         return len({c.token for c, _ in self._by_form.values()})
 
+    @property
+    def longest_form(self) -> int:
+        """Bytes a scan window must overlap its predecessor by to see every form whole."""
+        return max(map(len, self._by_form), default=0)
+
     def add(self, canary: Canary) -> None:
         if len(canary.token) < MIN_TOKEN:
             raise ValueError(f"a canary token needs at least {MIN_TOKEN} characters")
@@ -118,9 +124,9 @@ class CanaryMatcher:
                 at = data.find(form)
                 if at >= 0:
                     canary, name = self._by_form[form]
-                    hits.append(CanaryHit(canary, name, base_offset + at))
+                    hits.append(CanaryHit(canary, name, base_offset + at, len(form)))
             return hits
         for m in self._rx.finditer(data):
             canary, name = self._by_form[m.group()]
-            hits.append(CanaryHit(canary, name, base_offset + m.start()))
+            hits.append(CanaryHit(canary, name, base_offset + m.start(), m.end() - m.start()))
         return hits

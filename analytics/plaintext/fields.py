@@ -1,10 +1,12 @@
 """Fields a tenant declared must only leave encrypted, found with plaintext values.
 
-Fields are found in JSON (`"SSN__c": "..."`), form bodies (`SSN__c=...`),
-XML (`<SSN__c>...</SSN__c>`, Bulk 1.0) and CSV uploads (Bulk 2.0 ingest),
-by pattern rather than by parsing, because the capture may end mid-body.
-A value alerts when it looks like plaintext (SSN, Luhn-valid card number,
-e-mail, phone, IBAN); a configured envelope prefix or high-entropy base64
+Fields are found by structure: a JSON body is parsed and walked (nested
+objects, arrays, escaped keys; names matched case-insensitively), form and
+multipart bodies are split into their fields; XML (Bulk 1.0) and CSV uploads
+(Bulk 2.0 ingest) are read by pattern, as is JSON that does not parse (a body
+window cut mid-document). A value alerts when it is plaintext (SSN, Luhn-valid
+card number, e-mail, phone, IBAN) or contains a national id, card number or
+IBAN within other text; a configured envelope prefix or high-entropy base64
 is ciphertext.
 """
 
@@ -18,8 +20,10 @@ import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
 
+from leaktap.analytics.plaintext.decode import multipart_parts
 from leaktap.analytics.plaintext.redact import KeyedHasher, mask_value
 
 _SSN = re.compile(r"(?!000|666|9\d\d)\d{3}-?(?!00)\d{2}-?(?!0000)\d{4}")
@@ -30,6 +34,12 @@ _IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}")
 _BASE64 = re.compile(r"[A-Za-z0-9+/_-]{16,}={0,2}")
 CIPHERTEXT_MIN_ENTROPY = 3.5  # bits per character; base64 of random bytes is ~6
 MAX_CSV_ROWS = 50
+JSON_PARSE_MAX = 4 << 20  # bodies parsed as JSON; larger ones are read by pattern
+WALK_VALUES_MAX = 100_000
+# inside other text: a national id with its separators, a card, an IBAN
+_SSN_IN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
+_CARD_IN = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
+_IBAN_IN = re.compile(r"(?<![A-Z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}(?![A-Z0-9])")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,35 @@ def classify_value(value: str, envelope_prefixes: Iterable[str] = ()) -> str:
 PLAINTEXT_KINDS = frozenset({"ssn", "card", "email", "phone", "iban"})
 
 
+def embedded_kind(value: str) -> tuple[str, str] | None:
+    """(kind, the matched part) of a national id, card or IBAN inside longer text."""
+    if m := _SSN_IN.search(value):
+        return "ssn", m.group()
+    for m in _CARD_IN.finditer(value):
+        digits = re.sub(r"\D", "", m.group())
+        if 13 <= len(digits) <= 19 and luhn_ok(digits):
+            return "card", m.group()
+    for m in _IBAN_IN.finditer(value):
+        if iban_ok(m.group()):
+            return "iban", m.group()
+    return None
+
+
+def _leaves(value: Any) -> Iterable[str]:
+    """Every scalar under a JSON value (arrays and nested objects included)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+        elif isinstance(v, str):
+            yield v
+        elif isinstance(v, int | float) and not isinstance(v, bool):
+            yield str(v)
+
+
 class FieldPolicy:
     """One tenant's must-be-encrypted fields (matched case-insensitively)."""
 
@@ -104,25 +143,79 @@ class FieldPolicy:
         names = b"|".join(re.escape(f.encode()) for f in self.fields) or b"(?!)"
         self._json = re.compile(
             rb'"(' + names + rb')"\s*:\s*("(?:[^"\\]|\\.){0,512}"|-?\d[\d.eE+-]{0,40})', re.I)
-        self._form = re.compile(rb"(?:^|[&?])(" + names + rb")=([^&\s]{0,1024})", re.I)
+        self._form_rx = re.compile(rb"(?:^|[&?])(" + names + rb")=([^&\s]{0,1024})", re.I)
         self._xml = re.compile(rb"<(" + names + rb")>([^<]{0,512})</", re.I)
 
     def __bool__(self) -> bool:
         return bool(self.fields)
 
-    def scan(self, body: bytes, content_type: str, hasher: KeyedHasher) -> list[FieldHit]:
-        """Declared fields carrying plaintext-looking values in `body`."""
+    def scan(self, body: bytes, content_type: str, hasher: KeyedHasher,
+             full_content_type: str = "") -> list[FieldHit]:
+        """Declared fields carrying plaintext values (or values containing one) in `body`."""
         hits: list[FieldHit] = []
         if not self.fields or not body:
             return hits
-        for name, value, offset in self._values(body, content_type):
+        for name, value, offset in self._values(body, content_type, full_content_type):
             kind = classify_value(value, self.envelope_prefixes)
-            if kind in PLAINTEXT_KINDS:
-                field = self._lower.get(name.lower(), name)
-                hits.append(FieldHit(field, kind, offset, mask_value(value), hasher.hash(value)))
+            shown = value
+            if kind not in PLAINTEXT_KINDS:
+                if kind == "ciphertext":
+                    continue
+                embedded = embedded_kind(value)
+                if embedded is None:
+                    continue
+                kind, shown = embedded
+            field = self._lower.get(name.lower(), name)
+            hits.append(FieldHit(field, kind, offset, mask_value(shown), hasher.hash(shown)))
         return hits
 
-    def _values(self, body: bytes, content_type: str) -> Iterable[tuple[str, str, int]]:
+    def _values(self, body: bytes, content_type: str,
+                full_content_type: str = "") -> Iterable[tuple[str, str, int]]:
+        parsed = self._json_document(body, content_type)
+        if parsed is not None:
+            yield from self._walk(parsed)
+        else:
+            yield from self._json_by_pattern(body)
+        if content_type.startswith("multipart/"):
+            for part, headers in multipart_parts(body, full_content_type):
+                disposition = next((v for k, v in headers if k == "content-disposition"), "")
+                m = re.search(r'name="([^"]{1,128})"', disposition)
+                if m and m.group(1).lower() in self._lower:
+                    yield m.group(1), part.decode("utf-8", "replace"), -1
+        elif content_type in ("application/x-www-form-urlencoded", "") or b"=" in body[:256]:
+            yield from self._form(body)
+        for m in self._xml.finditer(body):
+            yield m.group(1).decode(), m.group(2).decode("utf-8", "replace"), m.start(2)
+        if content_type == "text/csv" or self._csv_header(body):
+            yield from self._csv_values(body)
+
+    @staticmethod
+    def _json_document(body: bytes, content_type: str) -> Any:
+        start = body[:64].lstrip()[:1]
+        if len(body) > JSON_PARSE_MAX or not (start in (b"{", b"[") or "json" in content_type):
+            return None
+        try:
+            return json.loads(body)
+        except ValueError:
+            return None
+
+    def _walk(self, doc: Any) -> Iterable[tuple[str, str, int]]:
+        stack = [doc]
+        seen = 0
+        while stack and seen < WALK_VALUES_MAX:
+            v = stack.pop()
+            seen += 1
+            if isinstance(v, dict):
+                for key, value in v.items():
+                    if isinstance(key, str) and key.lower() in self._lower:
+                        for leaf in _leaves(value):
+                            yield key, leaf, -1
+                    elif isinstance(value, dict | list):
+                        stack.append(value)
+            elif isinstance(v, list):
+                stack.extend(x for x in v if isinstance(x, dict | list))
+
+    def _json_by_pattern(self, body: bytes) -> Iterable[tuple[str, str, int]]:
         for m in self._json.finditer(body):
             raw = m.group(2)
             if raw.startswith(b'"'):
@@ -133,14 +226,17 @@ class FieldPolicy:
             else:
                 value = raw.decode()
             yield m.group(1).decode(), str(value), m.start(2)
-        if content_type in ("application/x-www-form-urlencoded", "") or b"=" in body[:256]:
-            for m in self._form.finditer(body):
+
+    def _form(self, body: bytes) -> Iterable[tuple[str, str, int]]:
+        if len(body) > JSON_PARSE_MAX:
+            for m in self._form_rx.finditer(body):
                 yield (m.group(1).decode(), unquote_plus(m.group(2).decode("latin-1")),
                        m.start(2))
-        for m in self._xml.finditer(body):
-            yield m.group(1).decode(), m.group(2).decode("utf-8", "replace"), m.start(2)
-        if content_type == "text/csv" or self._csv_header(body):
-            yield from self._csv_values(body)
+            return
+        text = body.decode("latin-1")
+        for key, value in parse_qsl(text, keep_blank_values=False):
+            if key.lower() in self._lower:
+                yield key, value, -1
 
     def _csv_header(self, body: bytes) -> bool:
         first = body.split(b"\n", 1)[0].decode("utf-8", "replace").lower()

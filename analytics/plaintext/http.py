@@ -76,26 +76,6 @@ class Request:
         return (self.header("content-type") or "").split(";", 1)[0].strip().lower()
 
 
-@dataclass(slots=True)
-class BodyChunk:
-    """Captured body bytes of `request`, at `offset` within the write."""
-
-    request: Request
-    data: bytes
-    offset: int
-    body_offset: int  # of data[0] within the request body
-
-
-@dataclass(slots=True)
-class Parsed:
-    """What one write contained."""
-
-    requests: list[Request] = field(default_factory=list)
-    bodies: list[BodyChunk] = field(default_factory=list)
-    protocol: str = "unknown"  # http/1.1 | h2 | opaque | unknown
-    undecodable_headers: int = 0  # HTTP/2 header blocks whose table is unknown
-
-
 def parse_request_head(data: bytes, start: int = 0) -> tuple[Request, int] | None:
     """(request, end of head) for a head starting at data[start]; end is -1 when
     the blank line after the headers lies beyond the capture."""
@@ -130,171 +110,452 @@ def looks_like_request_line(data: bytes, start: int = 0) -> bool:
 
 
 @dataclass(slots=True)
-class _Http1:
-    request: Request | None = None
-    body_left: int | None = 0  # None: unknown length (chunked), until the next request
-    body_seen: int = 0
+class Message:
+    """One request: its head, and its body as far as it is held (bounded).
+
+    `body` holds the body bytes from `body_base` on; when the body outgrows the
+    parser's bound, the held bytes are handed out as a window and only an
+    overlap is kept, so a value across the cut is still seen whole.
+    """
+
+    request: Request
+    body: bytearray = field(default_factory=bytearray)
+    body_base: int = 0  # body offset of body[0]
+    body_len: int = 0  # body bytes written so far (seen or lost)
+    body_lost: int = 0  # body bytes in gaps
+    complete: bool = False  # the end of the message was seen
+    windows: int = 0  # windows handed out before the end
+    bulk_done: bool = False
+    reported: set[str] = field(default_factory=set)  # canary hashes already reported
 
 
 @dataclass(slots=True)
-class _Http2:
-    decoder: hpack.Decoder
-    table_known: bool = True
-    frame_left: int = 0  # payload bytes of the current frame still to come
-    frame_type: int = -1
-    frame_stream: int = 0
-    partial_header: bytes = b""  # a frame header split across two writes
-    block: bytearray = field(default_factory=bytearray)  # HEADERS awaiting CONTINUATION
-    block_stream: int = 0
-    streams: dict[int, Request] = field(default_factory=dict)
-    body_seen: dict[int, int] = field(default_factory=dict)
+class ParseEvents:
+    """What feeding bytes (or a gap) to a stream parser produced."""
+
+    heads: list[Message] = field(default_factory=list)  # heads complete (credentials)
+    windows: list[tuple[Message, bytes]] = field(default_factory=list)  # body over the bound
+    done: list[Message] = field(default_factory=list)  # ended (or flushed, complete=False)
+    raw: list[bytes] = field(default_factory=list)  # bytes no message holds: scanned raw
+    blind: list[tuple[str, int]] = field(default_factory=list)  # (reason, bytes) sync lost
+    undecodable_headers: int = 0
+    spilled: int = 0  # windows handed out early to keep memory within the total bound
 
 
-class HttpConnection:
-    """Follows one TLS connection's writes (client to server)."""
+@dataclass(frozen=True, slots=True)
+class ParserLimits:
+    body_window_bytes: int = 1 << 20  # body bytes held per message before a window
+    overlap_bytes: int = 512  # kept across windows and raw scans
+    head_max_bytes: int = MAX_HEAD_BYTES
+    header_block_max_bytes: int = 1 << 18  # one HTTP/2 header block
+    streams_max: int = H2_STREAMS_MAX
 
-    def __init__(self) -> None:
-        self.protocol = "unknown"
-        self._h1 = _Http1()
-        self._h2: _Http2 | None = None
 
-    def feed(self, data: bytes, total_len: int) -> Parsed:
-        """Parse one write: `data` is its captured prefix, `total_len` its length."""
-        total_len = max(total_len, len(data))
-        if self.protocol == "unknown":
-            if data.startswith(H2_PREFACE):
-                self._start_h2(table_known=True)
-                out = Parsed(protocol="h2")
-                self._feed_h2(data, total_len, len(H2_PREFACE), out)
-                return out
-            if looks_like_request_line(data):
-                self.protocol = "http/1.1"
-            elif _plausible_h2_frame(data):
-                # probe attached mid-connection: frames, but no header table
-                self._start_h2(table_known=False)
+def _start_body(msg: Message, data: bytes | bytearray, limits: ParserLimits,
+                out: ParseEvents) -> None:
+    """Append body bytes to msg, handing out a window when the bound is reached."""
+    msg.body_len += len(data)
+    msg.body += data
+    if len(msg.body) >= limits.body_window_bytes:
+        window_out(msg, limits.overlap_bytes, out)
+
+
+def window_out(msg: Message, overlap: int, out: ParseEvents) -> None:
+    """Hand out the held body as a window; keep only the overlap."""
+    if len(msg.body) <= overlap:
+        return
+    out.windows.append((msg, bytes(msg.body)))
+    msg.windows += 1
+    keep = msg.body[-overlap:] if overlap else bytearray()
+    msg.body_base += len(msg.body) - len(keep)
+    msg.body = bytearray(keep)
+
+
+def _hole(msg: Message, n: int, out: ParseEvents) -> None:
+    """`n` body bytes lost: what is held is handed out whole, nothing spans the hole."""
+    if msg.body:
+        window_out(msg, 0, out)
+    msg.body_lost += n
+    msg.body_len += n
+    msg.body_base += n
+
+
+_REQUEST_AT_LINE = re.compile(
+    rb"(?:^|\r\n)((?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE|CONNECT|PROPFIND|MKCOL) "
+    rb"[^\s]+ HTTP/1\.[01]\r\n)")
+_H1_HEAD, _H1_BODY, _H1_CHUNK_SIZE, _H1_CHUNK_DATA, _H1_CHUNK_END, _H1_TRAILER, _H1_RESYNC = (
+    range(7))
+CHUNK_LINE_MAX = 1024
+
+
+class Http1Stream:
+    """HTTP/1.1 requests from one direction of one connection, fed in order.
+
+    Bodies follow Content-Length or chunked framing (de-chunked here). After a
+    gap inside a body of known length the parser stays in step; after any other
+    gap it looks for the next request line (and reports the resynchronisation).
+    """
+
+    protocol = "http/1.1"
+
+    def __init__(self, limits: ParserLimits) -> None:
+        self.limits = limits
+        self.buf = bytearray()
+        self.state = _H1_HEAD
+        self.left = 0  # body or chunk bytes still to come
+        self.msg: Message | None = None
+
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) + (len(self.msg.body) if self.msg is not None else 0)
+
+    def open_messages(self) -> list[Message]:
+        return [self.msg] if self.msg is not None else []
+
+    def feed(self, data: bytes, out: ParseEvents) -> None:
+        self.buf += data
+        while self.buf and self._step(out):
+            pass
+
+    def _done(self, out: ParseEvents, complete: bool = True) -> None:
+        if self.msg is not None:
+            self.msg.complete = complete and not self.msg.body_lost
+            out.done.append(self.msg)
+        self.msg = None
+        self.state = _H1_HEAD
+
+    def _resync(self, out: ParseEvents, why: str, nbytes: int = 0) -> None:
+        if self.msg is not None:
+            self._done(out, complete=False)
+        out.blind.append((why, nbytes))
+        if self.state == _H1_HEAD and self.buf:
+            # the head in front failed: look for a request line after its start
+            out.raw.append(bytes(self.buf[:1]))
+            del self.buf[:1]
+        self.state = _H1_RESYNC
+
+    def _body(self, out: ParseEvents) -> int:
+        assert self.msg is not None
+        take = min(self.left, len(self.buf))
+        _start_body(self.msg, self.buf[:take], self.limits, out)
+        del self.buf[:take]
+        self.left -= take
+        return take
+
+    def _step(self, out: ParseEvents) -> bool:  # noqa: PLR0911 - one branch per state
+        buf, st = self.buf, self.state
+        if st == _H1_HEAD:
+            while buf[:2] == b"\r\n":
+                del buf[:2]
+            if not buf:
+                return False
+            end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
+            if end < 0:
+                if len(buf) > self.limits.head_max_bytes:
+                    self._resync(out, "http1_head_over_bound", len(buf))
+                    return True
+                if len(buf) >= 16 and not looks_like_request_line(bytes(buf[:64])):
+                    self._resync(out, "http1_not_a_request")
+                    return True
+                return False
+            parsed = parse_request_head(bytes(buf[: end + 4]))
+            if parsed is None:
+                self._resync(out, "http1_not_a_request")
+                return True
+            request, _ = parsed
+            del buf[: end + 4]
+            self.msg = Message(request)
+            out.heads.append(self.msg)
+            length = _content_length(request)
+            if length is None:
+                self.state = _H1_CHUNK_SIZE if _chunked(request) else _H1_RESYNC
+                if self.state == _H1_RESYNC:  # a body of unknown length
+                    self._resync(out, "http1_unknown_length")
+            elif length == 0:
+                self._done(out)
             else:
-                return Parsed(protocol="opaque")
-        out = Parsed(protocol=self.protocol)
-        if self.protocol == "h2":
-            self._feed_h2(data, total_len, 0, out)
-        else:
-            self._feed_h1(data, total_len, out)
-        return out
+                self.state, self.left = _H1_BODY, length
+            return True
+        if st == _H1_BODY:
+            self._body(out)
+            if self.left == 0:
+                self._done(out)
+            return True
+        if st == _H1_CHUNK_SIZE:
+            end = buf.find(b"\r\n", 0, CHUNK_LINE_MAX)
+            if end < 0:
+                if len(buf) > CHUNK_LINE_MAX:
+                    self._resync(out, "http1_bad_chunk")
+                    return True
+                return False
+            try:
+                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                self._resync(out, "http1_bad_chunk")
+                return True
+            del buf[: end + 2]
+            if size == 0:
+                self.state = _H1_TRAILER
+            else:
+                self.state, self.left = _H1_CHUNK_DATA, size
+            return True
+        if st == _H1_CHUNK_DATA:
+            self._body(out)
+            if self.left == 0:
+                self.state = _H1_CHUNK_END
+            return True
+        if st == _H1_CHUNK_END:
+            if len(buf) < 2:
+                return False
+            if buf[:2] != b"\r\n":
+                self._resync(out, "http1_bad_chunk")
+                return True
+            del buf[:2]
+            self.state = _H1_CHUNK_SIZE
+            return True
+        if st == _H1_TRAILER:
+            if buf[:2] == b"\r\n":
+                del buf[:2]
+                self._done(out)
+                return True
+            end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes)
+            if end < 0:
+                if len(buf) > self.limits.head_max_bytes:
+                    self._resync(out, "http1_head_over_bound", len(buf))
+                    return True
+                return False
+            del buf[: end + 4]
+            self._done(out)
+            return True
+        # resynchronising: the next request line at a line start
+        m = _REQUEST_AT_LINE.search(buf)
+        if m is not None:
+            if m.start(1):
+                out.raw.append(bytes(buf[: m.start(1)]))
+            del buf[: m.start(1)]
+            self.state = _H1_HEAD
+            return True
+        keep = min(len(buf), self.limits.head_max_bytes // 8)
+        if len(buf) > keep:
+            out.raw.append(bytes(buf[: len(buf) - keep]))
+            del buf[: len(buf) - keep]
+        return False
 
-    # -- HTTP/1.1 -------------------------------------------------------------------
-
-    def _feed_h1(self, data: bytes, total_len: int, out: Parsed) -> None:
-        st = self._h1
-        pos = 0
-        while pos < total_len:
-            if st.body_left and st.request is not None:
-                take = min(st.body_left, total_len - pos)
-                if pos < len(data):
-                    out.bodies.append(BodyChunk(st.request, data[pos : pos + take], pos,
-                                                st.body_seen))
-                st.body_left -= take
-                st.body_seen += take
-                pos += take
-                continue
-            if pos >= len(data):
-                return  # beyond the capture: nothing to see, lengths unknown
-            if looks_like_request_line(data, pos):
-                parsed = parse_request_head(data, pos)
-                assert parsed is not None
-                request, head_end = parsed
-                out.requests.append(request)
-                st.request, st.body_seen = request, 0
-                if head_end < 0:
-                    # the rest of this write is head; its body length is unknown
-                    st.body_left = 0
-                    return
-                st.body_left = _content_length(request)
-                pos = head_end
-                if st.body_left == 0:
-                    continue
-                if st.body_left is None:
-                    if pos < len(data):
-                        out.bodies.append(BodyChunk(request, data[pos:], pos, 0))
-                        st.body_seen = total_len - pos
-                    return
-                continue
-            if st.request is not None and st.body_left is None:
-                # chunked or unknown length: the write continues the body
-                out.bodies.append(BodyChunk(st.request, data[pos:], pos, st.body_seen))
-                st.body_seen += total_len - pos
+    def gap(self, n: int, out: ParseEvents) -> None:
+        """`n` bytes of the stream were not seen."""
+        if self.state in (_H1_BODY, _H1_CHUNK_DATA) and not self.buf and n <= self.left:
+            assert self.msg is not None
+            _hole(self.msg, n, out)
+            self.left -= n
+            if self.left == 0:
+                if self.state == _H1_BODY:
+                    self._done(out, complete=False)
+                else:
+                    self.state = _H1_CHUNK_END
             return
+        if self.buf:
+            out.raw.append(bytes(self.buf))
+            self.buf.clear()
+        self._resync(out, "http1_resync_after_gap", n)
 
-    # -- HTTP/2 ---------------------------------------------------------------------
+    def flush(self, out: ParseEvents) -> None:
+        if self.buf:
+            out.raw.append(bytes(self.buf))
+            self.buf.clear()
+        if self.msg is not None:
+            self._done(out, complete=False)
 
-    def _start_h2(self, table_known: bool) -> None:
-        self.protocol = "h2"
+    def spill(self, out: ParseEvents) -> int:
+        if self.msg is None or len(self.msg.body) <= self.limits.overlap_bytes:
+            return 0
+        before = len(self.msg.body)
+        window_out(self.msg, self.limits.overlap_bytes, out)
+        out.spilled += 1
+        return before - len(self.msg.body)
+
+
+_F_HEAD, _F_PAD_LEN, _F_DATA, _F_PAD, _F_PAYLOAD, _F_SKIP, _F_BLIND = range(7)
+H2_END_STREAM = 0x1
+
+
+class Http2Stream:
+    """HTTP/2 requests from the client side of one connection, fed in order.
+
+    Frames are followed by their lengths; DATA payloads are joined per stream
+    into the stream's message (ended by END_STREAM); header blocks are decoded
+    with the connection's HPACK table while it is known. A gap inside a DATA (or
+    other non-header) payload keeps the frame boundaries; a gap inside a header
+    block loses the table (reported); any other gap loses the frame boundaries,
+    and the connection is blind from there on (reported, scanned raw).
+    """
+
+    protocol = "h2"
+
+    def __init__(self, limits: ParserLimits, table_known: bool, preface: bool) -> None:
+        self.limits = limits
+        self.buf = bytearray()
+        self.preface_left = len(H2_PREFACE) if preface else 0
         decoder = hpack.Decoder()
         # the server's SETTINGS may allow a larger table than the default
         decoder.max_allowed_table_size = 1 << 16
         decoder.max_header_list_size = 1 << 18
-        self._h2 = _Http2(decoder=decoder, table_known=table_known)
+        self.decoder = decoder
+        self.table_known = table_known
+        self.attached_mid_connection = not table_known
+        self.state = _F_HEAD
+        self.ftype = self.flags = self.stream = 0
+        self.left = 0  # of the current state's bytes
+        self.pad_left = 0
+        self.block = bytearray()
+        self.block_stream = 0
+        self.messages: dict[int, Message] = {}
 
-    def _feed_h2(self, data: bytes, total_len: int, pos: int, out: Parsed) -> None:
-        st = self._h2
-        assert st is not None
-        if st.partial_header:
-            # offsets then count the carried bytes too; they are evidence only
-            data = st.partial_header + data
-            total_len += len(st.partial_header)
-            pos = 0
-            st.partial_header = b""
-            if len(data) < H2_FRAME_HEADER:
-                st.partial_header = data if total_len == len(data) else b""
-                return
-        while pos < total_len:
-            if st.frame_left:
-                take = min(st.frame_left, total_len - pos)
-                if st.frame_type == H2_DATA and pos < len(data):
-                    self._h2_data(st, data[pos : pos + take], pos, out)
-                elif st.frame_type in (H2_HEADERS, H2_CONTINUATION):
-                    self._lose_table(st, "header block split across writes")
-                st.frame_left -= take
-                pos += take
-                continue
-            if pos + H2_FRAME_HEADER > len(data):
-                if len(data) == total_len:
-                    st.partial_header = data[pos:]  # the header continues in the next write
-                else:
-                    # a frame header beyond the capture: it may have been a header
-                    # block; resynchronise on the next write
-                    self._lose_table(st, "frame header beyond the capture")
-                return
-            length = int.from_bytes(data[pos : pos + 3], "big")
-            ftype, flags = data[pos + 3], data[pos + 4]
-            stream = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-            if length >= H2_MAX_FRAME or ftype > 0x10:
-                self._lose_table(st, "not an HTTP/2 frame")
-                return
-            pos += H2_FRAME_HEADER
-            payload = data[pos : pos + length]
-            whole = len(payload) == length
-            if ftype in (H2_HEADERS, H2_CONTINUATION):
-                if whole:
-                    self._h2_headers(st, ftype, flags, stream, payload, pos, out)
-                else:
-                    self._lose_table(st, "header block beyond the capture")
-                    out.undecodable_headers += 1
-            elif ftype == H2_DATA and payload:
-                self._h2_data_frame(st, flags, stream, payload, pos, out)
-            st.frame_type, st.frame_stream = ftype, stream
-            consumed = min(length, total_len - pos)
-            st.frame_left = length - consumed
-            pos += consumed
+    @property
+    def buffered(self) -> int:
+        return len(self.buf) + len(self.block) + sum(len(m.body) for m in self.messages.values())
 
-    @staticmethod
-    def _lose_table(st: _Http2, why: str) -> None:
-        if st.table_known:
+    def open_messages(self) -> list[Message]:
+        return list(self.messages.values())
+
+    def feed(self, data: bytes, out: ParseEvents) -> None:
+        if self.state == _F_BLIND:
+            out.raw.append(data)
+            return
+        self.buf += data
+        if self.preface_left:
+            take = min(self.preface_left, len(self.buf))
+            del self.buf[:take]
+            self.preface_left -= take
+        while self.buf and self._step(out):
+            pass
+
+    def _lose_table(self, out: ParseEvents, why: str, nbytes: int = 0) -> None:
+        if self.table_known:
             logger.debug("HTTP/2 header table lost: %s", why)
-        st.table_known = False
-        st.block.clear()
+            out.blind.append(("h2_header_table_lost", nbytes))
+        self.table_known = False
+        self.block.clear()
 
-    def _h2_headers(self, st: _Http2, ftype: int, flags: int, stream: int, payload: bytes,
-                    pos: int, out: Parsed) -> None:
+    def _blind(self, out: ParseEvents, why: str, nbytes: int = 0) -> None:
+        out.blind.append((why, nbytes))
+        self.table_known = False
+        self.state = _F_BLIND
+        if self.buf:
+            out.raw.append(bytes(self.buf))
+            self.buf.clear()
+        for sid in list(self.messages):
+            self._end(sid, out, complete=False)
+
+    def _message(self, sid: int) -> Message:
+        msg = self.messages.get(sid)
+        if msg is None:
+            msg = Message(Request("?", "?", [], "h2", sid, complete=False))
+            self._add(sid, msg, None)
+        return msg
+
+    def _add(self, sid: int, msg: Message, out: ParseEvents | None) -> None:
+        if len(self.messages) >= self.limits.streams_max:
+            oldest = next(iter(self.messages))
+            old = self.messages.pop(oldest)
+            if out is not None:
+                old.complete = False
+                out.done.append(old)
+        self.messages[sid] = msg
+
+    def _end(self, sid: int, out: ParseEvents, complete: bool = True) -> None:
+        msg = self.messages.pop(sid, None)
+        if msg is not None:
+            msg.complete = complete and not msg.body_lost and msg.request.method != "?"
+            out.done.append(msg)
+
+    def _step(self, out: ParseEvents) -> bool:  # noqa: PLR0911 - one branch per state
+        buf = self.buf
+        if self.state == _F_HEAD:
+            if len(buf) < H2_FRAME_HEADER:
+                return False
+            length = int.from_bytes(buf[:3], "big")
+            self.ftype, self.flags = buf[3], buf[4]
+            self.stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            if length >= H2_MAX_FRAME or self.ftype > 0x10:
+                self._blind(out, "h2_frame_sync_lost")
+                return False
+            del buf[:H2_FRAME_HEADER]
+            self.left = length
+            if self.ftype == H2_DATA:
+                self.state = _F_PAD_LEN if self.flags & H2_PADDED else _F_DATA
+                if self.stream not in self.messages:
+                    self._message(self.stream)
+            elif self.ftype in (H2_HEADERS, H2_CONTINUATION):
+                if length > self.limits.header_block_max_bytes:
+                    self._lose_table(out, "header block over the bound", length)
+                    out.undecodable_headers += 1
+                    self.state = _F_SKIP
+                else:
+                    self.state = _F_PAYLOAD
+            else:
+                self.state = _F_SKIP
+            if self.left == 0:
+                self._frame_end(b"" if self.state == _F_PAYLOAD else None, out)
+            return True
+        if self.state == _F_PAD_LEN:
+            self.pad_left = buf[0]
+            del buf[:1]
+            self.left -= 1
+            if self.pad_left > self.left:
+                self._blind(out, "h2_frame_sync_lost")
+                return False
+            self.left -= self.pad_left
+            self.state = _F_DATA
+            if self.left == 0:
+                self.state = _F_PAD if self.pad_left else _F_HEAD
+                if not self.pad_left:
+                    self._frame_end(None, out)
+            return True
+        if self.state == _F_DATA:
+            take = min(self.left, len(buf))
+            _start_body(self._message(self.stream), buf[:take], self.limits, out)
+            del buf[:take]
+            self.left -= take
+            if self.left == 0:
+                if self.pad_left:
+                    self.state, self.left = _F_PAD, self.pad_left
+                else:
+                    self._frame_end(None, out)
+            return True
+        if self.state in (_F_PAD, _F_SKIP):
+            take = min(self.left, len(buf))
+            del buf[:take]
+            self.left -= take
+            if self.left == 0:
+                self._frame_end(None, out)
+            return True
+        if self.state == _F_PAYLOAD:
+            if len(buf) < self.left:
+                return False
+            payload = bytes(buf[: self.left])
+            del buf[: self.left]
+            self.left = 0
+            self._frame_end(payload, out)
+            return True
+        return False
+
+    def _frame_end(self, payload: bytes | None, out: ParseEvents) -> None:
+        """The current frame ended; `payload` is a header frame's whole payload."""
+        ftype, flags, sid = self.ftype, self.flags, self.stream
+        self.state = _F_HEAD
+        if payload is not None:
+            self._header_frame(ftype, flags, sid, payload, out)
+        if ftype in (H2_DATA, H2_HEADERS) and flags & H2_END_STREAM:
+            if ftype == H2_HEADERS and not flags & H2_END_HEADERS:
+                return  # END_STREAM takes effect after the CONTINUATIONs
+            self._end(sid, out)
+        elif ftype == H2_CONTINUATION and flags & H2_END_HEADERS and self._ends_stream:
+            self._end(sid, out)
+
+    _ends_stream = False
+
+    def _header_frame(self, ftype: int, flags: int, sid: int, payload: bytes,
+                      out: ParseEvents) -> None:
         if ftype == H2_HEADERS:
             start, end = 0, len(payload)
             if flags & H2_PADDED:
@@ -304,25 +565,31 @@ class HttpConnection:
             if flags & H2_PRIORITY:
                 start += 5
             if end < start:
-                self._lose_table(st, "bad padding")
+                self._lose_table(out, "bad padding")
                 return
-            st.block = bytearray(payload[start:end])
-            st.block_stream = stream
+            self.block = bytearray(payload[start:end])
+            self.block_stream = sid
+            self._ends_stream = bool(flags & H2_END_STREAM)
         else:
-            if stream != st.block_stream:
-                self._lose_table(st, "CONTINUATION of another stream")
+            if sid != self.block_stream:
+                self._lose_table(out, "CONTINUATION of another stream")
                 return
-            st.block += payload
+            self.block += payload
+            if len(self.block) > self.limits.header_block_max_bytes:
+                self._lose_table(out, "header block over the bound", len(self.block))
+                return
         if not flags & H2_END_HEADERS:
             return
-        block, st.block = bytes(st.block), bytearray()
-        if not st.table_known:
+        block, self.block = bytes(self.block), bytearray()
+        if not self.table_known:
             out.undecodable_headers += 1
+            out.raw.append(block)  # literal, non-Huffman values can still be matched
+            self._message(sid)
             return
         try:
-            headers = st.decoder.decode(block, raw=True)
+            headers = self.decoder.decode(block, raw=True)
         except Exception as e:  # noqa: BLE001 - any HPACK error leaves the table unknown
-            self._lose_table(st, f"HPACK: {type(e).__name__}")
+            self._lose_table(out, f"HPACK: {type(e).__name__}")
             out.undecodable_headers += 1
             return
         decoded = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
@@ -331,35 +598,177 @@ class HttpConnection:
             return  # trailers
         request = Request(
             method=pseudo[":method"], path=pseudo.get(":path", ""), headers=decoded,
-            protocol="h2", stream_id=stream, offset=pos,
+            protocol="h2", stream_id=sid,
         )
-        if len(st.streams) >= H2_STREAMS_MAX:
-            st.streams.pop(next(iter(st.streams)))
-            st.body_seen.clear()
-        st.streams[stream] = request
-        st.body_seen[stream] = 0
-        out.requests.append(request)
+        msg = self.messages.get(sid)
+        if msg is not None and msg.request.method == "?":
+            msg.request = request  # DATA came first (cannot happen in valid HTTP/2)
+        else:
+            msg = Message(request)
+            self._add(sid, msg, out)
+        out.heads.append(msg)
 
-    def _h2_data_frame(self, st: _Http2, flags: int, stream: int, payload: bytes, pos: int,
-                       out: Parsed) -> None:
-        if flags & H2_PADDED and payload:
-            pad = payload[0]
-            payload, pos = payload[1:], pos + 1
-            # padding is only at the very end; a truncated payload keeps all data
-            if len(payload) > pad:
-                payload = payload[: len(payload) - pad] if pad else payload
-        st.frame_stream = stream
-        self._h2_data(st, payload, pos, out, stream)
+    def gap(self, n: int, out: ParseEvents) -> None:
+        """`n` bytes of the stream were not seen."""
+        if self.state == _F_BLIND:
+            return
+        if self.preface_left >= n and not self.buf:
+            self.preface_left -= n
+            return
+        if not self.buf and self.state in (_F_DATA, _F_PAD, _F_SKIP) and n <= (
+                self.left + (self.pad_left if self.state == _F_DATA else 0)):
+            if self.state == _F_DATA:
+                msg = self._message(self.stream)
+                in_data = min(n, self.left)
+                _hole(msg, in_data, out)
+                self.left -= in_data
+                rest = n - in_data
+                if self.left == 0:
+                    if self.pad_left:
+                        self.state, self.left = _F_PAD, self.pad_left - rest
+                        if self.left == 0:
+                            self._frame_end(None, out)
+                    else:
+                        self._frame_end(None, out)
+                return
+            self.left -= n
+            if self.left == 0:
+                self._frame_end(None, out)
+            return
+        if self.state == _F_PAYLOAD and n <= self.left - len(self.buf):
+            # inside a header block: the frame boundary is kept, the table is not
+            self._lose_table(out, "header block in a gap", n)
+            out.undecodable_headers += 1
+            self.left -= len(self.buf) + n
+            self.buf.clear()
+            self.state = _F_SKIP
+            if self.left == 0:
+                self._frame_end(None, out)
+            return
+        self._blind(out, "h2_frame_sync_lost", n)
 
-    def _h2_data(self, st: _Http2, payload: bytes, pos: int, out: Parsed,
-                 stream: int | None = None) -> None:
-        sid = st.frame_stream if stream is None else stream
-        request = st.streams.get(sid)
-        if request is None:
-            request = Request("?", "?", [], "h2", sid, complete=False)
-        seen = st.body_seen.get(sid, 0)
-        out.bodies.append(BodyChunk(request, payload, pos, seen))
-        st.body_seen[sid] = seen + len(payload)
+    def flush(self, out: ParseEvents) -> None:
+        for sid in list(self.messages):
+            self._end(sid, out, complete=False)
+
+    def spill(self, out: ParseEvents) -> int:
+        freed = 0
+        for msg in self.messages.values():
+            if len(msg.body) > self.limits.overlap_bytes:
+                before = len(msg.body)
+                window_out(msg, self.limits.overlap_bytes, out)
+                out.spilled += 1
+                freed += before - len(msg.body)
+        return freed
+
+
+class OpaqueStream:
+    """A stream that is not HTTP: every byte is scanned raw."""
+
+    protocol = "opaque"
+    buffered = 0
+
+    def feed(self, data: bytes, out: ParseEvents) -> None:
+        out.raw.append(data)
+
+    def gap(self, n: int, out: ParseEvents) -> None:
+        pass
+
+    def flush(self, out: ParseEvents) -> None:
+        pass
+
+    def spill(self, out: ParseEvents) -> int:
+        return 0
+
+    def open_messages(self) -> list[Message]:
+        return []
+
+
+PROTOCOL_SNIFF_BYTES = len(H2_PREFACE)
+
+
+class HttpStream:
+    """One direction of one connection: finds its protocol, then parses it."""
+
+    def __init__(self, limits: ParserLimits | None = None) -> None:
+        self.limits = limits or ParserLimits()
+        self.parser: Http1Stream | Http2Stream | OpaqueStream | None = None
+        self._head = bytearray()  # bytes before the protocol is known
+        self._after_gap = False
+
+    @property
+    def protocol(self) -> str:
+        return self.parser.protocol if self.parser is not None else "unknown"
+
+    @property
+    def buffered(self) -> int:
+        return len(self._head) + (self.parser.buffered if self.parser is not None else 0)
+
+    def feed(self, data: bytes, out: ParseEvents) -> None:
+        if self.parser is None:
+            self._head += data
+            parser = self._sniff(out)
+            if parser is None:
+                return
+            self.parser = parser
+            data, self._head = bytes(self._head), bytearray()
+        self.parser.feed(data, out)
+
+    def _sniff(self, out: ParseEvents) -> Http1Stream | Http2Stream | OpaqueStream | None:
+        head = bytes(self._head)
+        if head.startswith(H2_PREFACE):
+            return Http2Stream(self.limits, table_known=True, preface=True)
+        if len(head) < PROTOCOL_SNIFF_BYTES and H2_PREFACE.startswith(head):
+            return None
+        if looks_like_request_line(head):
+            return Http1Stream(self.limits)
+        if _REQUEST_AT_LINE.search(head) and self._after_gap:
+            parser = Http1Stream(self.limits)
+            parser.state = _H1_RESYNC
+            return parser
+        if len(head) < PROTOCOL_SNIFF_BYTES and b"\r\n" not in head and (
+                _METHOD_PREFIX.fullmatch(head)):
+            return None
+        if _plausible_h2_frame(head):
+            # attached mid-connection (or after a gap): frames, but no header table
+            return Http2Stream(self.limits, table_known=False, preface=False)
+        if len(head) < H2_FRAME_HEADER:
+            return None
+        if self._after_gap:
+            parser = Http1Stream(self.limits)
+            parser.state = _H1_RESYNC
+            return parser
+        return OpaqueStream()
+
+    def gap(self, n: int, out: ParseEvents) -> None:
+        if self.parser is None:
+            if self._head:
+                out.raw.append(bytes(self._head))
+                self._head.clear()
+            self._after_gap = True
+            return
+        self.parser.gap(n, out)
+
+    def flush(self, out: ParseEvents) -> None:
+        if self.parser is None:
+            if self._head:
+                out.raw.append(bytes(self._head))
+                self._head.clear()
+            return
+        self.parser.flush(out)
+
+    def spill(self, out: ParseEvents) -> int:
+        return self.parser.spill(out) if self.parser is not None else 0
+
+    def open_messages(self) -> list[Message]:
+        return self.parser.open_messages() if self.parser is not None else []
+
+
+_METHOD_PREFIX = re.compile(rb"[A-Z]{1,10}(?: [^\s]*)?")
+
+
+def _chunked(request: Request) -> bool:
+    return (request.header("transfer-encoding") or "").lower().endswith("chunked")
 
 
 def _content_length(request: Request) -> int | None:

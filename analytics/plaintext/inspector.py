@@ -1,39 +1,78 @@
-"""One captured TLS write in, findings and audit records out.
+"""Captured TLS writes in, findings and audit records out, inspected as streams.
 
-The inspector follows each connection (HTTP/1.1 or HTTP/2 state, the host it
-talks to) and runs every detector over what the write contains:
-canary_token, oauth_token_reuse, bulk_export (plus an audit record per call),
-unencrypted_field and model_artifact. The plaintext is only read here; the
-results carry finding types, offsets, keyed hashes and masked excerpts.
+The monitor hands over each application write in chunks, with loss reports:
+
+- `inspect(ctx, data, total_len, offset=0)`: `data` is bytes
+  [offset, offset + len(data)) of one write of `total_len` bytes on the
+  connection `ctx.conn` in direction `ctx.direction`. Chunks of one write come
+  in increasing offset order; a new write starts at offset 0. A jump in
+  offsets, a write whose chunks end before `total_len`, or a write whose first
+  chunk has offset > 0 is a gap of known size in the stream.
+- `lost(ctx, nbytes, reason)`: bytes the kernel dropped (rate limit, ring
+  full) for that process (and connection, when `ctx.conn` is not None); they
+  are placed in the stream as a gap where the offsets do not already show it,
+  and kept per process in `process_loss`.
+
+Each (connection, direction) is one byte stream (`streams`), parsed
+incrementally as HTTP/1.1 (de-chunked) or HTTP/2 (DATA joined per stream,
+HPACK table kept); detectors run on whole messages: the head as soon as it is
+complete (credentials, canaries), the body at its end or in bounded windows
+that overlap (canaries on every decoded view, bulk, unencrypted_field,
+model_artifact). Bytes no message holds (opaque streams, resynchronisation)
+are scanned raw with the same overlap. Blinding while talking to a CRM (HPACK
+table or frame boundaries lost, a stream evicted, a decompression bomb, a
+connection mostly unseen) is an `inspection_evaded` finding, once per
+connection and reason; every give-up is counted in `stats`. The plaintext is
+only read here: results carry finding types, offsets, keyed hashes and
+masked excerpts.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext import artifacts, bulk, credentials
-from leaktap.analytics.plaintext.canary import CanaryMatcher
+from leaktap.analytics.plaintext.canary import CanaryHit, CanaryMatcher
+from leaktap.analytics.plaintext.decode import DecodeLimits, decoded_views
 from leaktap.analytics.plaintext.fields import FieldPolicy
-from leaktap.analytics.plaintext.http import BodyChunk, HttpConnection, Request
+from leaktap.analytics.plaintext.http import (
+    HttpStream,
+    Message,
+    ParseEvents,
+    ParserLimits,
+    Request,
+)
 from leaktap.analytics.plaintext.redact import KeyedHasher, dedup_key, mask_token
+from leaktap.analytics.plaintext.streams import StreamLoss, StreamTable, WriteCursor
 
 CONNECTIONS_MAX = 8192
 # model weights are only looked for in bodies this large (a float run needs volume)
 ARTIFACT_MIN_BYTES = 512
+PROCESSES_MAX = 4096
 
 HostResolver = Callable[[str], tuple[str, str | None] | None]
+
+# what each stream-side blinding means, for the finding's summary
+EVASIONS = {
+    "h2_header_table_lost": "HTTP/2 header table lost (later headers unreadable)",
+    "h2_frame_sync_lost": "HTTP/2 frame boundaries lost (the rest of the connection unread)",
+    "http1_head_over_bound": "an HTTP/1.1 request head over the reassembly bound",
+    "stream_evicted": "the connection's stream state evicted (reassembly bound)",
+    "decompression_bomb": "a body that decompresses past the limits",
+    "connection_mostly_unseen": "most of the connection's bytes not seen",
+}
 
 
 @dataclass(frozen=True, slots=True)
 class WriteContext:
     """Who wrote and where to, as the controller attributed the write."""
 
-    conn: Hashable  # one TLS connection, e.g. (tgid, ssl pointer)
+    conn: Hashable  # one TLS connection, e.g. (tgid, ssl pointer); None: process only
     tenant: str
     environment: str | None = None
     crm_vendor: str | None = None  # from the joined flow (SNI/DNS), if any
@@ -42,6 +81,20 @@ class WriteContext:
     pid: int = 0
     comm: str = ""
     ts: float = field(default_factory=time.time)
+    direction: str = "egress"  # egress (writes) | ingress (reads, to come)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Bounds of stream inspection (plaintext.streams in the config)."""
+
+    streams_max: int = CONNECTIONS_MAX  # streams followed at once (LRU evicted)
+    total_bytes_max: int = 64 << 20  # bytes all parsers hold together
+    body_window_bytes: int = 1 << 20  # body bytes held per message before a window
+    overlap_bytes: int = 512  # carried across windows and raw scans
+    decode: DecodeLimits = field(default_factory=DecodeLimits)
+    unseen_alert_share: float = 0.5  # a CRM connection with more unseen than this alerts
+    unseen_alert_min_bytes: int = 64 << 10  # ... once it has written this much
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +116,7 @@ class BulkAudit:
     action: str
     method: str
     path: str  # without the query string (it may carry tokens)
-    request_bytes: int  # Content-Length, else the write's length
+    request_bytes: int  # Content-Length, else the body bytes seen
     allowed: bool
     protocol: str
     pid: int
@@ -78,14 +131,21 @@ class Inspection:
     findings: list[Finding] = field(default_factory=list)
     audits: list[BulkAudit] = field(default_factory=list)
     protocol: str = "unknown"
-    requests: int = 0
+    requests: int = 0  # request heads completed by this call
     undecodable_headers: int = 0
+    lost_bytes: int = 0  # stream bytes this call found unseen (gaps)
+    blind: list[str] = field(default_factory=list)  # reasons the stream lost sync
 
 
 @dataclass(slots=True)
-class _Connection:
-    http: HttpConnection = field(default_factory=HttpConnection)
+class _Stream:
+    http: HttpStream
+    cursor: WriteCursor = field(default_factory=WriteCursor)
+    loss: StreamLoss = field(default_factory=StreamLoss)
     host: str | None = None
+    raw_tail: bytes = b""
+    reported: set[str] = field(default_factory=set)  # evasion reasons already reported
+    ctx: WriteContext | None = None  # the latest write's context
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +157,7 @@ class _Where:
 
 
 class ContentInspector:
-    """Runs the detectors; not thread-safe (one drain thread feeds it)."""
+    """Runs the detectors over streams; not thread-safe (one drain thread feeds it)."""
 
     def __init__(
         self,
@@ -106,33 +166,136 @@ class ContentInspector:
         policies: Mapping[str, TenantPolicy] | None = None,
         resolve_host: HostResolver | None = None,
         connections_max: int = CONNECTIONS_MAX,
+        limits: StreamLimits | None = None,
     ) -> None:
         self.hasher = hasher
         self.canaries = canaries or CanaryMatcher()
         self.policies = dict(policies or {})
         self.resolve_host = resolve_host
         self.tokens = credentials.TokenReuseTracker()
-        self._conns: OrderedDict[Hashable, _Connection] = OrderedDict()
-        self._conns_max = connections_max
+        if limits is None:
+            limits = StreamLimits(streams_max=connections_max)
+        self.limits = limits
+        self._parser_limits = ParserLimits(body_window_bytes=limits.body_window_bytes,
+                                           overlap_bytes=limits.overlap_bytes)
+        self.streams: StreamTable[_Stream] = StreamTable(
+            lambda: _Stream(HttpStream(self._parser_limits)), limits.streams_max,
+            limits.total_bytes_max)
+        self.stats: Counter[str] = Counter()  # give-ups and losses, by reason
+        # per process (pid): bytes lost by reason, as reported and as found in streams
+        self.process_loss: OrderedDict[int, Counter[str]] = OrderedDict()
 
-    def forget(self, conn: Hashable) -> None:
-        self._conns.pop(conn, None)
+    # -- the stream table ----------------------------------------------------------
 
-    def forget_where(self, predicate: Callable[[Hashable], bool]) -> int:
-        gone = [k for k in self._conns if predicate(k)]
-        for k in gone:
-            del self._conns[k]
-        return len(gone)
+    def forget(self, conn: Hashable) -> Inspection:
+        """The connection ended: what its streams still hold is inspected, then dropped."""
+        return self.forget_where(lambda c: c == conn)
 
-    def _connection(self, key: Hashable) -> _Connection:
-        conn = self._conns.get(key)
-        if conn is None:
-            conn = self._conns[key] = _Connection()
-            if len(self._conns) > self._conns_max:
-                self._conns.popitem(last=False)
+    def forget_where(self, predicate: Callable[[Hashable], bool]) -> Inspection:
+        out = Inspection()
+        for key, stream in self.streams:
+            if isinstance(key, tuple) and predicate(key[0]):
+                self.streams.pop(key)
+                self._close(stream, out)
+        return out
+
+    def _close(self, stream: _Stream, out: Inspection) -> None:
+        if stream.ctx is None:
+            return
+        gap = stream.cursor.close(stream.loss)
+        self._count_loss(stream.ctx, gap, "not_captured")
+        events = ParseEvents()
+        stream.http.flush(events)
+        self._handle(stream.ctx, stream, events, out)
+        self._check_unseen(stream.ctx, stream, out)
+
+    def _bound_memory(self, out: Inspection) -> None:
+        table = self.streams
+        if table.over_total():
+            for key in table.largest():
+                stream, _ = table.get(key)
+                events = ParseEvents()
+                stream.http.spill(events)
+                self.stats["spilled_windows"] += events.spilled
+                if stream.ctx is not None:
+                    self._handle(stream.ctx, stream, events, out)
+                table.hold(key, stream.http.buffered)
+                if not table.over_total():
+                    break
+        while table.over_count() or table.over_total():
+            evicted = table.evict_oldest("streams_max" if table.over_count() else "total_bytes")
+            if evicted is None:
+                break
+            self.stats["streams_evicted"] += 1
+            self._close(evicted[1], out)
+
+    # -- input ---------------------------------------------------------------------
+
+    def inspect(self, ctx: WriteContext, data: bytes, total_len: int,
+                offset: int = 0) -> Inspection:
+        """Inspect bytes [offset, offset + len(data)) of a write of `total_len` bytes."""
+        key = (ctx.conn, ctx.direction)
+        stream, evicted = self.streams.get(key)
+        stream.ctx = ctx
+        events = ParseEvents()
+        out = Inspection()
+        if evicted is not None:
+            stream.http.gap(0, events)  # its state is gone: resume as after a gap
+            events.blind.append(("stream_evicted", 0))
+        for is_data, piece in stream.cursor.pieces(data, total_len, offset, stream.loss):
+            if is_data:
+                assert isinstance(piece, bytes)
+                stream.http.feed(piece, events)
+            else:
+                assert isinstance(piece, int)
+                out.lost_bytes += piece
+                self._count_loss(ctx, piece, "stream_gap")
+                stream.http.gap(piece, events)
+        self._handle(ctx, stream, events, out)
+        self.streams.hold(key, stream.http.buffered)
+        self._check_unseen(ctx, stream, out)
+        self._bound_memory(out)
+        out.protocol = stream.http.protocol
+        return out
+
+    def lost(self, ctx: WriteContext, nbytes: int, reason: str) -> Inspection:
+        """`nbytes` the kernel dropped for ctx's process (and connection, if known)."""
+        out = Inspection()
+        if nbytes <= 0:
+            return out
+        self._count_loss(ctx, nbytes, reason)
+        if ctx.conn is None:
+            return out
+        key = (ctx.conn, ctx.direction)
+        stream, _ = self.streams.get(key)
+        stream.ctx = ctx
+        cursor = stream.cursor
+        cursor.announce_loss(nbytes, reason)
+        if cursor.write_pos >= cursor.write_total:
+            # between writes: whole writes were lost, the stream has a gap now
+            events = ParseEvents()
+            stream.loss.lost[reason] += cursor.announced
+            stream.loss.written += cursor.announced
+            out.lost_bytes += cursor.announced
+            stream.http.gap(cursor.announced, events)
+            cursor.announced = 0
+            self._handle(ctx, stream, events, out)
+        self._check_unseen(ctx, stream, out)
+        out.protocol = stream.http.protocol
+        return out
+
+    def _count_loss(self, ctx: WriteContext, nbytes: int, reason: str) -> None:
+        if nbytes <= 0:
+            return
+        self.stats[f"lost_bytes_{reason}"] += nbytes
+        ledger = self.process_loss.get(ctx.pid)
+        if ledger is None:
+            ledger = self.process_loss[ctx.pid] = Counter()
+            if len(self.process_loss) > PROCESSES_MAX:
+                self.process_loss.popitem(last=False)
         else:
-            self._conns.move_to_end(key)
-        return conn
+            self.process_loss.move_to_end(ctx.pid)
+        ledger[reason] += nbytes
 
     def _where(self, ctx: WriteContext, host: str | None) -> _Where:
         if ctx.crm_vendor:
@@ -143,35 +306,104 @@ class ContentInspector:
                 return _Where(crm[0], crm[1], host, "host")
         return _Where(None, None, ctx.destination or host, "host" if host else "none")
 
-    def inspect(self, ctx: WriteContext, data: bytes, total_len: int) -> Inspection:
-        """Scan one write's captured bytes (`total_len` is the whole write's length)."""
-        conn = self._connection(ctx.conn)
-        parsed = conn.http.feed(data, total_len)
-        out = Inspection(protocol=parsed.protocol, requests=len(parsed.requests),
-                         undecodable_headers=parsed.undecodable_headers)
-        for request in parsed.requests:
-            host = request.host
-            if host:
-                conn.host = host
-        where = self._where(ctx, conn.host)
-        policy = self.policies.get(ctx.tenant)
+    # -- what the parser produced ----------------------------------------------------
 
-        self._canaries(ctx, where, data, parsed.requests, out)
-        bodies_by_request: dict[int, list[BodyChunk]] = {}
-        for chunk in parsed.bodies:
-            bodies_by_request.setdefault(id(chunk.request), []).append(chunk)
-        for request in parsed.requests:
-            self._credentials(ctx, where, request, out)
-            body = b"".join(c.data for c in bodies_by_request.get(id(request), ()))
-            self._bulk(ctx, where, request, body, total_len, policy, out)
-        for chunk in parsed.bodies:
-            if policy is not None and policy.fields:
-                self._fields(ctx, where, chunk, policy.fields, out)
-            if len(chunk.data) >= ARTIFACT_MIN_BYTES:
-                self._artifact(ctx, where, chunk.data, chunk.offset, out)
-        if parsed.protocol == "opaque" and len(data) >= ARTIFACT_MIN_BYTES:
-            self._artifact(ctx, where, data, 0, out)
-        return out
+    def _handle(self, ctx: WriteContext, stream: _Stream, events: ParseEvents,
+                out: Inspection) -> None:
+        for msg in events.heads:
+            if msg.request.host:
+                stream.host = msg.request.host
+        where = self._where(ctx, stream.host)
+        policy = self.policies.get(ctx.tenant)
+        out.undecodable_headers += events.undecodable_headers
+        out.requests += len(events.heads)
+        for msg in events.heads:
+            self._credentials(ctx, where, msg.request, out)
+            self._head_canaries(ctx, where, msg, out)
+        for raw in events.raw:
+            self._raw(ctx, where, stream, raw, out)
+        for msg, window in events.windows:
+            self._body(ctx, where, stream, msg, window, policy, out)
+        for msg in events.done:
+            self._body(ctx, where, stream, msg, bytes(msg.body), policy, out)
+            msg.body = bytearray()
+        for reason, nbytes in events.blind:
+            self.stats[f"blind_{reason}"] += 1
+            out.blind.append(reason)
+            if reason in EVASIONS:
+                self._evaded(ctx, where, stream, reason, nbytes, out)
+
+    def _head_canaries(self, ctx: WriteContext, where: _Where, msg: Message,
+                       out: Inspection) -> None:
+        request = msg.request
+        lines = [f"{request.method} {request.path}"]
+        lines.extend(f"{k}: {v}" for k, v in request.headers)
+        head = "\n".join(lines).encode("latin-1", "replace")
+        for view in decoded_views(head, (), self.limits.decode):
+            self._report_canaries(ctx, where, self.canaries.scan(view.data), msg.reported,
+                                  view.name.replace("body", "head", 1), out)
+
+    def _raw(self, ctx: WriteContext, where: _Where, stream: _Stream, data: bytes,
+             out: Inspection) -> None:
+        """Bytes no message holds: scanned with the tail of the last raw bytes in front."""
+        tail = stream.raw_tail
+        window = tail + data
+        fresh = [h for h in self.canaries.scan(window) if h.offset + h.length > len(tail)]
+        self._report_canaries(ctx, where, fresh, set(), "raw", out)
+        keep = max(self.limits.overlap_bytes, self.canaries.longest_form)
+        stream.raw_tail = window[-keep:]
+
+    def _body(self, ctx: WriteContext, where: _Where, stream: _Stream, msg: Message,
+              data: bytes, policy: TenantPolicy | None, out: Inspection) -> None:
+        request = msg.request
+        if not msg.bulk_done and request.method != "?":
+            msg.bulk_done = True
+            self._bulk(ctx, where, request, msg, data, policy, out)
+        if not data:
+            return
+        views = decoded_views(data, request.headers, self.limits.decode)
+        for view in views:
+            self._report_canaries(ctx, where, self.canaries.scan(view.data), msg.reported,
+                                  view.name, out)
+        if views.bombs:
+            self.stats["decompression_bombs"] += 1
+            self._evaded(ctx, where, stream, "decompression_bomb", len(data), out,
+                         {"encoding": ",".join(views.bombs)})
+        if views.errors:
+            self.stats["decode_errors"] += len(views.errors)
+        content = views.content if views.content is not None else data
+        if policy is not None and policy.fields:
+            self._fields(ctx, where, msg, content, policy.fields, out)
+        if len(content) >= ARTIFACT_MIN_BYTES:
+            self._artifact(ctx, where, content, msg.body_base, out)
+
+    def _check_unseen(self, ctx: WriteContext, stream: _Stream, out: Inspection) -> None:
+        loss = stream.loss
+        if (loss.written >= self.limits.unseen_alert_min_bytes
+                and loss.unseen_share() > self.limits.unseen_alert_share):
+            where = self._where(ctx, stream.host)
+            self._evaded(ctx, where, stream, "connection_mostly_unseen", loss.lost_bytes, out)
+
+    def _evaded(self, ctx: WriteContext, where: _Where, stream: _Stream, reason: str,
+                nbytes: int, out: Inspection, extra: dict[str, Any] | None = None) -> None:
+        if reason in stream.reported:
+            return
+        if where.crm_vendor is None:
+            self.stats[f"evaded_not_crm_{reason}"] += 1
+            return
+        stream.reported.add(reason)
+        loss = stream.loss
+        out.findings.append(self._finding(
+            "inspection_evaded", ctx, where, "high",
+            f"{ctx.comm or 'pid ' + str(ctx.pid)} of {ctx.tenant}: {EVASIONS[reason]} "
+            f"talking to {where.destination or where.crm_vendor}",
+            dedup_key("inspection_evaded", ctx.tenant, ctx.comm, reason,
+                      where.destination or ""),
+            {"lost": reason, "lost_bytes": nbytes, "source": "stream",
+             "protocol": stream.http.protocol, "stream_bytes_written": loss.written,
+             "stream_bytes_seen": loss.seen, "stream_bytes_lost": loss.lost_bytes,
+             "stream_lost_by_reason": dict(loss.lost), **(extra or {})},
+        ))
 
     # -- detectors ---------------------------------------------------------------
 
@@ -185,27 +417,22 @@ class ContentInspector:
             destination=where.destination, ts=ctx.ts, evidence=evidence, dedup_key=key,
         )
 
-    def _canaries(self, ctx: WriteContext, where: _Where, data: bytes,
-                  requests: list[Request], out: Inspection) -> None:
-        hits = self.canaries.scan(data)
-        for request in requests:
-            if request.protocol == "h2":  # HPACK may have Huffman-coded the value
-                text = "\n".join(f"{k}: {v}" for k, v in request.headers).encode("latin-1")
-                hits.extend(self.canaries.scan(text, base_offset=request.offset))
-        seen: set[str] = set()
+    def _report_canaries(self, ctx: WriteContext, where: _Where, hits: list[CanaryHit],
+                         reported: set[str], view: str, out: Inspection) -> None:
+        """One finding per canary per message (`reported` holds the message's hashes)."""
         for hit in hits:
             c = hit.canary
-            if c.token in seen:
+            token_hash = self.hasher.hash(c.token)
+            if token_hash in reported:
                 continue
-            seen.add(c.token)
+            reported.add(token_hash)
             out.findings.append(self._finding(
                 "canary_token", ctx, where, "critical",
                 f"canary {c.label} ({hit.form}) left for {where.destination or 'an unknown host'}",
-                dedup_key("canary_token", self.hasher.hash(c.token), ctx.tenant,
-                          where.destination or ""),
+                dedup_key("canary_token", token_hash, ctx.tenant, where.destination or ""),
                 {"canary_tenant": c.tenant, "canary_record": c.record,
-                 "canary_environment": c.environment, "form": hit.form, "offset": hit.offset,
-                 "canary_hash": self.hasher.hash(c.token),
+                 "canary_environment": c.environment, "form": hit.form, "view": view,
+                 "offset": hit.offset, "canary_hash": token_hash,
                  "excerpt": f"{hit.form} canary {mask_token(c.token)}"},
             ))
 
@@ -230,17 +457,17 @@ class ContentInspector:
                  "environment": reuse.environment, "scope": scope},
             ))
 
-    def _bulk(self, ctx: WriteContext, where: _Where, request: Request, body: bytes,
-              total_len: int, policy: TenantPolicy | None, out: Inspection) -> None:
+    def _bulk(self, ctx: WriteContext, where: _Where, request: Request, msg: Message,
+              body: bytes, policy: TenantPolicy | None, out: Inspection) -> None:
         call = bulk.classify(request, body)
         if call is None:
             return
         allowed_ops = policy.allowed_bulk if policy is not None else ()
         ok = bulk.allowed(call.operation, allowed_ops)
         try:
-            size = int(request.header("content-length") or total_len)
+            size = int(request.header("content-length") or msg.body_len)
         except ValueError:
-            size = total_len
+            size = msg.body_len
         path = request.path.split("?", 1)[0][:512]
         vendor = where.crm_vendor or call.vendor
         out.audits.append(BulkAudit(
@@ -256,22 +483,24 @@ class ContentInspector:
             f"{call.operation} ({call.action}) by {ctx.tenant} is not an allowed bulk operation",
             dedup_key("bulk_export", ctx.tenant, call.operation, where.destination or ""),
             {"operation": call.operation, "action": call.action, "method": request.method,
-             "path": path, "request_bytes": size, "offset": request.offset,
+             "path": path, "request_bytes": size,
              "allowed_operations": list(allowed_ops)},
         )
         if finding.crm_vendor is None:
             finding.crm_vendor = call.vendor
         out.findings.append(finding)
 
-    def _fields(self, ctx: WriteContext, where: _Where, chunk: BodyChunk, policy: FieldPolicy,
-                out: Inspection) -> None:
-        hits = policy.scan(chunk.data, chunk.request.content_type, self.hasher)
+    def _fields(self, ctx: WriteContext, where: _Where, msg: Message, body: bytes,
+                policy: FieldPolicy, out: Inspection) -> None:
+        request = msg.request
+        hits = policy.scan(body, request.content_type, self.hasher,
+                           request.header("content-type") or "")
         reported: set[tuple[str, str]] = set()
         for hit in hits:
             if (hit.field, hit.kind) in reported:
                 continue
             reported.add((hit.field, hit.kind))
-            offset = chunk.offset + hit.offset if hit.offset >= 0 else chunk.offset
+            offset = msg.body_base + hit.offset if hit.offset >= 0 else msg.body_base
             out.findings.append(self._finding(
                 "unencrypted_field", ctx, where, "high",
                 f"{hit.field} sent in clear ({hit.kind}) by {ctx.tenant}",
@@ -279,7 +508,7 @@ class ContentInspector:
                           where.destination or ""),
                 {"field": hit.field, "value_kind": hit.kind, "offset": offset,
                  "value_hash": hit.value_hash, "excerpt": f'"{hit.field}": "{hit.masked}"',
-                 "method": chunk.request.method, "path": chunk.request.path.split("?", 1)[0]},
+                 "method": request.method, "path": request.path.split("?", 1)[0]},
             ))
 
     def _artifact(self, ctx: WriteContext, where: _Where, data: bytes, base: int,

@@ -14,7 +14,7 @@ import pytest
 from leaktap.analytics.plaintext import artifacts, bulk
 from leaktap.analytics.plaintext.canary import Canary, CanaryMatcher
 from leaktap.analytics.plaintext.fields import FieldPolicy, classify_value
-from leaktap.analytics.plaintext.http import HttpConnection, Request
+from leaktap.analytics.plaintext.http import HttpStream, ParseEvents, Request
 from leaktap.analytics.plaintext.inspector import ContentInspector, TenantPolicy, WriteContext
 from leaktap.analytics.plaintext.redact import KeyedHasher
 
@@ -36,52 +36,68 @@ def h2_headers(enc: hpack.Encoder, path: str, extra: list[tuple[str, str]] = ())
                        (":authority", "api.hubapi.com"), *extra])
 
 
+def feed(stream: HttpStream, *pieces: bytes | int) -> ParseEvents:
+    """Bytes are fed, ints are gaps of that many bytes."""
+    out = ParseEvents()
+    for piece in pieces:
+        if isinstance(piece, int):
+            stream.gap(piece, out)
+        else:
+            stream.feed(piece, out)
+    return out
+
+
 def test_http1_body_is_followed_across_writes_by_content_length():
-    conn = HttpConnection()
+    conn = HttpStream()
     head = b"POST /a HTTP/1.1\r\nHost: x.test\r\nContent-Length: 10\r\n\r\n"
-    first = conn.feed(head, len(head))
-    second = conn.feed(b"0123456789", 10)
-    third = conn.feed(b"GET /b HTTP/1.1\r\nHost: x.test\r\n\r\n", 33)
+    first = feed(conn, head)
+    second = feed(conn, b"01234", b"56789")
+    third = feed(conn, b"GET /b HTTP/1.1\r\nHost: x.test\r\n\r\n")
 
-    assert [r.path for r in first.requests] == ["/a"] and not first.bodies
-    assert [(c.data, c.request.path, c.body_offset) for c in second.bodies] == [
-        (b"0123456789", "/a", 0)]
-    assert [r.method for r in third.requests] == ["GET"]
+    assert [m.request.path for m in first.heads] == ["/a"] and not first.done
+    assert [(bytes(m.body), m.request.path, m.complete) for m in second.done] == [
+        (b"0123456789", "/a", True)]
+    assert [m.request.method for m in third.heads] == ["GET"]
 
 
-def test_http1_truncated_capture_and_huge_request_line_are_partial_not_errors():
-    conn = HttpConnection()
+def test_http1_head_over_the_bound_is_reported_and_the_next_request_is_found():
+    conn = HttpStream()
     line = b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
-    parsed = conn.feed(line[:4096], len(line))
-    (request,) = parsed.requests
-    assert not request.complete and request.path.startswith("/aaa")
+    out = feed(conn, line[:4096], line[4096:], b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [r for r, _ in out.blind] == ["http1_head_over_bound"]
+    assert [m.request.path for m in out.done] == ["/next"]
 
 
-@pytest.mark.parametrize("data", [b"", b"G", bytes(range(256)) * 4, b"\x16\x03\x01\x00"])
-def test_garbage_is_opaque(data: bytes) -> None:
-    assert HttpConnection().feed(data, len(data)).protocol in ("opaque", "h2")
+@pytest.mark.parametrize("data", [bytes(range(256)) * 4, b"\x16\x03\x01\x00" * 8])
+def test_garbage_is_opaque_or_frames(data: bytes) -> None:
+    conn = HttpStream()
+    feed(conn, data)
+    assert conn.protocol in ("opaque", "h2")
 
 
 def test_h2_headers_decoded_with_the_connection_table_and_undecodable_after_a_loss():
     enc = hpack.Encoder()
-    conn = HttpConnection()
+    conn = HttpStream()
     block = h2_headers(enc, "/crm/v3/exports/export/async")
-    out = conn.feed(PREFACE + frame(1, 4, 1, block) + frame(0, 1, 1, b'{"a":1}'), 10_000)
-    (req,) = out.requests
+    out = feed(conn, PREFACE + frame(1, 4, 1, block) + frame(0, 1, 1, b'{"a":1}'))
+    (msg,) = out.done
+    req = msg.request
     assert (req.protocol, req.method, req.host) == ("h2", "POST", "api.hubapi.com")
-    assert out.bodies[0].data == b'{"a":1}'
-    # a header block beyond the capture: the table is unknown from then on
-    lost = frame(0, 0, 3, b"x" * 100) + frame(1, 4, 5, h2_headers(enc, "/lost"))
-    conn.feed(lost[:50], len(lost))
-    after = conn.feed(frame(1, 4, 7, h2_headers(enc, "/after")), 100)
-    assert after.undecodable_headers == 1 and not after.requests
+    assert bytes(msg.body) == b'{"a":1}'
+    # a header block partly in a gap: the table is unknown from then on
+    lost = frame(1, 4, 5, h2_headers(enc, "/lost"))
+    out = feed(conn, lost[:12], len(lost) - 12)
+    assert [r for r, _ in out.blind] == ["h2_header_table_lost"]
+    after = feed(conn, frame(1, 4, 7, h2_headers(enc, "/after")))
+    assert after.undecodable_headers == 1 and not after.heads
 
 
 def test_h2_attached_mid_connection_reports_undecodable():
     enc = hpack.Encoder()
     enc.encode([(":method", "GET")])  # the table has moved on before we attached
-    out = HttpConnection().feed(frame(1, 4, 9, h2_headers(enc, "/x")), 200)
-    assert out.protocol == "h2" and out.undecodable_headers == 1
+    conn = HttpStream()
+    out = feed(conn, frame(1, 4, 9, h2_headers(enc, "/x")))
+    assert conn.protocol == "h2" and out.undecodable_headers == 1
 
 
 @pytest.mark.parametrize("wrap,form", [
