@@ -5,7 +5,15 @@ SIEM. A worker takes the sink's due entries in id order (the order of the state
 changes) and stops at the first retryable failure: the sink is then held for an
 exponential backoff with jitter (or the receiver's Retry-After, if longer), and
 nothing behind that entry overtakes it, so a resolve never reaches a receiver
-before its trigger. A permanent failure (400) marks the entry failed and moves on.
+before its trigger. Only the receiver's verdict on the payload itself (a 400 from
+PagerDuty, a validation error from a webhook) is permanent: the entry is marked
+failed and the worker moves on. Everything else (401/403 after a key rotation, a
+proxy's redirect, 5xx, the network) is retried until the give-up age. Failed
+entries stay visible (sink states, metrics, readiness) until an operator re-sends
+them with `retry`.
+
+Error text is the sink's redacted, bounded excerpt (sinks.redact): a receiver that
+echoes the request must not put a routing key into the database, log or API.
 
 Exactly once per (alert, change) holds as far as the receiver deduplicates: an
 entry is marked delivered after the receiver accepted it, so a crash in between
@@ -32,10 +40,12 @@ from leaktap.analytics.sinks.base import (
     RetryableDelivery,
     Sink,
 )
+from leaktap.analytics.sinks.redact import Redactor
 
 logger = logging.getLogger(__name__)
 
 DELIVERED, RETRY, FAILED = "delivered", "retry", "failed"
+GAVE_UP = "gave_up"  # outcome: a retryable failure past the give-up age (state failed)
 IDLE_WAIT_S = 1.0  # longest sleep without a notify, so due retries are never late by more
 
 
@@ -54,6 +64,9 @@ class OutboxDispatcher:
         self.clock = clock
         self.jitter = jitter
         self.deliveries: Counter[tuple[str, str]] = Counter()  # (sink, outcome)
+        self._redact = {
+            name: getattr(sink, "redact", None) or Redactor() for name, sink in self.sinks.items()
+        }
         self._failures: dict[str, int] = {name: 0 for name in self.sinks}  # consecutive
         self._hold_until: dict[str, float] = {name: 0.0 for name in self.sinks}
         self._wake = {name: threading.Event() for name in self.sinks}
@@ -157,17 +170,23 @@ class OutboxDispatcher:
             sink.send(AlertEvent.from_payload(entry_id, row["payload"]))
         except PermanentDelivery as e:
             self._failures[name] = 0  # the receiver answered: it is up
-            self._finish(name, entry_id, attempts, FAILED, str(e))
+            error = self._redact[name](str(e))
+            logger.error("sink %s rejected outbox entry %d (kept as failed; POST "
+                         "/v1/sinks/%s/retry re-sends it): %s", name, entry_id, name, error)
+            self._finish(name, entry_id, attempts, FAILED, error)
             return True
         except Exception as e:  # noqa: BLE001 - RetryableDelivery, or a bug in a sink
+            error = self._redact[name](str(e) or type(e).__name__)
             if not isinstance(e, RetryableDelivery):
-                logger.exception("sink %s raised an unexpected error", name)
-            error = str(e) or type(e).__name__
+                # no traceback: its text may hold what the sink sent
+                logger.error("sink %s raised an unexpected %s: %s", name, type(e).__name__,
+                             error)
             now = self.clock()
             if now - row["created_ts"] >= self.settings.give_up_after_s:
                 logger.error("sink %s: giving up on outbox entry %d after %d attempts: %s",
                              name, entry_id, attempts, error)
-                self._finish(name, entry_id, attempts, FAILED, f"gave up: {error}")
+                self._finish(name, entry_id, attempts, FAILED, f"gave up: {error}",
+                             outcome=GAVE_UP)
                 return True
             self._failures[name] += 1
             delay = self.backoff(self._failures[name])
@@ -188,14 +207,40 @@ class OutboxDispatcher:
         return True
 
     def _finish(self, name: str, entry_id: int, attempts: int, state: str,
-                error: str | None) -> None:
+                error: str | None, outcome: str | None = None) -> None:
         now = self.clock()
         self.db.execute(
             "UPDATE outbox SET state = ?, attempts = ?, last_error = ?, last_attempt_ts = ?, "
             "delivered_ts = ? WHERE id = ?",
             (state, attempts, error, now, now if state == DELIVERED else None, entry_id),
         )
-        self.deliveries[(name, state)] += 1
+        self.deliveries[(name, outcome or state)] += 1
+
+    def retry(self, name: str) -> int:
+        """Re-send the sink's failed entries; returns how many were queued again.
+
+        A later change of the same alert that did reach the sink (a resolve after a
+        failed trigger) is queued again too, so the receiver sees them in order.
+        Re-sent entries get a fresh give-up age."""
+        now = self.clock()
+        with self.db.transaction() as db:
+            first_failed = {r[0]: r[1] for r in db.execute(
+                "SELECT alert_id, MIN(id) FROM outbox WHERE sink = ? AND state = ? "
+                "GROUP BY alert_id", (name, FAILED),
+            )}
+            requeued = 0
+            for alert_id, first_id in first_failed.items():
+                requeued += db.execute(
+                    "UPDATE outbox SET state = 'pending', next_attempt_ts = ?, created_ts = ?, "
+                    "delivered_ts = NULL WHERE sink = ? AND alert_id = ? AND id >= ? "
+                    "AND state != 'pending'", (now, now, name, alert_id, first_id),
+                ).rowcount
+        self._hold_until[name] = 0.0
+        self._failures[name] = 0
+        if requeued:
+            logger.info("sink %s: %d outbox entries queued again", name, requeued)
+        self.notify()
+        return requeued
 
     def backoff(self, failures: int) -> float:
         """base * 2^(failures-1), capped, scaled by a random factor in [0.5, 1)."""
@@ -204,6 +249,13 @@ class OutboxDispatcher:
         return float(delay * (0.5 + 0.5 * self.jitter()))
 
     # -- state -----------------------------------------------------------------------
+
+    def failed_by_sink(self) -> dict[str, int]:
+        """Entries that failed for good and were not re-sent, per sink."""
+        rows = self.db.query(
+            "SELECT sink, COUNT(*) AS n FROM outbox WHERE state = 'failed' GROUP BY sink"
+        )
+        return {r["sink"]: r["n"] for r in rows}
 
     def pending_by_sink(self) -> dict[str, int]:
         rows = self.db.query(

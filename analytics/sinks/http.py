@@ -1,36 +1,41 @@
-"""POSTing JSON with httpx and sorting the outcome into retryable or permanent."""
+"""POSTing JSON with httpx and sorting the outcome into retryable or permanent.
+
+Only a receiver's verdict on the event itself is permanent: a validation error of
+the payload (400, 413, 422 by default; each sink names its own). Authentication
+and authorization answers (a rotated key, a proxy asking for credentials),
+redirects, 404 from a proxy being reconfigured, 408, 429 and 5xx may all clear up
+without the event changing, so they are retried with backoff up to the give-up age.
+"""
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 
 import httpx
 
 from leaktap.analytics.sinks.base import PermanentDelivery, RetryableDelivery, retry_after_seconds
 
-logger = logging.getLogger(__name__)
-
-# how much of a rejecting receiver's body goes into the log and the outbox row
-BODY_EXCERPT = 512
+# a payload the receiver validated and refused: sending it again cannot help
+PAYLOAD_REJECTED = frozenset({400, 413, 422})
 
 
 def post(
-    client: httpx.Client, sink: str, url: str, body: bytes, headers: dict[str, str],
-    success: frozenset[int],
+    client: httpx.Client, url: str, body: bytes, headers: dict[str, str],
+    success: frozenset[int], redact: Callable[[str], str],
+    permanent: frozenset[int] = PAYLOAD_REJECTED,
 ) -> httpx.Response:
-    """POST; return on a status in `success`, else raise the matching delivery error."""
+    """POST; return on a status in `success`, else raise the matching delivery error.
+
+    The error text holds a redacted excerpt of the answer (a receiver or proxy may
+    echo the request, routing key and headers included)."""
     try:
-        response = client.post(url, content=body, headers=headers)
+        response = client.post(url, content=body, headers=headers, follow_redirects=False)
     except httpx.HTTPError as e:  # connect, read, timeouts, protocol errors
-        raise RetryableDelivery(f"{type(e).__name__}: {e}") from e
+        raise RetryableDelivery(redact(f"{type(e).__name__}: {e}")) from e
     status = response.status_code
     if status in success:
         return response
-    excerpt = response.text[:BODY_EXCERPT]
-    if status == 429 or status == 408 or status >= 500:
-        raise RetryableDelivery(
-            f"HTTP {status}: {excerpt}", retry_after_seconds(response.headers.get("retry-after"))
-        )
-    # 400 and the rest of 4xx: the event itself was refused; sending it again cannot help
-    logger.error("sink %s rejected an event with HTTP %d: %s", sink, status, excerpt)
-    raise PermanentDelivery(f"HTTP {status}: {excerpt}")
+    message = redact(f"HTTP {status}: {response.text}")
+    if status in permanent:
+        raise PermanentDelivery(message)
+    raise RetryableDelivery(message, retry_after_seconds(response.headers.get("retry-after")))

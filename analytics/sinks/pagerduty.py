@@ -23,6 +23,7 @@ from leaktap.analytics.sinks.base import (
     read_secret,
 )
 from leaktap.analytics.sinks.http import post
+from leaktap.analytics.sinks.redact import Redactor, url_secrets
 
 DEFAULT_URL = "https://events.pagerduty.com/v2/enqueue"
 SUMMARY_MAX = 1024
@@ -52,6 +53,7 @@ class PagerDutySink:
                                        "routing_key") or ""
         self.source = settings.source or socket.gethostname()
         self.client = httpx.Client(timeout=settings.timeout_s)
+        self.redact = Redactor([self.routing_key, *url_secrets(self.url)])
 
     def body(self, event: AlertEvent) -> dict[str, Any]:
         alert = event.alert
@@ -91,8 +93,9 @@ class PagerDutySink:
 
     def send(self, event: AlertEvent) -> None:
         data = json.dumps(self.body(event), separators=(",", ":")).encode()
-        post(self.client, self.name, self.url, data, {"Content-Type": "application/json"},
-             success=frozenset({202}))
+        # Events API v2: 202 accepted; 400 is its verdict on the event (permanent)
+        post(self.client, self.url, data, {"Content-Type": "application/json"},
+             success=frozenset({202}), redact=self.redact, permanent=frozenset({400}))
 
     def close(self) -> None:
         self.client.close()

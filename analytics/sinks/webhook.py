@@ -26,6 +26,7 @@ from leaktap.analytics.sinks.base import (
     read_secret,
 )
 from leaktap.analytics.sinks.http import post
+from leaktap.analytics.sinks.redact import Redactor, url_secrets
 
 SIGNATURE_HEADER = "X-Leaktap-Signature"
 TIMESTAMP_HEADER = "X-Leaktap-Timestamp"
@@ -57,6 +58,7 @@ class WebhookSink:
         self.secret = secret.encode() if secret else None
         self.extra_headers = dict(settings.headers)
         self.client = httpx.Client(timeout=settings.timeout_s)
+        self.redact = Redactor([secret, *self.extra_headers.values(), *url_secrets(self.url)])
 
     def send(self, event: AlertEvent) -> None:
         sent_at = time.time()
@@ -70,8 +72,8 @@ class WebhookSink:
         }
         if self.secret is not None:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)
-        post(self.client, self.name, self.url, body, headers,
-             success=frozenset(range(200, 300)))
+        post(self.client, self.url, body, headers, success=frozenset(range(200, 300)),
+             redact=self.redact)
 
     def close(self) -> None:
         self.client.close()

@@ -288,8 +288,24 @@ function renderStats(stats) {
 function renderReady({ status, body }) {
   const pill = $("ready");
   const ifaces = Object.entries(body.attached || {}).map(([i, m]) => `${i} (${m})`).join(", ");
-  pill.textContent = status === 200 ? `ready · ${ifaces}` : `not ready: ${body.detail}`;
-  pill.className = `pill ${status === 200 ? "good" : "bad"}`;
+  const degraded = status === 200 && body.status === "degraded";
+  pill.textContent = status !== 200 ? `not ready: ${body.detail}`
+    : degraded ? `degraded · ${body.degraded.join("; ")}` : `ready · ${ifaces}`;
+  pill.className = `pill ${status === 200 && !degraded ? "good" : "bad"}`;
+}
+
+function renderSinks({ body }) {
+  const retry = (name) => async () => {
+    await api(`/v1/sinks/${encodeURIComponent(name)}/retry`, { method: "POST" });
+    refresh();
+  };
+  $("sinks").tBodies[0].replaceChildren(...(body.sinks || []).map((s) =>
+    el("tr", { class: s.failed ? "lost" : "zero" },
+      el("td", { class: "mono" }, s.sink), el("td", { class: "num" }, String(s.pending)),
+      el("td", { class: "num" }, String(s.delivered)), el("td", { class: "num" }, String(s.failed)),
+      el("td", {}, s.last_error || ""),
+      el("td", {}, s.failed && s.configured && state.role === "admin"
+        ? el("button", { onclick: retry(s.sink) }, "Re-send") : null))));
 }
 
 // -- the loop -----------------------------------------------------------------
@@ -297,13 +313,15 @@ function renderReady({ status, body }) {
 async function refresh() {
   clearTimeout(state.timer);
   try {
-    const [ready, tenants, alerts, stats] = await Promise.all([
+    const [ready, tenants, alerts, stats, sinks] = await Promise.all([
       api("/readyz"), api("/v1/tenants"), api("/v1/alerts?limit=200"), api("/v1/stats"),
+      api("/v1/sinks"),
     ]);
     const active = alerts.body.alerts.filter((a) => a.status !== "resolved");
     renderReady(ready);
     renderAlerts(active);
     renderStats(stats.body);
+    renderSinks(sinks);
     await renderVolumes(tenants.body.tenants, alerts.body.alerts);
     $("updated").textContent = new Date().toLocaleTimeString();
     problem(null);

@@ -125,17 +125,21 @@ READ_PATHS = [
 ]
 # served to browsers, not part of the API schema
 UNDOCUMENTED = ("/docs", "/openapi.json", "/", "/ui/app.js")
-ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve", "/v1/canaries"]
+ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve", "/v1/canaries",
+               "/v1/sinks/file/retry"]
+
+
+def _template(path: str) -> str:
+    return (path.replace("/1", "/{alert_id}").replace("/acme", "/{tenant}")
+            .replace("/file/", "/{name}/"))
 
 
 def test_the_lists_above_cover_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json", headers=auth(READER)).json()
     routes = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
-    templated = {p.replace("/1", "/{alert_id}").replace("/acme", "/{tenant}")
-                 for p in READ_PATHS + ADMIN_PATHS if p not in UNDOCUMENTED}
+    templated = {_template(p) for p in READ_PATHS + ADMIN_PATHS if p not in UNDOCUMENTED}
     assert {p for _, p in routes} == templated | {"/healthz"}
-    assert {p for m, p in routes if m == "POST"} == {
-        p.replace("/1", "/{alert_id}") for p in ADMIN_PATHS}
+    assert {p for m, p in routes if m == "POST"} == {_template(p) for p in ADMIN_PATHS}
 
 
 @pytest.mark.parametrize("path", READ_PATHS + ADMIN_PATHS)

@@ -18,4 +18,14 @@ def read_ready(agent: AgentDep, _: ReaderDep) -> dict[str, object]:
     if not ok:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail)
     # per interface: tc, or the XDP mode the driver allowed (native | generic)
-    return {"status": "ready", "attached": dict(agent.probes.attach_modes)}
+    body: dict[str, object] = {"status": "ready", "attached": dict(agent.probes.attach_modes)}
+    # still serving, but alerts that never reached a sink need an operator
+    outbox = getattr(agent, "outbox", None)
+    failed = outbox.failed_by_sink() if outbox is not None else {}
+    if any(failed.values()):
+        body["status"] = "degraded"
+        body["degraded"] = [
+            f"sink {sink}: {n} failed deliveries (POST /v1/sinks/{sink}/retry re-sends them)"
+            for sink, n in sorted(failed.items()) if n
+        ]
+    return body

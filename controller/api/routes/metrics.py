@@ -115,10 +115,15 @@ def _alert_metrics(alerts: Any, outbox: Any) -> Iterator[Metric]:
     yield raised
     deliveries = CounterMetricFamily(
         "leaktap_sink_deliveries", "delivery attempts by sink and outcome (delivered, retry, "
-        "failed)", labels=["sink", "outcome"],
+        "failed: rejected for good, gave_up: still failing at the give-up age)",
+        labels=["sink", "outcome"],
     )
     pending = GaugeMetricFamily(
         "leaktap_outbox_pending", "outbox entries waiting for delivery", labels=["sink"]
+    )
+    failed = GaugeMetricFamily(
+        "leaktap_outbox_failed", "outbox entries that failed for good and were not re-sent",
+        labels=["sink"],
     )
     if outbox is not None:
         for (sink, outcome), n in sorted(outbox.deliveries.items()):
@@ -126,8 +131,12 @@ def _alert_metrics(alerts: Any, outbox: Any) -> Iterator[Metric]:
         waiting = outbox.pending_by_sink()
         for sink in sorted(set(outbox.sinks) | set(waiting)):
             pending.add_metric([sink], waiting.get(sink, 0))
+        lost = outbox.failed_by_sink()
+        for sink in sorted(set(outbox.sinks) | set(lost)):
+            failed.add_metric([sink], lost.get(sink, 0))
     yield deliveries
     yield pending
+    yield failed
 
 
 @router.get("/metrics")
