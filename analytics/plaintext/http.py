@@ -180,8 +180,9 @@ def _hole(msg: Message, n: int, out: ParseEvents) -> None:
     msg.body_base += n
 
 
+# a whole request line: after a body the next request follows without a line break
 _REQUEST_AT_LINE = re.compile(
-    rb"(?:^|\r\n)((?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE|CONNECT|PROPFIND|MKCOL) "
+    rb"((?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE|CONNECT|PROPFIND|MKCOL) "
     rb"[^\s]+ HTTP/1\.[01]\r\n)")
 _H1_HEAD, _H1_BODY, _H1_CHUNK_SIZE, _H1_CHUNK_DATA, _H1_CHUNK_END, _H1_TRAILER, _H1_RESYNC = (
     range(7))

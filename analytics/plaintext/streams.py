@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+EVICTED_KEYS_MAX = 65536  # remembered to report a stream that comes back
 # (True, bytes) is data, (False, n) a gap of n bytes
 Piece = tuple[bool, bytes | int]
 
@@ -157,6 +158,6 @@ class StreamTable(Generic[S]):
         assert stream is not None
         self.evicted[reason] += 1
         self.evicted_keys[key] = reason
-        while len(self.evicted_keys) > self.streams_max:
+        while len(self.evicted_keys) > EVICTED_KEYS_MAX:
             self.evicted_keys.popitem(last=False)
         return key, stream
