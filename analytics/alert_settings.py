@@ -26,6 +26,14 @@ class OutboxSettings(_Frozen):
     batch: Annotated[int, Field(ge=1, le=10_000)] = 100  # entries read per pass and sink
 
 
+class StormSettings(_Frozen):
+    # more distinct destinations than this for one (tenant, kind) among the alerts
+    # raised within window_s fold into one storm alert instead of paging each
+    distinct_destinations: Annotated[int, Field(ge=1, le=100_000)] = 20
+    window_s: Annotated[float, Field(gt=0, le=86400)] = 600.0
+    top: Annotated[int, Field(ge=1, le=1000)] = 20  # destinations listed in the evidence
+
+
 class AlertsSettings(_Frozen):
     # per kind: a new alert for the same kind, tenant and destination within this
     # many seconds of the previous one's last activity joins it instead of paging
@@ -33,3 +41,4 @@ class AlertsSettings(_Frozen):
     # open and acknowledged alerts with no activity for this long resolve (0: never)
     auto_resolve_after_s: Seconds = 3600.0
     outbox: OutboxSettings = OutboxSettings()
+    storm: StormSettings = StormSettings()

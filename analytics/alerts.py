@@ -9,7 +9,14 @@ dedup_key:
   suppression window after that alert's last page joins it: no page;
 - new activity on a resolved alert reopens it and pages again, unless it comes
   within the suppression window of the last page;
+- a new destination for a (tenant, kind) that already had more distinct destinations
+  than `storm.distinct_destinations` within `storm.window_s` (a process talking to
+  thousands of names) folds into one storm alert for that (tenant, kind), which
+  pages once and lists the top destinations and their count;
 - anything else opens a new alert and pages.
+
+Resolved alerts, their changes and their delivered outbox entries are pruned after
+the retention (`prune`), unless a delivery still waits or failed.
 
 Every state change (trigger, acknowledge, resolve) writes one outbox entry per
 sink in the same transaction as the change, so a change is never lost between
@@ -36,6 +43,8 @@ from leaktap.analytics.sinks.base import SEVERITY_RANK
 logger = logging.getLogger(__name__)
 
 OPEN, ACKNOWLEDGED, RESOLVED = "open", "acknowledged", "resolved"
+STORM_PREFIX = "storm:"  # dedup_key of a storm alert; alert_keys marks its destinations too
+_PRUNE_BATCH = 500  # alerts deleted per statement (SQLite's variable limit)
 STATUSES = (OPEN, ACKNOWLEDGED, RESOLVED)
 TRIGGER, ACKNOWLEDGE, RESOLVE = "trigger", "acknowledge", "resolve"
 SYSTEM_ACTOR, AUTO_ACTOR = "leaktap", "auto"
@@ -211,12 +220,15 @@ class AlertManager:
         window = float(self.settings.suppression.get(cast(AlertKind, obs.kind), 0.0))
         with self.db.transaction() as db:
             row = db.execute(
-                "SELECT a.id, a.status, a.last_seen, a.raised_ts FROM alert_keys k "
+                "SELECT a.id, a.status, a.last_seen, a.raised_ts, a.dedup_key FROM alert_keys k "
                 "JOIN alerts a ON a.id = k.alert_id WHERE k.dedup_key = ?", (obs.dedup_key,),
             ).fetchone()
             if row is not None:
-                alert_id, status, last_seen, raised_ts = row
-                self._fold(db, alert_id, obs, now)
+                alert_id, status, last_seen, raised_ts, alert_key = row
+                if alert_key.startswith(STORM_PREFIX):
+                    self._fold_storm(db, alert_id, obs, now)
+                else:
+                    self._fold(db, alert_id, obs, now)
                 reopen = (status == RESOLVED and obs.last_seen > last_seen
                           and now - raised_ts >= window)
                 if not reopen:
@@ -234,7 +246,16 @@ class AlertManager:
                     self._fold(db, alert_id, obs, now)
                     db.execute("INSERT INTO alert_keys VALUES (?, ?)", (obs.dedup_key, alert_id))
                     return None
+                storm_id = self._open_storm(db, obs.kind, obs.tenant)
+                if storm_id is not None:
+                    self._fold_storm(db, storm_id, obs, now)
+                    return None
+                storm = self._storm_starts(db, obs, now)
+                if storm is not None:
+                    obs = storm
                 alert_id = self._insert(db, obs, now)
+                if storm is not None:
+                    self._mark_storm_destinations(db, alert_id, obs)
                 change = self._change(db, alert_id, TRIGGER, SYSTEM_ACTOR, now,
                                       self._routes_for(obs.severity))
         self.raised[(obs.kind, obs.severity)] += 1
@@ -262,6 +283,36 @@ class AlertManager:
             if change is not None:
                 changes.append(change)
         return changes
+
+    def prune(self, cutoff: float) -> dict[str, int]:
+        """Delete alerts resolved before `cutoff` with their keys, changes and outbox
+        entries (none may be pending or failed), and older delivered entries of the
+        resolved alerts that stay. Returns rows deleted per table."""
+        deleted = {"alerts": 0, "alert_changes": 0, "alert_keys": 0, "outbox": 0}
+        while True:
+            with self.db.transaction() as db:
+                ids = [r[0] for r in db.execute(
+                    "SELECT id FROM alerts a WHERE status = ? AND resolved_ts < ? AND NOT EXISTS "
+                    "(SELECT 1 FROM outbox o WHERE o.alert_id = a.id AND o.state != 'delivered') "
+                    "LIMIT ?", (RESOLVED, cutoff, _PRUNE_BATCH),
+                )]
+                marks = ",".join("?" * len(ids))
+                for table, column in (("outbox", "alert_id"), ("alert_changes", "alert_id"),
+                                      ("alert_keys", "alert_id"), ("alerts", "id")):
+                    if ids:
+                        deleted[table] += db.execute(
+                            f"DELETE FROM {table} WHERE {column} IN ({marks})", tuple(ids)
+                        ).rowcount
+            if len(ids) < _PRUNE_BATCH:
+                break
+        deleted["outbox"] += self.db.execute(
+            "DELETE FROM outbox WHERE state = 'delivered' AND created_ts < ? AND alert_id IN "
+            "(SELECT id FROM alerts WHERE status = ?)", (cutoff, RESOLVED),
+        )
+        if deleted["alerts"]:
+            logger.info("pruned %d resolved alerts before %.0f: %s", deleted["alerts"], cutoff,
+                        deleted)
+        return deleted
 
     # -- operators -------------------------------------------------------------------
 
@@ -379,6 +430,87 @@ class AlertManager:
         ).fetchone()
         return None if row is None else int(row[0])
 
+    def _open_storm(self, db: sqlite3.Connection, kind: str, tenant: str) -> int | None:
+        row = db.execute(
+            "SELECT id FROM alerts WHERE kind = ? AND tenant = ? AND status != ? "
+            "AND dedup_key LIKE ? ORDER BY id DESC LIMIT 1",
+            (kind, tenant, RESOLVED, STORM_PREFIX + "%"),
+        ).fetchone()
+        return None if row is None else int(row[0])
+
+    def _storm_starts(
+        self, db: sqlite3.Connection, obs: _Observation, now: float
+    ) -> _Observation | None:
+        """The storm alert to open instead of `obs`, when its destination is one too many."""
+        storm = self.settings.storm
+        if not obs.destination:
+            return None
+        recent = [r[0] for r in db.execute(
+            "SELECT destination FROM alerts WHERE kind = ? AND tenant = ? AND raised_ts > ? "
+            "AND destination != '' AND dedup_key NOT LIKE ? GROUP BY destination "
+            "ORDER BY MAX(raised_ts) DESC LIMIT ?",
+            (obs.kind, obs.tenant, now - storm.window_s, STORM_PREFIX + "%",
+             storm.distinct_destinations + 1),
+        )]
+        if obs.destination in recent or len(recent) < storm.distinct_destinations:
+            return None
+        destinations = [obs.destination, *recent[: storm.top - 1]]
+        key = hashlib.sha256(f"{obs.kind}|{obs.tenant}|{now}".encode()).hexdigest()
+        evidence = {
+            "storm": True, "window_s": storm.window_s,
+            "distinct_destinations": len(recent) + 1, "alerts_folded": 1,
+            "top_destinations": {d: 1 for d in destinations},
+            "first_destination_evidence": obs.evidence,
+        }
+        logger.warning("%s: more than %d destinations for %s within %.0f s: one storm alert "
+                       "from now on", obs.tenant, storm.distinct_destinations, obs.kind,
+                       storm.window_s)
+        return _Observation(
+            dedup_key=STORM_PREFIX + key, kind=obs.kind, tenant=obs.tenant, crm_vendor="",
+            crm_instance="", destination="", severity=obs.severity, score=obs.score,
+            summary=_storm_summary(obs.tenant, obs.kind, len(recent) + 1), evidence=evidence,
+            first_seen=obs.first_seen, last_seen=obs.last_seen,
+        )
+
+    def _mark_storm_destinations(
+        self, db: sqlite3.Connection, alert_id: int, storm: _Observation
+    ) -> None:
+        db.executemany("INSERT OR IGNORE INTO alert_keys VALUES (?, ?)",
+                       [(_storm_marker(alert_id, d), alert_id)
+                        for d in storm.evidence["top_destinations"]])
+
+    def _fold_storm(
+        self, db: sqlite3.Connection, alert_id: int, obs: _Observation, now: float
+    ) -> None:
+        """Count `obs` into the storm: distinct destinations exactly (a marker key each),
+        the top list by Space-Saving (bounded, overestimates only the tail)."""
+        evidence = json.loads(db.execute(
+            "SELECT evidence FROM alerts WHERE id = ?", (alert_id,)).fetchone()[0])
+        db.execute("INSERT OR IGNORE INTO alert_keys VALUES (?, ?)", (obs.dedup_key, alert_id))
+        if obs.destination:
+            if db.execute("INSERT OR IGNORE INTO alert_keys VALUES (?, ?)",
+                          (_storm_marker(alert_id, obs.destination), alert_id)).rowcount:
+                evidence["distinct_destinations"] += 1
+            top: dict[str, int] = evidence["top_destinations"]
+            if obs.destination in top:
+                top[obs.destination] += 1
+            elif len(top) < self.settings.storm.top:
+                top[obs.destination] = 1
+            else:
+                least = min(top, key=lambda d: top[d])
+                top[obs.destination] = top.pop(least) + 1
+            evidence["top_destinations"] = dict(sorted(top.items(), key=lambda kv: -kv[1]))
+        evidence["alerts_folded"] += 1
+        db.execute(
+            "UPDATE alerts SET count = count + 1, last_seen = MAX(last_seen, ?), "
+            "first_seen = MIN(first_seen, ?), score = MAX(score, ?), evidence = ?, summary = ?, "
+            "severity = CASE WHEN ? > (CASE severity " + _RANK_CASE + " END) "
+            "THEN ? ELSE severity END, updated_ts = ? WHERE id = ?",
+            (obs.last_seen, obs.first_seen, obs.score, _evidence_json(evidence),
+             _storm_summary(obs.tenant, obs.kind, evidence["distinct_destinations"]),
+             SEVERITY_RANK[obs.severity], obs.severity, now, alert_id),
+        )
+
     def _fold(self, db: sqlite3.Connection, alert_id: int, obs: _Observation, now: float) -> None:
         db.execute(
             "UPDATE alerts SET count = count + 1, last_seen = MAX(last_seen, ?), "
@@ -428,6 +560,14 @@ class AlertManager:
     def _notify(self) -> None:
         if self.on_change is not None:
             self.on_change()
+
+
+def _storm_marker(alert_id: int, destination: str) -> str:
+    return f"{STORM_PREFIX}{alert_id}:{destination}"
+
+
+def _storm_summary(tenant: str, kind: str, destinations: int) -> str:
+    return f"{tenant}: {kind} storm: {destinations} distinct destinations"
 
 
 _RANK_CASE = " ".join(f"WHEN '{name}' THEN {rank}" for name, rank in SEVERITY_RANK.items())

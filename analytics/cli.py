@@ -1,8 +1,11 @@
-"""`leaktap analyze --buckets FILE.jsonl [--config FILE]`: one JSON line per incident.
+"""`leaktap analyze --buckets FILE.jsonl [--config FILE] [--strict]`: one JSON line
+per incident.
 
 Streams the file through the same StreamingDetector the live agent uses; an
 incident is written when its episode ends (or at end of input), so its
 first_ts/last_ts span the whole episode while raised_ts says when it paged.
+Bad rows are skipped and summarised on stderr, one line per reason; with
+--strict any bad row makes the exit status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
-from leaktap.analytics.buckets import read_buckets
+from leaktap.analytics.buckets import RowReport, read_buckets
 from leaktap.analytics.incidents import Incident
 from leaktap.analytics.settings import DetectionSettings
 from leaktap.analytics.stream import StreamingDetector
@@ -28,8 +31,10 @@ def analyze_lines(
     allow: dict[str, list[str]] | None = None,
     source: str = "<buckets>",
     out: TextIO | None = None,
+    report: RowReport | None = None,
 ) -> list[Incident]:
-    """Run the detector over JSONL lines; write each incident to `out` as it closes."""
+    """Run the detector over JSONL lines; write each incident to `out` as it closes.
+    `report` receives the rows read, skipped (per reason) and not analysed."""
     detector = StreamingDetector(settings, allow)
     written: list[Incident] = []
 
@@ -41,7 +46,7 @@ def analyze_lines(
 
     observe, pop_closed = detector.observe, detector.pop_closed
     newest = None
-    for bucket in read_buckets(lines, source):
+    for bucket in read_buckets(lines, source, report):
         if bucket.ts != newest:  # episodes end only when minutes close
             emit(pop_closed())
             newest = bucket.ts
@@ -69,7 +74,12 @@ def main(args: argparse.Namespace) -> int:
         from leaktap.controller.errors import LeaktapError
 
         raise LeaktapError(f"{args.buckets}: cannot read: {e.strerror or e}") from e
+    report = RowReport()
     with handle:
-        analyze_lines(handle, settings, allow, source=args.buckets, out=sys.stdout)
+        analyze_lines(handle, settings, allow, source=args.buckets, out=sys.stdout, report=report)
     sys.stdout.flush()
+    if getattr(args, "strict", False) and report.bad_rows:
+        sys.stderr.write(f"leaktap analyze: --strict: {report.bad_rows} bad row(s) "
+                         f"in {args.buckets}\n")
+        return 2
     return 0

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from leaktap.analytics.allowlist import UNKNOWN_INSTANCE, allows
 from leaktap.analytics.baseline import MINUTES_PER_HOUR, HourlyHistory, fit_seasonal
 from leaktap.analytics.buckets import MINUTE, Bucket
 from leaktap.analytics.detectors import VolumeAlarms, VolumeScorer
@@ -191,15 +192,27 @@ class StreamingDetector:
         policy = self._allow.get(tenant)
         if (
             policy is not None and self.settings.unsanctioned.enabled
-            and f"{vendor}:{instance}" not in policy
+            and not allows(policy, vendor, instance)
         ):
             self._unsanctioned[index] = True
         elif (
             self.settings.new_destination.enabled
             and ts >= first + self.settings.warmup_minutes * MINUTE
+            and not self._unnamed_of_known_vendor(tenant, vendor, instance, index)
         ):
             self._pending[index] = _Pending(first_ts=ts)
         return index
+
+    def _unnamed_of_known_vendor(
+        self, tenant: str, vendor: str | None, instance: str | None, index: int
+    ) -> bool:
+        """A shared host (sign-in, regional API) of a vendor the tenant already uses is
+        not a new destination: it names no instance, new or old."""
+        if instance not in (None, UNKNOWN_INSTANCE):
+            return False
+        return any(
+            self._keys[i][1] == vendor for i in self._tenant_series.get(tenant, ()) if i != index
+        )
 
     # -- the minute -----------------------------------------------------------
 

@@ -31,6 +31,7 @@ from leaktap.controller.attribution.flows import (
     ConversationTable,
     conversation_id,
 )
+from leaktap.controller.attribution.losses import UserspaceLossMonitor
 from leaktap.controller.attribution.resume import ResumableFlows
 from leaktap.controller.config import (
     DEFAULT_DB,
@@ -90,6 +91,7 @@ class Agent:
         self.table = ConversationTable(inside=config.inside if config.mode == "xdp" else None)
         self.lock = threading.Lock()
         self.loss = LossMonitor()
+        self.userspace_loss = UserspaceLossMonitor()
         self.stats: dict[str, int] = {}
         self.totals: dict[int, tuple[int, int]] = {}
         self.cgroup_totals: dict[int, tuple[int, int]] = {}
@@ -305,6 +307,7 @@ class Agent:
                 self.resumable.expire(now)
             self.last_poll_monotonic = time.monotonic()
         self.loss.check(stats)
+        self.userspace_loss.check(self.attributor)
         if now - self._last_hello_expiry > HELLO_MAX_AGE_S:
             self._last_hello_expiry = now
             stale = self.reader.expire_hellos(int(HELLO_MAX_AGE_S * 1e9))
@@ -337,6 +340,7 @@ class Agent:
             "src": src, "sport": sport, "dst": dst, "dport": dport,
             "sni": names.sni, "dns_names": names.dns_names,
             "crm_vendor": names.crm_vendor, "crm_instance": names.crm_instance,
+            "shared": names.shared, "crm_region": names.crm_region, "named_by": names.named_by,
             "tenant": names.tenant, "cgroup": names.cgroup,
             "uid": o.uid if o.uid != NO_UID else None,
             "bytes_out": o.bytes, "packets_out": o.packets,

@@ -83,10 +83,24 @@ class TenantMatch(_Strict):
         return _check_glob(v.replace("{tenant}", "x")) and v.lower()
 
 
+def _check_allow_entry(value: str) -> str:
+    # "vendor:*" allows every instance (vendors whose hosts are all shared);
+    # a partial wildcard would read as a pattern that nothing implements
+    instance = value.partition(":")[2]
+    if "*" in instance and instance != "*":
+        raise ValueError(f"a wildcard is the whole instance ('vendor:*'), got {value!r}")
+    return value
+
+
+AllowEntry = Annotated[
+    str, Field(pattern=r"^[a-z0-9_-]+:[^\s:]+$"), AfterValidator(_check_allow_entry)
+]
+
+
 class TenantConfig(_Strict):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     match: TenantMatch = TenantMatch()
-    allow: list[Annotated[str, Field(pattern=r"^[a-z0-9_-]+:[^\s:]+$")]] = []
+    allow: list[AllowEntry] = []  # "vendor:instance" or "vendor:*"
     environment: str | None = None  # label used by oauth_token_reuse
 
 
@@ -96,6 +110,7 @@ class CatalogueEntry(_Strict):
     vendor: Annotated[str, Field(pattern=r"^[a-z0-9_-]+$")]
     pattern: str  # glob on the host name; {instance} captures the instance label
     instance: str | None = None  # fixed instance when the pattern has no capture
+    shared: bool = False  # the host serves every customer: it names the vendor only
 
     @field_validator("pattern")
     @classmethod

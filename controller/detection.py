@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from leaktap.analytics.allowlist import UNKNOWN_INSTANCE, allows
 from leaktap.analytics.buckets import Bucket
 from leaktap.analytics.incidents import UNSANCTIONED_DESTINATION, Incident, dedup_key
 from leaktap.analytics.stream import StreamingDetector
@@ -26,8 +27,10 @@ from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
 
-# the detector's series key for an instance the catalogue could not name
-UNKNOWN_INSTANCE = "unknown"
+# distinct (tenant, vendor, instance) series the detector keeps state for (about 10 KB
+# each); later instances are scored as their vendor's unknown instance, which no
+# allow list treats as unsanctioned (their unsanctioned page leaves by name, at the poll)
+DETECTOR_SERIES_MAX = 2000
 
 
 class LiveDetection:
@@ -37,18 +40,17 @@ class LiveDetection:
         self, config: LeaktapConfig, store: Store, on_incident: Callable[[Incident], Any]
     ) -> None:
         self.settings = config.detection
-        # an instance the attribution could not tell (e.g. an address shared by
-        # several instances, no SNI) is not evidence of an unsanctioned one
-        self.allow = {
-            t.name: frozenset(t.allow) | {f"{a.split(':')[0]}:{UNKNOWN_INSTANCE}" for a in t.allow}
-            for t in config.tenants if t.allow
-        }
+        # an instance the attribution could not tell (a shared host, an address shared
+        # by several instances) is not evidence of an unsanctioned one (allowlist.allows)
+        self.allow = {t.name: frozenset(t.allow) for t in config.tenants if t.allow}
         self.detector = StreamingDetector(self.settings, allow=self.allow)
         self.store = store
         self.on_incident = on_incident
         self._minute: int | None = None
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._immediate: dict[tuple[str, str, str], float] = {}  # series -> last paged
+        self._series: set[tuple[str, str, str]] = set()  # admitted to the detector
+        self.series_folded = 0  # rows of instances beyond DETECTOR_SERIES_MAX
         self._lock = threading.Lock()
         # the detector is scored on the worker and read by the API (baselines)
         self._detector_lock = threading.Lock()
@@ -64,7 +66,9 @@ class LiveDetection:
         for r in rows:
             if r["crm_vendor"] is None:
                 continue
-            key = (r["ts"], r["tenant"], r["crm_vendor"], r["crm_instance"] or UNKNOWN_INSTANCE)
+            series = self._detector_series(
+                (r["tenant"], r["crm_vendor"], r["crm_instance"] or UNKNOWN_INSTANCE))
+            key = (r["ts"], *series)
             acc = per_minute.setdefault(key, [0, 0])
             acc[0] += r["bytes_out"]
             acc[1] += r["bytes_in"]
@@ -101,17 +105,29 @@ class LiveDetection:
                 self._queue.put((self._minute, minute, self._rows))
                 self._rows = {}
                 self._minute = minute
+                # a series quiet for a whole episode gap pages anew anyway: forget it
+                gap = self.settings.unsanctioned.episode_gap_minutes * 60
+                self._immediate = {k: t for k, t in self._immediate.items() if now - t < gap}
             for key, vol in buckets.items():
                 if key.crm_vendor is None:
                     continue
                 series = (key.tenant, key.crm_vendor, key.crm_instance or UNKNOWN_INSTANCE)
-                acc = self._rows.setdefault(series, [0, 0])
+                acc = self._rows.setdefault(self._detector_series(series), [0, 0])
                 acc[0] += vol.bytes_out
                 acc[1] += vol.bytes_in
                 if vol.bytes_out:
                     immediate += self._unsanctioned_now(series, minute, now)
         for incident in immediate:
             self.on_incident(incident)
+
+    def _detector_series(self, series: tuple[str, str, str]) -> tuple[str, str, str]:
+        if series in self._series:
+            return series
+        if len(self._series) < DETECTOR_SERIES_MAX:
+            self._series.add(series)
+            return series
+        self.series_folded += 1
+        return series[0], series[1], UNKNOWN_INSTANCE
 
     def _score_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -144,7 +160,7 @@ class LiveDetection:
         allowed = self.allow.get(tenant)
         if not allowed or not self.settings.unsanctioned.enabled:
             return []
-        if f"{vendor}:{instance}" in allowed:
+        if allows(allowed, vendor, instance):
             return []
         gap = self.settings.unsanctioned.episode_gap_minutes * 60
         last = self._immediate.get(series)

@@ -155,6 +155,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX audit_calls_tenant ON audit_calls (tenant, ts);
     CREATE INDEX audit_calls_ts ON audit_calls (ts);
     """,
+    # 6: which evidence named a flow, and shared vendor hosts (no instance, a region)
+    """
+    ALTER TABLE flows ADD COLUMN named_by TEXT;        -- sni | dns | plaintext
+    ALTER TABLE flows ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE flows ADD COLUMN crm_region TEXT;      -- a shared host's data centre
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -265,14 +271,15 @@ class Store:
                         f["tenant"], f["cgroup"], f["uid"], f["bytes_out"], f["packets_out"],
                         f["bytes_in"], f["packets_in"], f["first_seen"], f["last_seen"],
                         f.get("flags_out", 0), f.get("flags_in", 0),
+                        f.get("named_by"), int(bool(f.get("shared"))), f.get("crm_region"),
                     )
                     if f.get("id") is None:
                         cur = self._db.execute(
                             "INSERT INTO flows (family, proto, src, sport, dst, dport, sni, "
                             "dns_names, crm_vendor, crm_instance, tenant, cgroup, uid, bytes_out, "
                             "packets_out, bytes_in, packets_in, first_seen, last_seen, flags_out, "
-                            "flags_in) "
-                            f"VALUES ({', '.join('?' * 21)})",
+                            "flags_in, named_by, shared, crm_region) "
+                            f"VALUES ({', '.join('?' * 24)})",
                             values,
                         )
                         new_ids[id(f)] = int(cur.lastrowid or 0)
@@ -281,7 +288,8 @@ class Store:
                             "UPDATE flows SET family=?, proto=?, src=?, sport=?, dst=?, dport=?, "
                             "sni=?, dns_names=?, crm_vendor=?, crm_instance=?, tenant=?, cgroup=?, "
                             "uid=?, bytes_out=?, packets_out=?, bytes_in=?, packets_in=?, "
-                            "first_seen=?, last_seen=?, flags_out=?, flags_in=? WHERE id=?",
+                            "first_seen=?, last_seen=?, flags_out=?, flags_in=?, named_by=?, "
+                            "shared=?, crm_region=? WHERE id=?",
                             (*values, f["id"]),
                         )
                 self._db.execute("COMMIT")
@@ -357,6 +365,7 @@ class Store:
         rows = self._filtered("flows", "last_seen", limit, tenant, vendor, since)
         for r in rows:
             r["dns_names"] = json.loads(r["dns_names"])
+            r["shared"] = bool(r["shared"])
         return rows
 
     def live_flows(self, since: float) -> list[dict[str, Any]]:

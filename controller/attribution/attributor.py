@@ -9,6 +9,7 @@ and the tenant (cgroup path, uid, source CIDR, SNI pattern).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections import OrderedDict
@@ -19,7 +20,12 @@ from typing import Any
 from leaktap.controller.attribution.catalogue import CrmCatalogue, CrmMatch
 from leaktap.controller.attribution.dns_cache import DnsCache
 from leaktap.controller.attribution.dns_queries import DnsEnds
-from leaktap.controller.attribution.flows import NO_UID, Conversation, conversation_id
+from leaktap.controller.attribution.flows import (
+    NO_UID,
+    Conversation,
+    ConversationId,
+    conversation_id,
+)
 from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.kernel.maps import FlowKey
@@ -30,6 +36,13 @@ from leaktap.controller.protocols.tls import ClientHello, HelloReassembler
 logger = logging.getLogger(__name__)
 
 _CGROUP_CACHE_MAX = 4096
+# conversations whose instance a plaintext request named (bounded like the hellos)
+_REFINED_MAX = 65536
+
+# which evidence named a flow's destination (Names.named_by)
+NAMED_BY_SNI = "sni"
+NAMED_BY_DNS = "dns"
+NAMED_BY_PLAINTEXT = "plaintext"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +56,10 @@ class Names:
     crm_instance: str | None
     tenant: str
     cgroup: str | None
+    # the host serves every customer of the vendor: it named no instance
+    shared: bool = False
+    crm_region: str | None = None  # a shared host's data centre, when it tells
+    named_by: str | None = None  # sni | dns | plaintext
 
 
 class CgroupPaths:
@@ -107,6 +124,8 @@ class Attributor:
         self._dns_contradicted: set[Any] = set()
         self.cgroups = CgroupPaths(cgroup_mount)
         self._hello_by_conv: dict[Any, ClientHello] = {}
+        # conversation -> (vendor, instance) named by an inspected plaintext request
+        self._refined: OrderedDict[ConversationId, tuple[str, str]] = OrderedDict()
         # names a previous run recorded for conversations still open at this start
         self._resumed: dict[Any, Names] = {}
         self.samples = {"tls_hello": 0, "quic_initial": 0, "dns": 0}
@@ -138,6 +157,7 @@ class Attributor:
         """Drop what was learned of a conversation that left memory (its 5-tuple may return)."""
         cid = (conv.family, conv.proto, conv.a, conv.b)
         self._hello_by_conv.pop(cid, None)
+        self._refined.pop(cid, None)
         self._resumed.pop(cid, None)
         self._dns_contradicted.discard(cid)
         for side in (conv.a, conv.b):
@@ -162,11 +182,39 @@ class Attributor:
         joining a TLS plaintext write to its flow. Reads only; safe without the
         agent's lock (dict lookups)."""
         ends = sorted([local, remote])
-        hello = self._hello_by_conv.get((family, proto, ends[0], ends[1]))
+        cid = (family, proto, ends[0], ends[1])
+        hello = self._hello_by_conv.get(cid)
         sni = hello.sni if hello is not None else None
         dns_names = self.dns.names_for(remote[0])
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
-        return sni, dns_names, crm
+        return sni, dns_names, self._with_refinement(cid, crm)
+
+    def refine_instance(
+        self, family: int, local: tuple[str, int], remote: tuple[str, int], vendor: str,
+        instance: str, proto: int = 6,
+    ) -> bool:
+        """Record the instance a plaintext request on this connection named. It names
+        only what the host did not: the vendor must agree with the SNI/DNS name and
+        a host-named instance is kept. Returns whether the flow's instance changed."""
+        ends = sorted([local, remote])
+        cid = (family, proto, ends[0], ends[1])
+        hello = self._hello_by_conv.get(cid)
+        sni = hello.sni if hello is not None else None
+        crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(self.dns.names_for(remote[0]))
+        if crm is None or crm.vendor != vendor or crm.instance is not None:
+            return False
+        changed = self._refined.get(cid) != (vendor, instance)
+        self._refined[cid] = (vendor, instance)
+        self._refined.move_to_end(cid)
+        if len(self._refined) > _REFINED_MAX:
+            self._refined.popitem(last=False)
+        return changed
+
+    def _with_refinement(self, cid: ConversationId, crm: CrmMatch | None) -> CrmMatch | None:
+        refined = self._refined.get(cid) if crm is not None and crm.instance is None else None
+        if crm is None or refined is None or refined[0] != crm.vendor:
+            return crm
+        return dataclasses.replace(crm, instance=refined[1])
 
     def _check_dns_against_hello(
         self, conv: Conversation, dst: str, sni: str, crm: CrmMatch | None, dns_names: list[str]
@@ -203,6 +251,10 @@ class Attributor:
         dns_names = self.dns.names_for(dst)
         host = sni or (dns_names[0] if dns_names else None)
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
+        named_by = NAMED_BY_SNI if reported_sni else NAMED_BY_DNS if dns_names else None
+        refined = self._with_refinement((conv.family, conv.proto, conv.a, conv.b), crm)
+        if refined is not crm:
+            crm, named_by = refined, NAMED_BY_PLAINTEXT
         if sni and dns_names:
             self._check_dns_against_hello(conv, dst, sni, crm, dns_names)
         cgroup = self.cgroups.path(out.cgroup_id) if self.live else None
@@ -216,4 +268,7 @@ class Attributor:
             crm_instance=crm.instance if crm else None,
             tenant=tenant,
             cgroup=cgroup,
+            shared=crm.shared if crm else False,
+            crm_region=crm.region if crm else None,
+            named_by=named_by,
         )

@@ -1,8 +1,9 @@
 """CRM vendor and instance from a host name.
 
 The shipped rules live in data/crm_catalogue.yaml (its header documents the rule
-syntax and the instance naming per vendor); a site adds its own through the
-configuration's `catalogue:` entries, which are tried first.
+syntax, the instance naming per vendor, and which hosts are shared by every
+customer); a site adds its own through the configuration's `catalogue:` entries,
+which are tried first.
 """
 
 from __future__ import annotations
@@ -29,11 +30,16 @@ _CACHE_MAX = 4096
 
 @dataclass(frozen=True, slots=True)
 class CrmMatch:
-    """A host name attributed to a CRM; `instance` None when the rule cannot tell."""
+    """A host name attributed to a CRM; `instance` None when the rule cannot tell.
+
+    `shared`: the host serves every customer of the vendor (sign-in, regional API),
+    so it names the vendor only; `region` is its data centre when the host says."""
 
     vendor: str
     instance: str | None
     host: str
+    shared: bool = False
+    region: str | None = None
 
 
 def normalize_hostname(host: str) -> str:
@@ -80,31 +86,45 @@ class _Rule:
     instance: str | None
     exclude: frozenset[str]
     source: str
+    shared: bool = False
+    region: str | None = None
 
 
 def _rule_from_mapping(item: Mapping[str, Any], source: str) -> _Rule:
     vendor = item.get("vendor")
     if not isinstance(vendor, str) or not re.fullmatch(r"[a-z0-9_-]+", vendor):
         raise ConfigError(f"{source}: vendor must be a lower-case name, got {vendor!r}")
-    unknown = set(item) - {"vendor", "host", "regex", "instance", "exclude"}
+    unknown = set(item) - {"vendor", "host", "regex", "instance", "exclude", "shared", "region"}
     if unknown:
         raise ConfigError(f"{source}: unknown keys {sorted(unknown)}")
     host, rx = item.get("host"), item.get("regex")
     if (host is None) == (rx is None):
         raise ConfigError(f"{source}: exactly one of host or regex is required")
     try:
-        src = host_pattern_regex(str(host)) if host is not None else str(rx)
+        src = (
+            host_pattern_regex(str(host), ("instance", "region")) if host is not None else str(rx)
+        )
         regex = re.compile(src, re.IGNORECASE)
     except (ValueError, re.error) as e:
         raise ConfigError(f"{source}: {e}") from e
     instance = item.get("instance")
     exclude = item.get("exclude") or []
+    shared = item.get("shared", False)
+    region = item.get("region")
+    if not isinstance(shared, bool):
+        raise ConfigError(f"{source}: shared must be true or false, got {shared!r}")
+    if shared and (instance is not None or "instance" in regex.groupindex):
+        raise ConfigError(f"{source}: a shared host names no instance")
+    if region is not None and not shared:
+        raise ConfigError(f"{source}: region is only for shared hosts")
     return _Rule(
         vendor,
         regex,
         None if instance is None else str(instance).lower(),
         frozenset(str(x).lower() for x in exclude),
         source,
+        shared,
+        None if region is None else str(region).lower(),
     )
 
 
@@ -132,7 +152,8 @@ class CrmCatalogue:
         for i, entry in enumerate(extra):
             rules.append(
                 _rule_from_mapping(
-                    {"vendor": entry.vendor, "host": entry.pattern, "instance": entry.instance},
+                    {"vendor": entry.vendor, "host": entry.pattern, "instance": entry.instance,
+                     "shared": entry.shared},
                     f"catalogue[{i}]",
                 )
             )
@@ -165,7 +186,11 @@ class CrmCatalogue:
             m = rule.regex.fullmatch(name)
             if m is None:
                 continue
-            captured = m.groupdict().get("instance")
+            groups = m.groupdict()
+            if rule.shared:
+                region = groups.get("region") or rule.region
+                return CrmMatch(rule.vendor, None, name, True, region and region.lower())
+            captured = groups.get("instance")
             if captured is not None:
                 captured = captured.lower()
                 if captured in rule.exclude:

@@ -173,6 +173,22 @@ class MapReader:
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
         return out
 
+    def remove_cgroups(self, cgroup_ids: list[int]) -> dict[int, tuple[int, int]]:
+        """Read, then delete, the totals of cgroups that no longer exist.
+
+        A packet of a dying cgroup's last socket landing between the read and the
+        delete is lost; the reaper only removes ids absent for two scans."""
+        out = {}
+        for cgroup_id in cgroup_ids:
+            key = self._cgtot.Key(cgroup_id)
+            try:
+                per_cpu = self._cgtot[key]
+                del self._cgtot[key]
+            except KeyError:
+                continue
+            out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+        return out
+
     def expire_hellos(self, max_age_ns: int) -> int:
         """Delete followed ClientHellos that never completed (their flow died or
         the rest was lost); lt_hello is not LRU, so nothing else frees them."""

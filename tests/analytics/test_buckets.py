@@ -5,7 +5,13 @@ import logging
 
 import pytest
 
-from leaktap.analytics.buckets import Bucket, BucketError, parse_bucket, read_buckets
+from leaktap.analytics.buckets import (
+    Bucket,
+    BucketError,
+    RowReport,
+    parse_bucket,
+    read_buckets,
+)
 
 GOOD = {"ts": 1704067200, "tenant": "acme", "crm_vendor": "salesforce",
         "crm_instance": "acme", "bytes_out": 1200, "bytes_in": 3400}
@@ -30,7 +36,8 @@ def test_parse_good_row() -> None:
         (line(ts=1704067201), "minute-aligned"),
         (line(ts="1704067200"), "ts"),
         (line(tenant=""), "tenant"),
-        (line(crm_vendor=None), "crm_vendor"),
+        (line(crm_vendor=...), "crm_vendor"),
+        (line(crm_instance=""), "crm_instance"),
         (line(crm_instance=7), "crm_instance"),
         (line(bytes_out=-1), "bytes_out"),
         (line(bytes_out=1.5), "bytes_out"),
@@ -44,7 +51,9 @@ def test_bad_rows_name_the_field(text: str, reason: str) -> None:
         parse_bucket(text)
 
 
-def test_read_skips_bad_rows_with_line_numbers(caplog: pytest.LogCaptureFixture) -> None:
+def test_read_skips_bad_rows_with_one_summary_line_per_reason(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     lines = [
         line(),
         "garbage\n",
@@ -53,12 +62,32 @@ def test_read_skips_bad_rows_with_line_numbers(caplog: pytest.LogCaptureFixture)
         line(ts=1704067260),
         line(ts=1704067200),  # older than the previous row
         line(ts=1704067320),
-    ]
+    ] + ["also garbage\n"] * 5
+    report = RowReport()
     with caplog.at_level(logging.WARNING):
-        rows = list(read_buckets(lines, "b.jsonl"))
+        rows = list(read_buckets(lines, "b.jsonl", report))
     assert [r.ts for r in rows] == [1704067200, 1704067260, 1704067320]
+    assert report.bad == {"not JSON": 6, "bytes_in: not a whole number >= 0": 1,
+                          "ts: older than an earlier row": 1}
+    assert report.lines["not JSON"] == [2, 8, 9]  # the first three
     messages = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("b.jsonl:2: skipped: not JSON") for m in messages)
-    assert any(m.startswith("b.jsonl:4: skipped: bytes_in") for m in messages)
-    assert any(m.startswith("b.jsonl:6: skipped: ts") and "older" in m for m in messages)
-    assert "b.jsonl: 3 bad rows skipped" in messages
+    assert len(messages) == 3  # one per reason, never one per row
+    assert messages[0].startswith("b.jsonl: 6 row(s) skipped: not JSON (line(s) 2, 8, 9, ...")
+    assert any(m.startswith("b.jsonl: 1 row(s) skipped: bytes_in: not a whole number >= 0 "
+                            "(line(s) 4;") for m in messages)
+    assert any(m.startswith("b.jsonl: 1 row(s) skipped: ts: older than an earlier row "
+                            "(line(s) 6;") for m in messages)
+
+
+def test_null_instance_and_vendor_are_what_leaktap_writes() -> None:
+    """leaktap writes crm_instance null for an instance it could not name (a shared host)
+    and crm_vendor null for non-CRM traffic (issue 11.4): neither is a bad row."""
+    assert parse_bucket(line(crm_instance=None)) == Bucket(
+        1704067200, "acme", "salesforce", "unknown", 1200, 3400)
+    assert parse_bucket(line(crm_vendor=None, crm_instance=None)) is None
+    report = RowReport()
+    rows = list(read_buckets(
+        [line(crm_instance=None), line(crm_vendor=None, crm_instance=None), line()],
+        "b.jsonl", report))
+    assert [r.crm_instance for r in rows] == ["unknown", "acme"]
+    assert (report.rows, report.not_crm, report.bad) == (3, 1, {})

@@ -52,7 +52,9 @@ def test_analyze_prints_one_json_line_per_incident(
         code, incidents = run_cli(
             ["analyze", "--buckets", str(path), "--config", str(config)], capsys)
     assert code == 0
-    assert f"{path}:3: skipped: ts: expected a number, got 'soon'" in caplog.messages
+    assert caplog.messages == [
+        f"{path}: 1 row(s) skipped: ts: not a number (line(s) 3; "
+        "first: ts: expected a number, got 'soon')"]
     assert len(incidents) == 1
     (incident,) = incidents
     assert tuple(incident) == OUTPUT_FIELDS

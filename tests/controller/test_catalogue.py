@@ -15,9 +15,6 @@ CAT = CrmCatalogue()
     ("host", "vendor", "instance"),
     [
         # Salesforce
-        ("login.salesforce.com", "salesforce", "login"),
-        ("test.salesforce.com", "salesforce", "test"),
-        ("api.salesforce.com", "salesforce", "api"),
         ("acme.my.salesforce.com", "salesforce", "acme"),
         ("acme--uat.sandbox.my.salesforce.com", "salesforce", "acme--uat"),
         ("acme.lightning.force.com", "salesforce", "acme"),
@@ -26,35 +23,93 @@ CAT = CrmCatalogue()
         ("acme--uat.sandbox.my.site.com", "salesforce", "acme--uat"),
         ("acme.file.force.com", "salesforce", "acme"),
         ("acme--uat.sandbox.file.force.com", "salesforce", "acme--uat"),
-        # HubSpot
-        ("api.hubapi.com", "hubspot", "na1"),
-        ("api.hubspot.com", "hubspot", "na1"),
-        ("api-eu1.hubapi.com", "hubspot", "eu1"),
         # Dynamics 365
         ("contoso.crm.dynamics.com", "dynamics365", "contoso"),
         ("contoso.crm4.dynamics.com", "dynamics365", "contoso"),
         ("contoso.crm11.dynamics.com", "dynamics365", "contoso"),
         ("contoso.api.crm.dynamics.com", "dynamics365", "contoso"),
         ("contoso.api.crm4.dynamics.com", "dynamics365", "contoso"),
-        ("globaldisco.crm.dynamics.com", "dynamics365", None),
         # Zendesk
         ("acme.zendesk.com", "zendesk", "acme"),
-        # Zoho
-        ("www.zohoapis.com", "zoho", "com"),
-        ("www.zohoapis.eu", "zoho", "eu"),
-        ("www.zohoapis.in", "zoho", "in"),
-        ("www.zohoapis.com.au", "zoho", "com.au"),
-        ("www.zohoapis.jp", "zoho", "jp"),
-        ("accounts.zoho.com", "zoho", "com"),
-        ("accounts.zoho.eu", "zoho", "eu"),
-        ("accounts.zoho.com.cn", "zoho", "com.cn"),
         # Pipedrive
-        ("api.pipedrive.com", "pipedrive", "api"),
         ("acme.pipedrive.com", "pipedrive", "acme"),
     ],
 )
 def test_shipped_rules(host: str, vendor: str, instance: str | None) -> None:
     assert CAT.lookup(host) == CrmMatch(vendor, instance, host)
+
+
+# Hosts that serve every customer of their vendor (issue 11.2): vendor, no instance,
+# shared, and the data centre when the host says.
+SHARED_HOSTS = [
+    ("login.salesforce.com", "salesforce", None),
+    ("test.salesforce.com", "salesforce", None),
+    ("api.salesforce.com", "salesforce", None),
+    ("na123.salesforce.com", "salesforce", "na123"),
+    ("eu12.salesforce.com", "salesforce", "eu12"),
+    ("api.hubapi.com", "hubspot", "na1"),
+    ("api.hubspot.com", "hubspot", "na1"),
+    ("app.hubspot.com", "hubspot", "na1"),
+    ("api.hsforms.com", "hubspot", "na1"),
+    ("api-eu1.hubapi.com", "hubspot", "eu1"),
+    ("app-eu1.hubspot.com", "hubspot", "eu1"),
+    ("globaldisco.crm.dynamics.com", "dynamics365", None),
+    ("www.zohoapis.com", "zoho", "com"),
+    ("www.zohoapis.eu", "zoho", "eu"),
+    ("www.zohoapis.in", "zoho", "in"),
+    ("www.zohoapis.com.au", "zoho", "com.au"),
+    ("www.zohoapis.jp", "zoho", "jp"),
+    ("www.zohoapis.ca", "zoho", "ca"),
+    ("www.zohoapis.sa", "zoho", "sa"),
+    ("www.zohoapis.uk", "zoho", "uk"),
+    ("www.zohoapis.com.cn", "zoho", "com.cn"),
+    ("accounts.zoho.com", "zoho", "com"),
+    ("accounts.zoho.eu", "zoho", "eu"),
+    ("accounts.zoho.com.cn", "zoho", "com.cn"),
+    ("crm.zoho.eu", "zoho", "eu"),
+    ("api.pipedrive.com", "pipedrive", None),
+    ("oauth.pipedrive.com", "pipedrive", None),
+]
+
+
+@pytest.mark.parametrize(("host", "vendor", "region"), SHARED_HOSTS)
+def test_shared_hosts_name_the_vendor_only(host: str, vendor: str, region: str | None) -> None:
+    assert CAT.lookup(host) == CrmMatch(vendor, None, host, shared=True, region=region)
+
+
+def test_the_catalogue_header_lists_every_shared_host() -> None:
+    from importlib import resources
+
+    text = resources.files("leaktap.controller").joinpath("data", "crm_catalogue.yaml").read_text()
+    header = text.split("\nrules:", 1)[0]
+    for host in ("login.salesforce.com", "test.salesforce.com", "api.salesforce.com",
+                 "api.hubapi.com", "api.hubspot.com", "api-eu1.hubapi.com",
+                 "globaldisco.crm.dynamics.com", "api.pipedrive.com", "oauth.pipedrive.com"):
+        assert host in header
+        assert CAT.lookup(host) is not None and CAT.lookup(host).shared  # type: ignore[union-attr]
+    for vendor, names_customer in (("salesforce", "yes"), ("hubspot", "no"),
+                                   ("dynamics365", "yes"), ("zendesk", "yes"), ("zoho", "no"),
+                                   ("pipedrive", "yes")):
+        assert f"#   {vendor:<11} {names_customer}" in header
+
+
+def test_site_entries_may_be_shared() -> None:
+    cat = CrmCatalogue([CatalogueEntry(vendor="inhouse", pattern="sso.corp.example", shared=True)])
+    assert cat.lookup("sso.corp.example") == CrmMatch("inhouse", None, "sso.corp.example", True)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"vendor": "x", "host": "a.example", "shared": True, "instance": "a"},
+        {"vendor": "x", "host": "{instance}.example", "shared": True},
+        {"vendor": "x", "host": "a.example", "region": "eu"},
+        {"vendor": "x", "host": "a.example", "shared": "yes"},
+    ],
+)
+def test_bad_shared_rules_are_config_errors(rule: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        CrmCatalogue(shipped=[rule])
 
 
 @pytest.mark.parametrize(

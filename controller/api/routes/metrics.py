@@ -46,11 +46,24 @@ class _AgentCollector:
             totals.add_metric(["egress" if d == 0 else "ingress"], b)
         yield totals
         cg = CounterMetricFamily(
-            "leaktap_cgroup_egress_bytes", "egress bytes per cgroup id", labels=["cgroup_id"]
+            "leaktap_cgroup_egress_bytes", "egress bytes per cgroup id (other: cgroups beyond "
+            "the series cap and removed cgroups)", labels=["cgroup_id"]
         )
-        for cgid, (b, _p) in sorted(a.cgroup_totals.items()):
-            cg.add_metric([str(cgid)], b)
+        accounting = getattr(a, "cgroup_accounting", None)
+        by_label = accounting.series() if accounting is not None else {
+            str(k): v for k, v in a.cgroup_totals.items()}
+        for label, (b, _p) in sorted(by_label.items()):
+            cg.add_metric([label], b)
         yield cg
+        folded = CounterMetricFamily(
+            "leaktap_metric_series_folded", "label values counted under `other` because their "
+            "metric reached its series cap", labels=["metric"],
+        )
+        for metric, cap in (("leaktap_egress_bytes", getattr(a, "egress_series", None)),
+                            ("leaktap_cgroup_egress_bytes", getattr(accounting, "cap", None))):
+            if cap is not None:
+                folded.add_metric([metric], cap.folded)
+        yield folded
         yield CounterMetricFamily(
             "leaktap_unattributed_bytes",
             "bytes counted in the totals but in no flow record (LRU evictions)",

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from leaktap.controller.api.deps import AgentDep, ReaderDep
 from leaktap.controller.api.routes.metrics import LOSS_RING
+from leaktap.controller.attribution import losses as userspace
 from leaktap.controller.kernel import loss
 from leaktap.controller.plaintext import monitor as plaintext
 
@@ -29,12 +30,19 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
          "remedy": plaintext.REMEDIES.get(name)}
         for name, value in sorted(inspection.items()) if name.startswith("ssl_loss_")
     ]
+    attributor = getattr(agent, "attributor", None)
+    losses += [
+        {"ring": stage, "stage": stage, "reason": reason, "count": value,
+         "remedy": userspace.remedy(stage, reason)}
+        for (stage, reason), value in sorted(userspace.drops(attributor).items())
+    ]
     modes = dict(getattr(agent.probes, "attach_modes", None) or {})
     return {
         "losses": losses,
         "kernel": {k: v for k, v in sorted(kernel.items()) if not k.startswith("loss_")},
         "plaintext": {k: v for k, v in sorted(inspection.items())
                       if not k.startswith("ssl_loss_")},
+        "userspace": userspace.counters(attributor),
         "unattributed_bytes": agent.unattributed_bytes,
         "interfaces": {i: (modes.get(i) if agent.attached else None) for i in agent.interfaces},
     }
