@@ -43,10 +43,12 @@ from leaktap.controller.config import (
 from leaktap.controller.detection import LiveDetection
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.cgroups import CgroupAccounting, CgroupReaper, cgroup_ids
 from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.kernel.maps import FlowCounters, MapReader
 from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
+from leaktap.controller.series import OTHER, SeriesCap
 from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,9 @@ POLL_INTERVAL_S = 1.0
 # conversations idle this long leave memory (their row stays in the database)
 CONVERSATION_IDLE_S = 300.0
 PRUNE_EVERY_S = 3600.0
+# (tenant, vendor, instance) label sets of the egress metrics; later ones count as other
+EGRESS_SERIES_MAX = 1000
+OTHER_DESTINATION = (OTHER, OTHER, OTHER)
 # a ClientHello still incomplete after this long will not complete
 HELLO_MAX_AGE_S = 10.0
 # polls a new TCP conversation's volume waits for its server name before it is
@@ -99,6 +104,9 @@ class Agent:
         # (tenant, vendor, instance) -> (bytes, packets) out since start, for /metrics;
         # replaced, never mutated, so readers need no lock
         self.egress_by_destination: dict[tuple[str, str, str], tuple[int, int]] = {}
+        self.egress_series: SeriesCap[tuple[str, str, str]] = SeriesCap(EGRESS_SERIES_MAX)
+        # per-cgroup egress for /metrics: vanished cgroups reaped (set at start)
+        self.cgroup_accounting = CgroupAccounting(None)
         self.alerts: AlertManager | None = None
         self.detection: LiveDetection | None = None
         self.plaintext: Any = None  # PlaintextMonitor when plaintext.enabled
@@ -137,7 +145,11 @@ class Agent:
         # runs after the detach, before the close: counts since the last poll are kept
         self._exit.callback(self._final_poll)
         self.reader = MapReader(self.probes)
-        self.attributor = Attributor(self.config, cgroup_mount=find_cgroup2_mount())
+        cgroup_mount = find_cgroup2_mount()
+        self.attributor = Attributor(self.config, cgroup_mount=cgroup_mount)
+        if cgroup_mount is not None:
+            self.cgroup_accounting = CgroupAccounting(
+                CgroupReaper(lambda: cgroup_ids(cgroup_mount)))
         self.drainer = RingDrainer(self.probes, self._on_sample)
         self.resumable = ResumableFlows(
             self.store.live_flows(time.time() - CONVERSATION_IDLE_S), CONVERSATION_IDLE_S)
@@ -250,7 +262,8 @@ class Agent:
         flows = self.reader.drain_flows()
         stats = self.reader.stats()
         totals = self.reader.totals()
-        cgroups = self.reader.cgroup_totals()
+        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
+                                                self.reader.remove_cgroups)
         now = time.time()
         with self.lock:
             buckets: dict[BucketKey, Volume] = {}
@@ -283,6 +296,8 @@ class Agent:
                     vol.bytes_out += counters.tx_bytes
                     vol.packets_out += counters.tx_packets
                     dest = (names.tenant, names.crm_vendor or "", names.crm_instance or "")
+                    if dest not in egress and not self.egress_series.admits(dest):
+                        dest = OTHER_DESTINATION
                     b, p = egress.get(dest, (0, 0))
                     egress[dest] = (b + counters.tx_bytes, p + counters.tx_packets)
                 else:
@@ -317,6 +332,8 @@ class Agent:
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)
+            if self.alerts is not None:
+                self.alerts.prune(now - self.store.retention_s)
 
     def _resume(self, counters: FlowCounters, now: float) -> None:
         """Re-bind a conversation open before this start to its flow row and names."""
