@@ -47,6 +47,7 @@ from leaktap.analytics.plaintext.http import (
     ParserLimits,
     Request,
 )
+from leaktap.analytics.plaintext.instance import instance_from_request
 from leaktap.analytics.plaintext.redact import KeyedHasher, dedup_key, mask_token
 from leaktap.analytics.plaintext.streams import StreamLoss, StreamTable, WriteCursor
 
@@ -135,6 +136,8 @@ class Inspection:
     undecodable_headers: int = 0
     lost_bytes: int = 0  # stream bytes this call found unseen (gaps)
     blind: list[str] = field(default_factory=list)  # reasons the stream lost sync
+    # (vendor, instance) a request of this call newly named (shared vendor hosts)
+    named_instance: tuple[str, str] | None = None
 
 
 @dataclass(slots=True)
@@ -143,6 +146,7 @@ class _Stream:
     cursor: WriteCursor = field(default_factory=WriteCursor)
     loss: StreamLoss = field(default_factory=StreamLoss)
     host: str | None = None
+    instance: tuple[str, str] | None = None  # named by a request (instance.py)
     raw_tail: bytes = b""
     reported: set[str] = field(default_factory=set)  # evasion reasons already reported
     ctx: WriteContext | None = None  # the latest write's context
@@ -297,9 +301,13 @@ class ContentInspector:
             self.process_loss.move_to_end(ctx.pid)
         ledger[reason] += nbytes
 
-    def _where(self, ctx: WriteContext, host: str | None) -> _Where:
+    def _where(self, ctx: WriteContext, host: str | None,
+               named: tuple[str, str] | None = None) -> _Where:
         if ctx.crm_vendor:
-            return _Where(ctx.crm_vendor, ctx.crm_instance, ctx.destination, "flow")
+            instance = ctx.crm_instance
+            if instance is None and named is not None and named[0] == ctx.crm_vendor:
+                instance = named[1]
+            return _Where(ctx.crm_vendor, instance, ctx.destination, "flow")
         if host and self.resolve_host is not None:
             crm = self.resolve_host(host)
             if crm is not None:
@@ -313,7 +321,12 @@ class ContentInspector:
         for msg in events.heads:
             if msg.request.host:
                 stream.host = msg.request.host
-        where = self._where(ctx, stream.host)
+            request = msg.request
+            named = instance_from_request(request.method, request.path, request.headers,
+                                          stream.host)
+            if named is not None and named != stream.instance:
+                stream.instance = out.named_instance = named
+        where = self._where(ctx, stream.host, stream.instance)
         policy = self.policies.get(ctx.tenant)
         out.undecodable_headers += events.undecodable_headers
         out.requests += len(events.heads)

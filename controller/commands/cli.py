@@ -1,4 +1,4 @@
-"""The `leaktap` command line: doctor, run, replay, analyze.
+"""The `leaktap` command line: doctor, run, replay, analyze, export-buckets.
 
 Each subcommand's implementation is imported only when it is chosen, so that
 `leaktap analyze` works on a machine without BCC and `--help` is instant.
@@ -21,6 +21,7 @@ _COMMANDS = {
     "replay": "leaktap.controller.commands.replay",
     "analyze": "leaktap.analytics.cli",
     "demo": "leaktap.controller.commands.demo",
+    "export-buckets": "leaktap.controller.commands.export",
 }
 
 
@@ -75,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = sub.add_parser("analyze", help="run the detectors over minute buckets")
     analyze.add_argument("--buckets", required=True, metavar="FILE.jsonl", help="minute buckets")
     analyze.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    analyze.add_argument("--strict", action="store_true",
+                         help="exit 2 when any row is bad (they are summarised either way)")
+
+    export = sub.add_parser(
+        "export-buckets", help="write the agent database's minute buckets as JSONL for analyze"
+    )
+    export.add_argument("--db", required=True, metavar="PATH", help="SQLite database path")
+    export.add_argument("--since", type=float, default=0.0, metavar="EPOCH",
+                        help="first minute (epoch seconds, default: all)")
+    export.add_argument("--until", type=float, default=None, metavar="EPOCH",
+                        help="end (exclusive; default: now)")
     return parser
 
 

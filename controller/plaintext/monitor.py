@@ -527,6 +527,8 @@ class PlaintextMonitor:
             self.counters["truncated_writes"] += 1
         result = self.inspector.inspect(self.context(ev), ev.data, ev.req_len)
         self.counters["inspected_writes"] += 1
+        if result.named_instance is not None:
+            self._refine_instance(ev, result.named_instance)
         self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
         if result.undecodable_headers:
             self.counters["h2_undecodable_header_blocks"] += result.undecodable_headers
@@ -536,6 +538,16 @@ class PlaintextMonitor:
         for finding in result.findings:
             self.counters[f"finding_{finding.kind}"] += 1
             self._deliver(self.on_finding, finding)
+
+    def _refine_instance(self, ev: SslEvent, named: tuple[str, str]) -> None:
+        """A request named the CRM instance behind a shared host: its flow takes it
+        (named_by plaintext). Rare: once per connection and instance."""
+        fd = ev.fd if ev.fd >= 0 else self._bindings.get((ev.tgid, ev.ssl_ptr), -1)
+        ends = self.sockets.resolve(ev.tgid, fd) if fd >= 0 else None
+        if ends is not None and self.attributor.refine_instance(
+            ends.family, ends.local, ends.remote, named[0], named[1]
+        ):
+            self.counters["instances_named"] += 1
 
     def _deliver(self, callback: Callable[[Any], None], item: Any) -> None:
         try:

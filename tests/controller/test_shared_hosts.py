@@ -212,3 +212,18 @@ def test_detector_counts_shared_volume_in_the_tenant_total_without_a_page() -> N
     incidents += detector.flush() + detector.close_all()
     assert [i.kind for i in incidents] == []  # neither unsanctioned nor a new destination
     assert ("acme", "salesforce", "unknown") in detector._index  # the vendor series is kept
+
+
+def test_the_inspector_reports_an_instance_a_request_names_once_per_connection() -> None:
+    from leaktap.analytics.plaintext.inspector import ContentInspector, WriteContext
+    from leaktap.analytics.plaintext.redact import KeyedHasher
+
+    inspector = ContentInspector(KeyedHasher(b"k" * 32))
+    ctx = WriteContext(("pid", 1), "acme", crm_vendor="salesforce", crm_instance=None,
+                       destination="api.salesforce.com")
+    request = (b"GET /services/data/v60.0/sobjects HTTP/1.1\r\nHost: api.salesforce.com\r\n"
+               b"Authorization: Bearer " + SESSION.encode() + b"\r\n\r\n")
+    first = inspector.inspect(ctx, request, len(request))
+    assert first.named_instance == ("salesforce", "00D5e000000AbCd")
+    again = inspector.inspect(ctx, request, len(request))
+    assert again.requests == 1 and again.named_instance is None  # already named

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from leaktap.controller.api.deps import AgentDep, ReaderDep
+from leaktap.controller.attribution import losses as userspace
 
 router = APIRouter(tags=["metrics"])
 
@@ -98,6 +99,15 @@ class _AgentCollector:
             if name.startswith("ssl_loss_"):
                 dropped.add_metric(["lt_ssl_events", name.removeprefix("ssl_loss_")], value)
         yield dropped
+        user = CounterMetricFamily(
+            "leaktap_userspace_dropped", "user-space give-ups by stage and reason (ClientHello "
+            "reassembly, QUIC Initials, DNS cache); /v1/stats gives the remedy",
+            labels=["stage", "reason"],
+        )
+        attributor = getattr(a, "attributor", None)
+        for (stage, reason), value in sorted(userspace.drops(attributor).items()):
+            user.add_metric([stage, reason], value)
+        yield user
         if plaintext:
             inspected = CounterMetricFamily(
                 "leaktap_plaintext", "TLS plaintext inspection counters", labels=["counter"]
