@@ -52,6 +52,10 @@ class ReplayResult:
     frames: int = 0
     too_short: int = 0
     cut_to_fit: int = 0  # frames larger than a test-run skb, fed truncated
+    # IP frames too short for their IP header, which a TC test run refuses: counted
+    # as the program counts a cut IP header (parse_trunc_l3), bytes in the totals
+    short_l3: int = 0
+    short_l3_bytes: int = 0
     conversations: ConversationTable = field(default_factory=ConversationTable)
     stats: dict[str, int] = field(default_factory=dict)
     totals_bytes: int = 0
@@ -107,6 +111,10 @@ class Replayer:
                     result.too_short += 1
                     continue
                 data = frame.frame
+                if self.probes.mode == "tc" and testrun.tc_refuses(data):
+                    result.short_l3 += 1
+                    result.short_l3_bytes += frame.captured_len
+                    continue
                 if len(data) > testrun.MAX_FRAME:
                     # GRO/TSO captures: feed what fits; the IP length then claims
                     # more than the frame (parse_len_clamped) and bytes are corrected
@@ -136,9 +144,11 @@ class Replayer:
             for k in stats_after
             if stats_after[k] != stats_before.get(k, 0)
         }
+        if result.short_l3:
+            result.stats["parse_trunc_l3"] = result.stats.get("parse_trunc_l3", 0) + result.short_l3
         result.totals_bytes = sum(b for b, _ in self.reader.totals().values()) - sum(
             b for b, _ in totals_before.values()
-        )
+        ) + result.short_l3_bytes
         result.dns = self.attributor.dns.stats
         return result
 

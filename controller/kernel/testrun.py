@@ -97,6 +97,20 @@ def _libbpf() -> ctypes.CDLL:
     return lib
 
 
+# A TC (SCHED_CLS) test run refuses, with EINVAL, an IPv4 or IPv6 frame too
+# short for its IP header after Ethernet (net/bpf/test_run.c reads the header
+# to fill the skb's socket); XDP and an attached program see such frames.
+_TC_MIN_L3 = {0x0800: 20, 0x86DD: 40}
+
+
+def tc_refuses(frame: bytes) -> bool:
+    """True when BPF_PROG_TEST_RUN of a TC program would reject `frame` as too short."""
+    if len(frame) < ETH_HLEN:
+        return True
+    ethertype = int.from_bytes(frame[12:14], "big")
+    return len(frame) < ETH_HLEN + _TC_MIN_L3.get(ethertype, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class RunResult:
     retval: int
@@ -139,4 +153,4 @@ def supported() -> bool:
     return True
 
 
-__all__ = ["ETH_HLEN", "MAX_FRAME", "RunResult", "run_frame", "supported"]
+__all__ = ["ETH_HLEN", "MAX_FRAME", "RunResult", "run_frame", "supported", "tc_refuses"]
