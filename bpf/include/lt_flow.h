@@ -365,13 +365,22 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 {
 	__u8 h[TLS_HELLO_HDR_LEN] = {};
 	int start = hello_start(ctx, p, h);
-	struct lt_hello_state *st = lt_hello.lookup(&p->key);
+	__u32 rec = ((__u32)h[3] << 8) | h[4];
+	__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + TLS_HS_HDR_LEN;
+	/* nearly every client: the whole hello in its first record and segment */
+	int whole = start == 2 && msg <= rec && TLS_REC_HDR_LEN + msg <= p->payload_len;
+	struct lt_hello_state *st = NULL;
 
-	/* A hello's own segment may open like a hello (a record boundary before
-	 * a 0x01 byte): inside a followed hello only its first segment restarts it. */
+	/* A followed hello's own segment may open like a hello (a record boundary
+	 * before a 0x01 byte): inside it only its first segment restarts it. A
+	 * whole hello looks only if this flow slot saw a start before (the lookup
+	 * is most of a new TLS flow's cost; a continuation missed so, on another
+	 * CPU, is still captured: its hello counts a gap and is followed blind). */
+	if (!whole || (v->flags & LT_FF_HELLO))
+		st = lt_hello.lookup(&p->key);
 	if (st && !seq_before(p->seq, st->start_seq) && seq_before(p->seq, st->end_seq) &&
 	    p->seq != st->start_seq)
-		start = 0;
+		start = whole = 0;
 	if (start) {
 		struct lt_hello_state init = {
 			.created_ns = bpf_ktime_get_ns(),
@@ -380,15 +389,12 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 			.end_seq = p->seq + LT_HELLO_MAX_BYTES,
 			.walk_seq = p->seq,
 		};
-		__u32 rec = ((__u32)h[3] << 8) | h[4];
-		__u32 msg = (((__u32)h[6] << 16) | ((__u32)h[7] << 8) | h[8]) + TLS_HS_HDR_LEN;
 		v->flags |= LT_FF_HELLO;
 		if (start == 2 && msg <= rec) {
-			/* nearly every client: the whole hello in its first record */
 			init.end_seq = p->seq + TLS_REC_HDR_LEN + msg;
 			init.walk = LT_HW_END;
 			hello_capture(ctx, p, &init, v->uid, ifindex);
-			if (!seq_before(init.next_seq, init.end_seq)) {
+			if (whole) {
 				if (st)
 					lt_hello.delete(&p->key);
 				return;

@@ -223,3 +223,17 @@ def test_last_record_longer_than_the_hello_ends_at_the_message(tc):
     assert sni_of(samples) == SNI
     assert covered(samples, 1000) == stream[:hello_end]
     assert len(tc.probes.table("lt_hello").items()) == 0
+
+
+def test_continuation_that_looks_like_a_whole_hello_is_not_taken_for_one(tc):
+    # A record boundary right before the compression methods ("01 00" + the
+    # extensions' length) makes the rest read like a whole, short ClientHello.
+    sid_len = MSG[4 + 2 + 32]
+    at = 4 + 2 + 32 + 1 + sid_len
+    at += 2 + int.from_bytes(MSG[at : at + 2], "big")  # past the cipher suites
+    assert MSG[at : at + 2] == b"\x01\x00"
+    stream = records(MSG, [at])
+
+    samples, stats = send(tc, stream, [5 + at], sport=45550)
+
+    assert_exact(tc, samples, stream, stats)
