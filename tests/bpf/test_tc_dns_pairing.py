@@ -8,15 +8,17 @@ agent uses. Before the fix, any answer from source port 53 was learned.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 from scapy.layers.dns import DNS, DNSQR, DNSRR
 
 from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.attribution.flows import Conversation, ConversationTable
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.kernel.ringbuf import Sample
 from tests.bpf.harness import Harness
-from tests.bpf.lt_frames import CLIENT4, CLIENT6, tcp4, udp4, udp6
+from tests.bpf.lt_frames import CLIENT4, CLIENT6, client_hello, tcp4, udp4, udp6
 
 pytestmark = pytest.mark.kernel
 
@@ -178,3 +180,57 @@ def test_pending_queries_are_bounded_and_evictions_counted(tc: Harness) -> None:
     attributor.on_sample(received(tc, answer(ident=119), dport=CPORT + 29))
     assert rejected(attributor) == {"rejected_no_query": 1}
     assert attributor.dns.stats.queries_matched == 1
+
+
+# ---- a ClientHello contradicting the DNS name (issue 17.1, last rule) -----------
+
+
+def _conversation(tc: Harness, attributor: Attributor, sni: str, sport: int) -> Conversation:
+    """A TCP flow to CRM_IP whose ClientHello carries `sni`, through TC egress."""
+    out = tc.run([tcp4(b"", src=CLIENT4, dst=CRM_IP, sport=sport, dport=443, flags="S"),
+                  tcp4(client_hello(sni), src=CLIENT4, dst=CRM_IP, sport=sport, dport=443)])
+    for s in out.samples:
+        attributor.on_sample(s)
+    table = ConversationTable()
+    for counters in out.flows:
+        conv = table.add(counters)
+    return conv
+
+
+def test_hello_naming_another_crm_than_dns_wins_and_is_a_finding(
+    tc: Harness, attributor: Attributor, caplog: pytest.LogCaptureFixture
+) -> None:
+    attributor.on_sample(sent(tc, query()))
+    attributor.on_sample(received(tc, answer()))  # CRM_IP is acme.my.salesforce.com
+    conv = _conversation(tc, attributor, "globex.my.salesforce.com", sport=43600)
+
+    with caplog.at_level(logging.WARNING):
+        names = attributor.names(conv)
+        again = attributor.names(conv)
+
+    assert (names.sni, names.crm_vendor, names.crm_instance, names.named_by) == (
+        "globex.my.salesforce.com", "salesforce", "globex", "sni")
+    assert names.dns_names == [NAME] and again == names
+    assert attributor.dns.stats.dns_sni_mismatch == 1  # once per flow
+    [record] = [r for r in caplog.records if "ClientHello" in r.getMessage()]
+    assert NAME in record.getMessage() and "globex.my.salesforce.com" in record.getMessage()
+
+
+def test_hello_naming_a_non_crm_host_behind_a_dns_crm_address_is_a_finding(
+    tc: Harness, attributor: Attributor
+) -> None:
+    attributor.on_sample(sent(tc, query()))
+    attributor.on_sample(received(tc, answer()))
+    names = attributor.names(_conversation(tc, attributor, "files.example.net", sport=43601))
+
+    assert (names.sni, names.crm_vendor, names.crm_instance) == ("files.example.net", None, None)
+    assert attributor.dns.stats.dns_sni_mismatch == 1
+
+
+def test_hello_agreeing_with_dns_is_no_finding(tc: Harness, attributor: Attributor) -> None:
+    attributor.on_sample(sent(tc, query()))
+    attributor.on_sample(received(tc, answer()))
+    names = attributor.names(_conversation(tc, attributor, NAME, sport=43602))
+
+    assert (names.crm_vendor, names.crm_instance) == ("salesforce", "acme")
+    assert attributor.dns.stats.dns_sni_mismatch == 0
