@@ -3,8 +3,12 @@
  * ssl_uprobe.bpf.c - the first bytes of TLS plaintext written through OpenSSL.
  *
  * Uprobes on SSL_write and SSL_write_ex (OpenSSL 3 and CPython call the _ex
- * form) copy the first LT_SSL_SNAP bytes of each write to lt_ssl_events,
- * with the process, its cgroup and the SSL object. The controller joins an
+ * form) copy each write to lt_ssl_events in chunks of LT_SSL_SNAP bytes, each
+ * with its offset in the write, the process, its cgroup and the SSL object.
+ * A per-process token bucket (LT_SSL_EVENTS_PER_SEC chunks/s) bounds the
+ * cost; a write it cannot cover in full spends what is left on its first and
+ * last chunks, and every byte not delivered is added to lt_ssl_lost for its
+ * connection and reason, which the controller drains and reports. The controller joins an
  * SSL object to its socket through the fd: SSL_set_fd gives it directly;
  * for BIO users (curl's own BIO, memory BIOs as in asyncio) the thread's
  * next send syscall carrying a TLS record does.
@@ -15,7 +19,9 @@
  * count-only program). The controller therefore attaches these per selected
  * process; `select: all` makes every process that maps libssl pay it. The
  * syscall and sched tracepoints below run for every process on the host,
- * but only do one hash lookup for threads without a pending SSL write.
+ * but only do one hash lookup for threads without a pending SSL write; the
+ * mmap tracepoints test the protection bits first and report executable
+ * file mappings (of probed processes, or of all with LT_SSL_MMAP_ALL).
  */
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
@@ -30,11 +36,26 @@ BPF_RINGBUF_OUTPUT(lt_ssl_events, LT_SSL_RINGBUF_PAGES);
 BPF_TABLE("percpu_array", __u32, __u64, lt_ssl_stats, LT_SSL_STAT_MAX);
 /* Events are built here (too large for the 512-byte stack); see ssl_emit. */
 BPF_TABLE("percpu_array", __u32, struct lt_ssl_event, lt_ssl_scratch, 1);
+BPF_TABLE("percpu_array", __u32, struct lt_ssl_plan, lt_ssl_plan, 1);
+/* exec/mmap notices per process and second (struct lt_rate window) */
 BPF_TABLE("lru_hash", __u32, struct lt_rate, lt_ssl_rate, LT_SSL_PROCS_MAX);
+/* plaintext chunks per process: token bucket; LRU eviction refills a bucket */
+BPF_TABLE("lru_hash", __u32, struct lt_ssl_budget, lt_ssl_budget, LT_SSL_PROCS_MAX);
+/* bytes not delivered, per connection; drained by the controller every second */
+BPF_TABLE("lru_hash", struct lt_ssl_key, struct lt_ssl_lost, lt_ssl_lost, LT_SSL_CONNS_MAX);
+/* thread -> fd of an executable file mmap in flight (enter -> exit) */
+BPF_TABLE("lru_hash", __u32, __s32, lt_ssl_mmaps, LT_SSL_THREADS_MAX);
 BPF_TABLE("lru_hash", struct lt_ssl_key, struct lt_ssl_sock, lt_ssl_fds, LT_SSL_CONNS_MAX);
 BPF_TABLE("lru_hash", __u32, struct lt_ssl_pending, lt_ssl_pend, LT_SSL_THREADS_MAX);
 /* tgid -> 1 for the processes the controller probes (written by it). */
 BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
+
+#ifndef LT_SSL_MMAP_ALL
+#define LT_SSL_MMAP_ALL 0   /* 1 with `select: all`: every process's mappings matter */
+#endif
+#define LT_PROT_EXEC 0x4
+#define LT_MAP_ANONYMOUS 0x20
+#define LT_NSEC_PER_SEC 1000000000ULL
 
 /* TLS record content types 20..24 (ChangeCipherSpec .. Heartbeat), version 3.x */
 #define TLS_TYPE_MIN 20
@@ -54,10 +75,20 @@ static __always_inline void ssl_stat_inc(__u32 reason)
 		__sync_fetch_and_add(c, 1);
 }
 
+/* ssl_stat_add - add @n to the counter @reason (enum lt_ssl_stat) */
+static __always_inline void ssl_stat_add(__u32 reason, __u64 n)
+{
+	__u64 *c = lt_ssl_stats.lookup(&reason);
+
+	if (c)
+		__sync_fetch_and_add(c, n);
+}
+
 /**
- * ssl_rate_allowed - per-process window of LT_SSL_EVENTS_PER_SEC events/second
- * @tgid: the writing process
- * Returns 1 when an event may be sent; counts LT_SSL_LOSS_RATE_LIMITED otherwise.
+ * ssl_rate_allowed - per-process window of LT_SSL_EVENTS_PER_SEC notices/second
+ * @tgid: the process that exec'd or mapped a file
+ * Returns 1 when a notice may be sent; counts LT_SSL_LOSS_NOTIFY otherwise
+ * (the controller's periodic rescan catches up).
  * Two threads resetting the window at once only grant a few extra events.
  */
 static __always_inline int ssl_rate_allowed(__u32 tgid)
@@ -77,10 +108,92 @@ static __always_inline int ssl_rate_allowed(__u32 tgid)
 		r->count = 0;
 	}
 	if (__sync_fetch_and_add(&r->count, 1) >= LT_SSL_EVENTS_PER_SEC) {
-		ssl_stat_inc(LT_SSL_LOSS_RATE_LIMITED);
+		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);
 		return 0;
 	}
 	return 1;
+}
+
+/**
+ * ssl_budget_take - take up to @want chunks from @tgid's token bucket
+ * Returns the chunks granted (0..@want). The bucket refills at
+ * LT_SSL_EVENTS_PER_SEC per second up to one second's worth; refill_ns
+ * advances by whole tokens only, so no fraction is lost between calls.
+ * Tokens are taken atomically; racing refills may grant a few extra.
+ */
+static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
+{
+	__u64 now = bpf_ktime_get_ns();
+	struct lt_ssl_budget *b = lt_ssl_budget.lookup(&tgid);
+	__s64 before;
+
+	if (!b) {
+		__s64 grant = want < LT_SSL_EVENTS_PER_SEC ? want : LT_SSL_EVENTS_PER_SEC;
+		struct lt_ssl_budget fresh = {
+			.refill_ns = now, .tokens = LT_SSL_EVENTS_PER_SEC - grant };
+
+		lt_ssl_budget.update(&tgid, &fresh);
+		return (__u32)grant;
+	}
+	__u64 elapsed = now - b->refill_ns;
+
+	if (elapsed >= LT_NSEC_PER_SEC) {
+		b->tokens = LT_SSL_EVENTS_PER_SEC;
+		b->refill_ns = now;
+	} else {
+		__u64 add = elapsed * LT_SSL_EVENTS_PER_SEC / LT_NSEC_PER_SEC;
+
+		if (add) {
+			__s64 t = b->tokens + (__s64)add;
+
+			b->tokens = t > LT_SSL_EVENTS_PER_SEC ? LT_SSL_EVENTS_PER_SEC : t;
+			b->refill_ns += add * LT_NSEC_PER_SEC / LT_SSL_EVENTS_PER_SEC;
+		}
+	}
+	before = __sync_fetch_and_add(&b->tokens, -(__s64)want);
+	if (before >= (__s64)want)
+		return want;
+	/* give back what could not be granted */
+	__u32 granted = before > 0 ? (__u32)before : 0;
+
+	__sync_fetch_and_add(&b->tokens, (__s64)(want - granted));
+	return granted;
+}
+
+/**
+ * ssl_lost_add - record @bytes of a connection's plaintext not delivered
+ * @key: the connection (SSL object, process)
+ * @fd: its socket fd if known, else -1
+ * @reason: enum lt_ssl_lost_reason
+ * @first: 1 for the first loss of this write (counts the write)
+ */
+static __always_inline void ssl_lost_add(struct lt_ssl_key *key, __s32 fd, __u32 reason,
+					 __u64 bytes, int first)
+{
+	struct lt_ssl_lost *l;
+
+	if (reason >= LT_SSL_LOST_MAX || bytes == 0)
+		return;
+	l = lt_ssl_lost.lookup(key);
+	if (!l) {
+		struct lt_ssl_lost fresh = {};
+
+		fresh.cgroup_id = bpf_get_current_cgroup_id();
+		fresh.uid = (__u32)bpf_get_current_uid_gid();
+		fresh.fd = fd;
+		bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
+		lt_ssl_lost.update(key, &fresh);
+		l = lt_ssl_lost.lookup(key);
+		if (!l) {
+			ssl_stat_inc(LT_SSL_LOSS_LOST_RECORD);
+			return;
+		}
+	}
+	if (fd >= 0)
+		l->fd = fd;
+	__sync_fetch_and_add(&l->bytes[reason], bytes);
+	if (first)
+		__sync_fetch_and_add(&l->writes, 1);
 }
 
 /**
@@ -101,6 +214,7 @@ static __always_inline struct lt_ssl_event *ssl_event_init(__u32 kind, __u64 ssl
 	e->cgroup_id = bpf_get_current_cgroup_id();
 	e->ssl_ptr = ssl_ptr;
 	e->req_len = 0;
+	e->data_off = 0;
 	e->kind = kind;
 	e->pid = (__u32)pid_tgid;
 	e->tgid = pid_tgid >> 32;
@@ -133,10 +247,18 @@ static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
 }
 
 /**
- * ssl_write_common - capture one SSL_write/SSL_write_ex call
+ * ssl_write_common - capture one SSL_write/SSL_write_ex call in chunks
  * @ssl: the SSL object (first argument)
  * @buf: the plaintext (second argument)
  * @len: bytes requested
+ *
+ * The write is cut into LT_SSL_SNAP-byte chunks. With budget for all of
+ * them (and at most LT_SSL_CHUNKS_MAX), each is sent in order; otherwise
+ * the first ceil(take/2) and the last floor(take/2) chunks are sent and the
+ * middle is counted as lost:
+ *
+ *   offset 0          head*SNAP             tail_start             len
+ *   | head chunks ... |  lost (budget/bound) | ... tail chunks (full) |
  */
 static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 len)
 {
@@ -163,29 +285,91 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 		ssl_stat_inc(LT_SSL_CNT_EMPTY);
 		return 0;
 	}
-	if (!ssl_rate_allowed(key.tgid))
-		return 0;
+	ssl_stat_add(LT_SSL_CNT_BYTES_WRITTEN, len);
 
+	__u64 needed = (len + LT_SSL_SNAP - 1) / LT_SSL_SNAP;
+	__u32 want = needed > LT_SSL_CHUNKS_MAX ? LT_SSL_CHUNKS_MAX : (__u32)needed;
+	__u32 take = ssl_budget_take(key.tgid, want);
+
+	if (take < want)
+		ssl_stat_add(LT_SSL_LOSS_RATE_LIMITED, want - take);
+	if (take == 0) {
+		ssl_lost_add(&key, fd, LT_SSL_LOST_RATE_LIMITED, len, 1);
+		return 0;
+	}
+	int first_loss = 1;
+	__u32 head = take;
+	__u64 tail_start = 0;
+	__u64 planned = len;
+
+	if (take < needed) {
+		__u64 bound_lost = 0;
+
+		head = (take + 1) / 2;
+		tail_start = len - (__u64)(take - head) * LT_SSL_SNAP;
+		planned = (__u64)take * LT_SSL_SNAP;
+		if (needed > LT_SSL_CHUNKS_MAX) {
+			ssl_stat_inc(LT_SSL_LOSS_CHUNK_BOUND);
+			bound_lost = len - (__u64)LT_SSL_CHUNKS_MAX * LT_SSL_SNAP;
+			ssl_lost_add(&key, fd, LT_SSL_LOST_CHUNK_BOUND, bound_lost, 1);
+			first_loss = 0;
+		}
+		if (len - planned > bound_lost) {
+			ssl_lost_add(&key, fd, LT_SSL_LOST_BUDGET, len - planned - bound_lost,
+				     first_loss);
+			first_loss = 0;
+		}
+	}
+
+	__u32 zero = 0;
+	struct lt_ssl_plan *plan = lt_ssl_plan.lookup(&zero);
 	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_WRITE, ssl, fd);
-	if (!e) {
+
+	if (!e || !plan) {
 		ssl_stat_inc(LT_SSL_LOSS_RINGBUF_FULL);
+		ssl_lost_add(&key, fd, LT_SSL_LOST_RINGBUF_FULL, planned, first_loss);
 		return 0;
 	}
-	__u32 n = len < LT_SSL_SNAP ? (__u32)len : LT_SSL_SNAP;
 	e->req_len = len;
-	if (len > LT_SSL_SNAP)
-		ssl_stat_inc(LT_SSL_LOSS_TRUNCATED);
-	/* the bound is re-stated for the verifier: n may not exceed data[] */
-	if (n > LT_SSL_SNAP)
-		return 0;
-	if (bpf_probe_read_user(e->data, n, buf) != 0) {
-		/* header-only event: the controller still sees the call */
-		ssl_stat_inc(LT_SSL_LOSS_READ_USER);
-		n = 0;
-	}
-	e->cap_len = n;
-	if (ssl_emit(e, LT_SSL_LOSS_RINGBUF_FULL) == 0)
+	plan->take = take;
+	plan->head = head;
+	plan->tail_start = tail_start;
+	plan->planned = planned;
+
+	/* The plan is re-read from map memory in every iteration (volatile):
+	 * the verifier then knows nothing of take/head that could split its
+	 * states per iteration. Every chunk before the last is full, so what
+	 * was sent before chunk i is i * LT_SSL_SNAP. */
+	for (__u32 i = 0; i < LT_SSL_CHUNKS_MAX; i++) {
+		if (i >= *(volatile __u32 *)&plan->take)
+			break;
+		__u64 off = i < *(volatile __u32 *)&plan->head
+			? (__u64)i * LT_SSL_SNAP
+			: *(volatile __u64 *)&plan->tail_start +
+			  (__u64)(i - *(volatile __u32 *)&plan->head) * LT_SSL_SNAP;
+		__u64 left = len - off;
+		__u32 n = left < LT_SSL_SNAP ? (__u32)left : LT_SSL_SNAP;
+
+		/* the bound is re-stated for the verifier: n may not exceed data[] */
+		if (n == 0 || n > LT_SSL_SNAP)
+			break;
+		e->data_off = off;
+		e->cap_len = n;
+		if (bpf_probe_read_user(e->data, n, (const char *)buf + off) != 0) {
+			/* header-only event: the controller still sees the chunk */
+			ssl_stat_inc(LT_SSL_LOSS_READ_USER);
+			ssl_lost_add(&key, fd, LT_SSL_LOST_READ_USER, n, 0);
+			e->cap_len = 0;
+		}
+		if (ssl_emit(e, LT_SSL_LOSS_RINGBUF_FULL) != 0) {
+			ssl_lost_add(&key, fd, LT_SSL_LOST_RINGBUF_FULL,
+				     *(volatile __u64 *)&plan->planned - (__u64)i * LT_SSL_SNAP,
+				     first_loss);
+			break;
+		}
 		ssl_stat_inc(LT_SSL_CNT_EVENT);
+		ssl_stat_add(LT_SSL_CNT_BYTES_CAPTURED, e->cap_len);
+	}
 	return 0;
 }
 
@@ -314,6 +498,56 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	return 0;
 }
 
+/**
+ * ssl_mmap_wanted - is this mmap an executable mapping of a file we care about
+ * The dynamic linker maps a library's text with PROT_EXEC from its fd;
+ * with `select: all` any process's mapping matters, else a probed one's.
+ */
+TRACEPOINT_PROBE(syscalls, sys_enter_mmap)
+{
+	__u64 pid_tgid;
+	__u32 tgid, tid;
+	__s32 fd = (__s32)args->fd;
+
+	if (!(args->prot & LT_PROT_EXEC) || (args->flags & LT_MAP_ANONYMOUS) || fd < 0)
+		return 0;
+	pid_tgid = bpf_get_current_pid_tgid();
+	tgid = pid_tgid >> 32;
+	tid = (__u32)pid_tgid;
+	if (!LT_SSL_MMAP_ALL && !lt_ssl_pids.lookup(&tgid))
+		return 0;
+	lt_ssl_mmaps.update(&tid, &fd);
+	return 0;
+}
+
+/* The mapping exists now: the controller may look for libssl in it. */
+TRACEPOINT_PROBE(syscalls, sys_exit_mmap)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
+	__s32 *fdp = lt_ssl_mmaps.lookup(&tid);
+	__s32 fd;
+
+	if (!fdp)
+		return 0;
+	fd = *fdp;
+	lt_ssl_mmaps.delete(&tid);
+	/* -4095..-1 are errors */
+	if (args->ret < 0 && args->ret >= -4095)
+		return 0;
+	if (!ssl_rate_allowed(pid_tgid >> 32))
+		return 0;
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_MMAP, 0, fd);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);
+		return 0;
+	}
+	e->data_off = (__u64)args->ret;
+	if (ssl_emit(e, LT_SSL_LOSS_NOTIFY) == 0)
+		ssl_stat_inc(LT_SSL_CNT_MMAP);
+	return 0;
+}
+
 /* A probed process's leader exits: its uprobes can be detached. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
@@ -324,6 +558,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 		return 0;
 	lt_ssl_pids.delete(&tgid);
 	lt_ssl_rate.delete(&tgid);
+	lt_ssl_budget.delete(&tgid);
 	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_EXIT, 0, -1);
 	if (!e) {
 		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);

@@ -293,10 +293,17 @@ struct lt_event {
 /* ---- TLS plaintext (ssl_uprobe.bpf.c): its own object, maps and counters ---- */
 
 /* Plaintext bytes one event carries: the config's plaintext.max_bytes
- * (default 4096, at most 16384 = one TLS record). Writes are copied from
- * user memory only up to this; the rest is counted as LT_SSL_LOSS_TRUNCATED. */
+ * (default 4096, at most 16384 = one TLS record). A longer write is sent as
+ * successive chunks of this size, each with its offset in the write. */
 #ifndef LT_SSL_SNAP
 #define LT_SSL_SNAP 4096
+#endif
+/* Chunks one write may send (a compile-time loop bound the verifier walks):
+ * 64 x 4 KiB = 256 KiB of a write in full. A longer write sends its first
+ * and its last LT_SSL_CHUNKS_MAX/2 chunks; the middle is counted as lost
+ * (LT_SSL_LOST_CHUNK_BOUND) per connection. */
+#ifndef LT_SSL_CHUNKS_MAX
+#define LT_SSL_CHUNKS_MAX 64  /* the verifier walks ~3.4k insns per chunk: at most 128 */
 #endif
 /* Plaintext ring buffer in pages (power of two). 256 pages = 1 MiB hold
  * ~250 full 4 KiB events, i.e. 25 ms of a 10k events/s burst before the
@@ -304,9 +311,11 @@ struct lt_event {
 #ifndef LT_SSL_RINGBUF_PAGES
 #define LT_SSL_RINGBUF_PAGES 256
 #endif
-/* Plaintext events per second per process before rate limiting (counted).
- * A CRM connector makes at most a few hundred API calls a second; a process
- * streaming a bulk upload in 4 KiB writes is sampled, not followed. */
+/* Plaintext events (chunks) per second per process: a token bucket that
+ * refills at this rate and holds at most one second of it. A CRM connector
+ * makes at most a few hundred API calls a second; 2000 chunks of 4 KiB are
+ * 8 MiB/s of plaintext. A write the bucket cannot cover in full spends what
+ * is left on its first and last chunks; the rest is counted as lost. */
 #ifndef LT_SSL_EVENTS_PER_SEC
 #define LT_SSL_EVENTS_PER_SEC 2000
 #endif
@@ -346,21 +355,36 @@ enum lt_ssl_stat {
 	LT_SSL_CNT_EXIT,            /* exit notifications of selected processes delivered */
 	LT_SSL_CNT_EMPTY,           /* writes of 0 bytes (or negative SSL_write lengths) */
 	LT_SSL_LOSS_RINGBUF_FULL,   /* ring buffer reservation failed */
-	LT_SSL_LOSS_RATE_LIMITED,   /* event dropped by the per-process rate limit */
-	LT_SSL_LOSS_TRUNCATED,      /* write longer than LT_SSL_SNAP: the rest not captured */
+	LT_SSL_LOSS_RATE_LIMITED,   /* chunk not sent: the process's budget was spent */
+	LT_SSL_LOSS_CHUNK_BOUND,    /* write longer than LT_SSL_CHUNKS_MAX chunks: middle lost */
 	LT_SSL_LOSS_READ_USER,      /* bpf_probe_read_user of the buffer failed */
 	LT_SSL_LOSS_BIND_EVENT,     /* a binding could not be sent (ring buffer full) */
-	LT_SSL_LOSS_NOTIFY,         /* an exec/exit notification could not be sent */
+	LT_SSL_LOSS_NOTIFY,         /* an exec/exit/mmap notification could not be sent */
 	LT_SSL_LOSS_BIND_GIVEUP,    /* no TLS-looking send within LT_SSL_BIND_TRIES writes */
+	LT_SSL_LOSS_LOST_RECORD,    /* a connection's lost bytes could not be recorded */
+	LT_SSL_CNT_BYTES_WRITTEN,   /* plaintext bytes the probed writes asked to send */
+	LT_SSL_CNT_BYTES_CAPTURED,  /* plaintext bytes delivered in events */
+	LT_SSL_CNT_MMAP,            /* executable file mappings notified */
 	LT_SSL_STAT_MAX,
+};
+
+/* Why bytes of a write were not captured: index of lt_ssl_lost.bytes[]. */
+enum lt_ssl_lost_reason {
+	LT_SSL_LOST_RATE_LIMITED = 0, /* whole write dropped: no budget left */
+	LT_SSL_LOST_BUDGET,         /* middle of a write skipped: budget short */
+	LT_SSL_LOST_CHUNK_BOUND,    /* middle of a write beyond LT_SSL_CHUNKS_MAX chunks */
+	LT_SSL_LOST_RINGBUF_FULL,   /* chunk not sent: ring buffer full */
+	LT_SSL_LOST_READ_USER,      /* chunk not readable from user memory */
+	LT_SSL_LOST_MAX,
 };
 
 /* Kind of an lt_ssl_events record. */
 enum lt_ssl_event_kind {
-	LT_SSL_EV_WRITE = 1,        /* the first bytes of one SSL_write/SSL_write_ex */
+	LT_SSL_EV_WRITE = 1,        /* one chunk of one SSL_write/SSL_write_ex */
 	LT_SSL_EV_BIND = 2,         /* ssl_ptr now writes to fd (learned from a send syscall) */
 	LT_SSL_EV_EXEC = 3,         /* a process called execve: the controller checks selection */
 	LT_SSL_EV_EXIT = 4,         /* a selected process exited: detach its probes */
+	LT_SSL_EV_MMAP = 5,         /* a process mapped a file executable: look for libssl */
 };
 
 /* Key of lt_ssl_fds: an SSL object in one process (pointers repeat across processes). */
@@ -383,13 +407,43 @@ struct lt_ssl_pending {
 	__u32 pad;
 };
 
-/* One lt_ssl_events record: header plus the first cap_len plaintext bytes.
- * Only LT_SSL_EVENT_HDR_SIZE + cap_len bytes are submitted. */
+/* Value of lt_ssl_budget: a process's token bucket of plaintext chunks. */
+struct lt_ssl_budget {
+	__u64 refill_ns;            /* when tokens were last refilled */
+	__s64 tokens;               /* may dip below 0 when threads race: read as 0 */
+};
+
+/* Value of lt_ssl_plan (per CPU): the chunks one write sends. Kept in map
+ * memory, which the verifier does not track by value, so the chunk loop's
+ * states converge and its cost stays linear in LT_SSL_CHUNKS_MAX. */
+struct lt_ssl_plan {
+	__u64 tail_start;           /* offset of the first tail chunk */
+	__u64 planned;              /* bytes the chunks cover */
+	__u32 take;                 /* chunks to send */
+	__u32 head;                 /* of which from offset 0 on; the rest end at the write's end */
+};
+
+/* Value of lt_ssl_lost (key lt_ssl_key: one connection): plaintext bytes the
+ * kernel did not deliver, by enum lt_ssl_lost_reason, plus who wrote them.
+ * The controller drains it (lookup and delete) once a second. */
+struct lt_ssl_lost {
+	__u64 bytes[LT_SSL_LOST_MAX];
+	__u64 writes;               /* writes with at least one byte lost */
+	__u64 cgroup_id;
+	__u32 uid;
+	__s32 fd;                   /* socket fd of the connection, -1 if not known */
+	char comm[16];
+};
+
+/* One lt_ssl_events record: header plus cap_len plaintext bytes of a write,
+ * starting at data_off within it. Only LT_SSL_EVENT_HDR_SIZE + cap_len
+ * bytes are submitted. For LT_SSL_EV_MMAP, data_off is the mapping address. */
 struct lt_ssl_event {
 	__u64 ts_ns;
 	__u64 cgroup_id;
 	__u64 ssl_ptr;
 	__u64 req_len;              /* bytes the application asked to write */
+	__u64 data_off;             /* offset of data[0] within the write */
 	__u32 kind;                 /* enum lt_ssl_event_kind */
 	__u32 pid;                  /* thread id */
 	__u32 tgid;                 /* process id */

@@ -452,6 +452,8 @@ class SslOptions:
     procs_max: int = 4096
     conns_max: int = 16384
     threads_max: int = 4096
+    chunks_max: int = 64  # chunks one write may send (LT_SSL_CHUNKS_MAX)
+    mmap_all: bool = False  # report every process's executable mappings (select: all)
 
     def __post_init__(self) -> None:
         if not isinstance(self.snap_bytes, int) or not 1 <= self.snap_bytes <= SSL_SNAP_MAX:
@@ -460,6 +462,8 @@ class SslOptions:
         pages = self.ringbuf_pages
         if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
             raise ProbeLoadError(f"ringbuf_pages must be a power of two, not {pages!r}")
+        if not isinstance(self.chunks_max, int) or not 2 <= self.chunks_max <= 128:
+            raise ProbeLoadError(f"chunks_max must be in 2..128, not {self.chunks_max!r}")
         for name in ("events_per_sec", "procs_max", "conns_max", "threads_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or not 1 <= value <= 1 << 24:
@@ -473,6 +477,8 @@ class SslOptions:
             f"-DLT_SSL_PROCS_MAX={int(self.procs_max)}",
             f"-DLT_SSL_CONNS_MAX={int(self.conns_max)}",
             f"-DLT_SSL_THREADS_MAX={int(self.threads_max)}",
+            f"-DLT_SSL_CHUNKS_MAX={int(self.chunks_max)}",
+            f"-DLT_SSL_MMAP_ALL={int(bool(self.mmap_all))}",
         ]
 
 
@@ -576,5 +582,13 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     except Exception as e:
         raise ProbeLoadError(
             f"compiling {', '.join(files)}: {e} (see the compiler output above)") from e
+    # verify the uprobe programs now (the chunk loop takes the verifier a few hundred
+    # ms), not at the first attach, where a fresh process would outrun it
+    try:
+        for fn in set(SSL_SYMBOLS.values()):
+            bpf.load_func(fn.encode(), BPF.KPROBE)
+    except Exception as e:
+        bpf.cleanup()
+        raise ProbeLoadError(f"loading the uprobe programs of {', '.join(files)}: {e}") from e
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return SslProbes(options=options, bpf=bpf)

@@ -18,13 +18,14 @@ from leaktap.controller.kernel import abi
 
 @dataclass(slots=True)
 class SslEvent:
-    """One record: a write's first bytes, a binding, or an exec/exit notice."""
+    """One record: a chunk of a write, a binding, or an exec/exit/mmap notice."""
 
     kind: str  # write | bind | exec | exit
     ts_ns: int
     cgroup_id: int
     ssl_ptr: int
     req_len: int  # bytes the application asked to write
+    data_off: int  # offset of data[0] within the write (mmap: the mapping's address)
     pid: int  # thread
     tgid: int  # process
     uid: int
@@ -33,8 +34,9 @@ class SslEvent:
     data: bytes
 
     @property
-    def truncated(self) -> bool:
-        return self.req_len > len(self.data)
+    def write_ends(self) -> bool:
+        """This chunk holds the last byte of its write."""
+        return self.data_off + len(self.data) >= self.req_len
 
 
 def header_format(event_class: Any, stop: str = "data") -> tuple[struct.Struct, list[str]]:
@@ -84,6 +86,7 @@ class SslEventDecoder:
             cgroup_id=f[i["cgroup_id"]],
             ssl_ptr=f[i["ssl_ptr"]],
             req_len=f[i["req_len"]],
+            data_off=f[i["data_off"]],
             pid=f[i["pid"]],
             tgid=f[i["tgid"]],
             uid=f[i["uid"]],

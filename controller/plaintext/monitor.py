@@ -13,7 +13,18 @@ attach runs on a worker thread at once, before a typical client has loaded
 its TLS library. A periodic /proc rescan (plaintext.rescan_interval_s)
 catches processes that changed cgroup or uid without exec and any exec
 notice that was lost; selected processes' maps are re-read every
-MAPS_RESCAN_S for libssl copies loaded later (dlopen).
+MAPS_RESCAN_S for libssl copies loaded later (dlopen). A TLS library is any
+file mapped executable that defines SSL_write/SSL_write_ex, whatever its
+name; the sys_exit_mmap tracepoint reports new executable mappings (of
+probed processes, or of every process with `select: all`) so a library
+loaded later is probed at once, not on the next rescan.
+
+Coverage: the kernel sends each write in chunks with their offsets and adds
+every byte it could not deliver to lt_ssl_lost (per connection and reason),
+drained here every LOSS_DRAIN_S. Captured and lost bytes are counted per
+connection and per process; bytes lost to a flood (the rate limit or a full
+ring buffer) by a process talking to a CRM raise `inspection_evaded`, and a
+CRM connection whose bytes were mostly unseen is written to the audit log.
 
 The plaintext of a write exists only inside `_on_write`; nothing here logs,
 stores or forwards it.
@@ -23,6 +34,7 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
+import inspect
 import logging
 import os
 import queue
@@ -32,6 +44,7 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +61,14 @@ from leaktap.analytics.plaintext.redact import KeyedHasher
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig
 from leaktap.controller.errors import ConfigError, ProbeLoadError
-from leaktap.controller.kernel import loader
+from leaktap.controller.kernel import abi, loader
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
-from leaktap.controller.plaintext.libraries import LIBSSL_SONAME, find_shared_library
+from leaktap.controller.plaintext.libraries import (
+    LIBSSL_SONAME,
+    SslLibraryFinder,
+    find_shared_library,
+)
 from leaktap.controller.plaintext.procs import (
     PROC,
     Library,
@@ -73,13 +90,24 @@ DETACH_QUIET_S = 0.5
 BINDINGS_MAX = 65536
 SECRET_BYTES = 32
 SECRET_FILE = "plaintext-hmac.key"
+LOSS_DRAIN_S = 1.0
+COVERAGE_MAX = 65536  # connections whose captured/lost bytes are followed
+PROCESSES_MAX = 4096  # processes whose lost bytes are followed
+# lost-byte reasons that mean a flood blinded the probe (an alert), as opposed
+# to the middle of one very large write skipped (counted, and the audit's concern)
+BLINDING_REASONS = ("rate_limited", "ringbuf_full")
+# a CRM connection is reported as mostly unseen once it wrote this much and lost
+# more than UNSEEN_SHARE of it
+UNSEEN_MIN_BYTES = 64 * 1024
+UNSEEN_SHARE = 0.5
 
 REMEDIES = {
     "ssl_loss_ringbuf_full": "the controller fell behind: raise the plaintext ring buffer",
-    "ssl_loss_rate_limited": "a process wrote more than plaintext.events_per_second; "
-    "raise it if that rate is expected",
-    "ssl_loss_truncated": "writes longer than plaintext.max_bytes: only their start is "
-    "inspected",
+    "ssl_loss_rate_limited": "a process wrote more than plaintext.events_per_second chunks "
+    "of plaintext.max_bytes; raise it if that rate is expected",
+    "ssl_loss_chunk_bound": "a write longer than the chunks one write may send: its head and "
+    "tail are inspected, the middle is counted as lost",
+    "ssl_loss_lost_record": "a connection's lost bytes could not be recorded (map full)",
     "ssl_loss_read_user": "plaintext not readable (paged out); the write is seen without content",
     "ssl_loss_bind_event": "a connection's socket binding was lost; its next write retries",
     "ssl_loss_notify": "an exec/exit notice was lost; the periodic rescan catches up",
@@ -88,6 +116,34 @@ REMEDIES = {
 
 OnFinding = Callable[[Finding], None]
 OnAudit = Callable[[BulkAudit], None]
+
+
+@dataclass(slots=True)
+class ConnectionCoverage:
+    """Plaintext bytes of one TLS connection: delivered by the kernel, or lost and why."""
+
+    tenant: str
+    pid: int
+    comm: str
+    captured: int = 0
+    lost: Counter[str] = field(default_factory=Counter)
+    crm: tuple[str, str | None] | None = None  # (vendor, instance) once known
+    destination: str | None = None
+    reported_unseen: bool = False
+
+    @property
+    def written(self) -> int:
+        return self.captured + sum(self.lost.values())
+
+
+def lost_reason_names() -> list[str]:
+    """lt_ssl_lost.bytes[] index -> reason name, e.g. rate_limited."""
+    reasons = abi.enums()["lt_ssl_lost_reason"]
+    names = [""] * reasons["LT_SSL_LOST_MAX"]
+    for member, value in reasons.items():
+        if member != "LT_SSL_LOST_MAX":
+            names[value] = member.removeprefix("LT_SSL_LOST_").lower()
+    return names
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -173,11 +229,22 @@ class PlaintextMonitor:
         self.select_all = pt.select == "all"
         self.selector = ProcessSelector(pt.select) if not isinstance(pt.select, str) else None
         self.options = ssl_options or loader.SslOptions(
-            snap_bytes=pt.max_bytes, events_per_sec=pt.events_per_second)
+            snap_bytes=pt.max_bytes, events_per_sec=pt.events_per_second,
+            mmap_all=self.select_all)
         secret_path = Path(pt.hmac_secret_file) if pt.hmac_secret_file else (
             Path(config.storage.path or DEFAULT_DB).parent / SECRET_FILE)
         self.hasher = KeyedHasher(load_or_create_secret(secret_path))
         self.inspector = build_inspector(config, self.hasher, attributor)
+        # the chunk offset and kernel-loss hooks of the inspector, where it has them
+        self._inspect_takes_offset = (
+            "offset" in inspect.signature(self.inspector.inspect).parameters)
+        self._inspector_lost: Callable[..., Any] | None = getattr(self.inspector, "lost", None)
+        self.finder = SslLibraryFinder()
+        self.coverage: OrderedDict[tuple[int, int], ConnectionCoverage] = OrderedDict()
+        self.process_lost: OrderedDict[int, Counter[str]] = OrderedDict()
+        self._lost_reasons = lost_reason_names()
+        self._last_loss_drain = 0.0
+        self.mmap_attach_latency_ms: list[float] = []  # mmap -> probes attached, last 100
         self.environments = _Environments(config)
         self.sockets = SocketResolver(proc)
         self._system_library = system_library
@@ -244,6 +311,7 @@ class PlaintextMonitor:
         with self._lock:
             if self.probes is not None:
                 self._drain(0)
+                self.drain_lost()
                 self.probes.close()  # detaches every uprobe and tracepoint
                 self.probes = None
             self.probed.clear()
@@ -317,17 +385,21 @@ class PlaintextMonitor:
         self.counters["rescans"] += 1
         self.counters["rescan_ms_total"] += int((time.monotonic() - started) * 1000)
 
-    def _attach_all(self) -> None:
-        for pid in list_pids(self.proc):
-            for lib in ssl_libraries(pid, self.proc):
+    def _attach_all(self, pids: list[int] | None = None) -> bool:
+        """select: all: probe every TLS library of `pids` (default: every process)
+        for every process; True when a library was newly probed."""
+        for pid in list_pids(self.proc) if pids is None else pids:
+            for lib in ssl_libraries(pid, self.proc, self.finder):
                 self.libraries.setdefault(lib.key, lib)
+        new = False
         with self._lock:
             if self.probes is None:
                 return
             for key, lib in self.libraries.items():
                 if (lib.path, -1) not in self.probes.attached:
-                    self._attach(lib, -1)
+                    new = self._attach(lib, -1) or new
                     self.probed.setdefault(-1, set()).add(key)
+        return new
 
     def _reconsider(self, info: ProcessInfo) -> bool:
         """Probe or unprobe one process; True when it is (now) probed."""
@@ -349,13 +421,14 @@ class PlaintextMonitor:
             return False
         return True
 
-    def _probe(self, pid: int) -> None:
+    def _probe(self, pid: int) -> bool:
         """Attach to the system libssl (before the process maps it, so no write of a
-        fresh process escapes) and to every other libssl it maps."""
-        libs = {lib.key: lib for lib in ssl_libraries(pid, self.proc)}
+        fresh process escapes) and to every other TLS library it maps; True when a
+        library was newly probed."""
+        libs = {lib.key: lib for lib in ssl_libraries(pid, self.proc, self.finder)}
         with self._lock:
             if self.probes is None:
-                return
+                return False
             for key, lib in libs.items():
                 self.libraries.setdefault(key, lib)
             keys = set(libs)
@@ -373,6 +446,7 @@ class PlaintextMonitor:
                 self.counters["attached"] += 1
                 logger.info("probing pid %d (%s)", pid,
                             ", ".join(sorted(self.libraries[k].path for k in have)))
+            return new
 
     def _unprobe(self, pid: int, why: str) -> None:
         """Forget `pid` at once; its uprobes are closed on the detach thread, because
@@ -424,6 +498,9 @@ class PlaintextMonitor:
         while not self._stop.is_set():
             try:
                 self._drain(100)
+                if time.monotonic() - self._last_loss_drain >= LOSS_DRAIN_S:
+                    self._last_loss_drain = time.monotonic()
+                    self.drain_lost()
             except Exception:  # noqa: BLE001 - keep draining; the error is logged
                 logger.exception("draining plaintext events")
                 time.sleep(0.1)
@@ -447,8 +524,25 @@ class PlaintextMonitor:
                     info = read_process(pid, self.proc)
                     if info is None or info.zombie:
                         self._unprobe(pid, "exited")
+                elif what == "mmap":
+                    self._on_mapping(pid, ts_ns)
             except Exception:  # noqa: BLE001 - one process must not stop the others
                 logger.exception("handling %s of pid %d", what, pid)
+
+    def _on_mapping(self, pid: int, ts_ns: int) -> None:
+        """A process mapped a file executable: probe it if it is a TLS library."""
+        self.counters["mappings_checked"] += 1
+        if self.select_all:
+            new = self._attach_all([pid])
+        elif pid in self.probed:
+            new = self._probe(pid)
+        else:
+            return
+        if new:
+            latency = (time.monotonic_ns() - ts_ns) / 1e6
+            self.mmap_attach_latency_ms = [*self.mmap_attach_latency_ms[-99:], latency]
+            logger.info("a TLS library mapped by pid %d probed %.1f ms after the mmap",
+                        pid, latency)
 
     def _rescan_loop(self) -> None:
         interval = self.config.plaintext.rescan_interval_s
@@ -484,6 +578,9 @@ class PlaintextMonitor:
                 if ev.kind == "exec":
                     self._last_exec_monotonic = time.monotonic()
                 self._work.put((ev.kind, ev.tgid, ev.ts_ns))
+            elif ev.kind == "mmap":
+                self._last_exec_monotonic = time.monotonic()  # attaches first
+                self._work.put(("mmap", ev.tgid, ev.ts_ns))
         except Exception:  # noqa: BLE001 - one bad write must not stop the drain
             self.counters["inspection_errors"] += 1
             logger.exception("inspecting a %s event of pid %d", ev.kind, ev.tgid)
@@ -522,11 +619,21 @@ class PlaintextMonitor:
         )
 
     def _on_write(self, ev: SslEvent) -> None:
-        self.counters["writes"] += 1
-        if ev.truncated:
-            self.counters["truncated_writes"] += 1
-        result = self.inspector.inspect(self.context(ev), ev.data, ev.req_len)
+        """One chunk of a write: [data_off, data_off + len(data)) of req_len bytes."""
+        if ev.data_off == 0:
+            self.counters["writes"] += 1
+        self.counters["chunks"] += 1
+        self.counters["captured_bytes"] += len(ev.data)
+        ctx = self.context(ev)
+        if self._inspect_takes_offset:
+            result = self.inspector.inspect(ctx, ev.data, ev.req_len, offset=ev.data_off)
+        else:
+            result = self.inspector.inspect(ctx, ev.data, ev.req_len)
         self.counters["inspected_writes"] += 1
+        cov = self._coverage(ctx)
+        cov.captured += len(ev.data)
+        if cov.crm is None:
+            cov.crm = self._crm_of(ctx)
         if result.named_instance is not None:
             self._refine_instance(ev, result.named_instance)
         self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
@@ -548,6 +655,123 @@ class PlaintextMonitor:
             ends.family, ends.local, ends.remote, named[0], named[1]
         ):
             self.counters["instances_named"] += 1
+
+    # -- coverage: bytes captured and lost ------------------------------------------
+
+    def _coverage(self, ctx: WriteContext) -> ConnectionCoverage:
+        key = ctx.conn
+        assert isinstance(key, tuple)
+        cov = self.coverage.get(key)
+        if cov is None:
+            cov = self.coverage[key] = ConnectionCoverage(ctx.tenant, ctx.pid, ctx.comm)
+            if len(self.coverage) > COVERAGE_MAX:
+                self.coverage.popitem(last=False)
+                self.counters["coverage_evicted"] += 1
+        else:
+            self.coverage.move_to_end(key)
+        if ctx.destination is not None:
+            cov.destination = ctx.destination
+        return cov
+
+    def _crm_of(self, ctx: WriteContext) -> tuple[str, str | None] | None:
+        """The CRM a connection talks to: its flow's, else the Host its requests named."""
+        if ctx.crm_vendor:
+            return ctx.crm_vendor, ctx.crm_instance
+        host_of = getattr(self.inspector, "connection_host", None)
+        if host_of is not None:
+            host = host_of(ctx.conn)
+        else:  # inspectors without the accessor keep the host on their connection state
+            conn = getattr(self.inspector, "_conns", {}).get(ctx.conn)
+            host = getattr(conn, "host", None)
+        crm = self.attributor.catalogue.lookup(host) if host else None
+        return (crm.vendor, crm.instance) if crm is not None else None
+
+    def drain_lost(self) -> int:
+        """Take the kernel's per-connection lost bytes (lookup and delete) and account,
+        report and alert on them; returns the connections drained."""
+        if self.probes is None:
+            return 0
+        table = self.probes.table("lt_ssl_lost")
+        drained = 0
+        for key, value in table.items_lookup_and_delete_batch():
+            drained += 1
+            lost = {name: int(value.bytes[i]) for i, name in enumerate(self._lost_reasons)
+                    if value.bytes[i]}
+            if lost:
+                self._account_lost(key.tgid, key.ssl_ptr, value, lost)
+        return drained
+
+    def _account_lost(self, tgid: int, ssl_ptr: int, value: Any, lost: dict[str, int]) -> None:
+        ev = SslEvent(kind="lost", ts_ns=0, cgroup_id=int(value.cgroup_id), ssl_ptr=ssl_ptr,
+                      req_len=0, data_off=0, pid=tgid, tgid=tgid, uid=int(value.uid),
+                      fd=int(value.fd), comm=bytes(value.comm).split(b"\0", 1)[0].decode(
+                          "utf-8", "replace"), data=b"")
+        ctx = self.context(ev)
+        cov = self._coverage(ctx)
+        per_process = self.process_lost.get(tgid)
+        if per_process is None:
+            per_process = self.process_lost[tgid] = Counter()
+            if len(self.process_lost) > PROCESSES_MAX:
+                self.process_lost.popitem(last=False)
+        else:
+            self.process_lost.move_to_end(tgid)
+        for reason, nbytes in lost.items():
+            self.counters[f"uncaptured_bytes_{reason}"] += nbytes
+            cov.lost[reason] += nbytes
+            per_process[reason] += nbytes
+            if self._inspector_lost is not None:
+                self._inspector_lost(ctx, nbytes, reason)
+        if cov.crm is None:
+            cov.crm = self._crm_of(ctx)
+        crm = cov.crm or self._process_crm(tgid)
+        blinded = {r: n for r, n in lost.items() if r in BLINDING_REASONS}
+        if blinded and crm is not None:
+            self._evaded(ctx, crm, cov.destination, blinded, int(value.writes))
+        if crm is not None and not cov.reported_unseen:
+            self._report_unseen(ctx, crm, cov)
+
+    def _process_crm(self, tgid: int) -> tuple[str, str | None] | None:
+        """A CRM any connection of the process talks to (a flood on one connection
+        blinds the process's other connections too)."""
+        for (pid, _), cov in reversed(self.coverage.items()):
+            if pid == tgid and cov.crm is not None:
+                return cov.crm
+        return None
+
+    def _evaded(self, ctx: WriteContext, crm: tuple[str, str | None], destination: str | None,
+                blinded: dict[str, int], writes: int) -> None:
+        total = sum(blinded.values())
+        reasons = ", ".join(f"{n} B to {r.replace('_', ' ')}" for r, n in sorted(
+            blinded.items()))
+        finding = Finding(
+            kind="inspection_evaded", tenant=ctx.tenant, severity="high",
+            summary=(f"{ctx.comm} (pid {ctx.pid}) lost {total} bytes of TLS plaintext in "
+                     f"{writes} write(s) uninspected ({reasons}) while talking to "
+                     f"{crm[0]}:{crm[1] or '?'}"),
+            crm_vendor=crm[0], crm_instance=crm[1], destination=destination,
+            evidence={"finding": "inspection_evaded", "pid": ctx.pid, "comm": ctx.comm,
+                      "lost_bytes": blinded, "writes": writes,
+                      "process_lost_bytes": dict(self.process_lost.get(ctx.pid, {}))},
+        )
+        self.counters["finding_inspection_evaded"] += 1
+        self._deliver(self.on_finding, finding)
+
+    def _report_unseen(self, ctx: WriteContext, crm: tuple[str, str | None],
+                       cov: ConnectionCoverage) -> None:
+        written = cov.written
+        unseen = written - cov.captured
+        if written < UNSEEN_MIN_BYTES or unseen <= written * UNSEEN_SHARE:
+            return
+        cov.reported_unseen = True
+        self.counters["unseen_connections"] += 1
+        # an audit row of its own kind: /v1/audit lists it beside the API calls
+        self._deliver(self.on_audit, BulkAudit(
+            ts=time.time(), tenant=ctx.tenant, crm_vendor=crm[0], crm_instance=crm[1],
+            destination=cov.destination, operation="inspection:unseen",
+            action=f"{unseen} of {written} bytes unseen ("
+                   + ", ".join(f"{r} {n}" for r, n in sorted(cov.lost.items())) + ")",
+            method="", path="", request_bytes=written, allowed=False, protocol="tls",
+            pid=ctx.pid, comm=ctx.comm))
 
     def _deliver(self, callback: Callable[[Any], None], item: Any) -> None:
         try:

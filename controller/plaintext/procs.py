@@ -1,5 +1,6 @@
 """Processes from /proc: who they are, whether plaintext.select picks them, and
-which libssl files they map.
+which TLS library files they map (by content: any file mapped executable that
+defines SSL_write/SSL_write_ex, whatever its name).
 
 A process in a container sees its libraries under its own root: the path to
 probe is /proc/<pid>/root/<path>, and the same file reached by two paths (a
@@ -17,11 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leaktap.controller.config import PlaintextSelect
+from leaktap.controller.plaintext.libraries import SslLibraryFinder
 
 logger = logging.getLogger(__name__)
 
 PROC = Path("/proc")
-_LIBSSL = re.compile(r"/libssl\.so(?:\.[0-9.]+)?$")
+DEFAULT_FINDER = SslLibraryFinder()
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,24 +118,37 @@ def library_at(path: str) -> Library | None:
     return Library(path, st.st_dev, st.st_ino)
 
 
-def ssl_libraries(pid: int, proc: Path = PROC) -> list[Library]:
-    """Every libssl file `pid` maps, as paths this process can open."""
+def executable_mappings(pid: int, proc: Path = PROC) -> list[str]:
+    """Paths of the files `pid` maps executable (as the process names them)."""
     maps = _read(proc / str(pid) / "maps")
     if maps is None:
         return []
-    found: dict[tuple[int, int], Library] = {}
+    paths: dict[str, None] = {}
     for line in maps.decode("utf-8", "replace").split("\n"):
         parts = line.split(None, 5)
-        if len(parts) < 6:
+        if len(parts) < 6 or "x" not in parts[1] or not parts[5].startswith("/"):
             continue
-        path = parts[5]
-        if path.endswith(" (deleted)") or not _LIBSSL.search(path):
-            continue
+        if not parts[5].endswith(" (deleted)"):
+            paths[parts[5]] = None
+    return list(paths)
+
+
+def ssl_libraries(pid: int, proc: Path = PROC,
+                  finder: SslLibraryFinder = DEFAULT_FINDER) -> list[Library]:
+    """Every file `pid` maps that defines SSL_write(_ex), as paths we can open."""
+    found: dict[tuple[int, int], Library] = {}
+    for path in executable_mappings(pid, proc):
         # the process's own root: its container's file, not ours
-        lib = library_at(f"{proc}/{pid}/root{path}")
-        if lib is not None and lib.key not in found:
-            own = library_at(path)
-            if own is not None and own.key == lib.key:
-                lib = own  # the same file in our namespace: the shorter path
-            found[lib.key] = lib
+        rooted = f"{proc}/{pid}/root{path}"
+        try:
+            st = os.stat(rooted)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in found or not finder.is_tls_library(rooted, st):
+            continue
+        lib = Library(rooted, st.st_dev, st.st_ino)
+        own = library_at(path)
+        if own is not None and own.key == lib.key:
+            lib = own  # the same file in our namespace: the shorter path
+        found[lib.key] = lib
     return list(found.values())

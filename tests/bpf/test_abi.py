@@ -45,6 +45,9 @@ def current_layouts(probes: Any, ssl: Any) -> dict[str, dict[str, Any]]:
         "lt_ssl_key": layout(ssl.table("lt_ssl_fds").Key),
         "lt_ssl_sock": layout(ssl.table("lt_ssl_fds").Leaf),
         "lt_ssl_pending": layout(ssl.table("lt_ssl_pend").Leaf),
+        "lt_ssl_budget": layout(ssl.table("lt_ssl_budget").Leaf),
+        "lt_ssl_lost": layout(ssl.table("lt_ssl_lost").Leaf),
+        "lt_ssl_plan": layout(ssl.table("lt_ssl_plan").sLeaf),  # per-CPU
         "lt_flow_key": layout(flows.Key),
         "lt_flow_val": layout(flows.sLeaf),  # per-CPU: sLeaf is one CPU's value
         "lt_volume": layout(probes.table("lt_cgtot").sLeaf),
@@ -127,7 +130,8 @@ def test_ssl_event_header_and_stats(ssl_probes):
     from leaktap.controller.plaintext.events import ssl_stat_names
 
     event = ssl_probes.table("lt_ssl_scratch").sLeaf
-    assert event.data.offset == 72
+    assert event.data.offset == 80  # data_off (the chunk's offset in its write) at 32
+    assert event.data_off.offset == 32
     assert event.data.size == abi.defines()["LT_SSL_SNAP"]
     names = ssl_stat_names()
     assert len(names) == len(ssl_probes.table("lt_ssl_stats")) == len(set(names))

@@ -1,5 +1,7 @@
 """ssl_uprobe.bpf.c against a real OpenSSL: a child process does TLS over memory BIOs
-(no network) while its pid-scoped uprobes capture, rate-limit and count."""
+(no network) while its pid-scoped uprobes capture writes in chunks, spend the
+per-process budget on each write's head and tail, and count every lost byte
+per connection and reason."""
 
 from __future__ import annotations
 
@@ -13,14 +15,14 @@ import pytest
 from leaktap.controller.kernel.loader import SslOptions, SslProbes, load_ssl
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
-from leaktap.controller.plaintext.monitor import REMEDIES
+from leaktap.controller.plaintext.monitor import REMEDIES, lost_reason_names
 
 pytestmark = pytest.mark.kernel
 
 LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
 
 # client and server SSLObjects in one process, handshaking through memory BIOs;
-# waits for a line, then makes `count` writes of `size` bytes
+# waits for a line, then makes `count` writes of `size` bytes (pattern(i, size))
 WRITER = """
 import ssl, subprocess, sys, tempfile, os
 d = tempfile.mkdtemp()
@@ -43,7 +45,7 @@ print("ready", flush=True)
 sys.stdin.readline()
 count, size = int(sys.argv[1]), int(sys.argv[2])
 for i in range(count):
-    cli.write(bytes([65 + i % 26]) * size)
+    cli.write(bytes((65 + i + j * 7) % 251 for j in range(size)))
     c_out.read()
 print("done", flush=True)
 """
@@ -66,6 +68,22 @@ def child() -> Iterator[callable]:
         p.wait()
 
 
+def pattern(i: int, size: int) -> bytes:
+    return bytes((65 + i + j * 7) % 251 for j in range(size))
+
+
+def lost_bytes(probes: SslProbes, pid: int) -> dict[str, int]:
+    """lt_ssl_lost of `pid`'s connections by reason name, plus `writes`."""
+    names = lost_reason_names()
+    out: dict[str, int] = {}
+    for k, v in probes.table("lt_ssl_lost").items():
+        if k.tgid == pid:
+            for i, name in enumerate(names):
+                out[name] = out.get(name, 0) + int(v.bytes[i])
+            out["writes"] = out.get("writes", 0) + int(v.writes)
+    return {k: v for k, v in out.items() if v}
+
+
 def run(probes: SslProbes, proc: subprocess.Popen[str]) -> tuple[list[SslEvent], dict[str, int]]:
     decoder = SslEventDecoder(probes.table("lt_ssl_scratch").sLeaf)
     events: list[SslEvent] = []
@@ -82,20 +100,70 @@ def run(probes: SslProbes, proc: subprocess.Popen[str]) -> tuple[list[SslEvent],
     return [e for e in events if e.tgid == proc.pid and e.kind == "write"], stats
 
 
-def test_writes_are_captured_truncated_and_rate_limited(child):
+def test_writes_beyond_the_budget_are_dropped_and_every_byte_counted(child):
     probes = load_ssl(SslOptions(snap_bytes=64, events_per_sec=10))
     try:
-        events, stats = run(probes, child(100, 100))
+        p = child(100, 64)
+        events, stats = run(probes, p)
+        lost = lost_bytes(probes, p.pid)
     finally:
         probes.close()
     assert stats["ssl_cnt_write"] == 100
-    # the window of 10: the child's own exec notice took one of them
-    assert len(events) == stats["ssl_cnt_event"] in (9, 10, 18, 19, 20)
-    assert stats["ssl_loss_rate_limited"] == 100 - stats["ssl_cnt_event"]
-    assert stats["ssl_loss_truncated"] == stats["ssl_cnt_event"]
+    # a bucket of 10 chunks, refilling at 10/s while 100 writes take milliseconds
+    sent = stats["ssl_cnt_event"]
+    assert len(events) == sent and sent in (10, 11)
+    assert stats["ssl_loss_rate_limited"] == 100 - sent
+    assert (stats["ssl_cnt_bytes_written"], stats["ssl_cnt_bytes_captured"]) == (6400, 64 * sent)
+    assert lost == {"rate_limited": 64 * (100 - sent), "writes": 100 - sent}
     first = events[0]
-    assert (first.data, first.req_len, first.fd) == (b"A" * 64, 100, -1)
+    assert (first.data, first.req_len, first.data_off, first.fd) == (pattern(0, 64), 64, 0, -1)
     assert first.comm.startswith("python")
+
+
+def test_a_70k_write_arrives_whole_in_ordered_chunks(child):
+    probes = load_ssl(SslOptions(snap_bytes=4096, events_per_sec=1000))
+    try:
+        p = child(1, 70_000)
+        events, stats = run(probes, p)
+        lost = lost_bytes(probes, p.pid)
+    finally:
+        probes.close()
+    assert [e.data_off for e in events] == list(range(0, 70_000, 4096))
+    assert {e.req_len for e in events} == {70_000}
+    assert b"".join(e.data for e in events) == pattern(0, 70_000)
+    assert [e.write_ends for e in events] == [False] * 17 + [True]
+    assert stats["ssl_cnt_bytes_written"] == stats["ssl_cnt_bytes_captured"] == 70_000
+    assert lost == {} and stats["ssl_loss_chunk_bound"] == 0
+
+
+def test_a_write_beyond_the_chunk_bound_sends_head_and_tail(child):
+    probes = load_ssl(SslOptions(snap_bytes=1024, events_per_sec=1000, chunks_max=4))
+    try:
+        p = child(1, 10_000)
+        events, stats = run(probes, p)
+        lost = lost_bytes(probes, p.pid)
+    finally:
+        probes.close()
+    data = pattern(0, 10_000)
+    assert [e.data_off for e in events] == [0, 1024, 10_000 - 2048, 10_000 - 1024]
+    assert all(e.data == data[e.data_off:e.data_off + 1024] for e in events)
+    assert stats["ssl_loss_chunk_bound"] == 1
+    assert lost == {"chunk_bound": 10_000 - 4096, "writes": 1}
+    assert stats["ssl_cnt_bytes_captured"] == 4096
+
+
+def test_a_short_budget_is_spent_on_the_head_and_tail_of_a_write(child):
+    probes = load_ssl(SslOptions(snap_bytes=64, events_per_sec=5))
+    try:
+        p = child(1, 64 * 20)
+        events, stats = run(probes, p)
+        lost = lost_bytes(probes, p.pid)
+    finally:
+        probes.close()
+    # 5 tokens for 20 chunks: 3 from the head, 2 from the tail, in offset order
+    assert [e.data_off for e in events] == [0, 64, 128, 64 * 18, 64 * 19]
+    assert lost == {"budget": 64 * 15, "writes": 1}
+    assert stats["ssl_loss_rate_limited"] == 15
 
 
 def test_a_full_ring_is_counted_and_warned_about(child, caplog):
@@ -112,8 +180,11 @@ def test_a_full_ring_is_counted_and_warned_about(child, caplog):
                  for i, n in enumerate(ssl_stat_names())}
         with caplog.at_level(logging.WARNING):
             rises = loss.check(stats)
+        lost = lost_bytes(probes, p.pid)
     finally:
         probes.close()
     assert stats["ssl_cnt_write"] == 50
     assert rises["ssl_loss_ringbuf_full"] == 50 - stats["ssl_cnt_event"] > 0
+    assert lost == {"ringbuf_full": 4096 * rises["ssl_loss_ringbuf_full"],
+                    "writes": rises["ssl_loss_ringbuf_full"]}
     assert "ssl_loss_ringbuf_full" in caplog.text and "ring buffer" in caplog.text
