@@ -113,3 +113,45 @@ def test_incidents_are_causal_under_truncation(small: tuple[scenario.Scenario, l
         assert again[0].last_ts <= incident.last_ts
         # and nothing raised later in the full run shows up earlier in the truncated one
         assert {i.dedup_key for i in truncated} <= {i.dedup_key for i in full}
+
+
+def test_strict_makes_a_bad_row_exit_2_and_null_instances_are_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 11.4: rows with crm_instance/crm_vendor null (what leaktap writes) are read;
+    bad rows give one line per reason; --strict turns any into exit 2."""
+    path = tmp_path / "b.jsonl"
+    shared = json.dumps({"ts": MONDAY, "tenant": "acme", "crm_vendor": "salesforce",
+                         "crm_instance": None, "bytes_out": 10, "bytes_in": 0})
+    other = json.dumps({"ts": MONDAY, "tenant": "acme", "crm_vendor": None,
+                        "crm_instance": None, "bytes_out": 10, "bytes_in": 0})
+    path.write_text("\n".join([row(0), shared, other, row(1)]) + "\n")
+    assert run_cli(["analyze", "--buckets", str(path), "--strict"], capsys)[0] == 0
+    path.write_text("\n".join([row(0), shared, "{", row(1), "{"]) + "\n")
+    with caplog.at_level(logging.WARNING):
+        assert run_cli(["analyze", "--buckets", str(path)], capsys)[0] == 0
+        code = cli.main(["analyze", "--buckets", str(path), "--strict"])
+    assert code == 2
+    assert "--strict: 2 bad row(s)" in capsys.readouterr().err
+    assert caplog.messages[-1].startswith(f"{path}: 2 row(s) skipped: not JSON (line(s) 3, 5;")
+
+
+def test_export_buckets_writes_what_analyze_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from leaktap.controller.storage import BucketKey, Store, Volume
+
+    db = tmp_path / "lt.db"
+    store = Store(db)
+    store.write({
+        BucketKey(MONDAY, "acme", "salesforce", "acme", "acme.my.salesforce.com"): Volume(5, 1),
+        BucketKey(MONDAY, "acme", "salesforce", None, "login.salesforce.com"): Volume(7, 1),
+        BucketKey(MONDAY + 60, "acme", None, None, "198.18.9.9"): Volume(9, 1),
+    }, [])
+    store.close()
+    assert cli.main(["export-buckets", "--db", str(db), "--until", str(MONDAY + 120)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = sorted((json.loads(line) for line in lines), key=lambda r: (r["ts"], r["destination"]))
+    assert [(r["crm_vendor"], r["crm_instance"], r["bytes_out"]) for r in rows] == [
+        ("salesforce", "acme", 5), ("salesforce", None, 7), (None, None, 9)]
+    assert cli.main(["export-buckets", "--db", str(tmp_path / "missing.db")]) == 2
