@@ -219,10 +219,13 @@ class FieldPolicy:
         for m in self._json.finditer(body):
             raw = m.group(2)
             if raw.startswith(b'"'):
-                try:
-                    value = json.loads(raw)
-                except ValueError:
+                if b"\\" not in raw:
                     value = raw[1:-1].decode("utf-8", "replace")
+                else:
+                    try:
+                        value = json.loads(raw)
+                    except ValueError:
+                        value = raw[1:-1].decode("utf-8", "replace")
             else:
                 value = raw.decode()
             yield m.group(1).decode(), str(value), m.start(2)
