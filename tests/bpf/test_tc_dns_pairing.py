@@ -234,3 +234,25 @@ def test_hello_agreeing_with_dns_is_no_finding(tc: Harness, attributor: Attribut
 
     assert (names.crm_vendor, names.crm_instance) == ("salesforce", "acme")
     assert attributor.dns.stats.dns_sni_mismatch == 0
+
+
+# ---- gateway mode: one XDP hook sees the inside client's query and its answer -----
+
+
+def test_gateway_pairs_an_inside_clients_query_with_its_answer(xdp: Harness) -> None:
+    config = LeaktapConfig.model_validate({"mode": "xdp", "inside": ["198.18.0.0/24"]})
+    attributor = Attributor(config, live=True)
+    frames = [
+        udp4(query(), src=CLIENT4, dst=RESOLVER, sport=CPORT, dport=53),  # from inside
+        udp4(answer(), src=RESOLVER, dst=CLIENT4, sport=53, dport=CPORT),
+        udp4(answer(ident=9, ip="198.19.6.6"), src=RESOLVER, dst=CLIENT4, sport=53,
+             dport=CPORT),  # unsolicited
+    ]
+    out = xdp.run(frames)
+    assert [s.dir for s in out.samples] == [1, 1, 1]  # one hook: direction says nothing
+    for s in out.samples:
+        attributor.on_sample(s)
+
+    assert attributor.dns.names_for(CRM_IP) == [NAME]
+    assert attributor.dns.names_for("198.19.6.6") == []
+    assert rejected(attributor) == {"rejected_no_query": 1}  # the first answer consumed it
