@@ -28,6 +28,7 @@ from pydantic import (
 from leaktap.analytics.alert_settings import AlertsSettings
 from leaktap.analytics.settings import DetectionSettings
 from leaktap.analytics.sinks import SinkConfig
+from leaktap.controller.config_files import SecretFile, file_problems, tls_pair_problem
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import abi
 
@@ -118,14 +119,21 @@ class CatalogueEntry(_Strict):
         return _check_glob(v.replace("{instance}", "x")) and v.lower()
 
 
+TOKEN_MIN_LENGTH = 16
+# plaintext.hmac_secret_file: the key of the token hashes, in bytes
+HMAC_KEY_MIN_BYTES = 16
+
+
 class TokensConfig(_Strict):
-    reader: list[Annotated[str, Field(min_length=16)]] = []
-    admin: list[Annotated[str, Field(min_length=16)]] = []
+    reader: list[Annotated[str, Field(min_length=TOKEN_MIN_LENGTH)]] = []
+    admin: list[Annotated[str, Field(min_length=TOKEN_MIN_LENGTH)]] = []
 
 
 class TokenFilesConfig(_Strict):
-    reader: list[str] = []
-    admin: list[str] = []
+    """Files holding one token each; held to the inline tokens' minimum length."""
+
+    reader: list[Annotated[str, SecretFile(TOKEN_MIN_LENGTH)]] = []
+    admin: list[Annotated[str, SecretFile(TOKEN_MIN_LENGTH)]] = []
 
 
 class StorageConfig(_Strict):
@@ -221,7 +229,8 @@ class PlaintextConfig(_Strict):
     environments: list[EnvironmentLabel] = []
     # the per-install HMAC key for token hashes; created (0600) when missing.
     # Default: plaintext-hmac.key beside the database
-    hmac_secret_file: str | None = None
+    hmac_secret_file: Annotated[
+        str, SecretFile(HMAC_KEY_MIN_BYTES, may_be_missing=True, raw=True)] | None = None
     # full /proc rescans for processes that changed cgroup or uid without exec
     rescan_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
 
@@ -236,8 +245,8 @@ class PlaintextConfig(_Strict):
 class TlsConfig(_Strict):
     """Serve the API over HTTPS (uvicorn's ssl_certfile / ssl_keyfile)."""
 
-    certfile: Annotated[str, Field(min_length=1)]
-    keyfile: Annotated[str, Field(min_length=1)]
+    certfile: Annotated[str, Field(min_length=1), SecretFile()]
+    keyfile: Annotated[str, Field(min_length=1), SecretFile()]
 
 
 class LeaktapConfig(_Strict):
@@ -348,8 +357,9 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
-    """Validate YAML text; ConfigError names the source, line and key of each problem."""
+def parse_config(text: str, source: str = "<config>", check_files: bool = False) -> LeaktapConfig:
+    """Validate YAML text; ConfigError names the source, line and key of each problem.
+    `check_files`: also the files it names (config_files.py), as load_config does."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(text)
@@ -357,6 +367,13 @@ def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
         raise ConfigError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from e
+    # YAML keeps the last of two equal keys: a second `tokens:` would silently drop the first
+    duplicates = _duplicate_keys(root)
+    if duplicates:
+        raise ConfigError("\n".join(
+            f"{source}:{line}: {_dotted(loc)}: given twice (first at line {first})"
+            for line, loc, first in duplicates
+        ))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -375,11 +392,48 @@ def parse_config(text: str, source: str = "<config>") -> LeaktapConfig:
             lines.append(f"{source}:{line or 1}: {_dotted(loc)}: {msg}")
         raise ConfigError("\n".join(lines)) from e
     problems = _unknown_tenant_references(config)
+    if check_files and not problems:
+        problems = _named_file_problems(config)
     if problems:
         raise ConfigError("\n".join(
             f"{source}:{_node_line(root, loc) or 1}: {_dotted(loc)}: {msg}" for loc, msg in problems
         ))
     return config
+
+
+def _duplicate_keys(
+    node: yaml.Node | None, loc: tuple[int | str, ...] = (), seen: set[int] | None = None,
+) -> list[tuple[int, tuple[int | str, ...], int]]:
+    """(line, key path, line of the first) for each key given twice in one mapping."""
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # an alias repeats a node: walk it once
+        return []
+    seen.add(id(node))
+    out: list[tuple[int, tuple[int | str, ...], int]] = []
+    if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            name = str(key.value)
+            if isinstance(key, yaml.ScalarNode) and name != "<<":
+                line = key.start_mark.line + 1
+                if (key.tag, name) in first:
+                    out.append((line, (*loc, name), first[key.tag, name]))
+                first.setdefault((key.tag, name), line)
+            out.extend(_duplicate_keys(value, (*loc, name), seen))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out.extend(_duplicate_keys(item, (*loc, i), seen))
+    return out
+
+
+def _named_file_problems(config: LeaktapConfig) -> list[tuple[tuple[int | str, ...], str]]:
+    """Token, secret, routing-key and TLS files that are missing, unreadable or short."""
+    problems = file_problems(config)
+    if not problems and config.tls is not None:
+        tls = tls_pair_problem(config.tls.certfile, config.tls.keyfile)
+        if tls is not None:
+            problems.append((("tls",), tls))
+    return problems
 
 
 def _unknown_tenant_references(config: LeaktapConfig) -> list[tuple[tuple[int | str, ...], str]]:
@@ -407,4 +461,4 @@ def load_config(path: str | os.PathLike[str] | None) -> LeaktapConfig:
         raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from e
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    return parse_config(text, str(p))
+    return parse_config(text, str(p), check_files=True)

@@ -100,10 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
-        from leaktap.controller.errors import LeaktapError
+        from leaktap.controller.errors import ConfigError, LeaktapError
 
         if isinstance(e, LeaktapError):
-            sys.stderr.write(f"leaktap {args.command}: {e}\n")
+            # a configuration problem starts with the file and line that cause it
+            prefix = "" if isinstance(e, ConfigError) else f"leaktap {args.command}: "
+            sys.stderr.write(f"{prefix}{e}\n")
             return 2
         raise
 

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel.hostfs import (
@@ -38,6 +38,9 @@ from leaktap.controller.kernel.hostfs import (
     mountinfo_entries,
 )
 from leaktap.controller.plaintext.libraries import LIBSSL_SONAME, find_shared_library
+
+if TYPE_CHECKING:
+    from leaktap.controller.config import LeaktapConfig
 
 logger = logging.getLogger(__name__)
 
@@ -378,11 +381,28 @@ def main(
     if args is not None and getattr(args, "mode", None) == "xdp":
         ifaces = getattr(args, "iface", None) or []
         checks = (*checks, *(functools.partial(check_xdp, i) for i in ifaces))
+    results = run_checks(checks)
     if args is not None and getattr(args, "config", None):
-        from leaktap.controller.config import load_config
+        config, config_results = check_config(args.config)
+        results.extend(config_results)
+        if config is not None:
+            pt = config.plaintext
+            select = pt.select if pt.select == "all" else any(
+                (pt.select.cgroups, pt.select.exes, pt.select.uids))
+            results.extend(run_checks([
+                functools.partial(check_plaintext_select, select, pt.enabled)]))
+    return write_report(results, stream or sys.stdout)
 
-        pt = load_config(args.config).plaintext
-        select = pt.select if pt.select == "all" else any(
-            (pt.select.cgroups, pt.select.exes, pt.select.uids))
-        checks = (*checks, functools.partial(check_plaintext_select, select, pt.enabled))
-    return write_report(run_checks(checks), stream or sys.stdout)
+
+def check_config(path: str) -> tuple[LeaktapConfig | None, list[CheckResult]]:
+    """The configuration as `leaktap run` loads it (files it names included): the
+    loaded config and an ok line, or None and one FAIL line per problem, each the
+    `FILE:LINE: key: what is wrong` that `run` would stop with."""
+    from leaktap.controller.config import load_config
+    from leaktap.controller.errors import ConfigError
+
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        return None, [CheckResult("config", Status.FAIL, line) for line in str(e).splitlines()]
+    return config, [CheckResult("config", Status.OK, f"{path}: valid, the files it names usable")]
