@@ -24,10 +24,11 @@ OUTCOMES = {
     "tls_reassembly": frozenset({"completed", "ignored"}),  # ignored: after completion
     "quic": frozenset({"completed", "gquic", "ignored"}),
     # expired: the TTL passed; queries*: the pending-query table's bookkeeping;
-    # trusted_unmatched: learned without a query where that is configured
+    # trusted_unmatched: learned without a query where that is configured;
+    # dns_sni_mismatch: a finding (a hello contradicted the DNS name), nothing lost
     "dns_cache": frozenset({"learned", "expired", "queries", "queries_matched",
                             "queries_inbound", "queries_not_inside", "queries_other_resolver",
-                            "trusted_unmatched"}),
+                            "trusted_unmatched", "dns_sni_mismatch"}),
 }
 
 REMEDIES = {
@@ -64,6 +65,22 @@ REMEDIES = {
                      "(spoofing or an unusual resolver)",
         "ignored_messages": "queries, error answers and unparsable messages; expected unless "
                             "answers are unparsable",
+        "queries_evicted": "more DNS queries in flight than the pending table holds: their "
+                           "answers will not name addresses; raise dns.pending_max",
+        "queries_unanswered": "queries whose answer never came (or was lost in the kernel: see "
+                              "the kernel losses); benign in small numbers",
+        "rejected_no_query": "answers to no query this host sent (spoofed, or the query was not "
+                             "captured): not trusted for names",
+        "rejected_wrong_resolver": "an answer from another address than the query went to: "
+                                   "spoofing, or a NAT/anycast resolver to list in dns.resolvers",
+        "rejected_question_mismatch": "an answer whose question is not the query's: spoofing "
+                                      "or a broken resolver",
+        "rejected_id_mismatch": "an answer with another id than the query's: a burst is a "
+                                "spoofing attempt",
+        "rejected_expired": "an answer later than dns.query_window_s after its query: raise it "
+                            "for slow resolvers",
+        "rejected_outbound_answer": "a local process answering DNS: its answers never name this "
+                                    "host's flows",
     },
 }
 DEFAULT_REMEDY = {
