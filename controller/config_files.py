@@ -85,7 +85,9 @@ def _rule(name: str, info: FieldInfo,
         return marker
     inline = name.removesuffix("_file")
     if name.endswith("_file") and inline in fields:
-        return _LikeInline(inline, TypeAdapter(fields[inline].annotation))
+        annotation = fields[inline].annotation
+        if annotation is not None:
+            return _LikeInline(inline, TypeAdapter(annotation))
     return None
 
 
