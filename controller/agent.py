@@ -208,8 +208,16 @@ class Agent:
             self.config, self.attributor, on_finding=self._on_incident,
             on_audit=lambda call: self.store.add_audit_call(call.as_dict()),
         )
+        self.restore_canaries()
         self.plaintext.start()
         self._exit.callback(self.plaintext.stop)
+
+    def restore_canaries(self) -> int:
+        """Canaries registered through the API in earlier runs watch again."""
+        stored = self.store.canaries()
+        for c in stored:
+            self.plaintext.add_canary(c["token"], c["tenant"], c["record"], c["environment"])
+        return len(stored)
 
     def _stop_alerting(self) -> None:
         if self.outbox is not None:
@@ -481,7 +489,8 @@ def main(args: Any) -> int:
         raise ConfigError(f"--listen: {e}") from e
     db = Path(args.db or config.storage.path or DEFAULT_DB)
     readers, admins = _api_tokens(config, db.parent)
-    store = Store(db, retention_days=config.storage.retention_days)
+    store = Store(db, retention_days=config.storage.retention_days,
+                  group=config.storage.group)
     agent = Agent(config, ifaces, store)
     app = create_app(agent, readers=readers, admins=admins)
     server = api_server(app, host, port, config.tls)

@@ -139,6 +139,8 @@ class TokenFilesConfig(_Strict):
 class StorageConfig(_Strict):
     path: str = DEFAULT_DB
     retention_days: Annotated[int, Field(ge=1, le=3650)] = 30
+    # the database and its WAL are 0600; with a group (name or gid) 0640 for its readers
+    group: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")] | None = None
 
 
 def _kernel_limit(name: str) -> AfterValidator:

@@ -8,8 +8,10 @@ PRAGMA user_version and upgraded by ordered migrations.
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -161,6 +163,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE flows ADD COLUMN shared INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE flows ADD COLUMN crm_region TEXT;      -- a shared host's data centre
     """,
+    # 7: canary tokens registered through the API survive a restart
+    """
+    CREATE TABLE canaries (
+        token TEXT PRIMARY KEY,           -- the planted value (the file is 0600)
+        tenant TEXT,                      -- NULL: any tenant
+        record TEXT NOT NULL,
+        environment TEXT,
+        created_ts REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -190,14 +202,42 @@ def minute_of(epoch_s: float) -> int:
     return int(epoch_s // 60) * 60
 
 
+def make_private(path: Path, group: str | None = None) -> None:
+    """Create the database file, or tighten an existing one, to 0600 (0640 owned by
+    `group`), whatever the umask; SQLite gives its -wal and -shm files the
+    database's mode and owner when it creates them (fixed here for older ones)."""
+    mode = 0o640 if group else 0o600
+    gid = -1
+    if group:
+        try:
+            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+        except KeyError as e:
+            raise StorageError(f"storage.group: no group named {group!r}") from e
+    for target in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if target == path else 0)
+        try:
+            fd = os.open(target, flags, mode)
+        except FileNotFoundError:
+            continue  # no WAL yet: SQLite creates it like the database
+        try:
+            if gid != -1:
+                os.fchown(fd, -1, gid)
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
 class Store:
     """One SQLite file shared by the poll thread (writes) and the API (reads)."""
 
-    def __init__(self, path: str | Path, retention_days: int = 30) -> None:
+    def __init__(
+        self, path: str | Path, retention_days: int = 30, group: str | None = None
+    ) -> None:
         self.path = Path(path)
         self.retention_s = retention_days * 86400
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            make_private(self.path, group)
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -312,6 +352,19 @@ class Store:
                 f"VALUES ({', '.join('?' * len(names))})",
                 tuple(int(call[n]) if n == "allowed" else call[n] for n in names),
             )
+
+    def add_canary(self, token: str, tenant: str | None, record: str,
+                   environment: str | None) -> None:
+        """Keep a canary registered at run time (a later registration replaces it)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO canaries VALUES (?, ?, ?, ?, ?)",
+                (token, tenant, record, environment, time.time()),
+            )
+
+    def canaries(self) -> list[dict[str, Any]]:
+        return self._query(
+            "SELECT token, tenant, record, environment FROM canaries ORDER BY created_ts", ())
 
     def audit_calls(
         self, tenant: str | None = None, since: float | None = None, limit: int = 1000

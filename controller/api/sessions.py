@@ -27,12 +27,15 @@ from starlette.requests import HTTPConnection
 
 COOKIE = "lt_session"
 TTL_S = 12 * 3600
-MAX_SESSIONS = 1024
+MAX_SESSIONS = 1024  # per role: a flood of reader sign-ins never evicts an admin's session
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class SessionStore:
-    """Session id -> (role, expiry), in memory: a restart signs every browser out."""
+    """Session id -> (role, expiry), in memory: a restart signs every browser out.
+
+    Each role has its own `max_sessions`; beyond it the oldest session of that role
+    goes, so whoever holds a reader token can only push out readers."""
 
     def __init__(self, ttl_s: float = TTL_S, max_sessions: int = MAX_SESSIONS) -> None:
         self.ttl_s = ttl_s
@@ -46,8 +49,9 @@ class SessionStore:
         with self._lock:
             for old in [s for s, (_, exp) in self._sessions.items() if exp <= now]:
                 del self._sessions[old]
-            while len(self._sessions) >= self.max_sessions:
-                del self._sessions[next(iter(self._sessions))]  # the oldest
+            same_role = [s for s, (r, _) in self._sessions.items() if r == role]  # oldest first
+            for old in same_role[: max(0, len(same_role) - self.max_sessions + 1)]:
+                del self._sessions[old]
             self._sessions[sid] = (role, now + self.ttl_s)
         return sid
 

@@ -26,5 +26,7 @@ def create_canary(body: CanaryCreate, agent: AgentDep, _: AdminDep) -> dict[str,
         raise HTTPException(status.HTTP_409_CONFLICT,
                             "plaintext inspection is not enabled (plaintext.enabled)")
     agent.plaintext.add_canary(body.token, body.tenant, body.record, body.environment)
+    # kept in the store (0600): a restart watches for it again
+    agent.store.add_canary(body.token, body.tenant, body.record, body.environment)
     # the token itself is never echoed back or logged
     return {"status": "registered", "record": body.record}
