@@ -95,14 +95,14 @@ def messages_per_second(n: int = 6000) -> tuple[float, int]:
         ctx1 = WriteContext((1, 1), "acme", crm_vendor="salesforce", crm_instance="acme")
         ctx2 = WriteContext((1, 2), "acme", crm_vendor="hubspot")
         found = 0
-        started = time.perf_counter()
+        started = time.process_time()  # CPU time of this one thread: other load does not count
         for data in h1:
             for off in range(0, len(data), CHUNK_BYTES):
                 found += len(ins.inspect(ctx1, data[off : off + CHUNK_BYTES], len(data),
                                          off).findings)
         for data in h2_writes:
             found += len(ins.inspect(ctx2, data, len(data)).findings)
-        elapsed = time.perf_counter() - started
+        elapsed = time.process_time() - started
         best = max(best, n / elapsed)
         findings = found
     return best, findings

@@ -50,12 +50,15 @@ def _safetensors(data: bytes) -> ArtifactHit | None:
 
 
 def _header_formats(data: bytes) -> ArtifactHit | None:
-    if hit := _safetensors(data):
+    # each signature's fixed bytes are looked for first (memmem): most bodies have none
+    if b'"dtype"' in data and (hit := _safetensors(data)):
         return hit
-    if m := _GGUF.search(data):
+    if b"GGUF" in data and (m := _GGUF.search(data)):
         return ArtifactHit("gguf", m.start(), f"version {data[m.start() + 4]}")
-    if m := _ZIP_TORCH.search(data):
+    if b"PK\x03\x04" in data and (m := _ZIP_TORCH.search(data)):
         return ArtifactHit("pytorch_zip", m.start(), "zip with a pickled tensor archive")
+    if b"\x80" not in data:
+        return None
     for m in _PICKLE.finditer(data):
         window = data[m.start() : m.start() + 4096]
         if _PICKLE_TENSOR.search(window):
@@ -71,7 +74,7 @@ def _byte_entropy(values: np.ndarray) -> float:
 
 def _float_run(data: bytes) -> ArtifactHit | None:
     n = len(data) & ~3
-    if n < MIN_FLOAT_BYTES:
+    if n < MIN_FLOAT_BYTES or data.isascii():  # weights have bytes >= 0x80 throughout
         return None
     raw = np.frombuffer(data[:n], dtype=np.uint8)
     # text and markup have almost no bytes >= 0x80; weights have half of them there

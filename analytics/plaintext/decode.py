@@ -296,11 +296,16 @@ class _Builder:
     def transforms(self, name: str, data: bytes, depth: int) -> None:
         if depth >= self.limits.depth:
             return
-        derived: list[tuple[str, bytes | None]] = [*_url(data)]
-        derived.append(("json", _json_strings(data)))
+        # each transform is tried only when its marker byte is there (memchr, cheap)
+        derived: list[tuple[str, bytes | None]] = []
+        if b"%" in data:
+            derived.extend(_url(data))
+        if b"\\" in data:
+            derived.append(("json", _json_strings(data)))
         derived.append(("lines", _line_joined(data)))
         derived.append(("hex", _hex(data)))
-        derived.extend(_utf16(data))
+        if b"\x00" in data:
+            derived.extend(_utf16(data))
         derived.append(("base64", _base64_runs(data)))
         coding = _sniffed_coding(data)
         if coding is not None:

@@ -36,6 +36,7 @@ CIPHERTEXT_MIN_ENTROPY = 3.5  # bits per character; base64 of random bytes is ~6
 MAX_CSV_ROWS = 50
 JSON_PARSE_MAX = 4 << 20  # bodies parsed as JSON; larger ones are read by pattern
 WALK_VALUES_MAX = 100_000
+_DECODER = json.JSONDecoder()
 # inside other text: a national id with its separators, a card, an IBAN
 _SSN_IN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}(?![\d-])")
 _CARD_IN = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d])")
@@ -82,7 +83,9 @@ def entropy(value: str) -> float:
 def classify_value(value: str, envelope_prefixes: Iterable[str] = ()) -> str:
     """ciphertext | ssn | card | email | phone | iban | other"""
     v = value.strip()
-    if any(v.startswith(p) for p in envelope_prefixes if p):
+    prefixes = envelope_prefixes if isinstance(envelope_prefixes, tuple) else tuple(
+        p for p in envelope_prefixes if p)
+    if prefixes and v.startswith(prefixes):
         return "ciphertext"
     if _SSN.fullmatch(v):
         return "ssn"
@@ -138,11 +141,19 @@ class FieldPolicy:
 
     def __init__(self, fields: Iterable[str], envelope_prefixes: Iterable[str] = ()) -> None:
         self.fields = sorted({f for f in fields if f}, key=str.lower)
-        self.envelope_prefixes = tuple(envelope_prefixes)
+        self.envelope_prefixes = tuple(p for p in envelope_prefixes if p)
         self._lower = {f.lower(): f for f in self.fields}
+        self._names = [f.lower().encode() for f in self.fields]
         names = b"|".join(re.escape(f.encode()) for f in self.fields) or b"(?!)"
         self._json = re.compile(
             rb'"(' + names + rb')"\s*:\s*("(?:[^"\\]|\\.){0,512}"|-?\d[\d.eE+-]{0,40})', re.I)
+        lower_names = b"|".join(re.escape(f.lower().encode()) for f in self.fields) or b"(?!)"
+        # an enveloped value never leaves the regex engine (the common case: many per body)
+        skip = b"".join(b"(?!" + re.escape(p.lower().encode()) + b")"
+                        for p in self.envelope_prefixes)
+        self._json_key = re.compile(
+            rb'"(' + lower_names + rb')"\s*:\s*(?:"' + skip + rb'([^"\\]{0,512})"'
+            rb"|(-?\d[\d.eE+-]{0,40})|(?=[\[{]))")
         self._form_rx = re.compile(rb"(?:^|[&?])(" + names + rb")=([^&\s]{0,1024})", re.I)
         self._xml = re.compile(rb"<(" + names + rb")>([^<]{0,512})</", re.I)
 
@@ -155,7 +166,12 @@ class FieldPolicy:
         hits: list[FieldHit] = []
         if not self.fields or not body:
             return hits
-        for name, value, offset in self._values(body, content_type, full_content_type):
+        lowered = body.lower()
+        if b"\\" not in body and b"%" not in body and not any(
+                name in lowered for name in self._names):
+            return hits  # no escaped names possible: a body naming none of the fields has none
+        for name, value, offset in self._values(body, content_type, full_content_type,
+                                                lowered):
             kind = classify_value(value, self.envelope_prefixes)
             shown = value
             if kind not in PLAINTEXT_KINDS:
@@ -169,10 +185,14 @@ class FieldPolicy:
             hits.append(FieldHit(field, kind, offset, mask_value(shown), hasher.hash(shown)))
         return hits
 
-    def _values(self, body: bytes, content_type: str,
-                full_content_type: str = "") -> Iterable[tuple[str, str, int]]:
-        parsed = self._json_document(body, content_type)
-        if parsed is not None:
+    def _values(self, body: bytes, content_type: str, full_content_type: str = "",
+                lowered: bytes | None = None) -> Iterable[tuple[str, str, int]]:
+        start = body[:64].lstrip()[:1]
+        is_json = start in (b"{", b"[")  # by content: a Content-Type can say anything
+        if is_json and b"\\" not in body:
+            # no escapes, so no escaped names: find the names, parse only their values
+            yield from self._json_fast(body, lowered if lowered is not None else body.lower())
+        elif is_json and (parsed := self._json_document(body, content_type)) is not None:
             yield from self._walk(parsed)
         else:
             yield from self._json_by_pattern(body)
@@ -182,11 +202,12 @@ class FieldPolicy:
                 m = re.search(r'name="([^"]{1,128})"', disposition)
                 if m and m.group(1).lower() in self._lower:
                     yield m.group(1), part.decode("utf-8", "replace"), -1
-        elif content_type in ("application/x-www-form-urlencoded", "") or b"=" in body[:256]:
+        elif content_type == "application/x-www-form-urlencoded" or (
+                not is_json and b"=" in body[:256]):
             yield from self._form(body)
-        for m in self._xml.finditer(body):
+        for m in self._xml.finditer(body) if b"<" in body else ():
             yield m.group(1).decode(), m.group(2).decode("utf-8", "replace"), m.start(2)
-        if content_type == "text/csv" or self._csv_header(body):
+        if content_type == "text/csv" or (not is_json and self._csv_header(body)):
             yield from self._csv_values(body)
 
     @staticmethod
@@ -199,21 +220,45 @@ class FieldPolicy:
         except ValueError:
             return None
 
-    def _walk(self, doc: Any) -> Iterable[tuple[str, str, int]]:
+    def _json_fast(self, body: bytes, lowered: bytes) -> list[tuple[str, str, int]]:
+        """Values of the fields in unescaped JSON, found by name in one regex pass."""
+        found: list[tuple[str, str, int]] = []
+        for m in self._json_key.finditer(lowered):
+            name = self._lower[m.group(1).decode()]
+            if m.start(2) >= 0:
+                found.append((name, body[m.start(2) : m.end(2)].decode("utf-8", "replace"),
+                              m.start(2)))
+            elif m.start(3) >= 0:
+                found.append((name, m.group(3).decode(), m.start(3)))
+            else:  # an array or object: every scalar under it
+                text = body[m.end() :].decode("utf-8", "replace")
+                try:
+                    value, _ = _DECODER.raw_decode(text)
+                except ValueError:
+                    continue
+                found.extend((name, leaf, m.end()) for leaf in _leaves(value))
+        return found
+
+    def _walk(self, doc: Any) -> list[tuple[str, str, int]]:
+        found: list[tuple[str, str, int]] = []
+        names = self._lower
         stack = [doc]
         seen = 0
         while stack and seen < WALK_VALUES_MAX:
             v = stack.pop()
             seen += 1
-            if isinstance(v, dict):
+            if type(v) is dict:
                 for key, value in v.items():
-                    if isinstance(key, str) and key.lower() in self._lower:
-                        for leaf in _leaves(value):
-                            yield key, leaf, -1
-                    elif isinstance(value, dict | list):
+                    if key.lower() in names:
+                        if type(value) is str:
+                            found.append((key, value, -1))
+                        else:
+                            found.extend((key, leaf, -1) for leaf in _leaves(value))
+                    elif type(value) is dict or type(value) is list:
                         stack.append(value)
-            elif isinstance(v, list):
-                stack.extend(x for x in v if isinstance(x, dict | list))
+            elif type(v) is list:
+                stack.extend(x for x in v if type(x) is dict or type(x) is list)
+        return found
 
     def _json_by_pattern(self, body: bytes) -> Iterable[tuple[str, str, int]]:
         for m in self._json.finditer(body):
@@ -242,7 +287,7 @@ class FieldPolicy:
                 yield key, value, -1
 
     def _csv_header(self, body: bytes) -> bool:
-        first = body.split(b"\n", 1)[0].decode("utf-8", "replace").lower()
+        first = body[:4096].split(b"\n", 1)[0].decode("utf-8", "replace").lower()
         return "," in first and any(c.strip().strip('"') in self._lower for c in first.split(","))
 
     def _csv_values(self, body: bytes) -> Iterable[tuple[str, str, int]]:

@@ -352,9 +352,11 @@ class ContentInspector:
         lines = [f"{request.method} {request.path}"]
         lines.extend(f"{k}: {v}" for k, v in request.headers)
         head = "\n".join(lines).encode("latin-1", "replace")
-        for view in decoded_views(head, (), self.limits.decode):
-            self._report_canaries(ctx, where, self.canaries.scan(view.data), msg.reported,
-                                  view.name.replace("body", "head", 1), out)
+        self._report_canaries(ctx, where, self.canaries.scan(head), msg.reported, "head", out)
+        if b"%" in head or b"\\" in head:  # nested encodings in a path or a header value
+            for view in decoded_views(head, (), self.limits.decode).views[1:]:
+                self._report_canaries(ctx, where, self.canaries.scan(view.data), msg.reported,
+                                      view.name.replace("body", "head", 1), out)
 
     def _raw(self, ctx: WriteContext, where: _Where, stream: _Stream, data: bytes,
              out: Inspection) -> None:

@@ -46,10 +46,10 @@ class Evasion:
 
 def http1(body: bytes, headers: dict[str, str] | None = None, path: str = "/services/data/"
           "v59.0/sobjects/Account", token: str = TOKEN) -> bytes:
-    head = [f"POST {path} HTTP/1.1", f"Host: {HOST}", f"Authorization: Bearer {token}",
-            "Content-Type: application/json"]
-    head += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    if "Transfer-Encoding" not in (headers or {}):
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    head = [f"POST {path} HTTP/1.1", f"Host: {HOST}", f"Authorization: Bearer {token}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    if "Transfer-Encoding" not in headers:
         head.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
