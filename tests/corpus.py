@@ -1,30 +1,35 @@
-"""The shared public corpus (../shared/corpus): expected answers and a dpkt packet reader.
+"""The public corpus vendored under tests/corpus/: expected answers, a dpkt packet
+reader, and the captures' frames through the real kernel program.
 
+tests/corpus/README.md names each file's source repository, commit and licence.
 Packets are decoded down to TCP/UDP with dpkt for the link types the corpus uses
 (Ethernet incl. VLAN tags, raw IP, BSD loopback, PPP, Linux SLL/SLL2, pcapng).
 IPv4 fragments are skipped; IPv6 fragments are reassembled (the DNS corpus has
-a fragmented answer).
+a fragmented answer). What the kernel captures of a hello is never modelled
+here: `KernelCapture` runs the frames through the compiled program, as
+`leaktap replay` does.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dpkt
 
-# ../shared/corpus next to the repository, or LEAKTAP_CORPUS
-CORPUS = Path(
-    os.environ.get("LEAKTAP_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus")
-)
+from leaktap.controller.kernel import testrun
+from leaktap.controller.kernel.ringbuf import Sample
+from leaktap.controller.protocols.pcap import iter_frames
+from leaktap.controller.protocols.tls import ClientHello, HelloReassembler
 
-
-def corpus_available() -> bool:
-    return (CORPUS / "README.md").is_file()
+# In the repository: a missing file is a failing test, never a skip.
+CORPUS = Path(__file__).resolve().parent / "corpus"
+# frames run between two ring-buffer polls: well below what the replay ring holds
+_POLL_EVERY = 32
 
 
 def load_tsv(name: str) -> list[dict[str, str]]:
@@ -197,33 +202,53 @@ def _segment(index: int, ts: float, l4: dpkt.Packet, src: str, dst: str) -> Segm
     return None
 
 
-def _starts_hello(payload: bytes) -> bool:
-    # The kernel's trigger: a TLS handshake record header. SSLv2-compatible
-    # hellos (tls__ssl.v3.pcap) are accepted too; see the report to the lead.
-    if len(payload) >= 2 and payload[0] == 0x16 and payload[1] == 0x03:
-        return True
-    return len(payload) >= 5 and payload[0] & 0x80 != 0 and payload[2] == 1 and payload[3] in (0, 3)
+class KernelCapture:
+    """A capture's frames through the real TC program, as `leaktap replay` runs them
+    (REPLAY_OPTIONS, Ethernet frames cut to a test-run skb, frames the test run
+    refuses left out): the samples the kernel delivers. Compiled once per instance."""
 
+    def __init__(self) -> None:
+        from leaktap.controller.commands.replay import REPLAY_OPTIONS
+        from leaktap.controller.kernel import loader
+        from leaktap.controller.kernel.maps import MapReader
+        from leaktap.controller.kernel.ringbuf import RingDrainer
 
-def kernel_hello_capture(segments: list[Segment], max_segments: int = 16) -> Iterator[Segment]:
-    """TCP payload segments as the kernel captures them for ClientHello reassembly.
+        self.probes = loader.load("tc", REPLAY_OPTIONS)
+        self._reader = MapReader(self.probes)
+        self._received: list[Sample] = []
+        self._drainer = RingDrainer(self.probes, self._received.append)
+        self._fd = self.probes.fd("egress")
 
-    Per direction of a connection: nothing until a segment (or a TFO SYN) whose
-    payload starts a TLS handshake record, then that segment and the following
-    payload segments, at most max_segments.
-    """
-    started: dict[tuple[str, int, str, int, str], int] = {}
-    for seg in segments:
-        if seg.proto != "tcp" or not seg.payload:
-            continue
-        count = started.get(seg.flow)
-        if count is None:
-            if _starts_hello(seg.payload):
-                started[seg.flow] = 1
-                yield seg
-        elif count < max_segments:
-            started[seg.flow] = count + 1
-            yield seg
+    def samples(self, path: str | Path) -> list[Sample]:
+        """Every sample of one capture; flows and followed hellos start empty for each."""
+        for i, frame in enumerate(iter_frames(path)):
+            if testrun.tc_refuses(frame.frame):
+                continue
+            testrun.run_frame(self._fd, frame.frame[: testrun.MAX_FRAME])
+            if i % _POLL_EVERY == _POLL_EVERY - 1:
+                self._drainer.poll()
+        self._drainer.poll()
+        self._reader.drain_flows()
+        self.probes.table("lt_hello").clear()
+        out = list(self._received)
+        self._received.clear()
+        return out
+
+    def hellos(self, path: str | Path) -> list[tuple[tuple[Any, ...], ClientHello]]:
+        """(flow, ClientHello) of each hello the kernel's samples complete, in order."""
+        r = HelloReassembler()
+        out = []
+        for s in self.samples(path):
+            if s.kind != "tls_hello":
+                continue
+            flow = (s.src, s.sport, s.dst, s.dport, "tcp")
+            hello = r.feed(flow, s.seq, s.data)
+            if hello is not None:
+                out.append((flow, hello))
+        return out
+
+    def close(self) -> None:
+        self.probes.close()
 
 
 def quic_client_datagrams(segments: list[Segment]) -> Iterator[Segment]:

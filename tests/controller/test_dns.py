@@ -20,7 +20,7 @@ from leaktap.controller.protocols.dns import (
     DnsMessage,
     parse_dns_message,
 )
-from tests.corpus import corpus_available, load_tsv, read_segments
+from tests.corpus import load_tsv, read_segments
 
 
 def response(qname: str, answers: list[DNSRR], qtype: str = "A") -> bytes:
@@ -226,7 +226,6 @@ def test_cache_bounded_with_evictions_counted() -> None:
 
 # --- corpus: Zeek dns.log / Suricata eve answers ------------------------------------
 
-needs_corpus = pytest.mark.skipif(not corpus_available(), reason="../shared/corpus not present")
 DNS_PORTS = {53, 5353, 5355}
 # Zeek rows whose answers are of types this parser skips by design.
 OTHER_TYPES = {
@@ -260,15 +259,12 @@ def _expected_answers(row: dict[str, str]) -> list[str]:
 
 
 def _grouped() -> dict[str, list[dict[str, str]]]:
-    if not corpus_available():
-        return {}
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in load_tsv("dns/expected.tsv"):
         groups[row["pcap_path"]].append(row)
     return dict(groups)
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     ("pcap", "rows"),
     sorted(_grouped().items()),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import os
 import random
 import struct
 from collections import Counter
@@ -21,8 +20,8 @@ from scapy.utils import PcapWriter
 
 from leaktap.controller.errors import PcapError
 from leaktap.controller.protocols.pcap import SUPPORTED_LINKTYPES, Frame, iter_frames
+from tests.corpus import CORPUS
 
-CORPUS = Path(os.environ.get("LEAKTAP_CORPUS", "/work/shared/corpus"))
 SYNTHETIC_MACS = bytes.fromhex("020000000002" "020000000001")
 VLAN_ETHERTYPES = {0x8100, 0x88A8}
 
@@ -136,17 +135,12 @@ def corpus_rows() -> list[dict[str, str]]:
     return rows
 
 
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no capture corpus at {CORPUS}")
-
-
-@needs_corpus
 def test_corpus_rows_cover_every_capture() -> None:
     listed = {row["file"] for row in corpus_rows()}
     on_disk = {str(p.relative_to(CORPUS)) for p in CORPUS.glob("*/pcaps/*")}
     assert on_disk and listed == on_disk
 
 
-@needs_corpus
 @pytest.mark.parametrize("row", corpus_rows(), ids=lambda row: row["file"])
 def test_corpus_file_reads_completely(row: dict[str, str]) -> None:
     frames = list(iter_frames(CORPUS / row["file"]))
@@ -159,7 +153,6 @@ def test_corpus_file_reads_completely(row: dict[str, str]) -> None:
     assert all(len(f.frame) >= 14 for f in frames)
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     "name", sorted(str(p.relative_to(CORPUS)) for p in CORPUS.glob("*/pcaps/*"))
 )

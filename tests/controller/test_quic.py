@@ -22,7 +22,7 @@ from leaktap.controller.protocols.quic import (
     parse_long_header,
 )
 from leaktap.controller.protocols.tls import ClientHello
-from tests.corpus import corpus_available, load_tsv, quic_client_datagrams, read_segments
+from tests.corpus import load_tsv, quic_client_datagrams, read_segments
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")
 # RFC 9001 appendix A.1 and RFC 9369 appendix A.1: client Initial key, iv, hp
@@ -230,7 +230,6 @@ def test_mutated_header_never_raises(edits: list[tuple[int, int]]) -> None:
 
 # --- public corpus: QUIC rows of Zeek and Suricata -----------------------------------
 
-needs_corpus = pytest.mark.skipif(not corpus_available(), reason="../shared/corpus not present")
 
 
 
@@ -245,8 +244,6 @@ def _quic_names(path: str) -> list[ClientHello]:
 
 
 def _grouped(tsv: str) -> dict[str, list[dict[str, str]]]:
-    if not corpus_available():
-        return {}
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in load_tsv(tsv):
         if row["transport"] == "quic":
@@ -258,7 +255,6 @@ def _ids(v: object) -> str:
     return v.rsplit("/", 1)[-1] if isinstance(v, str) else ""
 
 
-@needs_corpus
 @pytest.mark.parametrize(("pcap", "rows"), sorted(_grouped("zeek/expected.tsv").items()), ids=_ids)
 def test_corpus_zeek_quic(pcap: str, rows: list[dict[str, str]]) -> None:
     hellos = _quic_names(pcap)
@@ -270,7 +266,6 @@ def test_corpus_zeek_quic(pcap: str, rows: list[dict[str, str]]) -> None:
             assert h.sni_raw == "server4:443"
 
 
-@needs_corpus
 @pytest.mark.parametrize(
     ("pcap", "rows"), sorted(_grouped("suricata/expected.tsv").items()), ids=_ids
 )

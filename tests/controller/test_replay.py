@@ -23,7 +23,7 @@ from scapy.utils import wrpcap
 from leaktap.controller.commands.replay import ReplayResult, replay
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.errors import PcapError
-from tests.corpus import corpus_available, load_tsv
+from tests.corpus import load_tsv
 
 pytestmark = pytest.mark.kernel
 
@@ -45,8 +45,6 @@ def replayed(path: str) -> tuple[list[dict[str, Any]], ReplayResult]:
 
 
 def _corpus_flows() -> list[dict[str, str]]:
-    if not corpus_available():
-        return []
     return load_tsv("suricata/expected_flows.tsv")
 
 
@@ -65,7 +63,6 @@ def _expected_sni(row: dict[str, str]) -> str | None:
 FLOWS = _corpus_flows()
 
 
-@pytest.mark.skipif(not FLOWS, reason="the shared corpus (LEAKTAP_CORPUS) is not available")
 @pytest.mark.parametrize(
     "row", FLOWS, ids=[f"{Path(r['pcap']).stem}:{r['src_port']}" for r in FLOWS]
 )

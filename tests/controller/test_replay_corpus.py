@@ -17,12 +17,9 @@ from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.kernel import loader
 from leaktap.controller.kernel.ringbuf import RingDrainer
 from leaktap.controller.protocols.dns import TYPE_A, TYPE_AAAA, parse_dns_message
-from tests.corpus import CORPUS, corpus_available, load_tsv, read_segments
+from tests.corpus import CORPUS, load_tsv, read_segments
 
-pytestmark = [
-    pytest.mark.kernel,
-    pytest.mark.skipif(not corpus_available(), reason="../shared/corpus not present"),
-]
+pytestmark = pytest.mark.kernel
 
 # transports whose hello the kernel samples (DTLS and TLS inside WebSocket are not)
 TRANSPORTS = {"tcp", "quic"}
@@ -68,10 +65,8 @@ def _rows(name: str, src_col: str, dst_col: str, port_col: str) -> list[tuple[st
     return [(f"{k[0].rsplit('/', 1)[-1]}:{k[2]}:{k[3]}", (k, v)) for k, v in groups.items()]
 
 
-ZEEK = _rows("zeek/expected.tsv", "orig_h", "resp_h", "resp_p") if corpus_available() else []
-SURICATA = (
-    _rows("suricata/expected.tsv", "src_ip", "dest_ip", "dest_port") if corpus_available() else []
-)
+ZEEK = _rows("zeek/expected.tsv", "orig_h", "resp_h", "resp_p")
+SURICATA = _rows("suricata/expected.tsv", "src_ip", "dest_ip", "dest_port")
 
 
 def _check(parts: tuple[Any, RingDrainer], case: Any) -> None:
@@ -114,7 +109,7 @@ NOT_PORT_53 = ("teredo", "gre-over-udp", "mdns")
 
 def _dns_cases() -> list[tuple[str, str, str]]:
     cases = set()
-    for row in load_tsv("dns/expected.tsv") if corpus_available() else []:
+    for row in load_tsv("dns/expected.tsv"):
         if any(t in row["pcap"] for t in NOT_PORT_53):
             continue
         for answer in row["answers"].split(","):
@@ -196,9 +191,8 @@ def xdp_replayer_parts() -> Iterator[tuple[Any, RingDrainer]]:
     probes.close()
 
 
-ALL_PCAPS = (
-    sorted(str(p) for p in CORPUS.glob("*/pcaps/*") if p.suffix in (".pcap", ".pcapng"))
-    if corpus_available() else []
+ALL_PCAPS = sorted(
+    str(p) for p in CORPUS.glob("*/pcaps/*") if p.suffix in (".pcap", ".pcapng")
 )
 
 

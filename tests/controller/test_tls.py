@@ -30,7 +30,7 @@ from leaktap.controller.protocols.tls import (
     parse_dtls_client_hello,
     parse_handshake_message,
 )
-from tests.corpus import corpus_available, kernel_hello_capture, load_tsv, read_segments
+from tests.corpus import CORPUS, load_tsv, read_segments
 
 MSS = 1448
 FLOW = ("198.18.1.10", 40000, "198.18.5.5", 443, "tcp")
@@ -435,7 +435,6 @@ def test_reassembler_any_cut_any_order(data: st.DataObject) -> None:
 
 # --- public corpus: Zeek and Suricata TCP rows ------------------------------------
 
-needs_corpus = pytest.mark.skipif(not corpus_available(), reason="../shared/corpus not present")
 
 # Rows of the corpus that are not plain TCP TLS, with the reason they are not checked here.
 ZEEK_NOT_TCP = {
@@ -445,23 +444,11 @@ ZEEK_NOT_TCP = {
 }
 
 
-def _corpus_snis(path: str) -> list[tuple[tuple[str, int, str, int, str], ClientHello]]:
-    r = HelloReassembler()
-    out = []
-    for seg in kernel_hello_capture(list(read_segments(path))):
-        hello = r.feed(seg.flow, seg.seq, seg.payload, seg.syn)
-        if hello is not None:
-            out.append((seg.flow, hello))
-    return out
-
-
 def _name(hello: ClientHello) -> str:
     return hello.sni if hello.sni is not None else "-"
 
 
 def _grouped(tsv: str, transport: str) -> dict[str, list[dict[str, str]]]:
-    if not corpus_available():
-        return {}
     groups: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in load_tsv(tsv):
         if row["transport"] == transport:
@@ -469,7 +456,6 @@ def _grouped(tsv: str, transport: str) -> dict[str, list[dict[str, str]]]:
     return dict(groups)
 
 
-@needs_corpus
 def test_corpus_rows_accounted_for() -> None:
     for row in load_tsv("zeek/expected.tsv"):
         assert row["transport"] == "tcp" or row["transport"] in ZEEK_NOT_TCP, row
@@ -477,48 +463,12 @@ def test_corpus_rows_accounted_for() -> None:
         assert row["transport"] in ("tcp", "quic"), row
 
 
-@needs_corpus
-@pytest.mark.parametrize(
-    ("pcap", "rows"), sorted(_grouped("zeek/expected.tsv", "tcp").items()),
-    ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else "",
-)
-def test_corpus_zeek_tcp(pcap: str, rows: list[dict[str, str]]) -> None:
-    """One hello per Zeek ssl.log row; the multiset of server names is Zeek's."""
-    got = Counter(_name(h) for _, h in _corpus_snis(pcap))
-    assert got == Counter(row["server_name"] for row in rows)
-
-
-@needs_corpus
-@pytest.mark.parametrize(
-    ("pcap", "rows"), sorted(_grouped("suricata/expected.tsv", "tcp").items()),
-    ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else "",
-)
-def test_corpus_suricata_tcp(pcap: str, rows: list[dict[str, str]]) -> None:
-    """Every name Suricata asserts is seen; an exact eve match means the whole name."""
-    got = [_name(h) for _, h in _corpus_snis(pcap)]
-    assert got and "-" not in got
-    for row in rows:
-        if row["match"] == "substring-rule":
-            assert any(row["server_name"] in name for name in got), row
-        else:
-            assert row["server_name"] in got, row
-    exact = {row["server_name"] for row in rows if row["match"] == "exact-eve"}
-    assert not exact or set(got) == exact
-    # one event per connection: Suricata's count without version/feature filters
-    plain = [r for r in rows if r["match"] == "exact-eve" and "[filter" not in r["version"]]
-    for row in plain:
-        assert got.count(row["server_name"]) == int(row["expected_event_count"]), row
-
-
-@needs_corpus
 @pytest.mark.parametrize(
     "pcap",
     ["suricata/pcaps/tcp-fastopen-10-syn-data-ignore__input.pcap",
      "suricata/pcaps/tcp-fastopen-11-reject-syn-data__tlpw-tcp-tfo-data-on-syn-nack.pcap"],
 )
 def test_corpus_tfo_hello_from_the_syn_alone(pcap: str) -> None:
-    from tests.corpus import CORPUS
-
     syns = [s for s in read_segments(CORPUS / pcap) if s.syn and s.payload]
     assert syns
     r = HelloReassembler()
@@ -526,21 +476,6 @@ def test_corpus_tfo_hello_from_the_syn_alone(pcap: str) -> None:
     assert hello is not None and hello.sni == "icloud.com"
 
 
-@needs_corpus
-def test_corpus_multi_segment_hello() -> None:
-    """Suricata's MTU-300 capture: the hello spans three TCP segments."""
-    from tests.corpus import CORPUS
-
-    path = CORPUS / "suricata/pcaps/tls__tls-client-hello-frag-01__dump_mtu300.pcap"
-    captured = list(kernel_hello_capture(list(read_segments(path))))
-    client = [s for s in captured if s.dport == 443]
-    r = HelloReassembler()
-    results = [r.feed(s.flow, s.seq, s.payload, s.syn) for s in client]
-    done = [i for i, h in enumerate(results) if h is not None]
-    assert done and done[0] >= 2 and results[done[0]].sni == "www.google.com"  # type: ignore[union-attr]
-
-
-@needs_corpus
 @pytest.mark.parametrize(
     ("pcap", "rows"), sorted(_grouped("zeek/expected.tsv", "udp-dtls").items()),
     ids=lambda v: v.rsplit("/", 1)[-1] if isinstance(v, str) else "",

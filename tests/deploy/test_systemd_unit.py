@@ -14,8 +14,10 @@ from tests.deploy.conftest import DEPLOY, require_tool
 
 UNIT = DEPLOY / "systemd" / "leaktap.service"
 EXEC = "/opt/leaktap/.venv/bin/leaktap"
-CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE", "CAP_SYS_PTRACE",
-        "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN"}
+PLAINTEXT = DEPLOY / "systemd" / "plaintext.conf"
+ADDRESSES = DEPLOY / "systemd" / "addresses.conf"
+CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE", "CAP_SYS_ADMIN"}
+PLAINTEXT_CAPS = {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 
 
 def directives(text: str) -> dict[str, list[str]]:
@@ -105,6 +107,53 @@ def test_hardening_line_present(line: str) -> None:
 def test_module_protection_stays_off(unit: dict[str, list[str]]) -> None:
     # ProtectKernelModules hides /usr/lib/modules: BCC could not find its headers
     assert unit.get("ProtectKernelModules", ["no"]) == ["no"]
+
+
+def _installed(root: Path, installable: Path, *dropins: Path) -> Path:
+    """A root with the unit (and drop-ins) where systemd looks for them."""
+    units = root / "etc" / "systemd" / "system"
+    (units / "leaktap.service.d").mkdir(parents=True)
+    (units / "leaktap.service").write_text(installable.read_text())
+    for dropin in dropins:
+        (units / "leaktap.service.d" / dropin.name).write_text(dropin.read_text())
+    return root
+
+
+def security(root: Path) -> dict[str, str]:
+    """systemd-analyze security of the installed unit: check name -> its line (✓ or ✗
+    first, then the finding)."""
+    tool = require_tool("systemd-analyze", "systemd")
+    out = subprocess.run([tool, "security", "--offline=true", f"--root={root}",
+                          "leaktap.service"], capture_output=True, text=True, timeout=20)
+    assert out.returncode == 0 and out.stderr.strip() == "", out.stderr  # no unknown keys
+    return {m.group(1): m.group(0) for m in re.finditer(r"^[✓✗] (\S+).*$", out.stdout, re.M)}
+
+
+def test_plaintext_capabilities_only_with_the_plaintext_dropin(
+    tmp_path: Path, installable: Path, unit: dict[str, list[str]]
+) -> None:
+    assert not PLAINTEXT_CAPS & set(" ".join(unit["CapabilityBoundingSet"]).split())
+    base = security(_installed(tmp_path / "base", installable))
+    assert base["CapabilityBoundingSet=~CAP_SYS_PTRACE"].startswith("✓")
+    dropin = directives(PLAINTEXT.read_text())
+    assert set(dropin["CapabilityBoundingSet"][0].split()) == PLAINTEXT_CAPS
+    assert set(dropin["AmbientCapabilities"][0].split()) == PLAINTEXT_CAPS
+    inspecting = security(_installed(tmp_path / "plaintext", installable, PLAINTEXT))
+    # granted, and only here
+    assert inspecting["CapabilityBoundingSet=~CAP_SYS_PTRACE"].startswith("✗")
+
+
+def test_addresses_are_restricted_to_loopback_unless_allowed(
+    tmp_path: Path, installable: Path, unit: dict[str, list[str]]
+) -> None:
+    assert unit["IPAddressDeny"] == ["any"] and unit["IPAddressAllow"] == ["localhost"]
+    # systemd rates an allow list of loopback only as restricted (✗ with a 0.1 weight
+    # instead of "no allow list"); the drop-in adds networks, and systemd accepts it
+    base = security(_installed(tmp_path / "base", installable))
+    assert "only localhost entries" in base["IPAddressDeny="], base["IPAddressDeny="]
+    allowed = security(_installed(tmp_path / "addresses", installable, ADDRESSES))
+    assert "does not define" not in allowed["IPAddressDeny="]
+    assert directives(ADDRESSES.read_text())["IPAddressAllow"]
 
 
 def test_exposure_score(installable: Path) -> None:
