@@ -220,6 +220,24 @@ class EnvironmentLabel(_Strict):
     uids: list[Annotated[int, Field(ge=0, le=2**32 - 1)]] = []
 
 
+class PlaintextStreams(_Strict):
+    """Bounds of stream inspection (plaintext.streams): every byte held is counted here."""
+
+    # connections (x direction) followed at once; the least recently used is evicted
+    max: Annotated[int, Field(ge=16, le=1_000_000)] = 8192
+    # bytes all stream parsers hold together; past it bodies are scanned early, in windows
+    total_bytes: Annotated[int, Field(ge=1 << 20, le=1 << 32)] = 64 << 20
+    # body bytes held per message before they are scanned as a window (with overlap)
+    body_window_bytes: Annotated[int, Field(ge=4096, le=1 << 28)] = 1 << 20
+    overlap_bytes: Annotated[int, Field(ge=64, le=65536)] = 512
+    # one decompression: absolute output and output/input ratio (past either: a bomb)
+    decode_max_bytes: Annotated[int, Field(ge=65536, le=1 << 30)] = 8 << 20
+    decode_max_ratio: Annotated[int, Field(ge=10, le=100_000)] = 200
+    # a CRM connection with a larger unseen share than this (after min bytes) alerts
+    unseen_alert_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    unseen_alert_min_bytes: Annotated[int, Field(ge=0)] = 64 << 10
+
+
 class PlaintextConfig(_Strict):
     enabled: bool = False
     select: PlaintextSelect | Literal["all"] = PlaintextSelect()
@@ -235,6 +253,7 @@ class PlaintextConfig(_Strict):
         str, SecretFile(HMAC_KEY_MIN_BYTES, may_be_missing=True, raw=True)] | None = None
     # full /proc rescans for processes that changed cgroup or uid without exec
     rescan_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
+    streams: PlaintextStreams = PlaintextStreams()
 
     @field_validator("canaries", mode="before")
     @classmethod

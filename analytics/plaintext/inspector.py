@@ -97,6 +97,17 @@ class StreamLimits:
     unseen_alert_share: float = 0.5  # a CRM connection with more unseen than this alerts
     unseen_alert_min_bytes: int = 64 << 10  # ... once it has written this much
 
+    @classmethod
+    def from_settings(cls, s: Any) -> StreamLimits:
+        """From the plaintext.streams config section (read by name: analytics never
+        imports the controller)."""
+        return cls(streams_max=s.max, total_bytes_max=s.total_bytes,
+                   body_window_bytes=s.body_window_bytes, overlap_bytes=s.overlap_bytes,
+                   decode=DecodeLimits(max_output_bytes=s.decode_max_bytes,
+                                       max_ratio=s.decode_max_ratio),
+                   unseen_alert_share=s.unseen_alert_share,
+                   unseen_alert_min_bytes=s.unseen_alert_min_bytes)
+
 
 @dataclass(frozen=True, slots=True)
 class TenantPolicy:

@@ -54,6 +54,7 @@ from leaktap.analytics.plaintext.fields import FieldPolicy
 from leaktap.analytics.plaintext.inspector import (
     BulkAudit,
     ContentInspector,
+    StreamLimits,
     TenantPolicy,
     WriteContext,
 )
@@ -203,7 +204,8 @@ def build_inspector(config: LeaktapConfig, hasher: KeyedHasher,
         crm = attributor.catalogue.lookup(host)
         return (crm.vendor, crm.instance) if crm is not None else None
 
-    return ContentInspector(hasher, canaries, policies, resolve_host)
+    return ContentInspector(hasher, canaries, policies, resolve_host,
+                            limits=StreamLimits.from_settings(pt.streams))
 
 
 class PlaintextMonitor:

@@ -152,3 +152,15 @@ def test_forget_inspects_what_a_closing_connection_still_holds():
     run(ins, [("w", data, len(data), 0)])
     out = ins.forget((7, 0xABC))
     assert [f.kind for f in out.findings] == ["canary_token"] and not len(ins.streams)
+
+
+def test_stream_bounds_come_from_the_plaintext_streams_config():
+    from leaktap.controller.config import parse_config
+
+    cfg = parse_config("plaintext: {streams: {max: 100, total_bytes: 2097152, "
+                       "decode_max_ratio: 50, unseen_alert_share: 0.8}}")
+    limits = StreamLimits.from_settings(cfg.plaintext.streams)
+    assert (limits.streams_max, limits.total_bytes_max, limits.decode.max_ratio,
+            limits.unseen_alert_share) == (100, 2 << 20, 50, 0.8)
+    with pytest.raises(Exception, match="streams"):
+        parse_config("plaintext: {streams: {max: 1}}")
