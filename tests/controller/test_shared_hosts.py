@@ -227,3 +227,27 @@ def test_the_inspector_reports_an_instance_a_request_names_once_per_connection()
     assert first.named_instance == ("salesforce", "00D5e000000AbCd")
     again = inspector.inspect(ctx, request, len(request))
     assert again.requests == 1 and again.named_instance is None  # already named
+
+
+def test_the_plaintext_monitor_hands_a_named_instance_to_the_flow() -> None:
+    """The glue between inspection and attribution: the write's socket ends find the
+    conversation the request named an instance for."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from leaktap.controller.plaintext.monitor import PlaintextMonitor
+
+    attributor = Attributor(parse_config(CONFIG), live=False)
+    local = ("198.18.63.1", 40030)
+    table, _ = _conversation(attributor, local, "api.hubapi.com")
+    ends = SimpleNamespace(family=4, local=local, remote=REMOTE)
+    monitor = SimpleNamespace(
+        attributor=attributor, counters=Counter(), _bindings={},
+        sockets=SimpleNamespace(resolve=lambda tgid, fd: ends if (tgid, fd) == (77, 5) else None),
+    )
+    ev = SimpleNamespace(fd=5, tgid=77, ssl_ptr=1)
+    PlaintextMonitor._refine_instance(monitor, ev, ("hubspot", "2716371"))  # type: ignore[arg-type]
+    assert monitor.counters["instances_named"] == 1
+    names = attributor.names(next(iter(table.conversations.values())))
+    assert (names.crm_vendor, names.crm_instance, names.crm_region, names.named_by) == (
+        "hubspot", "2716371", "na1", "plaintext")
