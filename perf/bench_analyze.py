@@ -29,14 +29,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "analytics"))
-
-import scenario  # noqa: E402
+# the repository root, so the test scenarios import as the package they are
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from leaktap.analytics.baseline import HOURS_PER_WEEK, SUM_IN, SUM_OUT  # noqa: E402
 from leaktap.analytics.buckets import Bucket  # noqa: E402
 from leaktap.analytics.settings import DetectionSettings  # noqa: E402
 from leaktap.analytics.stream import StreamingDetector  # noqa: E402
+from tests.analytics import scenario  # noqa: E402
 
 logger = logging.getLogger("bench_analyze")
 UNSEEN_SEEDS = (101, 102, 103)

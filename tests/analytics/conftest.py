@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import scenario
 
 from leaktap.analytics.incidents import Incident
 from leaktap.analytics.settings import DetectionSettings
 from leaktap.analytics.stream import StreamingDetector
+from tests.analytics import scenario
 
 EVAL_SEEDS = (11, 12)
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import scenario
 
 from leaktap.analytics.cli import analyze_lines
 from leaktap.analytics.incidents import OUTPUT_FIELDS
@@ -17,6 +16,7 @@ from leaktap.analytics.settings import DetectionSettings
 from leaktap.controller.commands import cli
 from leaktap.controller.config import parse_config
 from leaktap.controller.errors import ConfigError
+from tests.analytics import scenario
 
 MONDAY = scenario.MONDAY
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import statistics
 
-import scenario
-
 from leaktap.analytics.incidents import Incident
+from tests.analytics import scenario
 
 
 def test_every_injected_event_is_caught(

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from receivers import PagerDutyReceiver, WebhookReceiver, running
 
 from leaktap.analytics.alert_settings import AlertsSettings, OutboxSettings
 from leaktap.analytics.alerts import AlertManager, Finding, SinkRoute
@@ -20,6 +19,7 @@ from leaktap.analytics.sinks.base import AlertEvent, Sink
 from leaktap.analytics.sinks.pagerduty import PagerDutySettings, PagerDutySink
 from leaktap.analytics.sinks.webhook import WebhookSettings, WebhookSink
 from leaktap.controller.storage import Store
+from tests.analytics.receivers import PagerDutyReceiver, WebhookReceiver, running
 
 KEY = "R0UTINGKEY0123456789abcdef012345"
 SECRET = b"webhook-secret-0123456789"

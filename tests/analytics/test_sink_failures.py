@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from receivers import HttpReceiver, PagerDutyReceiver, running
 
 from leaktap.analytics.alert_settings import AlertsSettings, OutboxSettings
 from leaktap.analytics.alerts import AlertManager, Finding, SinkRoute
@@ -27,6 +26,7 @@ from leaktap.analytics.sinks.redact import EXCERPT_MAX, Redactor
 from leaktap.analytics.sinks.webhook import WebhookSettings, WebhookSink
 from leaktap.controller.api.main import create_app
 from leaktap.controller.storage import Store
+from tests.analytics.receivers import HttpReceiver, PagerDutyReceiver, running
 
 KEY = "R0UTINGKEY0123456789abcdef012345"
 ROTATED_KEY = "NEWR0UTINGKEY9876543210fedcba98"

@@ -9,13 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from receivers import (
-    PagerDutyReceiver,
-    SyslogTcpReceiver,
-    SyslogUdpReceiver,
-    WebhookReceiver,
-    running,
-)
 
 from leaktap.analytics.sinks import build_sink
 from leaktap.analytics.sinks.base import AlertEvent, PermanentDelivery, RetryableDelivery
@@ -23,6 +16,13 @@ from leaktap.analytics.sinks.file import FileSettings, FileSink
 from leaktap.analytics.sinks.pagerduty import PagerDutySettings, PagerDutySink
 from leaktap.analytics.sinks.syslog import SyslogSettings, SyslogSink, cef_header, cef_value
 from leaktap.analytics.sinks.webhook import WebhookSettings, WebhookSink
+from tests.analytics.receivers import (
+    PagerDutyReceiver,
+    SyslogTcpReceiver,
+    SyslogUdpReceiver,
+    WebhookReceiver,
+    running,
+)
 
 KEY = "R0UTINGKEY0123456789abcdef012345"
 SECRET = "webhook-secret-0123456789"

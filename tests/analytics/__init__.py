@@ -1,0 +1,1 @@
+"""Tests of leaktap.analytics (a package: helpers import as tests.analytics.*)."""

@@ -1,0 +1,1 @@
+"""Tests of leaktap.controller (a package: helpers import as tests.controller.*)."""
