@@ -18,6 +18,7 @@ import pytest
 from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from leaktap.controller.kernel.loss import LossMonitor
 from tests.bpf.lt_frames import CLIENT4, SERVER4, client_hello, segments, tcp4, udp4
+from tests.prerequisites import missing
 
 pytestmark = pytest.mark.kernel
 
@@ -152,7 +153,7 @@ def in_cgroup(path: Path, home: Path) -> Iterator[None]:
 def test_cgroup_totals_are_per_cgroup_and_overflow_is_counted(tc_tiny_cgroups):
     mount = find_cgroup2_mount()
     if mount is None:
-        pytest.skip("no cgroup2 mount")
+        missing("no cgroup2 mount")
     own = Path("/proc/self/cgroup").read_text().split("0::", 1)[1].splitlines()[0]
     home = mount / own.lstrip("/")
     dirs = [mount / f"lt-kernel-test-{os.getpid()}-{i}" for i in range(3)]

@@ -32,6 +32,7 @@ from leaktap.controller.commands.doctor import (
     run_checks,
 )
 from leaktap.controller.errors import ProbeLoadError
+from tests.prerequisites import missing
 
 CHECK_NAMES = [
     "kernel", "btf", "bpf-syscall", "bcc", "kernel-headers",
@@ -174,7 +175,7 @@ def test_bpf_syscall_denied_to_unprivileged_user() -> None:
     # With unprivileged BPF disabled (Debian's default), an unprivileged user
     # without capabilities is what a container without CAP_BPF looks like.
     if Path("/proc/sys/kernel/unprivileged_bpf_disabled").read_text().strip() == "0":
-        pytest.skip("kernel.unprivileged_bpf_disabled=0: unprivileged users may use bpf()")
+        missing("kernel.unprivileged_bpf_disabled=0: unprivileged users may use bpf()")
     setpriv = shutil.which("setpriv")
     assert setpriv, "setpriv (util-linux) missing"
     proc = subprocess.run(
