@@ -198,7 +198,6 @@ def _class_table(chars: bytes) -> bytes:
     return bytes(0x61 if i in chars else 0x20 for i in range(256))
 
 
-_HEX_TABLE = _class_table(_HEX_CHARS)
 _B64_TABLE = _class_table(_B64_CHARS)
 _RUN = b"a" * RUN_MIN
 
@@ -215,11 +214,19 @@ def _runs(data: bytes, table: bytes) -> Iterator[tuple[int, int]]:
         at = mapped.find(_RUN, end)
 
 
-def _hex(data: bytes) -> bytes | None:
-    out = []
-    for start, end in _runs(data, _HEX_TABLE):
-        out.append(binascii.unhexlify(data[start : end - (end - start) % 2]))
-    return b"\n".join(out) or None
+def _hex_and_base64(data: bytes) -> tuple[bytes | None, bytes | None]:
+    """Long hex runs decoded, long base64 runs decoded (one pass: hex is a subset)."""
+    hexes, b64s = [], []
+    for start, end in _runs(data, _B64_TABLE):
+        run = data[start:end]
+        if not run.translate(None, _HEX_CHARS):
+            hexes.append(binascii.unhexlify(run[: len(run) & ~1]))
+        alt = b"-_" if (b"-" in run or b"_" in run) else None
+        try:
+            b64s.append(base64.b64decode(run + b"=" * (-len(run) % 4), altchars=alt))
+        except (binascii.Error, ValueError):
+            continue
+    return b"\n".join(hexes) or None, b"\n".join(b64s) or None
 
 
 def _utf16(data: bytes) -> list[tuple[str, bytes]]:
@@ -235,20 +242,6 @@ def _utf16(data: bytes) -> list[tuple[str, bytes]]:
         text = body[: len(body) & ~1].decode(codec, "replace")
         out.append((codec, text.encode("utf-8", "replace")))
     return out
-
-
-def _base64_runs(data: bytes) -> bytes | None:
-    joined = data.translate(None, b"\r\n") if b"\n" in data else data
-    out = []
-    for start, end in _runs(joined, _B64_TABLE):
-        run = joined[start:end]
-        alt = b"-_" if (b"-" in run or b"_" in run) else None
-        try:
-            raw = base64.b64decode(run + b"=" * (-len(run) % 4), altchars=alt)
-        except (binascii.Error, ValueError):
-            continue
-        out.append(raw)
-    return b"\n".join(out) or None
 
 
 def _line_joined(data: bytes) -> bytes | None:
@@ -302,11 +295,14 @@ class _Builder:
             derived.extend(_url(data))
         if b"\\" in data:
             derived.append(("json", _json_strings(data)))
-        derived.append(("lines", _line_joined(data)))
-        derived.append(("hex", _hex(data)))
+        joined = _line_joined(data)
+        if joined is not None:
+            derived.append(("lines", joined))  # runs are looked for in the joined text
+        else:
+            hexes, b64s = _hex_and_base64(data)
+            derived.extend((("hex", hexes), ("base64", b64s)))
         if b"\x00" in data:
             derived.extend(_utf16(data))
-        derived.append(("base64", _base64_runs(data)))
         coding = _sniffed_coding(data)
         if coding is not None:
             derived.append((coding, self.content_decode("", data, [coding])))
