@@ -241,9 +241,10 @@ class PlaintextStreams(_Strict):
 class PlaintextConfig(_Strict):
     enabled: bool = False
     select: PlaintextSelect | Literal["all"] = PlaintextSelect()
-    max_bytes: Annotated[int, Field(ge=64, le=16384)] = 4096
+    max_bytes: Annotated[int, _kernel_limit("LT_SSL_SNAP")] = abi.limit("LT_SSL_SNAP").default
     # plaintext events per second per process before the kernel drops (counted)
-    events_per_second: Annotated[int, Field(ge=1, le=1_000_000)] = 2000
+    events_per_second: Annotated[int, _kernel_limit("LT_SSL_EVENTS_PER_SEC")] = abi.limit(
+        "LT_SSL_EVENTS_PER_SEC").default
     canaries: list[CanaryRecord] = []
     tenants: dict[str, PlaintextTenantPolicy] = {}
     environments: list[EnvironmentLabel] = []

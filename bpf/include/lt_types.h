@@ -298,6 +298,8 @@ struct lt_event {
 #ifndef LT_SSL_SNAP
 #define LT_SSL_SNAP 4096
 #endif
+#define LT_SSL_SNAP_FLOOR 64
+#define LT_SSL_SNAP_CEIL 16384
 /* Chunks one write may send (a compile-time loop bound the verifier walks):
  * 64 x 4 KiB = 256 KiB of a write in full. A longer write sends its first
  * and its last LT_SSL_CHUNKS_MAX/2 chunks; the middle is counted as lost
@@ -305,12 +307,17 @@ struct lt_event {
 #ifndef LT_SSL_CHUNKS_MAX
 #define LT_SSL_CHUNKS_MAX 64  /* the verifier walks ~3.4k insns per chunk: at most 128 */
 #endif
+#define LT_SSL_CHUNKS_MAX_FLOOR 2
+#define LT_SSL_CHUNKS_MAX_CEIL 128
 /* Plaintext ring buffer in pages (power of two). 256 pages = 1 MiB hold
  * ~250 full 4 KiB events, i.e. 25 ms of a 10k events/s burst before the
  * controller's drain (woken by epoll) catches up. */
 #ifndef LT_SSL_RINGBUF_PAGES
 #define LT_SSL_RINGBUF_PAGES 256
 #endif
+#define LT_SSL_RINGBUF_PAGES_FLOOR 1
+#define LT_SSL_RINGBUF_PAGES_CEIL 65536
+#define LT_SSL_RINGBUF_PAGES_POW2 1
 /* Plaintext events (chunks) per second per process: a token bucket that
  * refills at this rate and holds at most one second of it. A CRM connector
  * makes at most a few hundred API calls a second; 2000 chunks of 4 KiB are
@@ -319,11 +326,15 @@ struct lt_event {
 #ifndef LT_SSL_EVENTS_PER_SEC
 #define LT_SSL_EVENTS_PER_SEC 2000
 #endif
+#define LT_SSL_EVENTS_PER_SEC_FLOOR 1
+#define LT_SSL_EVENTS_PER_SEC_CEIL 1000000
 /* Processes with rate-limit state. LRU: an evicted process only starts a
  * fresh window, so eviction loses nothing. */
 #ifndef LT_SSL_PROCS_MAX
 #define LT_SSL_PROCS_MAX 4096
 #endif
+#define LT_SSL_PROCS_MAX_FLOOR 1
+#define LT_SSL_PROCS_MAX_CEIL 16777216
 /* SSL objects with a known socket fd (SSL_set_fd, or learned from the next
  * send syscall). LRU: an evicted connection is learned again from its next
  * write's send syscall (LT_SSL_CNT_BIND counts each learning). 16k open TLS
@@ -331,12 +342,16 @@ struct lt_event {
 #ifndef LT_SSL_CONNS_MAX
 #define LT_SSL_CONNS_MAX 16384
 #endif
+#define LT_SSL_CONNS_MAX_FLOOR 1
+#define LT_SSL_CONNS_MAX_CEIL 16777216
 /* Threads between an SSL_write on an SSL object without a known fd and
  * their next send syscall. An entry lives microseconds; LRU, overwritten by
  * the thread's next write. */
 #ifndef LT_SSL_THREADS_MAX
 #define LT_SSL_THREADS_MAX 4096
 #endif
+#define LT_SSL_THREADS_MAX_FLOOR 1
+#define LT_SSL_THREADS_MAX_CEIL 16777216
 /* Selected processes whose exit the controller wants to hear of. */
 #ifndef LT_SSL_PIDS_MAX
 #define LT_SSL_PIDS_MAX 16384
@@ -344,6 +359,25 @@ struct lt_event {
 /* write(2) calls on a thread with a pending SSL object that are not TLS
  * records (a log line between SSL_write and the send) before giving up. */
 #define LT_SSL_BIND_TRIES 4
+
+#if LT_OUT_OF_RANGE(LT_SSL_SNAP, LT_SSL_SNAP_FLOOR, LT_SSL_SNAP_CEIL)
+#error "LT_SSL_SNAP out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_SSL_CHUNKS_MAX, LT_SSL_CHUNKS_MAX_FLOOR, LT_SSL_CHUNKS_MAX_CEIL)
+#error "LT_SSL_CHUNKS_MAX out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_SSL_RINGBUF_PAGES, LT_SSL_RINGBUF_PAGES_FLOOR, LT_SSL_RINGBUF_PAGES_CEIL) || \
+	(LT_SSL_RINGBUF_PAGES & (LT_SSL_RINGBUF_PAGES - 1))
+#error "LT_SSL_RINGBUF_PAGES must be a power of two in range"
+#endif
+#if LT_OUT_OF_RANGE(LT_SSL_EVENTS_PER_SEC, LT_SSL_EVENTS_PER_SEC_FLOOR, LT_SSL_EVENTS_PER_SEC_CEIL)
+#error "LT_SSL_EVENTS_PER_SEC out of range"
+#endif
+#if LT_OUT_OF_RANGE(LT_SSL_PROCS_MAX, LT_SSL_PROCS_MAX_FLOOR, LT_SSL_PROCS_MAX_CEIL) || \
+	LT_OUT_OF_RANGE(LT_SSL_CONNS_MAX, LT_SSL_CONNS_MAX_FLOOR, LT_SSL_CONNS_MAX_CEIL) || \
+	LT_OUT_OF_RANGE(LT_SSL_THREADS_MAX, LT_SSL_THREADS_MAX_FLOOR, LT_SSL_THREADS_MAX_CEIL)
+#error "LT_SSL_PROCS_MAX, LT_SSL_CONNS_MAX or LT_SSL_THREADS_MAX out of range"
+#endif
 
 /* Index of lt_ssl_stats (per-CPU, monotonic), exported as ssl_<name>. */
 enum lt_ssl_stat {

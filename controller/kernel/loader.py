@@ -439,45 +439,40 @@ SSL_SYMBOLS = {
     "SSL_write_ex": "lt_ssl_write_ex",
     "SSL_set_fd": "lt_ssl_set_fd",
 }
-SSL_SNAP_MAX = 16384  # one TLS record
+# SslOptions field -> the lt_types.h limit it sets (default and range come from there)
+SSL_LIMITS = {
+    "snap_bytes": "LT_SSL_SNAP",
+    "ringbuf_pages": "LT_SSL_RINGBUF_PAGES",
+    "events_per_sec": "LT_SSL_EVENTS_PER_SEC",
+    "procs_max": "LT_SSL_PROCS_MAX",
+    "conns_max": "LT_SSL_CONNS_MAX",
+    "threads_max": "LT_SSL_THREADS_MAX",
+    "chunks_max": "LT_SSL_CHUNKS_MAX",
+}
 
 
 @dataclass(frozen=True)
 class SslOptions:
     """Sizes compiled into ssl_uprobe.bpf.c; see bpf/include/lt_types.h (LT_SSL_*)."""
 
-    snap_bytes: int = 4096  # plaintext.max_bytes
-    ringbuf_pages: int = 256
-    events_per_sec: int = 2000  # per process
-    procs_max: int = 4096
-    conns_max: int = 16384
-    threads_max: int = 4096
-    chunks_max: int = 64  # chunks one write may send (LT_SSL_CHUNKS_MAX)
+    snap_bytes: int = abi.limit("LT_SSL_SNAP").default  # plaintext.max_bytes
+    ringbuf_pages: int = abi.limit("LT_SSL_RINGBUF_PAGES").default
+    events_per_sec: int = abi.limit("LT_SSL_EVENTS_PER_SEC").default  # per process
+    procs_max: int = abi.limit("LT_SSL_PROCS_MAX").default
+    conns_max: int = abi.limit("LT_SSL_CONNS_MAX").default
+    threads_max: int = abi.limit("LT_SSL_THREADS_MAX").default
+    chunks_max: int = abi.limit("LT_SSL_CHUNKS_MAX").default  # chunks one write may send
     mmap_all: bool = False  # report every process's executable mappings (select: all)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.snap_bytes, int) or not 1 <= self.snap_bytes <= SSL_SNAP_MAX:
-            raise ProbeLoadError(
-                f"snap_bytes must be in 1..{SSL_SNAP_MAX}, not {self.snap_bytes!r}")
-        pages = self.ringbuf_pages
-        if not isinstance(pages, int) or pages < 1 or pages & (pages - 1):
-            raise ProbeLoadError(f"ringbuf_pages must be a power of two, not {pages!r}")
-        if not isinstance(self.chunks_max, int) or not 2 <= self.chunks_max <= 128:
-            raise ProbeLoadError(f"chunks_max must be in 2..128, not {self.chunks_max!r}")
-        for name in ("events_per_sec", "procs_max", "conns_max", "threads_max"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 1 <= value <= 1 << 24:
-                raise ProbeLoadError(f"{name} must be an integer in 1..{1 << 24}, not {value!r}")
+        for option, name in SSL_LIMITS.items():
+            problem = abi.limit(name).problem(getattr(self, option))
+            if problem is not None:
+                raise ProbeLoadError(f"{option} {problem}")
 
     def cflags(self) -> list[str]:
         return [
-            f"-DLT_SSL_SNAP={int(self.snap_bytes)}",
-            f"-DLT_SSL_RINGBUF_PAGES={int(self.ringbuf_pages)}",
-            f"-DLT_SSL_EVENTS_PER_SEC={int(self.events_per_sec)}",
-            f"-DLT_SSL_PROCS_MAX={int(self.procs_max)}",
-            f"-DLT_SSL_CONNS_MAX={int(self.conns_max)}",
-            f"-DLT_SSL_THREADS_MAX={int(self.threads_max)}",
-            f"-DLT_SSL_CHUNKS_MAX={int(self.chunks_max)}",
+            *(f"-D{name}={getattr(self, option):d}" for option, name in SSL_LIMITS.items()),
             f"-DLT_SSL_MMAP_ALL={int(bool(self.mmap_all))}",
         ]
 

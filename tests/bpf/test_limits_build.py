@@ -10,6 +10,7 @@ from leaktap.controller.kernel import abi
 from leaktap.controller.kernel.loader import (
     KERNEL_LIMITS,
     MODE_SOURCES,
+    SSL_LIMITS,
     KernelOptions,
     _bcc,
     expand_source,
@@ -29,10 +30,12 @@ def _build(overrides: dict[str, int]) -> None:
     ("LT_RINGBUF_PAGES", abi.limit("LT_RINGBUF_PAGES").ceil * 2),
     ("LT_FLOWS_MAX", abi.limit("LT_FLOWS_MAX").floor - 1),
     ("LT_HELLO_SEGS_MAX", abi.limit("LT_HELLO_SEGS_MAX").ceil + 1),
+    ("LT_SSL_RINGBUF_PAGES", 3),
+    ("LT_SSL_SNAP", abi.limit("LT_SSL_SNAP").floor - 1),
 ])
 def test_out_of_range_override_fails_the_build(
         name: str, value: int, capfd: pytest.CaptureFixture[str]) -> None:
-    assert name in KERNEL_LIMITS.values()
+    assert name in {*KERNEL_LIMITS.values(), *SSL_LIMITS.values()}
     with pytest.raises(Exception, match="[Ff]ailed to compile"):
         _build({name: value})
     assert f'#error "{name}' in capfd.readouterr().err

@@ -11,13 +11,23 @@ import pytest
 from leaktap.controller.config import KernelConfig, parse_config
 from leaktap.controller.errors import ConfigError, ProbeLoadError
 from leaktap.controller.kernel import abi
-from leaktap.controller.kernel.loader import KERNEL_LIMITS, KernelOptions
+from leaktap.controller.kernel.loader import (
+    KERNEL_LIMITS,
+    SSL_LIMITS,
+    KernelOptions,
+    SslOptions,
+)
 
-# kernel.<key> -> the -D it sets
+# the loader's options classes and the limits each compiles in
+OPTIONS: list[tuple[type[KernelOptions] | type[SslOptions], dict[str, str]]] = [
+    (KernelOptions, KERNEL_LIMITS), (SslOptions, SSL_LIMITS)]
+# <section>.<key> in the configuration -> the -D it sets
 CONFIG_KEYS = {
-    "flows_max": "LT_FLOWS_MAX",
-    "ringbuf_pages": "LT_RINGBUF_PAGES",
-    "hello_segments_max": "LT_HELLO_SEGS_MAX",
+    "kernel.flows_max": "LT_FLOWS_MAX",
+    "kernel.ringbuf_pages": "LT_RINGBUF_PAGES",
+    "kernel.hello_segments_max": "LT_HELLO_SEGS_MAX",
+    "plaintext.max_bytes": "LT_SSL_SNAP",
+    "plaintext.events_per_second": "LT_SSL_EVENTS_PER_SEC",
 }
 
 
@@ -27,13 +37,13 @@ def header_limits() -> dict[str, tuple[int, int, int, bool]]:
     text = abi.header_path().read_text()
     values: dict[str, int] = {}
     for line in text.splitlines():
-        m = re.match(r"#define (LT_[A-Z0-9_]+) (\d+)$", line.strip())
+        m = re.match(r"#define (LT_[A-Z0-9_]+) (\d+)(?:\s|/\*|$)", line.strip())
         if m and m.group(1) not in values:
             values[m.group(1)] = int(m.group(2))
     return {
         name: (values[name], values[f"{name}_FLOOR"], values[f"{name}_CEIL"],
                values.get(f"{name}_POW2") == 1)
-        for name in KERNEL_LIMITS.values()
+        for _, limits in OPTIONS for name in limits.values()
     }
 
 
@@ -48,30 +58,50 @@ def test_every_compiled_limit_has_its_range_in_the_header() -> None:
 
 def test_loader_and_config_defaults_are_the_headers() -> None:
     header = header_limits()
-    options = KernelOptions()
-    for option, name in KERNEL_LIMITS.items():
-        assert getattr(options, option) == header[name][0], option
-        assert f"-D{name}={header[name][0]}" in options.cflags()
-    config = KernelConfig()
-    for key, name in CONFIG_KEYS.items():
-        assert getattr(config, key) == header[name][0], key
-        assert name in KERNEL_LIMITS.values()
+    for cls, limits in OPTIONS:
+        options = cls()
+        for option, name in limits.items():
+            assert getattr(options, option) == header[name][0], option
+            assert f"-D{name}={header[name][0]}" in options.cflags()
+    config = parse_config("")
+    for dotted, name in CONFIG_KEYS.items():
+        section, key = dotted.split(".")
+        assert getattr(getattr(config, section), key) == header[name][0], dotted
+    assert KernelConfig().flows_max == header["LT_FLOWS_MAX"][0]
 
 
-@pytest.mark.parametrize("key", sorted(CONFIG_KEYS))
-def test_config_accepts_exactly_the_headers_range(key: str) -> None:
-    default, floor, ceil, pow2 = header_limits()[CONFIG_KEYS[key]]
-    option = next(o for o, n in KERNEL_LIMITS.items() if n == CONFIG_KEYS[key])
+def _option_of(name: str) -> tuple[type[KernelOptions] | type[SslOptions], str]:
+    return next((cls, o) for cls, limits in OPTIONS for o, n in limits.items() if n == name)
+
+
+@pytest.mark.parametrize("dotted", sorted(CONFIG_KEYS))
+def test_config_accepts_exactly_the_headers_range(dotted: str) -> None:
+    section, key = dotted.split(".")
+    default, floor, ceil, pow2 = header_limits()[CONFIG_KEYS[dotted]]
+    cls, option = _option_of(CONFIG_KEYS[dotted])
     for good in (floor, ceil, default):
-        assert getattr(parse_config(f"kernel:\n  {key}: {good}\n").kernel, key) == good
-        KernelOptions(**{option: good})
+        config = parse_config(f"{section}:\n  {key}: {good}\n")
+        assert getattr(getattr(config, section), key) == good
+        cls(**{option: good})  # type: ignore[arg-type]
     bad_values = [floor - 1, ceil + 1] + ([floor + 2] if pow2 else [])
     for bad in bad_values:
         with pytest.raises(ConfigError) as info:
-            parse_config(f"# sizes\nkernel:\n  {key}: {bad}\n", "node.yaml")
-        assert str(info.value).startswith(f"node.yaml:3: kernel.{key}: must be "), info.value
+            parse_config(f"# sizes\n{section}:\n  {key}: {bad}\n", "node.yaml")
+        assert str(info.value).startswith(f"node.yaml:3: {dotted}: must be "), info.value
         with pytest.raises(ProbeLoadError):
-            KernelOptions(**{option: bad})
+            cls(**{option: bad})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("cls", "option", "name"), [
+    (cls, option, name) for cls, limits in OPTIONS for option, name in limits.items()])
+def test_loader_refuses_what_the_header_refuses(
+        cls: type[KernelOptions] | type[SslOptions], option: str, name: str) -> None:
+    limit = abi.limit(name)
+    for good in (limit.floor, limit.ceil):
+        cls(**{option: good})  # type: ignore[arg-type]
+    for bad in (limit.floor - 1, limit.ceil + 1, "64"):
+        with pytest.raises(ProbeLoadError, match=f"^{option} must be"):
+            cls(**{option: bad})  # type: ignore[arg-type]
 
 
 def test_ringbuf_pages_three_fails_at_load_with_file_and_line() -> None:
