@@ -9,6 +9,7 @@ without the event changing, so they are retried with backoff up to the give-up a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -17,6 +18,9 @@ from leaktap.analytics.sinks.base import PermanentDelivery, RetryableDelivery, r
 
 # a payload the receiver validated and refused: sending it again cannot help
 PAYLOAD_REJECTED = frozenset({400, 413, 422})
+
+# httpx logs every request's URL at INFO; a sink URL may carry its token in the path
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def post(

@@ -32,6 +32,7 @@ KEY = "R0UTINGKEY0123456789abcdef012345"
 ROTATED_KEY = "NEWR0UTINGKEY9876543210fedcba98"
 BEARER = "proxy-bearer-token-7f3a9c1e5b"
 HMAC_SECRET = "webhook-hmac-secret-0123456789"
+PATH_TOKEN = "T0K3N1nTheUrlPath9f8e7d6c"  # as in Slack-style webhook URLs
 READER, ADMIN = "reader-token-0123456789", "admin-token-0123456789ab"
 FAST = OutboxSettings(backoff_base_s=0.01, backoff_max_s=0.05)
 
@@ -223,7 +224,7 @@ def test_an_echoing_receiver_leaks_no_secret_to_db_logs_or_api(
     hook_proxy = EchoingProxy([403, 500, 422], body_first=False)
     with running(pd_proxy), running(hook_proxy):
         hook = WebhookSink(WebhookSettings(
-            type="webhook", url=hook_proxy.url, secret=HMAC_SECRET, timeout_s=2,
+            type="webhook", url=f"{hook_proxy.url}/{PATH_TOKEN}", secret=HMAC_SECRET, timeout_s=2,
             headers={"Authorization": f"Bearer {BEARER}", "X-Api-Key": "tenant-api-key-55aa"},
         ))
         alerts, outbox = wire(db, [pd_sink(pd_proxy.url), hook])
@@ -250,7 +251,7 @@ def test_an_echoing_receiver_leaks_no_secret_to_db_logs_or_api(
     assert all(len(e) <= EXCERPT_MAX for e in errors.values())
     stored = b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # db, -wal, -shm
     assert (db.parent / (db.name + "-wal")).exists()
-    for secret in (KEY, BEARER, HMAC_SECRET, "tenant-api-key-55aa"):
+    for secret in (KEY, BEARER, HMAC_SECRET, "tenant-api-key-55aa", PATH_TOKEN):
         assert secret.encode() not in stored, secret
         assert secret not in caplog.text, secret
         assert all(secret not in a for a in answers), secret
