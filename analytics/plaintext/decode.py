@@ -24,14 +24,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
 
-try:  # optional at import time: a missing codec is counted, not fatal
-    import brotli
-except ImportError:  # pragma: no cover - declared in pyproject.toml
-    brotli = None
-try:
-    import zstandard
-except ImportError:  # pragma: no cover - declared in pyproject.toml
-    zstandard = None
+import brotli
+import zstandard
 
 _GZIP_MAGIC = b"\x1f\x8b\x08"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -94,20 +88,16 @@ def _zlib(data: bytes, wbits: int, cap: int) -> bytes:
 
 
 def _brotli(data: bytes, cap: int) -> bytes:
-    if brotli is None:
-        raise ValueError("brotli not installed")
     d = brotli.Decompressor()
-    out = d.process(data, output_buffer_limit=cap + 1)
+    out: bytes = d.process(data, output_buffer_limit=cap + 1)
     if len(out) > cap or (not d.is_finished() and not d.can_accept_more_data()):
         raise _Bomb
     return out
 
 
 def _zstd(data: bytes, cap: int) -> bytes:
-    if zstandard is None:
-        raise ValueError("zstandard not installed")
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
-    out = reader.read(cap + 1)
+    out: bytes = reader.read(cap + 1)
     if len(out) > cap:
         raise _Bomb
     return out

@@ -199,9 +199,9 @@ class FieldPolicy:
         if content_type.startswith("multipart/"):
             for part, headers in multipart_parts(body, full_content_type):
                 disposition = next((v for k, v in headers if k == "content-disposition"), "")
-                m = re.search(r'name="([^"]{1,128})"', disposition)
-                if m and m.group(1).lower() in self._lower:
-                    yield m.group(1), part.decode("utf-8", "replace"), -1
+                named = re.search(r'name="([^"]{1,128})"', disposition)
+                if named and named.group(1).lower() in self._lower:
+                    yield named.group(1), part.decode("utf-8", "replace"), -1
         elif content_type == "application/x-www-form-urlencoded" or (
                 not is_json and b"=" in body[:256]):
             yield from self._form(body)

@@ -204,6 +204,14 @@ EVASIONS: list[Evasion] = [
             "unencrypted_field",
             steps=lambda: whole(http1(b"a=1&SSN__c=card+4111+1111+1111+1111+x",
                                       {"Content-Type": "application/x-www-form-urlencoded"}))),
+    Evasion("field_multipart", "an encrypted field as a multipart form part", "unencrypted_field",
+            steps=lambda: whole(http1(
+                b'--b2\r\nContent-Disposition: form-data; name="ssn__c"\r\n\r\n'
+                b"DE89 3704 0044 0532 0130 00\r\n--b2--\r\n",
+                {"Content-Type": "multipart/form-data; boundary=b2"}))),
+    Evasion("field_nested_object", "an encrypted field in a nested object of an array",
+            "unencrypted_field",
+            steps=lambda: whole(http1(b'{"records": [{"attrs": {"Ssn__C": "123456789"}}]}'))),
     Evasion("rate_limit_flood", "2,000 junk writes/s exhaust the process's event budget",
             "inspection_evaded", layer="kernel",
             covered_by=("tests/e2e/test_plaintext_tls.py (kernel side, issue 19.4)",)),
