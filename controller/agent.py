@@ -49,7 +49,7 @@ from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.kernel.maps import FlowCounters, MapReader
 from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 from leaktap.controller.series import OTHER, SeriesCap
-from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
+from leaktap.controller.storage import BucketKey, StorageError, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
 
@@ -425,14 +425,19 @@ def _api_tokens(config: LeaktapConfig, state_dir: Path) -> tuple[list[str], list
             (readers if kind == "reader" else admins).append(token)
     if not readers and not admins:
         path = state_dir / "api-token"
-        if path.exists():
-            admins.append(path.read_text().strip())
-        else:
-            token = secrets.token_urlsafe(32)
-            state_dir.mkdir(parents=True, exist_ok=True)
-            path.touch(mode=0o600)
-            path.write_text(token + "\n")
-            admins.append(token)
+        try:
+            if path.exists():
+                admins.append(path.read_text().strip())
+            else:
+                token = secrets.token_urlsafe(32)
+                state_dir.mkdir(parents=True, exist_ok=True)
+                path.touch(mode=0o600)
+                path.write_text(token + "\n")
+                admins.append(token)
+        except OSError as e:  # a message at start, not a traceback
+            raise StorageError(
+                f"no API tokens configured and the generated one in {path} cannot be "
+                f"used: {e.strerror or e}") from e
         logger.warning("no API tokens configured: using the admin token in %s", path)
     return readers, admins
 

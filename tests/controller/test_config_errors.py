@@ -146,3 +146,22 @@ def test_duplicated_keys_are_named(text: str, line: int, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(text, "f.yaml")
     assert str(info.value).startswith(f"f.yaml:{line}: {key}: given twice (first at line ")
+
+
+@pytest.mark.parametrize(("config_text", "says"), [
+    ("mode: tc\n", "no API tokens configured and the generated one in {d}/not-a-dir/api-token"
+                   " cannot be used: "),
+    (HEAD, "opening database {d}/not-a-dir/leaktap.db"),
+])
+def test_an_unusable_state_directory_is_one_line_too(
+        tmp_path: Path, config_text: str, says: str) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    config = tmp_path / "leaktap.yaml"
+    config.write_text(config_text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "leaktap.controller.commands.cli", "run", "--config", str(config),
+         "--db", str(tmp_path / "not-a-dir" / "leaktap.db")],
+        capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("leaktap run: " + says.format(d=tmp_path)), proc.stderr
