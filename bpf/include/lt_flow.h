@@ -36,9 +36,6 @@
 #define QUIC_LONG_FORM 0xC0
 #define QUIC_V1 0x00000001
 #define QUIC_V2 0x6b3343cf
-/* clients pad Initial datagrams to 1200 bytes (RFC 9000 14.1); half of it
- * tolerates captures cut by a snap length */
-#define QUIC_MIN_DATAGRAM 600
 #define DNS_PORT 53
 /* 1: sample DNS in both directions (one hook sees both: XDP, replay) */
 #ifndef LT_DNS_BOTH_WAYS
@@ -441,7 +438,7 @@ static __always_inline void quic_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_
 {
 	__u8 h[5] = {};
 
-	if (p->payload_len < QUIC_MIN_DATAGRAM || LT_LOAD_BYTES(ctx, p->payload_off, h, sizeof(h)))
+	if (p->payload_len < LT_QUIC_MIN_DATAGRAM || LT_LOAD_BYTES(ctx, p->payload_off, h, sizeof(h)))
 		return;
 	if ((h[0] & QUIC_LONG_FORM) != QUIC_LONG_FORM)
 		return;

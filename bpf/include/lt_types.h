@@ -91,6 +91,10 @@
  * drained each second, so a STARTTLS upgrade later in a long flow is still
  * seen within the first packets of the next interval. */
 #define LT_PROBE_SEGS 8
+/* Smallest UDP datagram inspected for a QUIC Initial: clients pad Initial
+ * datagrams to 1200 bytes (RFC 9000 14.1); half of it tolerates captures cut
+ * by a snap length. */
+#define LT_QUIC_MIN_DATAGRAM 600
 /* Events per second per CPU before rate limiting (counted). */
 #ifndef LT_EVENTS_PER_SEC
 #define LT_EVENTS_PER_SEC 65536

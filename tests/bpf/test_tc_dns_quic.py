@@ -15,6 +15,7 @@ pytestmark = pytest.mark.kernel
 LIMITS = abi.defines()
 DNS_SNAP = LIMITS["LT_DNS_SNAP"]
 SNAP = LIMITS["LT_SNAP"]
+QUIC_FLOOR = LIMITS["LT_QUIC_MIN_DATAGRAM"]
 RESOLVER = "198.18.0.53"
 NAME = "acme.my.salesforce.com"
 CRM_IP = "198.19.7.7"
@@ -166,10 +167,11 @@ def quic_long(first: int, version: int, size: int = 1200) -> bytes:
         (quic_long(0xC3, QUIC_V2), False),  # v2 0-RTT (type bits 00)
         (quic_long(0xC3, 0), False),  # version negotiation
         (b"\x43" + b"\x11" * 1199, False),  # short header
-        (quic_long(0xC3, QUIC_V1, size=599), False),  # below the 600-byte floor
+        (quic_long(0xC3, QUIC_V1, size=QUIC_FLOOR - 1), False),  # below the floor
+        (quic_long(0xC3, QUIC_V1, size=QUIC_FLOOR), True),  # at the floor
     ],
     ids=["v1-initial", "v2-initial", "unknown-version", "v1-handshake", "v1-0rtt",
-         "v2-type0", "version-negotiation", "short-header", "short-datagram"],
+         "v2-type0", "version-negotiation", "short-header", "short-datagram", "floor-datagram"],
 )
 def test_quic_long_header_initials_are_sampled(tc, datagram, sampled):
     out = tc.run(udp4(datagram, sport=43100, dport=443))

@@ -20,6 +20,7 @@ from scapy.layers.ipsec import AH
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Packet, Raw
 
+from leaktap.controller.kernel import abi
 from tests.bpf.lt_frames import CLIENT4, CLIENT6, SERVER4, SERVER6, eth
 
 pytestmark = pytest.mark.kernel
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.kernel
 TCP_P, UDP_P, ICMP_P, ICMP6_P = 6, 17, 1, 58
 V4 = IP(src=CLIENT4, dst=SERVER4)
 V6 = IPv6(src=CLIENT6, dst=SERVER6)
+# extension headers the parser walks (lt_types.h), not a copy of the number
+EXT_MAX = abi.defines()["LT_IPV6_EXT_MAX"]
 
 
 def _tcp(sport: int) -> Packet:
@@ -74,9 +77,13 @@ VARIANTS: dict[str, tuple[Packet, tuple[int, int, int, int], dict[str, int]]] = 
         eth() / V6 / AH(nh=TCP_P, payloadlen=4, icv=b"\0" * 12) / _tcp(41008),
         (6, TCP_P, 41008, 443), {},
     ),
-    "IPv6 5 extension headers": (eth() / V6 / _ext(5) / _tcp(41009), (6, TCP_P, 41009, 443), {}),
-    # LT_IPV6_EXT_MAX (6) headers are within the documented bound ("up to LT_IPV6_EXT_MAX")
-    "IPv6 6 extension headers": (eth() / V6 / _ext(6) / _tcp(41010), (6, TCP_P, 41010, 443), {}),
+    f"IPv6 {EXT_MAX - 1} extension headers": (
+        eth() / V6 / _ext(EXT_MAX - 1) / _tcp(41009), (6, TCP_P, 41009, 443), {}
+    ),
+    # LT_IPV6_EXT_MAX headers are within the documented bound ("up to LT_IPV6_EXT_MAX")
+    f"IPv6 {EXT_MAX} extension headers": (
+        eth() / V6 / _ext(EXT_MAX) / _tcp(41010), (6, TCP_P, 41010, 443), {}
+    ),
     "IPv6 first fragment": (
         eth() / V6 / IPv6ExtHdrFragment(offset=0, m=1, id=7) / _tcp(41011),
         (6, TCP_P, 41011, 443), {},
@@ -208,7 +215,9 @@ MALFORMED: dict[str, tuple[bytes, dict[str, int], tuple[int, int, int, int] | No
     "VLAN, IPv6 header cut at 39 bytes": (
         _cut(eth() / Dot1Q(vlan=4) / V6 / TCP_OK, L3 + 4 + 39), {"parse_trunc_l3": 1}, None
     ),
-    "IPv6 7 extension headers": (bytes(eth() / V6 / _ext(7) / TCP_OK), {"parse_ipv6_ext": 1}, None),
+    f"IPv6 {EXT_MAX + 1} extension headers": (
+        bytes(eth() / V6 / _ext(EXT_MAX + 1) / TCP_OK), {"parse_ipv6_ext": 1}, None
+    ),
     "IPv6 extension header longer than the packet": (
         bytes(eth() / V6 / IPv6ExtHdrDestOpt(len=200, autopad=0) / TCP_OK),
         {"parse_bad_len": 1}, None,
