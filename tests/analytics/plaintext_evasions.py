@@ -118,6 +118,11 @@ def h2_table_lost() -> list[Step]:
     return [*whole(data), ("lost", 300, "rate_limit"), *whole(data[-50:] + later.data_to_send())]
 
 
+def h2_gap_in_data() -> list[Step]:
+    data = h2_request([b" " * 12000 + record()])
+    return [("w", data[:4096], len(data), 0), ("w", data[8192:], len(data), 8192)]
+
+
 def bomb() -> list[Step]:
     return whole(http1(gzip.compress(b"\0" * (64 << 20)), {"Content-Encoding": "gzip"}))
 
@@ -186,6 +191,8 @@ EVASIONS: list[Evasion] = [
             steps=gap_in_body),
     Evasion("resync_after_gap", "bytes lost between requests, the value in the next one",
             "canary_token", steps=resync_after_gap),
+    Evasion("h2_gap_in_data", "an HTTP/2 DATA payload partly lost, the value after the hole",
+            "canary_token", steps=h2_gap_in_data),
     Evasion("pipelined", "two requests in one write, the value in the second", "canary_token",
             steps=lambda: whole(http1(b"{}") + http1(record()))),
     Evasion("h2_table_lost", "the HTTP/2 header table lost to a dropped write",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from leaktap.analytics.plaintext.canary import Canary, CanaryMatcher
 from leaktap.analytics.plaintext.fields import FieldPolicy
@@ -164,3 +166,32 @@ def test_stream_bounds_come_from_the_plaintext_streams_config():
             limits.unseen_alert_share) == (100, 2 << 20, 50, 0.8)
     with pytest.raises(Exception, match="streams"):
         parse_config("plaintext: {streams: {max: 1}}")
+
+
+def _stream_corpus() -> bytes:
+    from tests.analytics.plaintext_evasions import chunked_request, h2_request
+
+    return http1(record()) + chunked_request([b"ab", record()]) + http1(b"{}") + h2_request(
+        [record()])
+
+
+@settings(max_examples=150, deadline=None)
+@given(cuts=st.lists(st.integers(0, 2000), max_size=12),
+       gaps=st.lists(st.tuples(st.integers(0, 2000), st.integers(1, 300)), max_size=3),
+       junk=st.binary(max_size=64))
+def test_any_slicing_and_gaps_never_raise_and_stay_bounded(cuts, gaps, junk):
+    data = junk + _stream_corpus() if junk[:1] == b"\x00" else _stream_corpus() + junk
+    ins = inspector(body_window_bytes=4096, total_bytes_max=1 << 20)
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    lost = {g[0] % len(data): g[1] for g in gaps}
+    for a, b in zip(points, points[1:], strict=False):
+        chunk = data[a:b]
+        for at, n in lost.items():
+            if a <= at < b:
+                chunk = data[a:at]
+                run(ins, [("w", chunk, len(chunk), 0), ("lost", n, "rate_limit")])
+                chunk = data[min(at + n, b):b]
+        run(ins, [("w", chunk, len(chunk), 0)])
+    assert ins.streams.held_bytes <= (1 << 20) + len(data)
+    ins.forget((7, 0xABC))
+    assert not len(ins.streams)
