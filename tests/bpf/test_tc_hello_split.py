@@ -197,11 +197,23 @@ def test_first_byte_not_followed_by_tls_is_dropped_without_loss(tc):
     assert len(tc.probes.table("lt_hello").items()) == 0
 
 
-@pytest.mark.parametrize("first", [1, 4, 7, 8])
+@pytest.mark.parametrize("first", range(1, 65))
 def test_xdp_reads_the_split_hello_like_tc(xdp, first):
     samples, stats = send(xdp, HELLO, [first, 50], sport=47000 + first)
 
     assert_exact(xdp, samples, HELLO, stats)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:2])
+def test_xdp_random_record_and_segment_splits(xdp, seed):
+    rng = random.Random(seed)
+    for i in range(8):
+        stream = records(MSG, random_sizes(rng, len(MSG), rng.randint(2, 12))[:-1])
+        sizes = random_sizes(rng, len(stream), rng.randint(1, SEGS_MAX))[:-1]
+
+        samples, stats = send(xdp, stream, sizes, sport=47200 + seed % 100 * 8 + i)
+
+        assert_exact(xdp, samples, stream, stats)
 
 
 def test_xdp_reads_record_fragmentation(xdp):
