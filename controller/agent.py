@@ -454,12 +454,16 @@ def is_loopback(host: str) -> bool:
 # The dashboard, a Prometheus scraper and a few scripts need a handful.
 API_MAX_CONNECTIONS = 64
 API_MAX_HEAD_BYTES = 16 * 1024
+# a new or kept-alive connection must send a complete request head within this
+API_HEAD_TIMEOUT_S = 5
 
 
 def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
     """The uvicorn server for the API; HTTPS with `tls`, a warning when the bind is
     reachable from elsewhere without it."""
     import uvicorn
+
+    from leaktap.controller.api.connections import HeadTimeoutH11Protocol
 
     if tls is None and not is_loopback(host):
         logger.warning(
@@ -471,10 +475,11 @@ def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
             app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
             ssl_certfile=tls.certfile if tls else None, ssl_keyfile=tls.keyfile if tls else None,
             # bounded memory whoever connects: h11 (not httptools, whatever is installed)
-            # caps a request head at API_MAX_HEAD_BYTES; connections beyond
+            # caps a request head at API_MAX_HEAD_BYTES and, with a deadline, at
+            # API_HEAD_TIMEOUT_S (api/connections.py); connections beyond
             # API_MAX_CONNECTIONS get 503; bodies are capped by api/guard.py
-            http="h11", h11_max_incomplete_event_size=API_MAX_HEAD_BYTES,
-            limit_concurrency=API_MAX_CONNECTIONS,
+            http=HeadTimeoutH11Protocol, h11_max_incomplete_event_size=API_MAX_HEAD_BYTES,
+            timeout_keep_alive=API_HEAD_TIMEOUT_S, limit_concurrency=API_MAX_CONNECTIONS,
         )
     )
 

@@ -13,12 +13,14 @@ this gate four unauthenticated 256 MB uploads took the agent from 273 MB to
 - the accepted body (at most the cap) is handed to the app from memory.
 
 Refusals carry `Connection: close`, so the server drops the connection instead
-of draining the rest of an upload it will never use. Connection count and
-header size are bounded by the server (agent.api_server).
+of draining the rest of an upload it will never use; a body that takes longer
+than BODY_TIMEOUT_S is refused 408. Connection count, head size and head time
+are bounded by the server (agent.api_server, connections.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 
@@ -34,6 +36,8 @@ SESSION_FORM_MAX = 4096
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 # Reachable without credentials: liveness, the sign-in page, the sign-in itself.
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/v1/session"})
+# A body of a few KiB trickled slower than this holds a connection slot: 408.
+BODY_TIMEOUT_S = 10.0
 
 RoleOf = Callable[[HTTPConnection], "str | None"]
 
@@ -80,9 +84,13 @@ class RequestGuard:
             await _refuse(send, 413, f"request body over {limit} bytes")
             return
         try:
-            body = await _read_body(receive, limit)
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await _read_body(receive, limit)
         except _TooLarge:
             await _refuse(send, 413, f"request body over {limit} bytes")
+            return
+        except TimeoutError:
+            await _refuse(send, 408, f"request body not received within {BODY_TIMEOUT_S:g} s")
             return
         if body is None:  # the client went away
             return

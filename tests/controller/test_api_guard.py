@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,14 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from leaktap.controller.agent import API_MAX_CONNECTIONS, API_MAX_HEAD_BYTES
+from leaktap.controller.agent import (
+    API_HEAD_TIMEOUT_S,
+    API_MAX_CONNECTIONS,
+    API_MAX_HEAD_BYTES,
+    api_server,
+)
+from leaktap.controller.api import guard
+from leaktap.controller.api.connections import HeadTimeoutH11Protocol
 from leaktap.controller.api.guard import BODY_MAX, SESSION_FORM_MAX, body_limit
 from leaktap.controller.api.main import create_app
 
@@ -243,10 +251,56 @@ def test_malformed_content_length_is_400() -> None:
 
 
 def test_server_runs_under_the_agents_limits() -> None:
-    from leaktap.controller.agent import api_server
-
     app = create_app(object(), readers=[READER], admins=[ADMIN], manage=False)
     config = api_server(app, "127.0.0.1", 0, None).config
     assert config.limit_concurrency == API_MAX_CONNECTIONS
     assert config.h11_max_incomplete_event_size == API_MAX_HEAD_BYTES
-    assert config.http == "h11"
+    assert config.http is HeadTimeoutH11Protocol
+    assert config.timeout_keep_alive == API_HEAD_TIMEOUT_S
+
+
+@pytest.fixture
+def quick_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, int]]:
+    """The agent's server in a thread, its head and body deadlines cut to 0.5 s."""
+    monkeypatch.setattr(guard, "BODY_TIMEOUT_S", 0.5)
+    app = create_app(object(), readers=[READER], admins=[ADMIN], manage=False)
+    server = api_server(app, "127.0.0.1", _free_port(), None)
+    server.config.timeout_keep_alive = 0.5
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    yield "127.0.0.1", server.config.port
+    server.should_exit = True
+    thread.join(10)
+
+
+def _closed_within(s: socket.socket, seconds: float) -> bool:
+    s.settimeout(seconds)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_silent_and_slow_heads_are_cut_off(quick_server: tuple[str, int]) -> None:
+    silent = socket.create_connection(quick_server)
+    slow = socket.create_connection(quick_server)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+    try:
+        assert _closed_within(silent, 5) and _closed_within(slow, 5)
+    finally:
+        silent.close()
+        slow.close()
+
+
+def test_a_trickled_body_is_408(quick_server: tuple[str, int]) -> None:
+    with socket.create_connection(quick_server) as s:
+        s.sendall(b"POST /v1/canaries HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n"
+                  b"Authorization: Bearer " + ADMIN.encode() + b"\r\n\r\n{")
+        s.settimeout(5)
+        assert s.recv(4096).startswith(b"HTTP/1.1 408 ")
