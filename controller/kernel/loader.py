@@ -15,6 +15,7 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "leaktap"
+# under the pin root: the compiler child's transient pins, one directory per load
+LOAD_DIR = "loading"  # bpffs refuses names with a dot
 
 # The BPF object for each mode: program files compiled together so they share maps.
 MODE_SOURCES = {
@@ -174,7 +177,7 @@ def _prepare_pin_dir(digest: str, root: Path) -> Path:
         )
     root.mkdir(exist_ok=True)
     for stale in root.iterdir():
-        if stale.name != digest:
+        if stale.name not in (digest, LOAD_DIR):  # LOAD_DIR: loads in progress
             logger.warning(
                 "removing pinned maps of another build (%s): their counts since the last "
                 "poll are lost",
@@ -201,11 +204,27 @@ def _bcc() -> Any:
     return BPF
 
 
+# "in-process" compiles in the calling process (it then maps LLVM: ~120 MB resident)
+COMPILE_ENV = "LT_COMPILE"
+
+
 def load(mode: str = "tc", options: KernelOptions | None = None) -> Probes:
-    """Compile and load the programs of `mode`; ProbeLoadError says what failed."""
+    """Compile and load the programs of `mode`; ProbeLoadError says what failed.
+
+    The compiler runs in a short-lived child (kernel/compile.py) that pins the
+    programs and maps; this process reopens them by path and never maps LLVM."""
     options = options or KernelOptions()
     if mode not in PROGRAMS:
         raise ProbeLoadError(f"unknown mode {mode!r}; expected one of {sorted(MODE_SOURCES)}")
+    if os.environ.get(COMPILE_ENV) == "in-process":
+        return compile_in_process(mode, options)
+    from leaktap.controller.kernel.compile import load_in_child
+
+    return load_in_child(mode, options)
+
+
+def compile_in_process(mode: str, options: KernelOptions) -> Probes:
+    """Compile and load with BCC in this process (the compiler child's work)."""
     BPF = _bcc()
     files = MODE_SOURCES[mode]
     try:
@@ -376,19 +395,30 @@ def xdp_program(iface: str) -> tuple[str | None, str | None]:
 
 def detach_xdp(iface: str) -> bool:
     """Remove leaktap's XDP program from `iface` (also a crashed run's); never another's."""
-    from bcc import BPF
+    from leaktap.controller.kernel.pinned import libbpf
 
     name, mode = xdp_program(iface)
     if name is None or not name.startswith("lt_"):
         return False
     flags = XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE
-    BPF.remove_xdp(iface.encode(), flags)
+    rc = libbpf().bpf_xdp_detach(_if_index(iface), flags, None)
+    if rc < 0:
+        raise ProbeLoadError(f"removing XDP from {iface}: {os.strerror(-rc)}")
     return True
+
+
+def _if_index(iface: str) -> int:
+    import socket
+
+    try:
+        return socket.if_nametoindex(iface)
+    except OSError as e:
+        raise ProbeLoadError(f"no such interface: {iface}") from e
 
 
 def attach_xdp(probes: Probes, iface: str) -> str:
     """Attach the XDP program natively where the driver can, else generic; returns the mode."""
-    from bcc import BPF
+    from leaktap.controller.kernel.pinned import libbpf
 
     name, _ = xdp_program(iface)
     if name is not None and not name.startswith("lt_"):
@@ -400,10 +430,10 @@ def attach_xdp(probes: Probes, iface: str) -> str:
     fn = probes.functions["ingress"]
     errors = []
     for flags, mode in ((XDP_FLAGS_DRV_MODE, "native"), (XDP_FLAGS_SKB_MODE, "generic")):
-        try:
-            BPF.attach_xdp(iface.encode(), fn, flags)
-        except Exception as e:  # noqa: BLE001 - try the next mode, report both
-            errors.append(f"{mode}: {e}")
+        # libbpf attaches through netlink, like BCC did, from the program's fd
+        rc = libbpf().bpf_xdp_attach(_if_index(iface), int(fn.fd), flags, None)
+        if rc < 0:
+            errors.append(f"{mode}: {os.strerror(-rc)}")
             continue
         probes.attach_modes[iface] = mode
         logger.info("attached XDP to %s in %s mode", iface, mode)
