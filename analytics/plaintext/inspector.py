@@ -38,7 +38,7 @@ from typing import Any
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext import artifacts, bulk, credentials
 from leaktap.analytics.plaintext.canary import CanaryHit, CanaryMatcher
-from leaktap.analytics.plaintext.decode import DecodeLimits, decoded_views
+from leaktap.analytics.plaintext.decode import DecodeLimits, content_codings, decoded_views
 from leaktap.analytics.plaintext.fields import FieldPolicy
 from leaktap.analytics.plaintext.http import (
     HttpStream,
@@ -66,6 +66,7 @@ EVASIONS = {
     "stream_evicted": "the connection's stream state evicted (reassembly bound)",
     "decompression_bomb": "a body that decompresses past the limits",
     "connection_mostly_unseen": "most of the connection's bytes not seen",
+    "compressed_body_over_bound": "a compressed body larger than the body window bound",
 }
 
 
@@ -397,6 +398,11 @@ class ContentInspector:
                          {"encoding": ",".join(views.bombs)})
         if views.errors:
             self.stats["decode_errors"] += len(views.errors)
+        if msg.windows and content_codings(request.headers):
+            # a compressed body past the window bound: its later windows cannot be
+            # decompressed alone
+            self._evaded(ctx, where, stream, "compressed_body_over_bound", len(data), out,
+                         {"body_window_bytes": self.limits.body_window_bytes})
         content = views.content if views.content is not None else data
         if policy is not None and policy.fields:
             self._fields(ctx, where, msg, content, policy.fields, out)

@@ -195,3 +195,15 @@ def test_any_slicing_and_gaps_never_raise_and_stay_bounded(cuts, gaps, junk):
     assert ins.streams.held_bytes <= (1 << 20) + len(data)
     ins.forget((7, 0xABC))
     assert not len(ins.streams)
+
+
+def test_compressed_body_past_the_window_bound_is_reported():
+    import os
+    import zlib
+
+    ins = inspector(body_window_bytes=4096)
+    body = zlib.compress(os.urandom(6000), 1)  # incompressible: ~6 KB of deflate
+    data = http1(body, {"Content-Encoding": "deflate"})
+    kinds_found = [f.evidence["lost"] for r in run(ins, [("w", data, len(data), 0)])
+                   for f in r.findings]
+    assert kinds_found == ["compressed_body_over_bound"]
