@@ -22,6 +22,7 @@ import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import brotli
@@ -71,8 +72,8 @@ class Views:
         return iter(self.views)
 
 
-class _Bomb(Exception):
-    pass
+class Bomb(Exception):
+    """A decompression past the limits."""
 
 
 def _cap(n_in: int, limits: DecodeLimits) -> int:
@@ -83,7 +84,7 @@ def _zlib(data: bytes, wbits: int, cap: int) -> bytes:
     d = zlib.decompressobj(wbits)
     out = d.decompress(data, cap + 1)
     if len(out) > cap or (d.unconsumed_tail and len(out) >= cap):
-        raise _Bomb
+        raise Bomb
     return out
 
 
@@ -91,7 +92,7 @@ def _brotli(data: bytes, cap: int) -> bytes:
     d = brotli.Decompressor()
     out: bytes = d.process(data, output_buffer_limit=cap + 1)
     if len(out) > cap or (not d.is_finished() and not d.can_accept_more_data()):
-        raise _Bomb
+        raise Bomb
     return out
 
 
@@ -99,12 +100,12 @@ def _zstd(data: bytes, cap: int) -> bytes:
     reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=True)
     out: bytes = reader.read(cap + 1)
     if len(out) > cap:
-        raise _Bomb
+        raise Bomb
     return out
 
 
 def decompress(coding: str, data: bytes, limits: DecodeLimits) -> bytes:
-    """One Content-Encoding undone; raises _Bomb past the limits, ValueError when broken."""
+    """One Content-Encoding undone; raises Bomb past the limits, ValueError when broken."""
     cap = _cap(len(data), limits)
     try:
         if coding in ("gzip", "x-gzip"):
@@ -118,11 +119,77 @@ def decompress(coding: str, data: bytes, limits: DecodeLimits) -> bytes:
             return _brotli(data, cap)
         if coding == "zstd":
             return _zstd(data, cap)
-    except _Bomb:
+    except Bomb:
         raise
     except Exception as e:  # noqa: BLE001 - each codec raises its own error type
         raise ValueError(f"{coding}: {type(e).__name__}") from e
     raise ValueError(f"{coding}: unsupported")
+
+
+ZSTD_SLICE = 64  # zstd input fed per call: bounds what one call can expand to
+
+
+class StreamDecoder:
+    """One Content-Encoding undone across a body's windows, in order.
+
+    Bounded by the ratio only (a long legitimate upload may decompress to more
+    than `max_output_bytes` in total); each call's output is capped by it.
+    """
+
+    def __init__(self, coding: str, limits: DecodeLimits) -> None:
+        if coding not in ("gzip", "x-gzip", "deflate", "br", "zstd"):
+            raise ValueError(f"{coding}: unsupported")
+        self.coding = coding
+        self.limits = limits
+        self.n_in = self.n_out = 0
+        self._zlib: Any = None
+        self._br: Any = brotli.Decompressor() if coding == "br" else None
+        self._zstd: Any = (zstandard.ZstdDecompressor().decompressobj()
+                           if coding == "zstd" else None)
+        if coding in ("gzip", "x-gzip"):
+            self._zlib = zlib.decompressobj(16 + zlib.MAX_WBITS)
+
+    def feed(self, data: bytes) -> bytes:
+        """Decoded bytes for the next raw bytes; raises Bomb past the ratio, ValueError
+        when the stream is broken."""
+        self.n_in += len(data)
+        cap = min(max(self.n_in, 1024) * self.limits.max_ratio - self.n_out,
+                  self.limits.max_output_bytes)
+        if cap <= 0:
+            raise Bomb
+        try:
+            out = self._feed(data, cap)
+        except Bomb:
+            raise
+        except Exception as e:  # noqa: BLE001 - each codec raises its own error type
+            raise ValueError(f"{self.coding}: {type(e).__name__}") from e
+        self.n_out += len(out)
+        return out
+
+    def _feed(self, data: bytes, cap: int) -> bytes:
+        if self.coding == "deflate" and self._zlib is None and data:
+            zlib_header = len(data) > 1 and data[0] & 0x0F == 8 and (
+                (data[0] << 8) | data[1]) % 31 == 0
+            self._zlib = zlib.decompressobj(zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS)
+        if self._zlib is not None:
+            out: bytes = self._zlib.decompress(data, cap + 1)
+            if len(out) > cap or self._zlib.unconsumed_tail:
+                raise Bomb
+            return out
+        if self._br is not None:
+            out = self._br.process(data, output_buffer_limit=cap + 1)
+            if len(out) > cap:
+                raise Bomb
+            return out
+        parts: list[bytes] = []
+        total = 0
+        for i in range(0, len(data), ZSTD_SLICE):
+            part: bytes = self._zstd.decompress(data[i : i + ZSTD_SLICE])
+            total += len(part)
+            if total > cap:
+                raise Bomb
+            parts.append(part)
+        return b"".join(parts)
 
 
 def _header(headers: Iterable[tuple[str, str]], name: str) -> str:
@@ -267,7 +334,7 @@ class _Builder:
         for coding in codings:
             try:
                 data = decompress(coding, data, self.limits)
-            except _Bomb:
+            except Bomb:
                 self.out.bombs.append(coding)
                 return None
             except ValueError as e:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import hpack
 
@@ -127,6 +128,10 @@ class Message:
     windows: int = 0  # windows handed out before the end
     bulk_done: bool = False
     reported: set[str] = field(default_factory=set)  # canary hashes already reported
+    # a windowed body's Content-Encoding undone across windows (inspector-owned state)
+    decoder: Any = None
+    decoded_upto: int = 0  # body offset up to which the raw bytes were decoded
+    decoded_tail: bytes = b""  # decoded overlap carried to the next window
 
 
 @dataclass(slots=True)
@@ -134,7 +139,8 @@ class ParseEvents:
     """What feeding bytes (or a gap) to a stream parser produced."""
 
     heads: list[Message] = field(default_factory=list)  # heads complete (credentials)
-    windows: list[tuple[Message, bytes]] = field(default_factory=list)  # body over the bound
+    # body over the bound: (message, bytes, body offset of bytes[0])
+    windows: list[tuple[Message, bytes, int]] = field(default_factory=list)
     done: list[Message] = field(default_factory=list)  # ended (or flushed, complete=False)
     raw: list[bytes] = field(default_factory=list)  # bytes no message holds: scanned raw
     blind: list[tuple[str, int]] = field(default_factory=list)  # (reason, bytes) sync lost
@@ -164,7 +170,7 @@ def window_out(msg: Message, overlap: int, out: ParseEvents) -> None:
     """Hand out the held body as a window; keep only the overlap."""
     if len(msg.body) <= overlap:
         return
-    out.windows.append((msg, bytes(msg.body)))
+    out.windows.append((msg, bytes(msg.body), msg.body_base))
     msg.windows += 1
     keep = msg.body[-overlap:] if overlap else bytearray()
     msg.body_base += len(msg.body) - len(keep)

@@ -38,7 +38,13 @@ from typing import Any
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext import artifacts, bulk, credentials
 from leaktap.analytics.plaintext.canary import CanaryHit, CanaryMatcher
-from leaktap.analytics.plaintext.decode import DecodeLimits, content_codings, decoded_views
+from leaktap.analytics.plaintext.decode import (
+    Bomb,
+    DecodeLimits,
+    StreamDecoder,
+    content_codings,
+    decoded_views,
+)
 from leaktap.analytics.plaintext.fields import FieldPolicy
 from leaktap.analytics.plaintext.http import (
     HttpStream,
@@ -347,10 +353,10 @@ class ContentInspector:
             self._head_canaries(ctx, where, msg, out)
         for raw in events.raw:
             self._raw(ctx, where, stream, raw, out)
-        for msg, window in events.windows:
-            self._body(ctx, where, stream, msg, window, policy, out)
+        for msg, window, start in events.windows:
+            self._body(ctx, where, stream, msg, window, start, policy, out)
         for msg in events.done:
-            self._body(ctx, where, stream, msg, bytes(msg.body), policy, out)
+            self._body(ctx, where, stream, msg, bytes(msg.body), msg.body_base, policy, out)
             msg.body = bytearray()
         for reason, nbytes in events.blind:
             self.stats[f"blind_{reason}"] += 1
@@ -381,14 +387,27 @@ class ContentInspector:
         stream.raw_tail = window[-keep:]
 
     def _body(self, ctx: WriteContext, where: _Where, stream: _Stream, msg: Message,
-              data: bytes, policy: TenantPolicy | None, out: Inspection) -> None:
+              data: bytes, start: int, policy: TenantPolicy | None, out: Inspection) -> None:
+        """Detectors over body bytes [start, start + len(data)) of msg (all of it, or a
+        window of a body past the bound)."""
         request = msg.request
         if not msg.bulk_done and request.method != "?":
             msg.bulk_done = True
             self._bulk(ctx, where, request, msg, data, policy, out)
         if not data:
             return
-        views = decoded_views(data, request.headers, self.limits.decode)
+        codings = content_codings(request.headers)
+        if msg.windows and codings:
+            # a compressed body past the bound: decoded as a stream, window by window
+            self._report_canaries(ctx, where, self.canaries.scan(data), msg.reported, "body",
+                                  out)
+            decoded = self._stream_decode(ctx, where, stream, msg, data, start, codings, out)
+            if decoded is None:
+                return
+            plain_headers = [h for h in request.headers if h[0] != "content-encoding"]
+            views = decoded_views(decoded, plain_headers, self.limits.decode)
+        else:
+            views = decoded_views(data, request.headers, self.limits.decode)
         for view in views:
             self._report_canaries(ctx, where, self.canaries.scan(view.data), msg.reported,
                                   view.name, out)
@@ -398,16 +417,51 @@ class ContentInspector:
                          {"encoding": ",".join(views.bombs)})
         if views.errors:
             self.stats["decode_errors"] += len(views.errors)
-        if msg.windows and content_codings(request.headers):
-            # a compressed body past the window bound: its later windows cannot be
-            # decompressed alone
-            self._evaded(ctx, where, stream, "compressed_body_over_bound", len(data), out,
-                         {"body_window_bytes": self.limits.body_window_bytes})
         content = views.content if views.content is not None else data
         if policy is not None and policy.fields:
             self._fields(ctx, where, msg, content, policy.fields, out)
         if len(content) >= ARTIFACT_MIN_BYTES:
             self._artifact(ctx, where, content, msg.body_base, out)
+
+    def _stream_decode(self, ctx: WriteContext, where: _Where, stream: _Stream, msg: Message,
+                       data: bytes, start: int, codings: list[str],
+                       out: Inspection) -> bytes | None:
+        """The decoded bytes a window adds (with the decoded overlap in front), or None
+        once the body cannot be decoded further (counted, and reported when blinding)."""
+        if msg.decoder is False:
+            return None
+        if msg.decoder is None:
+            try:
+                if len(codings) != 1:
+                    raise ValueError("stacked codings")
+                msg.decoder = StreamDecoder(codings[0], self.limits.decode)
+            except ValueError:
+                msg.decoder = False
+                self._evaded(ctx, where, stream, "compressed_body_over_bound", len(data), out,
+                             {"encoding": ",".join(codings),
+                              "body_window_bytes": self.limits.body_window_bytes})
+                return None
+        if start > msg.decoded_upto:
+            msg.decoder = False  # a hole in the compressed stream: the rest is undecodable
+            self.stats["decode_stopped_after_gap"] += 1
+            return None
+        fresh = data[msg.decoded_upto - start :]
+        msg.decoded_upto = start + len(data)
+        try:
+            chunk = msg.decoder.feed(fresh)
+        except Bomb:
+            msg.decoder = False
+            self.stats["decompression_bombs"] += 1
+            self._evaded(ctx, where, stream, "decompression_bomb", msg.decoded_upto, out,
+                         {"encoding": codings[0]})
+            return None
+        except ValueError:
+            msg.decoder = False
+            self.stats["decode_errors"] += 1
+            return None
+        joined = msg.decoded_tail + chunk
+        msg.decoded_tail = joined[-self.limits.overlap_bytes :]
+        return joined
 
     def _check_unseen(self, ctx: WriteContext, stream: _Stream, out: Inspection) -> None:
         loss = stream.loss

@@ -197,13 +197,35 @@ def test_any_slicing_and_gaps_never_raise_and_stay_bounded(cuts, gaps, junk):
     assert not len(ins.streams)
 
 
-def test_compressed_body_past_the_window_bound_is_reported():
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_compressed_body_past_the_window_bound_is_decoded_as_a_stream(coding):
+    import gzip
     import os
     import zlib
 
-    ins = inspector(body_window_bytes=4096)
-    body = zlib.compress(os.urandom(6000), 1)  # incompressible: ~6 KB of deflate
+    import brotli
+    import zstandard
+
+    compress = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress,
+                "zstd": zstandard.ZstdCompressor().compress}[coding]
+    # incompressible padding pushes the record ~3 windows in, after the raw bound
+    plain = os.urandom(6000).hex().encode() + record() + b" tail"
+    data = http1(compress(plain), {"Content-Encoding": coding})
+    ins = inspector(body_window_bytes=4096, overlap_bytes=256)
+    results = run(ins, chunks(data, 1000))
+    assert kinds(results) == ["canary_token"]
+    assert ins.stats["decode_errors"] == 0
+
+
+def test_compressed_bomb_past_the_window_bound_stops_decoding_and_is_reported():
+    import zlib
+
+    body = zlib.compress(b"\0" * (32 << 20), 9)  # ~32 KB expanding 1000-fold
     data = http1(body, {"Content-Encoding": "deflate"})
-    kinds_found = [f.evidence["lost"] for r in run(ins, [("w", data, len(data), 0)])
-                   for f in r.findings]
-    assert kinds_found == ["compressed_body_over_bound"]
+    ins = inspector(body_window_bytes=4096)
+    found = [f.evidence["lost"] for r in run(ins, chunks(data, 4096)) for f in r.findings]
+    assert found == ["decompression_bomb"]
+
+
+def chunks(data: bytes, size: int) -> list[Step]:
+    return [("w", data[i : i + size], len(data), i) for i in range(0, len(data), size)]
