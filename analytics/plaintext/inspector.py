@@ -448,7 +448,7 @@ class ContentInspector:
         fresh = data[msg.decoded_upto - start :]
         msg.decoded_upto = start + len(data)
         try:
-            chunk = msg.decoder.feed(fresh)
+            chunk: bytes = msg.decoder.feed(fresh)
         except Bomb:
             msg.decoder = False
             self.stats["decompression_bombs"] += 1
@@ -459,7 +459,7 @@ class ContentInspector:
             msg.decoder = False
             self.stats["decode_errors"] += 1
             return None
-        joined = msg.decoded_tail + chunk
+        joined: bytes = msg.decoded_tail + chunk
         msg.decoded_tail = joined[-self.limits.overlap_bytes :]
         return joined
 
