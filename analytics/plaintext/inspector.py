@@ -209,6 +209,11 @@ class ContentInspector:
 
     # -- the stream table ----------------------------------------------------------
 
+    def connection_host(self, conn: Hashable, direction: str = "egress") -> str | None:
+        """The host the connection's requests named (Host or :authority), if any."""
+        stream = self.streams.peek((conn, direction))
+        return stream.host if stream is not None else None
+
     def forget(self, conn: Hashable) -> Inspection:
         """The connection ended: what its streams still hold is inspected, then dropped."""
         return self.forget_where(lambda c: c == conn)

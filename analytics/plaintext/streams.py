@@ -135,6 +135,10 @@ class StreamTable(Generic[S]):
     def over_count(self) -> bool:
         return len(self._streams) > self.streams_max
 
+    def peek(self, key: Hashable) -> S | None:
+        """The stream for key if followed, without making it or refreshing its age."""
+        return self._streams.get(key)
+
     def hold(self, key: Hashable, nbytes: int) -> None:
         self.held_bytes += nbytes - self._held.get(key, 0)
         if key in self._streams:

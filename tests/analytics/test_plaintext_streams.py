@@ -229,3 +229,10 @@ def test_compressed_bomb_past_the_window_bound_stops_decoding_and_is_reported():
 
 def chunks(data: bytes, size: int) -> list[Step]:
     return [("w", data[i : i + size], len(data), i) for i in range(0, len(data), size)]
+
+
+def test_connection_host_is_what_the_requests_named():
+    ins = inspector()
+    run(ins, [("w", http1(b"{}"), len(http1(b"{}")), 0)])
+    assert ins.connection_host((7, 0xABC)) == "acme.my.salesforce.com"
+    assert ins.connection_host((7, 0xDEF)) is None and len(ins.streams) == 1
