@@ -193,7 +193,15 @@ class StreamDecoder:
 
 
 def _header(headers: Iterable[tuple[str, str]], name: str) -> str:
-    return next((v for k, v in headers if k.lower() == name), "")
+    """The first value of `name` (lower case); the parsers give lower-case names."""
+    headers = headers if isinstance(headers, list | tuple) else list(headers)
+    for k, v in headers:
+        if k == name:
+            return v
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return ""
 
 
 def _sniffed_coding(data: bytes) -> str | None:
