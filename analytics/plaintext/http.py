@@ -203,12 +203,12 @@ class Http1Stream:
     gap it looks for the next request line (and reports the resynchronisation).
     """
 
-    protocol = "http/1.1"
-
-    def __init__(self, limits: ParserLimits) -> None:
+    def __init__(self, limits: ParserLimits, in_sync: bool = True) -> None:
         self.limits = limits
         self.buf = bytearray()
-        self.state = _H1_HEAD
+        self.state = _H1_HEAD if in_sync else _H1_RESYNC
+        # opaque until a request line is found (a stream joined mid-message, or not HTTP)
+        self.protocol = "http/1.1" if in_sync else "opaque"
         self.left = 0  # body or chunk bytes still to come
         self.msg: Message | None = None
 
@@ -273,6 +273,7 @@ class Http1Stream:
             del buf[: end + 4]
             self.msg = Message(request)
             out.heads.append(self.msg)
+            self.protocol = "http/1.1"
             length = _content_length(request)
             if length is None:
                 self.state = _H1_CHUNK_SIZE if _chunked(request) else _H1_RESYNC
@@ -669,28 +670,6 @@ class Http2Stream:
         return freed
 
 
-class OpaqueStream:
-    """A stream that is not HTTP: every byte is scanned raw."""
-
-    protocol = "opaque"
-    buffered = 0
-
-    def feed(self, data: bytes, out: ParseEvents) -> None:
-        out.raw.append(data)
-
-    def gap(self, n: int, out: ParseEvents) -> None:
-        pass
-
-    def flush(self, out: ParseEvents) -> None:
-        pass
-
-    def spill(self, out: ParseEvents) -> int:
-        return 0
-
-    def open_messages(self) -> list[Message]:
-        return []
-
-
 PROTOCOL_SNIFF_BYTES = len(H2_PREFACE)
 
 
@@ -699,9 +678,8 @@ class HttpStream:
 
     def __init__(self, limits: ParserLimits | None = None) -> None:
         self.limits = limits or ParserLimits()
-        self.parser: Http1Stream | Http2Stream | OpaqueStream | None = None
+        self.parser: Http1Stream | Http2Stream | None = None
         self._head = bytearray()  # bytes before the protocol is known
-        self._after_gap = False
 
     @property
     def protocol(self) -> str:
@@ -721,7 +699,7 @@ class HttpStream:
             data, self._head = bytes(self._head), bytearray()
         self.parser.feed(data, out)
 
-    def _sniff(self, out: ParseEvents) -> Http1Stream | Http2Stream | OpaqueStream | None:
+    def _sniff(self, out: ParseEvents) -> Http1Stream | Http2Stream | None:
         head = bytes(self._head)
         if head.startswith(H2_PREFACE):
             return Http2Stream(self.limits, table_known=True, preface=True)
@@ -729,10 +707,6 @@ class HttpStream:
             return None
         if looks_like_request_line(head):
             return Http1Stream(self.limits)
-        if _REQUEST_AT_LINE.search(head) and self._after_gap:
-            parser = Http1Stream(self.limits)
-            parser.state = _H1_RESYNC
-            return parser
         if len(head) < PROTOCOL_SNIFF_BYTES and b"\r\n" not in head and (
                 _METHOD_PREFIX.fullmatch(head)):
             return None
@@ -741,18 +715,15 @@ class HttpStream:
             return Http2Stream(self.limits, table_known=False, preface=False)
         if len(head) < H2_FRAME_HEADER:
             return None
-        if self._after_gap:
-            parser = Http1Stream(self.limits)
-            parser.state = _H1_RESYNC
-            return parser
-        return OpaqueStream()
+        # joined mid-message (an agent restart, a lost head) or not HTTP: every byte is
+        # scanned raw until a request line shows where the next message starts
+        return Http1Stream(self.limits, in_sync=False)
 
     def gap(self, n: int, out: ParseEvents) -> None:
         if self.parser is None:
             if self._head:
                 out.raw.append(bytes(self._head))
                 self._head.clear()
-            self._after_gap = True
             return
         self.parser.gap(n, out)
 

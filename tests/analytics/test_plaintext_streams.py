@@ -236,3 +236,14 @@ def test_connection_host_is_what_the_requests_named():
     run(ins, [("w", http1(b"{}"), len(http1(b"{}")), 0)])
     assert ins.connection_host((7, 0xABC)) == "acme.my.salesforce.com"
     assert ins.connection_host((7, 0xDEF)) is None and len(ins.streams) == 1
+
+
+def test_stream_joined_mid_message_is_scanned_raw_then_parsed_from_the_next_request():
+    # the agent restarted in the middle of a body: no gap is known, the bytes are not HTTP
+    ins = inspector()
+    tail = b'adding": "' + b"p" * 300 + b'"}'
+    results = run(ins, [*[("w", tail, len(tail), 0)], ("w", http1(record()), len(http1(record())),
+                                                          0)])
+    assert [r.protocol for r in results] == ["opaque", "http/1.1"]
+    assert kinds(results) == ["canary_token"]
+    assert results[1].requests == 1
