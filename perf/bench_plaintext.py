@@ -36,7 +36,9 @@ from leaktap.controller.config import parse_config
 from leaktap.controller.kernel import loader
 from leaktap.controller.plaintext.events import SslEventDecoder, header_format
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
-from perf import bench_streams
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from perf import bench_streams  # noqa: E402 - run as a script, perf/ is not a package path
 
 logger = logging.getLogger("perf.bench_plaintext")
 
