@@ -1,0 +1,19 @@
+"""Every kernel loss reason is exported with a remedy (issue 11.3: the split-hello give-ups)."""
+
+from __future__ import annotations
+
+from leaktap.controller.api.routes.metrics import LOSS_RING
+from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.loss import REMEDIES
+
+
+def test_every_kernel_loss_reason_has_a_remedy() -> None:
+    losses = {name for name in abi.stat_names() if name.startswith("loss_")}
+
+    assert {"loss_hello_walk", "loss_hello_gap", "loss_hello_segs"} <= losses
+    assert losses - set(REMEDIES) == set()
+
+
+def test_hello_give_ups_are_reported_against_the_hello_map() -> None:
+    for reason in ("loss_hello_pending", "loss_hello_walk", "loss_hello_gap"):
+        assert LOSS_RING[reason] == "lt_hello"
