@@ -1,16 +1,20 @@
-"""HTTP requests from the first bytes of each TLS write of one connection.
+"""HTTP requests from one direction of a connection's byte stream, parsed incrementally.
 
-The kernel captures the first N bytes of every write together with the
-write's full length, so a connection is followed write by write:
+`HttpStream` is fed the stream's bytes in order and told about gaps of known
+size; it finds the protocol from the first bytes and hands over what
+completes: request heads (`ParseEvents.heads`), bodies at their end
+(`done`) or, past `ParserLimits.body_window_bytes`, in windows that overlap
+(`windows`), and bytes no message holds (`raw`, scanned as they are).
 
-- HTTP/1.1: a write starting with a request line opens a request (method,
-  target, headers); Content-Length says how many following bytes are its body.
-- HTTP/2: the client preface starts the connection; frames are followed
-  across writes by their lengths. HEADERS blocks are decoded with `hpack`
-  while the connection's header table is known: every header block since the
-  preface was seen whole. After a block was missed (truncated capture, probe
-  attached mid-connection, rate-limited write) the table is unknown and later
-  header blocks are reported as undecodable instead of guessed.
+- HTTP/1.1: Content-Length and chunked framing (de-chunked here). After a gap
+  inside a body of known length the parser stays in step; after any other gap,
+  and on a stream joined mid-message, it looks for the next request line.
+- HTTP/2: frames followed by their lengths, DATA joined per stream until
+  END_STREAM, header blocks decoded with `hpack` while the connection's table is
+  known. A gap inside a DATA (or other non-header) payload keeps the frame
+  boundaries; a gap inside a header block loses the table (reported, later
+  blocks undecodable rather than guessed); any other gap loses the frame
+  boundaries and the rest of the connection is scanned raw (reported).
 """
 
 from __future__ import annotations
