@@ -247,21 +247,19 @@ class KernelCapture:
                 out.append((flow, hello))
         return out
 
+    def quic_hellos(self, path: str | Path) -> list[ClientHello]:
+        """The ClientHello of each QUIC Initial flight the kernel's samples complete."""
+        from leaktap.controller.protocols.quic import QuicHelloAssembler
+
+        assembler = QuicHelloAssembler()
+        out = []
+        for s in self.samples(path):
+            if s.kind != "quic_initial":
+                continue
+            hello = assembler.feed((s.src, s.sport, s.dst, s.dport, "udp"), s.data)
+            if hello is not None:
+                out.append(hello)
+        return out
+
     def close(self) -> None:
         self.probes.close()
-
-
-def quic_client_datagrams(segments: list[Segment]) -> Iterator[Segment]:
-    """UDP datagrams sent by the side that opened each UDP conversation with a
-    long-header packet (the QUIC client), as the kernel samples them."""
-    clients: dict[frozenset[tuple[str, int]], tuple[str, int]] = {}
-    for seg in segments:
-        if seg.proto != "udp" or not seg.payload:
-            continue
-        pair = frozenset([(seg.src, seg.sport), (seg.dst, seg.dport)])
-        if pair not in clients:
-            if not seg.payload[0] & 0x80 or len(seg.payload) < 7:
-                continue
-            clients[pair] = (seg.src, seg.sport)
-        if clients[pair] == (seg.src, seg.sport):
-            yield seg

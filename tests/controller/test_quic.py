@@ -1,9 +1,9 @@
-"""QUIC Initial decryption and CRYPTO reassembly: RFC vectors, crafted packets, the corpus."""
+"""QUIC Initial decryption and CRYPTO reassembly: RFC vectors, crafted packets (the corpus
+runs through the kernel in test_corpus_hellos.py)."""
 
 from __future__ import annotations
 
 import random
-from collections import Counter, defaultdict
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -22,7 +22,6 @@ from leaktap.controller.protocols.quic import (
     parse_long_header,
 )
 from leaktap.controller.protocols.tls import ClientHello
-from tests.corpus import load_tsv, quic_client_datagrams, read_segments
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")
 # RFC 9001 appendix A.1 and RFC 9369 appendix A.1: client Initial key, iv, hp
@@ -226,58 +225,3 @@ def test_mutated_header_never_raises(edits: list[tuple[int, int]]) -> None:
         data[pos] = val
     out = QuicHelloAssembler().feed(FLOW, bytes(data))
     assert out is None or isinstance(out, ClientHello)
-
-
-# --- public corpus: QUIC rows of Zeek and Suricata -----------------------------------
-
-
-
-
-def _quic_names(path: str) -> list[ClientHello]:
-    a = QuicHelloAssembler()
-    out = []
-    for seg in quic_client_datagrams(list(read_segments(path))):
-        hello = a.feed(seg.flow, seg.payload)
-        if hello is not None:
-            out.append(hello)
-    return out
-
-
-def _grouped(tsv: str) -> dict[str, list[dict[str, str]]]:
-    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in load_tsv(tsv):
-        if row["transport"] == "quic":
-            groups[row["pcap_path"]].append(row)
-    return dict(groups)
-
-
-def _ids(v: object) -> str:
-    return v.rsplit("/", 1)[-1] if isinstance(v, str) else ""
-
-
-@pytest.mark.parametrize(("pcap", "rows"), sorted(_grouped("zeek/expected.tsv").items()), ids=_ids)
-def test_corpus_zeek_quic(pcap: str, rows: list[dict[str, str]]) -> None:
-    hellos = _quic_names(pcap)
-    got = Counter(h.sni if h.sni is not None else (h.sni_raw or "-") for h in hellos)
-    assert got == Counter(row["server_name"] for row in rows)
-    for h in hellos:
-        if h.sni is None and h.sni_raw is not None:
-            # quic-go's interop client sends "server4:443": reported raw, not a host name
-            assert h.sni_raw == "server4:443"
-
-
-@pytest.mark.parametrize(
-    ("pcap", "rows"), sorted(_grouped("suricata/expected.tsv").items()), ids=_ids
-)
-def test_corpus_suricata_quic(pcap: str, rows: list[dict[str, str]]) -> None:
-    hellos = _quic_names(pcap)
-    got = [h.sni for h in hellos]
-    for row in rows:
-        if row["server_name"] == "<present-value-not-asserted>":
-            assert got and all(g is not None for g in got)
-        elif row["match"] == "substring-rule":
-            # quic-alerts: Google QUIC Q046, SNI from the plaintext CHLO; Suricata's two
-            # alerts are two packets of the one connection
-            assert got == [row["server_name"]], row
-        else:
-            assert got.count(row["server_name"]) == int(row["expected_event_count"]), row
