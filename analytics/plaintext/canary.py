@@ -1,4 +1,7 @@
-"""Canary tokens anywhere in a write: raw, URL-encoded, JSON-escaped, base64-wrapped.
+"""Canary tokens in bytes: raw, URL-encoded, JSON-escaped, base64-wrapped.
+
+The inspector scans every decoded view of a message (decode.decoded_views), so
+deeper encodings are undone before this matcher runs.
 
 Every encoded form of every token is precomputed, so one regex pass over the
 bytes finds them all. A base64-wrapped token sits at one of three alignments
