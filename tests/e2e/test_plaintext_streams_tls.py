@@ -102,3 +102,28 @@ def test_evasion_class_through_real_tls_is_a_canary_finding(lab, monitor, collec
     finally:
         p.communicate(b"", timeout=15)
     assert p.returncode == 0
+
+
+def test_decompression_bomb_through_real_tls_is_inspection_evaded(lab, monitor,  # noqa: F811
+                                                                   collected):  # noqa: F811
+    mon, _ = monitor
+    pieces = json.dumps([base64.b64encode(w).decode()
+                         for w in writes_of(BY_ID["decompression_bomb"].steps())])
+    argv = in_cgroup(lab["mount"], "lt-pt-acme",
+                     py(WRITER.format(ip=CRM_IP)) + [pieces, "http/1.1"])
+    p = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout is not None and p.stdin is not None
+        assert p.stdout.readline() == b"started\n"
+        wait_probed(mon, p.pid)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        found = collected.wait(lambda: [
+            f for f in collected.findings if f.kind == "inspection_evaded"
+            and f.evidence.get("lost") == "decompression_bomb"])
+        assert found, [f.evidence for f in collected.findings]
+        f = found[0]
+        assert (f.tenant, f.crm_vendor, f.evidence["pid"]) == ("acme", "salesforce", p.pid)
+        assert f.evidence["encoding"] == "gzip" and f.evidence["source"] == "stream"
+    finally:
+        p.communicate(b"", timeout=15)
