@@ -123,6 +123,12 @@ def h2_gap_in_data() -> list[Step]:
     return [("w", data[:4096], len(data), 0), ("w", data[8192:], len(data), 8192)]
 
 
+def h2_header_split() -> list[Step]:
+    data = h2_request([b"{}"], [("x-note", f"see {CANARY}")])
+    cut = len(data) - 30  # inside the HEADERS frame, before the DATA frame
+    return writes(data[:cut - 20], data[cut - 20 :])
+
+
 def bomb() -> list[Step]:
     return whole(http1(gzip.compress(b"\0" * (64 << 20)), {"Content-Encoding": "gzip"}))
 
@@ -193,6 +199,8 @@ EVASIONS: list[Evasion] = [
             "canary_token", steps=resync_after_gap),
     Evasion("h2_gap_in_data", "an HTTP/2 DATA payload partly lost, the value after the hole",
             "canary_token", steps=h2_gap_in_data),
+    Evasion("h2_header_block_split", "an HTTP/2 header block (Huffman-coded value) split "
+            "across writes", "canary_token", steps=h2_header_split),
     Evasion("pipelined", "two requests in one write, the value in the second", "canary_token",
             steps=lambda: whole(http1(b"{}") + http1(record()))),
     Evasion("h2_table_lost", "the HTTP/2 header table lost to a dropped write",
