@@ -247,3 +247,14 @@ def test_stream_joined_mid_message_is_scanned_raw_then_parsed_from_the_next_requ
     assert [r.protocol for r in results] == ["opaque", "http/1.1"]
     assert kinds(results) == ["canary_token"]
     assert results[1].requests == 1
+
+
+@pytest.mark.parametrize("body,hits", [
+    (b'{"r": [{"Email": "enc:v1:QUJD"}, {"email":"enc:v1:REVG"}]}', []),
+    (b'{"r": [{"Email": "enc:v1:QUJD"}, {"email":"jane@example.com"}]}', ["email"]),
+    (b'{"r": [{"Email": "enc:v1:QUJD"}, {"EMAIL": ["jane@example.com"]}]}', ["email"]),
+    (b'{"kind": "email", "Email": "enc:v1:QUJD", "x": "123-45-6789"}', []),
+])
+def test_enveloped_fast_path_never_hides_a_plaintext_value(body, hits):
+    policy = FieldPolicy(["Email"], ["enc:v1:"])
+    assert [h.kind for h in policy.scan(body, "application/json", HASHER)] == hits
