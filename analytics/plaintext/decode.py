@@ -388,7 +388,7 @@ def content_codings(headers: Iterable[tuple[str, str]]) -> list[str]:
 def decoded_views(body: bytes, headers: Iterable[tuple[str, str]] = (),
                   limits: DecodeLimits | None = None) -> Views:
     """The body as sent, then every decoding of it (see the module docstring)."""
-    headers = list(headers)
+    headers = headers if isinstance(headers, list) else list(headers)
     b = _Builder(limits or DecodeLimits())
     b.add("body", body)
     codings = content_codings(headers)

@@ -42,10 +42,12 @@ from leaktap.analytics.plaintext.decode import (
     Bomb,
     DecodeLimits,
     StreamDecoder,
+    Views,
     content_codings,
     decoded_views,
 )
 from leaktap.analytics.plaintext.fields import FieldPolicy
+from leaktap.analytics.plaintext.fingerprints import FingerprintMatcher, fingerprint_key
 from leaktap.analytics.plaintext.http import (
     HttpStream,
     Message,
@@ -195,6 +197,8 @@ class ContentInspector:
         self.policies = dict(policies or {})
         self.resolve_host = resolve_host
         self.tokens = credentials.TokenReuseTracker()
+        # exact data match: tenants' records as keyed hashes (sets swapped in at run time)
+        self.fingerprints = FingerprintMatcher(fingerprint_key(hasher))
         if limits is None:
             limits = StreamLimits(streams_max=connections_max)
         self.limits = limits
@@ -376,9 +380,8 @@ class ContentInspector:
     def _head_canaries(self, ctx: WriteContext, where: _Where, msg: Message,
                        out: Inspection) -> None:
         request = msg.request
-        lines = [f"{request.method} {request.path}"]
-        lines.extend(f"{k}: {v}" for k, v in request.headers)
-        head = "\n".join(lines).encode("latin-1", "replace")
+        head = (f"{request.method} {request.path}\n"
+                + "\n".join(map(": ".join, request.headers))).encode("latin-1", "replace")
         self._report_canaries(ctx, where, self.canaries.scan(head), msg.reported, "head", out)
         if b"%" in head or b"\\" in head:  # nested encodings in a path or a header value
             for view in decoded_views(head, (), self.limits.decode).views[1:]:
@@ -426,6 +429,8 @@ class ContentInspector:
                          {"encoding": ",".join(views.bombs)})
         if views.errors:
             self.stats["decode_errors"] += len(views.errors)
+        if self.fingerprints.active:
+            self._proprietary(ctx, where, msg, views, out)
         content = views.content if views.content is not None else data
         if policy is not None and policy.fields:
             self._fields(ctx, where, msg, content, policy.fields, out)
@@ -604,6 +609,35 @@ class ContentInspector:
                 {"field": hit.field, "value_kind": hit.kind, "offset": offset,
                  "value_hash": hit.value_hash, "excerpt": f'"{hit.field}": "{hit.masked}"',
                  "method": request.method, "path": request.path.split("?", 1)[0]},
+            ))
+
+    def _proprietary(self, ctx: WriteContext, where: _Where, msg: Message, views: Views,
+                     out: Inspection) -> None:
+        """Another tenant's records (or the owner's, leaving for somewhere else)."""
+        # the line-joined view only serves base64 detection: its words run together
+        matches = self.fingerprints.scan(v.data for v in views
+                                         if not v.name.endswith(">lines"))
+        for m in matches:
+            if not m.alerting:
+                continue
+            owner, name = m.info.tenant, m.info.name
+            if f"fp:{owner}/{name}" in msg.reported:
+                continue
+            msg.reported.add(f"fp:{owner}/{name}")
+            if self.fingerprints.sanctioned(owner, where.crm_vendor, where.crm_instance):
+                self.stats["fingerprint_home_writes"] += 1  # the owner's own instance
+                continue
+            dest = where.destination or "an unknown host"
+            out.findings.append(self._finding(
+                "proprietary_data", ctx, where, "critical",
+                f"{m.values} value(s) from {m.rows} row(s) of {owner}'s {name} written by "
+                f"{ctx.comm or 'pid ' + str(ctx.pid)} of {ctx.tenant} to {dest}",
+                dedup_key("proprietary_data", ctx.tenant, owner, name, where.destination or ""),
+                {"owner_tenant": owner, "set": name, "values_matched": m.values,
+                 "rows_matched": m.rows, "rows_with_several_columns": m.rows_several,
+                 "columns_matched": m.columns, "min_matches": m.info.min_matches,
+                 "destination": where.destination, "process": ctx.comm,
+                 "method": msg.request.method, "path": msg.request.path.split("?", 1)[0]},
             ))
 
     def _artifact(self, ctx: WriteContext, where: _Where, data: bytes, base: int,
