@@ -110,6 +110,7 @@ class Agent:
         self.alerts: AlertManager | None = None
         self.detection: LiveDetection | None = None
         self.plaintext: Any = None  # PlaintextMonitor when plaintext.enabled
+        self.fingerprints: Any = None  # FingerprintWatcher, with plaintext
         self.outbox: OutboxDispatcher | None = None
         self._baseline_totals = 0
         self._baseline_attributed = 0
@@ -128,9 +129,12 @@ class Agent:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def start(self) -> None:
-        self._start_alerting()
-        self._start_detection()
+    def load_probes(self) -> None:
+        """Compile (in a short-lived child) and load the programs; start() does it if needed.
+
+        `leaktap run` calls it before serving, so a failure is one line and exit 2."""
+        if self.probes is not None:
+            return
         k = self.config.kernel
         options = loader.KernelOptions(
             flows_max=k.flows_max,
@@ -142,6 +146,11 @@ class Agent:
         )
         self.probes = loader.load(self.config.mode, options)
         self._exit.callback(self.probes.close)
+
+    def start(self) -> None:
+        self._start_alerting()
+        self._start_detection()
+        self.load_probes()
         # runs after the detach, before the close: counts since the last poll are kept
         self._exit.callback(self._final_poll)
         self.reader = MapReader(self.probes)
@@ -209,8 +218,20 @@ class Agent:
             on_audit=lambda call: self.store.add_audit_call(call.as_dict()),
         )
         self.restore_canaries()
+        self._watch_fingerprints()
         self.plaintext.start()
         self._exit.callback(self.plaintext.stop)
+
+    def _watch_fingerprints(self) -> None:
+        """Fingerprint sets (leaktap fingerprint add, POST /v1/fingerprints) are
+        reloaded within a second of a change to the store."""
+        from leaktap.controller.fingerprint_store import FingerprintWatcher
+
+        matcher = self.plaintext.inspector.fingerprints
+        # a set's owner writing to its own sanctioned instance is no alert
+        matcher.allow = {t.name: tuple(t.allow) for t in self.config.tenants}
+        self.fingerprints = FingerprintWatcher(self.store.path, matcher).start()
+        self._exit.callback(self.fingerprints.stop)
 
     def restore_canaries(self) -> int:
         """Canaries registered through the API in earlier runs watch again."""
@@ -509,6 +530,7 @@ def main(args: Any) -> int:
     # no-op for SIGTERM so a clean stop exits 0
     signal.signal(signal.SIGTERM, lambda *_: None)
     try:
+        agent.load_probes()  # before serving: a compile error is one line, exit 2
         server.run()
     finally:
         store.close()

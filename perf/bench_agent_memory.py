@@ -15,20 +15,47 @@ ring-buffer consumer of a full agent are not loaded here; "file" is the
 part of RSS backed by mapped files (mostly BCC's libLLVM/libclang), shared
 with other processes and reclaimable, "anon" the process's own heap; every flow was
 created on one CPU (the process is pinned), values are read for all CPUs.
+
+Whole agent (issue 16.5; target: VmRSS < 128 MB with 100,000 flows drained per
+second). A real `leaktap run` subprocess (API, detectors, alert pipeline, ring
+and flow drains) watches one veth interface (lt-mem-h, 198.18.30.1/30; its peer
+lt-mem-p in netns lt-mem-b). A forked generator opens the agent's attached
+lt_tc_egress by id and runs BENCH_FLOWS distinct 54-byte frames through it every
+second (BPF_PROG_TEST_RUN): every flow is new to the map once per second, so
+each drain takes BENCH_FLOWS flows. After BENCH_AGENT_SECONDS of that, the
+agent's /proc/<pid>/status is sampled once a second; medians and the peak are
+printed, with the flows the agent drained per second (attributed egress packets
+per second: each flow sends one packet per second), once with the programs
+compiled in a short-lived child (the default) and once in-process
+(LT_COMPILE=in-process, the earlier path). BENCH_PART=kernel|agent|both.
+The generator and the agent share the machine's CPUs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
+import json
 import logging
+import multiprocessing
 import os
+import shutil
+import signal
+import socket
+import statistics
 import struct
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
 
 from leaktap.controller.kernel.loader import KernelOptions, load
 from leaktap.controller.kernel.maps import MapReader
-from leaktap.controller.kernel.testrun import run_frame
+from leaktap.controller.kernel.testrun import _libbpf, run_frame
 
 logger = logging.getLogger("perf.bench_agent_memory")
 
@@ -120,5 +147,199 @@ def main() -> int:
     return 0
 
 
+# ---- whole agent ------------------------------------------------------------------
+
+AGENT_SECONDS = int(os.environ.get("BENCH_AGENT_SECONDS", "30"))
+AGENT_TARGET_MB = 128.0
+NS, HOST_IF, PEER_IF = "lt-mem-b", "lt-mem-h", "lt-mem-p"
+HOST_ADDR, PEER_ADDR = "198.18.30.1/30", "198.18.30.2/30"
+PIN_ROOT = "/sys/fs/bpf/leaktap-bench-mem"
+TOKEN = "bench-memory-reader-token-0123456789"
+
+
+def sh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, check=check, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def veth_lab() -> Iterator[None]:
+    def cleanup() -> None:
+        sh("ip", "link", "del", HOST_IF, check=False)
+        sh("ip", "netns", "del", NS, check=False)
+
+    cleanup()
+    try:
+        sh("ip", "netns", "add", NS)
+        sh("ip", "link", "add", HOST_IF, "type", "veth", "peer", "name", PEER_IF, "netns", NS)
+        sh("ip", "addr", "add", HOST_ADDR, "dev", HOST_IF)
+        sh("ip", "link", "set", HOST_IF, "up")
+        sh("ip", "-n", NS, "addr", "add", PEER_ADDR, "dev", PEER_IF)
+        sh("ip", "-n", NS, "link", "set", PEER_IF, "up")
+        yield
+    finally:
+        cleanup()
+
+
+def proc_mem(pid: int) -> dict[str, float]:
+    """VmRSS, VmHWM, RssAnon, RssFile of `pid` in MB."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                vals[key] = int(value.split()[0]) / 1024
+    return vals
+
+
+def compiler_mappings(pid: int) -> list[str]:
+    """Mapped files of `pid` that belong to BCC or LLVM/clang."""
+    names = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            path = line.split()[-1] if len(line.split()) >= 6 else ""
+            if any(x in path.lower() for x in ("libbcc", "llvm", "clang")):
+                names.add(os.path.basename(path))
+    return sorted(names)
+
+
+def egress_prog_id(iface: str) -> int:
+    out = json.loads(sh("tc", "-j", "filter", "show", "dev", iface, "egress").stdout or "[]")
+    for f in out:
+        prog = (f.get("options") or {}).get("prog") or {}
+        if str(prog.get("name", "")).startswith("lt_tc_egress"):
+            return int(prog["id"])
+    raise RuntimeError(f"no lt_tc_egress filter on {iface}: {out}")
+
+
+def generate(prog_id: int, stop: Any, sent: Any) -> None:
+    """Forked: every second, BENCH_FLOWS distinct flows through the agent's program."""
+    lib = _libbpf()
+    lib.bpf_prog_get_fd_by_id.argtypes = [ctypes.c_uint32]
+    fd = lib.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        raise OSError(-fd, f"opening program id {prog_id}")
+    frames = [flow_frame(n) for n in range(FLOWS)]
+    while not stop.is_set():
+        t = time.monotonic()
+        for fr in frames:
+            run_frame(fd, fr)
+        with sent.get_lock():
+            sent.value += len(frames)
+        time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
+
+
+def scrape(port: int) -> dict[str, float]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name = line.split("{")[0].split()[0]
+        out[name] = out.get(name, 0.0) + float(line.split()[-1])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_agent(compile_mode: str, workdir: str) -> dict[str, Any]:
+    """One whole-agent run; returns its memory samples and drain rate."""
+    port = free_port()
+    config = os.path.join(workdir, f"leaktap-{compile_mode}.yaml")
+    with open(config, "w") as f:
+        f.write(f"interfaces: [{HOST_IF}]\n"
+                f"listen: 127.0.0.1:{port}\n"
+                f"tokens: {{reader: [{TOKEN}]}}\n"
+                f"storage: {{path: {workdir}/lt-{compile_mode}.db}}\n"
+                f"kernel: {{flows_max: {FLOWS_MAX * 2}, pin_root: {PIN_ROOT}}}\n")
+    env = dict(os.environ, LT_COMPILE=compile_mode)
+    agent = subprocess.Popen([sys.executable, "-m", "leaktap.controller.commands.cli", "run",
+                              "--config", config], env=env, stdout=subprocess.DEVNULL,
+                             stderr=open(os.path.join(workdir, f"agent-{compile_mode}.log"), "w"))
+    ctx = multiprocessing.get_context("fork")
+    stop, sent = ctx.Event(), ctx.Value("q", 0)
+    gen = None
+    samples: list[dict[str, float]] = []
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if agent.poll() is not None:
+                raise RuntimeError(f"agent exited {agent.returncode} (log in {workdir})")
+            try:
+                scrape(port)
+                egress_prog_id(HOST_IF)
+                break
+            except (OSError, RuntimeError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        started = proc_mem(agent.pid)
+        gen = ctx.Process(target=generate, args=(egress_prog_id(HOST_IF), stop, sent))
+        gen.start()
+        time.sleep(AGENT_SECONDS)
+        first = scrape(port)
+        t0 = time.monotonic()
+        for _ in range(10):
+            time.sleep(1)
+            samples.append(proc_mem(agent.pid))
+        last = scrape(port)
+        elapsed = time.monotonic() - t0
+        mappings = compiler_mappings(agent.pid)
+    finally:
+        stop.set()
+        if gen is not None:
+            gen.join(timeout=10)
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+        shutil.rmtree(PIN_ROOT, ignore_errors=True)
+    drained = (last.get("leaktap_egress_packets_total", 0.0)
+               - first.get("leaktap_egress_packets_total", 0.0)) / elapsed
+    return {
+        "mode": compile_mode, "started": started, "samples": samples,
+        "drained_per_s": drained, "sent": sent.value, "mappings": mappings,
+        "conversations": last.get("leaktap_conversations", 0.0),
+    }
+
+
+def whole_agent() -> bool:
+    w = sys.stdout.write
+    results = []
+    with veth_lab(), tempfile.TemporaryDirectory(prefix="lt-bench-mem-") as workdir:
+        for mode in ("child", "in-process"):
+            results.append(run_agent(mode, workdir))
+    w(f"\nwhole agent (`leaktap run`, API + detectors + drains, one veth), {FLOWS} flows "
+      f"per second for {AGENT_SECONDS} s, then 10 samples; {os.cpu_count()} CPUs\n")
+    w(f"{'compile':11s} {'idle RSS':>8s} {'VmRSS':>7s} {'anon':>6s} {'file':>6s} "
+      f"{'VmHWM':>7s} {'drained/s':>10s} {'convs':>7s}  compiler mapped\n")
+    ok = True
+    for r in results:
+        med = {k: statistics.median(s[k] for s in r["samples"]) for k in r["samples"][0]}
+        peak = max(s["VmHWM"] for s in r["samples"])
+        w(f"{r['mode']:11s} {r['started']['VmRSS']:8.1f} {med['VmRSS']:7.1f} "
+          f"{med['RssAnon']:6.1f} {med['RssFile']:6.1f} {peak:7.1f} "
+          f"{r['drained_per_s']:10.0f} {r['conversations']:7.0f}  "
+          f"{', '.join(r['mappings']) or 'none'}\n")
+        if r["mode"] == "child":
+            ok = peak < AGENT_TARGET_MB
+    w("(MB; VmRSS/anon/file: medians of the samples; VmHWM: the peak since start)\n")
+    w(f"target: whole agent VmHWM < {AGENT_TARGET_MB:.0f} MB with {FLOWS} flows/s "
+      f"(compile in a child): {'PASS' if ok else 'MISS'}\n")
+    return ok
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    part = os.environ.get("BENCH_PART", "both")
+    if part in ("kernel", "both"):
+        main()
+    if part in ("agent", "both"):
+        whole_agent()
+    sys.exit(0)

@@ -37,6 +37,7 @@ COMPILE_TIMEOUT_S = float(os.environ.get("LT_COMPILE_TIMEOUT_S", "180"))
 # load directories under the pin root: "<parent pid>-<nonce>", one per load
 LOAD_DIR = loader.LOAD_DIR
 _ERROR = "leaktap-compile: error: "
+CHILD_COMMAND = [sys.executable, "-m", "leaktap.controller.kernel.compile"]
 _STDERR_TAIL = 4000
 
 
@@ -161,8 +162,13 @@ def _failure(files: str, stderr: str) -> ProbeLoadError:
         reason = lines[-1] if lines else "the compiler child died without a message"
     if len(lines) > 1:
         logger.error("compiler output:\n%s", stderr[-_STDERR_TAIL:])
-    if reason.startswith("compiling") or reason.startswith("loading"):
-        return ProbeLoadError(reason)
+    # clang's first error names file:line: the most useful part of a long message
+    first = next((ln.strip() for ln in lines
+                  if ": error: " in ln and not ln.startswith(_ERROR)), None)
+    if first is not None and first not in reason:
+        reason = f"{reason.removesuffix(' (see the compiler output above)')}; first: {first}"
+    if any(ln.startswith(_ERROR) for ln in lines):
+        return ProbeLoadError(reason)  # the child's own message says what it was doing
     return ProbeLoadError(f"compiling {files}: {reason}")
 
 
@@ -174,7 +180,7 @@ def load_in_child(mode: str, options: loader.KernelOptions) -> loader.Probes:
     try:
         try:
             done = subprocess.run(
-                [sys.executable, "-m", "leaktap.controller.kernel.compile"],
+                CHILD_COMMAND,
                 input=json.dumps(request), capture_output=True, text=True,
                 timeout=COMPILE_TIMEOUT_S, check=False,
             )
