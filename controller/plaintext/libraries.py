@@ -37,7 +37,10 @@ def find_shared_library(soname: str) -> str | None:
 
 # ---- libraries by content: any mapped file that defines SSL_write(_ex) ----------
 
-SSL_WRITE_SYMBOLS = (b"SSL_write", b"SSL_write_ex")
+SSL_WRITE_SYMBOLS = ("SSL_write", "SSL_write_ex")
+# what the uprobes hook (loader.SSL_SYMBOLS): read with the test, so attaching
+# needs no second pass over the symbol table
+SSL_PROBED_SYMBOLS = (*SSL_WRITE_SYMBOLS, "SSL_set_fd")
 _ELF_MAGIC = b"\x7fELF"
 _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 _SHN_UNDEF = 0
@@ -54,7 +57,8 @@ class ElfError(ValueError):
     """The file is not a 64-bit little-endian ELF object this reader understands."""
 
 
-def _defined_functions(elf: mmap.mmap, wanted: tuple[bytes, ...]) -> set[str]:
+def _defined_functions(elf: mmap.mmap, wanted: tuple[str, ...]) -> dict[str, int]:
+    """{name: st_value} of the `wanted` functions the file defines."""
     if len(elf) < 64 or elf[:4] != _ELF_MAGIC:
         raise ElfError("not an ELF file")
     if elf[4] != 2 or elf[5] != 1:
@@ -62,12 +66,12 @@ def _defined_functions(elf: mmap.mmap, wanted: tuple[bytes, ...]) -> set[str]:
     shoff, = struct.unpack_from("<Q", elf, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", elf, 0x3A)
     if shoff == 0 or shnum == 0:
-        return set()  # no section headers (stripped of them): nothing to find by name
+        return {}  # no section headers (stripped of them): nothing to find by name
     if shentsize != _SECTION.size or shnum > _SECTIONS_MAX or shoff + shnum * shentsize > len(
             elf):
         raise ElfError("section header table out of bounds")
     sections = [_SECTION.unpack_from(elf, shoff + i * shentsize) for i in range(shnum)]
-    found: set[str] = set()
+    found: dict[str, int] = {}
     scanned = 0
     for _name, sh_type, _f, _a, off, size, link, _i, _al, entsize in sections:
         if sh_type not in (_SHT_SYMTAB, _SHT_DYNSYM) or link >= shnum:
@@ -79,25 +83,29 @@ def _defined_functions(elf: mmap.mmap, wanted: tuple[bytes, ...]) -> set[str]:
         # most files do not contain them at all)
         names: dict[int, str] = {}
         for name in wanted:
-            at = elf.find(name + b"\0", str_off, str_off + str_size)
+            # a name can end a longer one (string tail merging): "XSSL_write" holds
+            # "SSL_write" at its offset + 1, so every occurrence is a candidate
+            needle = name.encode() + b"\0"
+            at = elf.find(needle, str_off, str_off + str_size)
             while at >= 0:
-                names[at - str_off] = name.decode()
-                at = elf.find(name + b"\0", at + 1, str_off + str_size)
+                names[at - str_off] = name
+                at = elf.find(needle, at + 1, str_off + str_size)
         if not names:
             continue
         scanned += size
         if scanned > _SYMTAB_BYTES_MAX:
             raise ElfError(f"symbol tables larger than {_SYMTAB_BYTES_MAX} bytes")
-        for st_name, st_info, _other, shndx, _value, _sz in _SYMBOL.iter_unpack(
+        for st_name, st_info, _other, shndx, value, _sz in _SYMBOL.iter_unpack(
                 elf[off:off + size]):
-            if st_name in names and shndx != _SHN_UNDEF and (st_info & 0xF) in (
+            if st_name in names and shndx != _SHN_UNDEF and value and (st_info & 0xF) in (
                     _STT_FUNC, _STT_GNU_IFUNC):
-                found.add(names[st_name])
+                found.setdefault(names[st_name], value)
     return found
 
 
-def defined_ssl_functions(path: str) -> set[str]:
-    """The SSL_write entry points `path` defines (exports, or keeps in .symtab).
+def ssl_function_addresses(path: str) -> dict[str, int]:
+    """{symbol: address} of the probed OpenSSL functions `path` defines (exports,
+    or keeps in .symtab); empty unless it defines SSL_write or SSL_write_ex.
 
     A file that only imports them (curl's binary) defines none. Raises OSError
     when unreadable, ElfError when not an ELF file this reader understands."""
@@ -106,7 +114,8 @@ def defined_ssl_functions(path: str) -> set[str]:
         if size == 0:
             raise ElfError("empty file")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as elf:
-            return _defined_functions(elf, SSL_WRITE_SYMBOLS)
+            found = _defined_functions(elf, SSL_PROBED_SYMBOLS)
+    return found if any(s in found for s in SSL_WRITE_SYMBOLS) else {}
 
 
 class SslLibraryFinder:
@@ -117,27 +126,32 @@ class SslLibraryFinder:
     and counted by reason."""
 
     def __init__(self, max_entries: int = 16384) -> None:
-        self._cache: OrderedDict[tuple[int, int, int], bool] = OrderedDict()
+        self._cache: OrderedDict[tuple[int, int, int], dict[str, int]] = OrderedDict()
         self._max = max_entries
         self.counters: Counter[str] = Counter()
 
     def is_tls_library(self, path: str, st: os.stat_result) -> bool:
+        return bool(self.addresses(path, st))
+
+    def addresses(self, path: str, st: os.stat_result) -> dict[str, int]:
+        """{symbol: address} to probe in `path` (whose stat is `st`); empty for a
+        file that is not a TLS library."""
         key = (st.st_dev, st.st_ino, st.st_mtime_ns)
         known = self._cache.get(key)
         if known is not None:
             self._cache.move_to_end(key)
             return known
         try:
-            found = bool(defined_ssl_functions(path))
+            found = ssl_function_addresses(path)
             self.counters["elf_read"] += 1
         except ElfError as e:
             logger.debug("%s: %s", path, e)
             self.counters["elf_not_understood"] += 1
-            found = False
+            found = {}
         except OSError as e:
             logger.debug("%s: %s", path, e)
             self.counters["elf_unreadable"] += 1
-            return False  # not cached: it may be readable on the next look
+            return {}  # not cached: it may be readable on the next look
         self._cache[key] = found
         if len(self._cache) > self._max:
             self._cache.popitem(last=False)

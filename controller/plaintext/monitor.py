@@ -58,7 +58,7 @@ from leaktap.analytics.plaintext.inspector import (
     TenantPolicy,
     WriteContext,
 )
-from leaktap.analytics.plaintext.redact import KeyedHasher
+from leaktap.analytics.plaintext.redact import KeyedHasher, dedup_key
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import DEFAULT_DB, LeaktapConfig
 from leaktap.controller.errors import ConfigError, ProbeLoadError
@@ -415,6 +415,8 @@ class PlaintextMonitor:
 
     def _attach(self, lib: Library, pid: int) -> bool:
         assert self.probes is not None
+        if lib.addresses:  # read with the library test: BCC need not read the ELF again
+            self.probes.addresses.setdefault(lib.path, dict(lib.addresses))
         try:
             self.probes.attach(lib.path, pid)
         except ProbeLoadError as e:
@@ -639,6 +641,10 @@ class PlaintextMonitor:
         if result.named_instance is not None:
             self._refine_instance(ev, result.named_instance)
         self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
+        self._handle_result(result)
+
+    def _handle_result(self, result: Any) -> None:
+        """Deliver an Inspection's audit records and findings."""
         if result.undecodable_headers:
             self.counters["h2_undecodable_header_blocks"] += result.undecodable_headers
         for audit in result.audits:
@@ -682,9 +688,9 @@ class PlaintextMonitor:
         host_of = getattr(self.inspector, "connection_host", None)
         if host_of is not None:
             host = host_of(ctx.conn)
-        else:  # inspectors without the accessor keep the host on their connection state
-            conn = getattr(self.inspector, "_conns", {}).get(ctx.conn)
-            host = getattr(conn, "host", None)
+        else:  # until the inspector has the accessor: the Host its stream recorded
+            table = getattr(getattr(self.inspector, "streams", None), "_streams", {})
+            host = getattr(table.get((ctx.conn, "egress")), "host", None)
         crm = self.attributor.catalogue.lookup(host) if host else None
         return (crm.vendor, crm.instance) if crm is not None else None
 
@@ -722,7 +728,7 @@ class PlaintextMonitor:
             cov.lost[reason] += nbytes
             per_process[reason] += nbytes
             if self._inspector_lost is not None:
-                self._inspector_lost(ctx, nbytes, reason)
+                self._handle_result(self._inspector_lost(ctx, nbytes, reason))
         if cov.crm is None:
             cov.crm = self._crm_of(ctx)
         crm = cov.crm or self._process_crm(tgid)
@@ -745,15 +751,20 @@ class PlaintextMonitor:
         total = sum(blinded.values())
         reasons = ", ".join(f"{n} B to {r.replace('_', ' ')}" for r, n in sorted(
             blinded.items()))
+        lost = ",".join(sorted(blinded))
         finding = Finding(
             kind="inspection_evaded", tenant=ctx.tenant, severity="high",
             summary=(f"{ctx.comm} (pid {ctx.pid}) lost {total} bytes of TLS plaintext in "
                      f"{writes} write(s) uninspected ({reasons}) while talking to "
                      f"{crm[0]}:{crm[1] or '?'}"),
             crm_vendor=crm[0], crm_instance=crm[1], destination=destination,
+            # the inspector's stream-side evasions use the same evidence keys
             evidence={"finding": "inspection_evaded", "pid": ctx.pid, "comm": ctx.comm,
-                      "lost_bytes": blinded, "writes": writes,
-                      "process_lost_bytes": dict(self.process_lost.get(ctx.pid, {}))},
+                      "source": "kernel", "lost": lost, "lost_bytes": total,
+                      "lost_by_reason": blinded, "writes": writes,
+                      "process_lost_by_reason": dict(self.process_lost.get(ctx.pid, {}))},
+            dedup_key=dedup_key("inspection_evaded", ctx.tenant, ctx.comm, "kernel:" + lost,
+                                destination or crm[0]),
         )
         self.counters["finding_inspection_evaded"] += 1
         self._deliver(self.on_finding, finding)

@@ -99,11 +99,13 @@ class ProcessSelector:
 
 @dataclass(frozen=True, slots=True)
 class Library:
-    """A libssl file: the path to probe it by and its identity."""
+    """A TLS library file: the path to probe it by, its identity, and (when read
+    by content) the addresses of the functions to probe."""
 
     path: str
     dev: int
     ino: int
+    addresses: tuple[tuple[str, int], ...] = ()
 
     @property
     def key(self) -> tuple[int, int]:
@@ -144,11 +146,14 @@ def ssl_libraries(pid: int, proc: Path = PROC,
             st = os.stat(rooted)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) in found or not finder.is_tls_library(rooted, st):
+        if (st.st_dev, st.st_ino) in found:
             continue
-        lib = Library(rooted, st.st_dev, st.st_ino)
+        addresses = tuple(sorted(finder.addresses(rooted, st).items()))
+        if not addresses:
+            continue
+        lib = Library(rooted, st.st_dev, st.st_ino, addresses)
         own = library_at(path)
         if own is not None and own.key == lib.key:
-            lib = own  # the same file in our namespace: the shorter path
+            lib = Library(path, st.st_dev, st.st_ino, addresses)  # the shorter path
         found[lib.key] = lib
     return list(found.values())
