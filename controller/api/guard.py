@@ -32,6 +32,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 BODY_MAX = 8192
 # The sign-in form: a token and nothing else (the same limit the route checks).
 SESSION_FORM_MAX = 4096
+# A fingerprint set's export uploaded by an admin (POST /v1/fingerprints): ~500,000
+# contact rows; larger exports are built on the host with `leaktap fingerprint add`.
+FINGERPRINT_UPLOAD_MAX = 64 << 20
 # Methods whose requests carry no body in this API.
 BODYLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 # Reachable without credentials: liveness, the sign-in page, the sign-in itself.
@@ -42,10 +45,12 @@ BODY_TIMEOUT_S = 10.0
 RoleOf = Callable[[HTTPConnection], "str | None"]
 
 
-def body_limit(method: str, path: str) -> int:
-    """Most body bytes a request to `method path` may carry."""
+def body_limit(method: str, path: str, role: str | None = None) -> int:
+    """Most body bytes a request to `method path` by `role` may carry."""
     if method == "POST" and path == "/v1/session":
         return SESSION_FORM_MAX
+    if method == "POST" and path == "/v1/fingerprints" and role == "admin":
+        return FINGERPRINT_UPLOAD_MAX
     if method in BODYLESS_METHODS or path in PUBLIC_PATHS:
         return 0
     return BODY_MAX
@@ -71,11 +76,12 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         method, path = scope["method"], scope["path"]
-        if path not in PUBLIC_PATHS and self.role_of(HTTPConnection(scope)) is None:
+        role = None if path in PUBLIC_PATHS else self.role_of(HTTPConnection(scope))
+        if path not in PUBLIC_PATHS and role is None:
             await _refuse(send, 401, "missing or invalid bearer token",
                           [(b"www-authenticate", b"Bearer")])
             return
-        limit = body_limit(method, path)
+        limit = body_limit(method, path, role)
         declared = _content_length(scope)
         if declared == -1:
             await _refuse(send, 400, "invalid Content-Length")

@@ -1,4 +1,4 @@
-"""The `leaktap` command line: doctor, run, replay, analyze, export-buckets.
+"""The `leaktap` command line: doctor, run, replay, analyze, export-buckets, fingerprint.
 
 Each subcommand's implementation is imported only when it is chosen, so that
 `leaktap analyze` works on a machine without BCC and `--help` is instant.
@@ -22,6 +22,7 @@ _COMMANDS = {
     "analyze": "leaktap.analytics.cli",
     "demo": "leaktap.controller.commands.demo",
     "export-buckets": "leaktap.controller.commands.export",
+    "fingerprint": "leaktap.controller.commands.fingerprint",
 }
 
 
@@ -87,7 +88,29 @@ def build_parser() -> argparse.ArgumentParser:
                         help="first minute (epoch seconds, default: all)")
     export.add_argument("--until", type=float, default=None, metavar="EPOCH",
                         help="end (exclusive; default: now)")
+    _fingerprint_parser(sub)
     return parser
+
+
+def _fingerprint_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    fp = sub.add_parser("fingerprint", help="exact-data-match sets of a tenant's records")
+    actions = fp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("add", "build a set from a CSV or JSONL export"),
+                         ("list", "list the sets"), ("remove", "remove a set")):
+        p = actions.add_parser(action, help=text)
+        p.add_argument("--config", metavar="FILE", help="YAML configuration file")
+        p.add_argument("--db", metavar="PATH", help="SQLite database path (as for run)")
+        if action != "list":
+            p.add_argument("--tenant", required=True, help="the tenant that owns the records")
+            p.add_argument("--name", required=True, help="the set's name, e.g. contacts")
+        if action == "add":
+            p.add_argument("file", metavar="FILE", help="CSV with a header row, or JSONL")
+            p.add_argument("--columns", metavar="A,B,...",
+                           help="columns to fingerprint (default: all)")
+            p.add_argument("--min-matches", type=int, default=3, metavar="N",
+                           help="values of the set in one write that raise an alert")
+            p.add_argument("--format", choices=("csv", "jsonl"),
+                           help="input format (default: from the name or content)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

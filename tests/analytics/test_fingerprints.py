@@ -1,0 +1,176 @@
+"""Exact data match (issue 15): normalisation, sets built from generated records,
+findings through ContentInspector, precision on realistic writes not in the set."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from leaktap.analytics.plaintext.fingerprints import (
+    COMMON_VALUE_ROWS,
+    FingerprintIndex,
+    SetBuilder,
+    SetInfo,
+    ValueHasher,
+    fingerprint_key,
+    normalise,
+)
+from leaktap.analytics.plaintext.inspector import ContentInspector, WriteContext
+from leaktap.analytics.plaintext.redact import KeyedHasher
+from tests.analytics.fingerprint_data import (
+    as_csv,
+    as_json,
+    as_paragraph,
+    contacts,
+    realistic_write,
+)
+
+SECRET = b"s" * 32
+COLUMNS = ("name", "email", "phone")
+SET_ROWS = 20_000
+
+
+@pytest.mark.parametrize(("a", "b"), [
+    ("Jane  Smith", "jane smith"),
+    ("ＪＡＮＥ\u00a0SMITH", "jane smith"),  # NFKC: full-width letters, no-break space
+    ("Straße", "STRASSE"),  # casefold
+    ("Jane.Doe@Example.COM", "jane.doe@example.com"),
+    ("+1 (555) 010-2345", "+15550102345"),
+    ("+1.555.010.2345", "1 555 010 2345"),
+])
+def test_normalised_forms_are_equal(a: str, b: str) -> None:
+    assert normalise(a) == normalise(b)
+    assert normalise(a) is not None
+
+
+def test_normalise_keeps_phone_digits_and_rejects_short_values() -> None:
+    assert normalise("+1 (555) 010-2345") == (b"+15550102345", 0)
+    assert normalise("Jane Smith") == (b"jane smith", 2)
+    assert normalise("ab") is None
+    assert normalise("   ") is None
+
+
+@pytest.fixture(scope="module")
+def records() -> list[dict[str, str]]:
+    return list(contacts(SET_ROWS, seed=15))
+
+
+def _index(records: list[dict[str, str]], tenant: str = "acme",
+           min_matches: int = 3) -> FingerprintIndex:
+    builder = SetBuilder(ValueHasher(fingerprint_key(KeyedHasher(SECRET))), COLUMNS)
+    for r in records:
+        builder.add_row([r[c] for c in COLUMNS])
+    return FingerprintIndex([(SetInfo(tenant, "contacts", COLUMNS, min_matches),
+                              builder.finish())], generation=1)
+
+
+@pytest.fixture(scope="module")
+def index(records: list[dict[str, str]]) -> FingerprintIndex:
+    return _index(records)
+
+
+def _inspector(index: FingerprintIndex) -> ContentInspector:
+    insp = ContentInspector(KeyedHasher(SECRET))
+    insp.fingerprints.replace(index)
+    insp.fingerprints.allow = {"acme": ("salesforce:acme",), "globex": ("salesforce:globex",)}
+    return insp
+
+
+_conn = iter(range(1, 1 << 30))
+
+
+def _write(insp: ContentInspector, tenant: str, instance: str | None, body: bytes,
+           content_type: str = "application/json") -> list:
+    host = f"{instance or 'unknown'}.my.salesforce.com"
+    head = (f"POST /services/data/v59.0/composite HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    ctx = WriteContext(conn=next(_conn), tenant=tenant, crm_vendor="salesforce" if instance
+                       else None, crm_instance=instance, destination=host, pid=4242,
+                       comm="crm-sync")
+    data = head + body
+    return [f for f in insp.inspect(ctx, data, len(data)).findings
+            if f.kind == "proprietary_data"]
+
+
+@pytest.mark.parametrize("form", ["json", "csv", "paragraph"])
+def test_three_rows_of_acme_written_by_globex_raise_one_critical_finding(
+        index: FingerprintIndex, records: list[dict[str, str]], form: str) -> None:
+    rows = records[100:103]
+    body = {"json": as_json, "csv": lambda r: as_csv(r, list(COLUMNS)),
+            "paragraph": as_paragraph}[form](rows)
+    found = _write(_inspector(index), "globex", "globex", body,
+                   "text/csv" if form == "csv" else "application/json")
+    assert len(found) == 1
+    f = found[0]
+    assert (f.tenant, f.severity, f.crm_instance) == ("globex", "critical", "globex")
+    ev = f.evidence
+    assert (ev["owner_tenant"], ev["set"]) == ("acme", "contacts")
+    assert ev["values_matched"] == 9 and ev["rows_matched"] == 3
+    assert ev["rows_with_several_columns"] == 3
+    assert ev["columns_matched"] == list(COLUMNS)
+    assert ev["process"] == "crm-sync" and ev["destination"] == "globex.my.salesforce.com"
+    text = repr(f)  # nothing of the values in the finding
+    for r in rows:
+        for c in COLUMNS:
+            assert r[c] not in text and r[c].lower() not in text
+    assert "Smith" not in text
+
+
+def test_owner_writing_to_its_own_instance_is_no_alert_elsewhere_critical(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    body = as_json(records[200:203])
+    insp = _inspector(index)
+    assert _write(insp, "acme", "acme", body) == []
+    assert insp.stats["fingerprint_home_writes"] == 1
+    elsewhere = _write(insp, "acme", "globex", body)
+    assert [f.severity for f in elsewhere] == ["critical"]
+    unknown = _write(insp, "acme", None, body)
+    assert [f.evidence["owner_tenant"] for f in unknown] == ["acme"]
+
+
+def test_two_columns_of_one_row_alert_below_min_matches(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    r = records[300]
+    found = _write(_inspector(index), "globex", "globex",
+                   f'{{"note": "ask {r["name"]} about it", "to": "{r["email"]}"}}'.encode())
+    assert len(found) == 1 and found[0].evidence["values_matched"] == 2
+    assert found[0].evidence["rows_with_several_columns"] == 1
+
+
+def test_values_of_different_rows_below_min_matches_are_no_alert(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    body = f'{{"a": "{records[1]["email"]}", "b": "{records[2]["phone"]}"}}'.encode()
+    insp = _inspector(index)
+    assert _write(insp, "globex", "globex", body) == []
+    matches = insp.fingerprints.scan([body])
+    assert [(m.values, m.rows_several, m.alerting) for m in matches] == [(2, 0, False)]
+
+
+def test_value_in_many_rows_is_dropped_at_build() -> None:
+    hasher = ValueHasher(fingerprint_key(KeyedHasher(SECRET)))
+    builder = SetBuilder(hasher, ("city", "email"))
+    for i in range(COMMON_VALUE_ROWS + 5):
+        builder.add_row(["Springfield", f"user{i}@example.com"])
+    arrays = builder.finish()
+    assert builder.stats.common_values == 1 and builder.stats.values == COMMON_VALUE_ROWS + 5
+    assert hasher.value_key(b"springfield") not in arrays.keys.tolist()
+
+
+def _exclusions(records: list[dict[str, str]]) -> set[str]:
+    return {v for r in records for v in (r["name"], r["email"], r["phone"])}
+
+
+def test_no_false_match_on_5000_realistic_writes_not_in_the_set(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    insp = _inspector(index)
+    rng = random.Random(99)
+    exclude = _exclusions(records)
+    alerting = partial = 0
+    for _ in range(5000):
+        body = realistic_write(rng, exclude=exclude)
+        for m in insp.fingerprints.scan([body]):
+            partial += 1
+            alerting += m.alerting
+    assert alerting == 0
+    assert partial < 50  # single shared values only, and rarely
