@@ -30,7 +30,8 @@ def export_buckets(store: Store, out: TextIO, since: float = 0.0,
     return len(rows)
 
 
-def main(args: Any, out: TextIO = sys.stdout) -> int:
+def main(args: Any, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # looked up now: tests swap stdout
     if not Path(args.db).is_file():
         raise LeaktapError(f"{args.db}: no such database")
     store = Store(args.db)
