@@ -199,7 +199,8 @@ def replay(
         probes.close()
 
 
-def main(args: Any, out: TextIO = sys.stdout) -> int:
+def main(args: Any, out: TextIO | None = None) -> int:
+    out = out if out is not None else sys.stdout  # looked up now: tests swap stdout
     config = load_config(args.config)
     # a PcapError reaches the CLI, which prints it as one line (exit 2)
     records, result = replay(
