@@ -65,6 +65,8 @@ HELLO_MAX_AGE_S = 10.0
 # polls a new TCP conversation's volume waits for its server name before it is
 # attributed by DNS alone (its hello may still be in the ring buffer)
 NAMING_WAIT_POLLS = 2
+# flow rows written per transaction (bounds a poll's transient memory, see _write)
+FLOW_WRITE_CHUNK = 2048
 IPPROTO_TCP = 6
 
 
@@ -332,18 +334,15 @@ class Agent:
                 else:
                     vol.bytes_in += counters.tx_bytes
                     vol.packets_in += counters.tx_packets
-            records = [self._record(c) for c in touched.values()]
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
             self.egress_by_destination = egress
-        new_ids = self.store.write(buckets, records)
+        self._write(buckets, list(touched.values()))
+        del flows, touched, pending  # a poll of 100,000 flows: free them before scoring
         if self.detection is not None:
             self.detection.add(buckets, now)
         if self.plaintext is not None:
             self.plaintext.check_loss()
         with self.lock:
-            for conv, rec in zip(touched.values(), records, strict=True):
-                if conv.row_id is None:
-                    conv.row_id = new_ids.get(id(rec))
             idle = time.monotonic_ns() - int(CONVERSATION_IDLE_S * 1e9)
             for conv in self.table.expire(idle):
                 self.attributor.forget(conv)
@@ -363,6 +362,19 @@ class Agent:
             self.store.prune(now)
             if self.alerts is not None:
                 self.alerts.prune(now - self.store.retention_s)
+
+    def _write(self, buckets: dict[BucketKey, Volume], touched: list[Conversation]) -> None:
+        """Store the buckets and the touched conversations' rows, FLOW_WRITE_CHUNK rows per
+        transaction: a poll of 100,000 flows never holds all its row dicts (~1.5 KB each)."""
+        for start in range(0, max(len(touched), 1), FLOW_WRITE_CHUNK):
+            chunk = touched[start : start + FLOW_WRITE_CHUNK]
+            with self.lock:
+                records = [self._record(c) for c in chunk]
+            new_ids = self.store.write(buckets if start == 0 else {}, records)
+            with self.lock:
+                for conv, rec in zip(chunk, records, strict=True):
+                    if conv.row_id is None:
+                        conv.row_id = new_ids.get(id(rec))
 
     def _resume(self, counters: FlowCounters, now: float) -> None:
         """Re-bind a conversation open before this start to its flow row and names."""
