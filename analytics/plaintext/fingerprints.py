@@ -8,7 +8,7 @@ those hashes, never a value, plus the keyed hash of the first word of every
 multi-word value (with the word counts that follow it), so free text is searched
 for names and addresses without hashing every n-gram.
 
-The keyed hash is BLAKE2b in its keyed (MAC) mode under a subkey derived by
+The keyed hash is BLAKE2s in its keyed (MAC) mode under a subkey derived by
 HMAC-SHA256 from the per-install secret: a PRF like HMAC, at a third of its cost,
 which is what makes the inline path affordable. One 16-byte digest of a token gives
 both its value key (bytes 0-8) and its first-word key (bytes 8-16).
@@ -105,8 +105,8 @@ class ValueHasher:
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("the fingerprint key must be at least 16 bytes")
-        self._digest = partial(hashlib.blake2b, key=key[:64], digest_size=DIGEST_BYTES)
-        self.key_id = hashlib.blake2b(b"key id", key=key[:64], digest_size=8).hexdigest()
+        self._digest = partial(hashlib.blake2s, key=key[:32], digest_size=DIGEST_BYTES)
+        self.key_id = hashlib.blake2s(b"key id", key=key[:32], digest_size=8).hexdigest()
 
     def digest(self, token: bytes) -> bytes:
         return self._digest(token).digest()
@@ -301,8 +301,9 @@ class FingerprintMatcher:
         # tenant -> allow list ("vendor:instance"): a set's owner writing to these is home
         self.allow: Mapping[str, Collection[str]] = {}
         self.stats: Counter[str] = Counter()
-        self._neg: set[int] = set()
-        self._pos: dict[int, tuple[int | None, int]] = {}
+        self._neg: set[int] = set()  # hash() of tokens in no set
+        self._pos: dict[int, tuple[int | None, int]] = {}  # hash() -> (value key, mask)
+        self._pos_keys: set[int] = set()
         self._lengths: dict[int, tuple[int, ...]] = {}
 
     @property
@@ -310,7 +311,7 @@ class FingerprintMatcher:
         return bool(self.index.sets)
 
     def replace(self, index: FingerprintIndex) -> None:
-        self._neg, self._pos = set(), {}
+        self._neg, self._pos, self._pos_keys = set(), {}, set()
         self.index = index
 
     def sanctioned(self, owner: str, vendor: str | None, instance: str | None) -> bool:
@@ -322,24 +323,26 @@ class FingerprintMatcher:
     # -- tokens to keys ------------------------------------------------------------
 
     def _classify(self, index: FingerprintIndex,
-                  tokens: Iterable[bytes]) -> list[tuple[bytes, int | None, int]]:
+                  tokens: list[bytes]) -> list[tuple[bytes, int | None, int]]:
         """(token, value key if the token is a value, first-word mask) of the tokens
         that are in some set; each new token hashed once, then cached by hash()."""
-        tokens = list(tokens)
-        hashes = list(map(hash, tokens))
-        seen = set(hashes)
-        pos = self._pos
+        seen = set(map(hash, tokens))
         unknown = seen - self._neg
-        unknown.difference_update(pos.keys())
         if unknown:
-            fresh = list(itertools.compress(zip(tokens, hashes, strict=True),
+            unknown = unknown - self._pos_keys  # set - set walks the smaller side
+        wanted = seen & self._pos_keys
+        if not unknown and not wanted:
+            return []  # the common case: every token known to be in no set
+        hashes = list(map(hash, tokens))
+        if unknown:
+            fresh = dict(itertools.compress(zip(hashes, tokens, strict=True),
                                             map(unknown.__contains__, hashes)))
-            self._learn(index, [t for t, _ in fresh], [h for _, h in fresh])
-        wanted = seen.intersection(pos.keys())
-        if not wanted:
-            return []
-        return [(t, *pos[h]) for t, h in itertools.compress(
-            zip(tokens, hashes, strict=True), map(wanted.__contains__, hashes))]
+            self._learn(index, list(fresh.values()), list(fresh))
+            wanted = seen & self._pos_keys
+        pos = self._pos
+        hits = dict(itertools.compress(zip(hashes, tokens, strict=True),
+                                       map(wanted.__contains__, hashes)))
+        return [(t, *pos[h]) for h, t in hits.items()]
 
     def _learn(self, index: FingerprintIndex, tokens: list[bytes], hashes: list[int]) -> None:
         self.stats["fingerprint_tokens_hashed"] += len(tokens)
@@ -356,8 +359,9 @@ class FingerprintMatcher:
             value = int(digests[i, 0]) if in_values[i] else None
             mask = int(index.first_masks[at[i]]) if in_firsts[i] else 0
             self._pos[hashes[i]] = (value, mask)
+            self._pos_keys.add(hashes[i])
         if len(self._pos) > CACHE_MAX:
-            self._pos = {}
+            self._pos, self._pos_keys = {}, set()
             self.stats["fingerprint_cache_resets"] += 1
 
     def _grams(self, words: list[bytes], firsts: list[tuple[bytes, int]]) -> list[bytes]:
@@ -383,17 +387,15 @@ class FingerprintMatcher:
         """Keys of the set values found in one decoded view."""
         index = index or self.index
         words, phones = tokenise(data)
-        tokens = set(words)
-        tokens.update(phones)
         found: set[int] = set()
         firsts: list[tuple[bytes, int]] = []
-        for token, value, mask in self._classify(index, tokens):
+        for token, value, mask in self._classify(index, words + phones):
             if value is not None:
                 found.add(value)
             if mask:
                 firsts.append((token, mask))
         if firsts:
-            grams = set(self._grams(words, firsts))
+            grams = self._grams(words, firsts)
             found.update(v for _, v, _ in self._classify(index, grams) if v is not None)
         return found
 

@@ -1,0 +1,199 @@
+"""Exact data match (issue 15.1, 15.3): build, size, memory, inspection speed, precision.
+
+No kernel needed. Rows:
+  build        `leaktap fingerprint add` of a generated CSV of BENCH_ROWS (1,000,000)
+               contacts x 3 columns (name, email, phone), in a child process: wall
+               time, CPU time, peak RSS; target < 60 s.
+  disk         the set's file and the database after the build; target < 200 MB.
+  memory       a fresh process loading the set as the agent does (FingerprintStore.load
+               then the matcher): RSS growth and the index's array bytes; target < 150 MB.
+  speed        4 KiB HTTP/1.1 writes (contact records and a free-text note, none of
+               them in the set) through ContentInspector, one core, CPU time of this
+               thread, with the set loaded and without any set, in alternating rounds;
+               the first pass over the writes (every token new to the cache) is
+               reported apart; target >= 10,000/s with the set.
+  precision    BENCH_WRITES (100,000) realistic writes not in the set, min-matches 3:
+               writes that would alert (target 0) and writes holding any single value.
+Run: `.venv/bin/python -m perf.bench_fingerprints` (BENCH_ROWS, BENCH_WRITES to scale).
+Caveats: the machine is shared; rates are CPU time of one thread and ratios are
+measured side by side. The generator's names are synthetic syllables, so a
+realistic write's words repeat less than real text does (harder for the cache).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from leaktap.analytics.plaintext.inspector import ContentInspector, WriteContext
+from leaktap.analytics.plaintext.redact import KeyedHasher
+from tests.analytics.fingerprint_data import contacts, realistic_write, write_csv
+
+logger = logging.getLogger("perf.bench_fingerprints")
+
+ROWS = int(os.environ.get("BENCH_ROWS", 1_000_000))
+WRITES = int(os.environ.get("BENCH_WRITES", 100_000))
+SPEED_WRITES = 3000
+ROUNDS = 3
+REPO = Path(__file__).resolve().parents[1]
+COLUMNS = ["name", "email", "phone"]
+BUILD_TARGET_S, DISK_TARGET_MB, MEMORY_TARGET_MB, SPEED_TARGET = 60.0, 200.0, 150.0, 10_000
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def load_only(config_path: str) -> None:
+    """Child: load the set as the agent does, print the memory it took (JSON)."""
+    from leaktap.controller.commands.fingerprint import value_hasher
+    from leaktap.controller.config import load_config
+    from leaktap.controller.fingerprint_store import FingerprintWatcher
+
+    config = load_config(config_path)
+    inspector = ContentInspector(KeyedHasher(b"x" * 32))
+    inspector.fingerprints.hasher = value_hasher(config)
+    before = _rss_mb()
+    started = time.monotonic()
+    watcher = FingerprintWatcher(str(config.storage.path), inspector.fingerprints)
+    watcher.poll()
+    elapsed = time.monotonic() - started
+    after = _rss_mb()
+    index = inspector.fingerprints.index
+    sys.stdout.write(json.dumps({"rss_growth_mb": after - before, "rss_mb": after,
+                                 "index_mb": index.nbytes / 1e6, "load_s": elapsed,
+                                 "sets": len(index.sets), "problems": watcher.problems}))
+
+
+def _request(body: bytes) -> bytes:
+    return (b"POST /services/data/v59.0/composite/sobjects HTTP/1.1\r\nHost: globex.my."
+            b"salesforce.com\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            % len(body)) + body
+
+
+def _inspector(config_path: str | None) -> ContentInspector:
+    ins = ContentInspector(KeyedHasher(b"x" * 32))
+    if config_path is not None:
+        from leaktap.controller.commands.fingerprint import value_hasher
+        from leaktap.controller.config import load_config
+        from leaktap.controller.fingerprint_store import FingerprintStore
+
+        config = load_config(config_path)
+        ins.fingerprints.hasher = value_hasher(config)
+        with FingerprintStore(str(config.storage.path)) as store:
+            index, _ = store.load(ins.fingerprints.hasher.key_id)
+        ins.fingerprints.replace(index)
+    return ins
+
+
+def _rate(ins: ContentInspector, writes: list[bytes]) -> tuple[float, int]:
+    ctx = WriteContext((1, 1), "globex", crm_vendor="salesforce", crm_instance="globex",
+                       destination="globex.my.salesforce.com")
+    found = 0
+    started = time.process_time()
+    for data in writes:
+        found += sum(f.kind == "proprietary_data"
+                     for f in ins.inspect(ctx, data, len(data)).findings)
+    return len(writes) / (time.process_time() - started), found
+
+
+def report() -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="lt-bench-fp-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        config = tmp / "leaktap.yaml"
+        config.write_text(f'storage: {{path: "{tmp / "lt.db"}"}}\n')
+        rows = list(contacts(ROWS, seed=15))
+        export = tmp / "contacts.csv"
+        write_csv(str(export), rows, COLUMNS)
+        exclude = {r[c] for r in rows for c in COLUMNS}
+        del rows
+        # build, in a child so its time and peak RSS are its own
+        started = time.monotonic()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            [sys.executable, "-m", "leaktap.controller.commands.cli", "fingerprint", "add",
+             "--config", str(config), "--tenant", "acme", "--name", "contacts", str(export),
+             "--columns", ",".join(COLUMNS)],
+            capture_output=True, text=True, cwd=REPO, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        build_s = time.monotonic() - started
+        added = json.loads(out.stdout)
+        results["build"] = {"rows": ROWS, "wall_s": round(build_s, 1),
+                            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime
+                                           - before.ru_stime, 1),
+                            "peak_rss_mb": round(after.ru_maxrss / 1024, 1),
+                            "values": added["values"], "common_values": added["common_values"]}
+        export.unlink()
+        disk = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        results["disk_mb"] = round(disk / 1e6, 1)
+        child = subprocess.run([sys.executable, "-m", "perf.bench_fingerprints", "--load-only",
+                                str(config)], capture_output=True, text=True, cwd=REPO,
+                               check=True)
+        results["memory"] = json.loads(child.stdout)
+        # speed: with the set and without, alternating; the first pass is cold
+        rng = random.Random(77)
+        writes = [_request(realistic_write(rng, exclude=exclude)) for _ in range(SPEED_WRITES)]
+        with_set, without = _inspector(str(config)), _inspector(None)
+        cold, _ = _rate(with_set, writes)
+        rates: dict[str, list[float]] = {"with": [], "without": []}
+        for _ in range(ROUNDS):
+            rates["without"].append(_rate(without, writes)[0])
+            rates["with"].append(_rate(with_set, writes)[0])
+        best = {k: max(v) for k, v in rates.items()}
+        results["speed"] = {"with_set_per_s": round(best["with"]),
+                            "without_sets_per_s": round(best["without"]),
+                            "with_set_cold_per_s": round(cold),
+                            "ratio": round(best["with"] / best["without"], 2)}
+        # precision: realistic writes, none of their values in the set
+        matcher = with_set.fingerprints
+        alerting = any_value = 0
+        rng = random.Random(2026)
+        started = time.process_time()
+        for _ in range(WRITES):
+            matches = matcher.scan([realistic_write(rng, exclude=exclude)])
+            alerting += any(m.alerting for m in matches)
+            any_value += bool(matches)
+        results["precision"] = {"writes": WRITES, "alerting": alerting,
+                                "with_a_value": any_value,
+                                "cpu_s": round(time.process_time() - started, 1)}
+    b, m, s, p = (results["build"], results["memory"], results["speed"],
+                  results["precision"])
+    logger.info("build %d rows x 3 columns: %.1f s wall, %.1f s CPU, peak RSS %.0f MB, "
+                "%d values kept, %d common dropped; target < %.0f s %s", b["rows"], b["wall_s"],
+                b["cpu_s"], b["peak_rss_mb"], b["values"], b["common_values"], BUILD_TARGET_S,
+                "PASS" if b["wall_s"] < BUILD_TARGET_S else "MISS")
+    logger.info("disk (set file + database): %.1f MB; target < %.0f MB %s", results["disk_mb"],
+                DISK_TARGET_MB, "PASS" if results["disk_mb"] < DISK_TARGET_MB else "MISS")
+    logger.info("memory once loaded: RSS +%.1f MB (index arrays %.1f MB, load %.2f s); "
+                "target < %.0f MB %s", m["rss_growth_mb"], m["index_mb"], m["load_s"],
+                MEMORY_TARGET_MB, "PASS" if m["rss_growth_mb"] < MEMORY_TARGET_MB else "MISS")
+    logger.info("4 KiB writes/s (one core, CPU time): with the 1M-row set %d (first pass %d), "
+                "without sets %d, ratio %.2f; target >= %d %s", s["with_set_per_s"],
+                s["with_set_cold_per_s"], s["without_sets_per_s"], s["ratio"], SPEED_TARGET,
+                "PASS" if s["with_set_per_s"] >= SPEED_TARGET else "MISS")
+    logger.info("precision: %d realistic writes not in the set, min-matches 3: %d would "
+                "alert (target 0 %s), %d held a single value of the set", p["writes"],
+                p["alerting"], "PASS" if p["alerting"] == 0 else "MISS", p["with_a_value"])
+    return results
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if len(sys.argv) == 3 and sys.argv[1] == "--load-only":
+        load_only(sys.argv[2])
+    else:
+        report()
