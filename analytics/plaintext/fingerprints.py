@@ -48,7 +48,8 @@ NGRAM_MAX = 16  # words of a value that free text can match (longer values are s
 MIN_VALUE_CHARS = 3
 COMMON_VALUE_ROWS = 10  # a value in more rows than this is not evidence of a record
 PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 7, 15  # E.164 allows at most 15 digits
-CACHE_MAX = 1 << 18  # token hashes remembered as "in no set" (then cleared)
+CACHE_MAX = 1 << 18  # token hashes remembered as "in no set" (then cleared), ~16 MB
+POS_CACHE_MAX = 1 << 16  # ... and as "in a set" (first words, values), ~10 MB
 GRAMS_MAX = 4096  # n-grams tried per view (a word repeated very often is bounded)
 
 U64 = npt.NDArray[np.uint64]
@@ -291,28 +292,39 @@ def _lengths(mask: int) -> tuple[int, ...]:
     return tuple(n for n in range(2, NGRAM_MAX + 1) if mask >> n & 1)
 
 
+class _Loaded:
+    """An index with the token caches answered from it: swapped together, so a scan
+    in progress while the sets change never caches an old answer for the new sets."""
+
+    def __init__(self, index: FingerprintIndex) -> None:
+        self.index = index
+        self.neg: set[int] = set()  # hash() of tokens in no set
+        self.pos: dict[int, tuple[int | None, int]] = {}  # hash() -> (value key, mask)
+        self.pos_keys: set[int] = set()
+
+
 class FingerprintMatcher:
     """Finds loaded sets in decoded views; `replace` swaps the index (another thread
     may call it: the scan in progress keeps the index it started with)."""
 
     def __init__(self, key: bytes) -> None:
         self.hasher = ValueHasher(key)
-        self.index = FingerprintIndex()
+        self._loaded = _Loaded(FingerprintIndex())
         # tenant -> allow list ("vendor:instance"): a set's owner writing to these is home
         self.allow: Mapping[str, Collection[str]] = {}
         self.stats: Counter[str] = Counter()
-        self._neg: set[int] = set()  # hash() of tokens in no set
-        self._pos: dict[int, tuple[int | None, int]] = {}  # hash() -> (value key, mask)
-        self._pos_keys: set[int] = set()
         self._lengths: dict[int, tuple[int, ...]] = {}
 
     @property
+    def index(self) -> FingerprintIndex:
+        return self._loaded.index
+
+    @property
     def active(self) -> bool:
-        return bool(self.index.sets)
+        return bool(self._loaded.index.sets)
 
     def replace(self, index: FingerprintIndex) -> None:
-        self._neg, self._pos, self._pos_keys = set(), {}, set()
-        self.index = index
+        self._loaded = _Loaded(index)
 
     def sanctioned(self, owner: str, vendor: str | None, instance: str | None) -> bool:
         """The destination is a CRM instance the set's owner is allowed: data going home."""
@@ -322,47 +334,48 @@ class FingerprintMatcher:
 
     # -- tokens to keys ------------------------------------------------------------
 
-    def _classify(self, index: FingerprintIndex,
+    def _classify(self, loaded: _Loaded,
                   tokens: list[bytes]) -> list[tuple[bytes, int | None, int]]:
         """(token, value key if the token is a value, first-word mask) of the tokens
         that are in some set; each new token hashed once, then cached by hash()."""
         seen = set(map(hash, tokens))
-        unknown = seen - self._neg
+        unknown = seen - loaded.neg
         if unknown:
-            unknown = unknown - self._pos_keys  # set - set walks the smaller side
-        wanted = seen & self._pos_keys
+            unknown = unknown - loaded.pos_keys  # set - set walks the smaller side
+        wanted = seen & loaded.pos_keys
         if not unknown and not wanted:
             return []  # the common case: every token known to be in no set
         hashes = list(map(hash, tokens))
         if unknown:
             fresh = dict(itertools.compress(zip(hashes, tokens, strict=True),
                                             map(unknown.__contains__, hashes)))
-            self._learn(index, list(fresh.values()), list(fresh))
-            wanted = seen & self._pos_keys
-        pos = self._pos
+            self._learn(loaded, list(fresh.values()), list(fresh))
+            wanted = seen & loaded.pos_keys
+        pos = loaded.pos
         hits = dict(itertools.compress(zip(hashes, tokens, strict=True),
                                        map(wanted.__contains__, hashes)))
         return [(t, *pos[h]) for h, t in hits.items()]
 
-    def _learn(self, index: FingerprintIndex, tokens: list[bytes], hashes: list[int]) -> None:
+    def _learn(self, loaded: _Loaded, tokens: list[bytes], hashes: list[int]) -> None:
         self.stats["fingerprint_tokens_hashed"] += len(tokens)
+        index = loaded.index
         digests = np.frombuffer(b"".join(map(self.hasher.digest, tokens)),
                                 dtype="<u8").reshape(-1, 2)
         in_values, _ = index._member(index.keys, np.ascontiguousarray(digests[:, 0]))
         in_firsts, at = index._member(index.first_keys, np.ascontiguousarray(digests[:, 1]))
         hit = in_values | in_firsts
-        if len(self._neg) + len(hashes) > CACHE_MAX:
-            self._neg = set()
+        if len(loaded.neg) + len(hashes) > CACHE_MAX:
+            loaded.neg = set()
             self.stats["fingerprint_cache_resets"] += 1
-        self._neg.update(itertools.compress(hashes, (~hit).tolist()))
+        loaded.neg.update(itertools.compress(hashes, (~hit).tolist()))
+        if len(loaded.pos) > POS_CACHE_MAX:
+            loaded.pos, loaded.pos_keys = {}, set()
+            self.stats["fingerprint_cache_resets"] += 1
         for i in np.flatnonzero(hit).tolist():
             value = int(digests[i, 0]) if in_values[i] else None
             mask = int(index.first_masks[at[i]]) if in_firsts[i] else 0
-            self._pos[hashes[i]] = (value, mask)
-            self._pos_keys.add(hashes[i])
-        if len(self._pos) > CACHE_MAX:
-            self._pos, self._pos_keys = {}, set()
-            self.stats["fingerprint_cache_resets"] += 1
+            loaded.pos[hashes[i]] = (value, mask)
+            loaded.pos_keys.add(hashes[i])
 
     def _grams(self, words: list[bytes], firsts: list[tuple[bytes, int]]) -> list[bytes]:
         grams: list[bytes] = []
@@ -383,32 +396,33 @@ class FingerprintMatcher:
             self.stats["fingerprint_grams_capped"] += 1
         return grams
 
-    def value_keys(self, data: bytes, index: FingerprintIndex | None = None) -> set[int]:
+    def value_keys(self, data: bytes, loaded: _Loaded | None = None) -> set[int]:
         """Keys of the set values found in one decoded view."""
-        index = index or self.index
+        loaded = loaded or self._loaded
         words, phones = tokenise(data)
         found: set[int] = set()
         firsts: list[tuple[bytes, int]] = []
-        for token, value, mask in self._classify(index, words + phones):
+        for token, value, mask in self._classify(loaded, words + phones):
             if value is not None:
                 found.add(value)
             if mask:
                 firsts.append((token, mask))
         if firsts:
             grams = self._grams(words, firsts)
-            found.update(v for _, v, _ in self._classify(index, grams) if v is not None)
+            found.update(v for _, v, _ in self._classify(loaded, grams) if v is not None)
         return found
 
     # -- keys to sets ----------------------------------------------------------------
 
     def scan(self, views: Iterable[bytes]) -> list[SetMatch]:
         """Per set: what the views of one message held (sets with no value left out)."""
-        index = self.index
+        loaded = self._loaded
+        index = loaded.index
         if not index.sets:
             return []
         keys: set[int] = set()
         for data in views:
-            keys |= self.value_keys(data, index)
+            keys |= self.value_keys(data, loaded)
         if not keys:
             return []
         probe = np.fromiter(sorted(keys), dtype=np.uint64, count=len(keys))

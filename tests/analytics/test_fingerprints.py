@@ -174,3 +174,26 @@ def test_no_false_match_on_5000_realistic_writes_not_in_the_set(
             alerting += m.alerting
     assert alerting == 0
     assert partial < 50  # single shared values only, and rarely
+
+
+def test_cached_tokens_are_not_hashed_again_and_still_match(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    insp = _inspector(index)
+    matcher = insp.fingerprints
+    body = as_paragraph(records[400:403])
+    first = matcher.scan([body])
+    hashed = matcher.stats["fingerprint_tokens_hashed"]
+    assert hashed > 0
+    again = matcher.scan([body])
+    assert matcher.stats["fingerprint_tokens_hashed"] == hashed
+    assert [(m.values, m.rows) for m in again] == [(m.values, m.rows) for m in first] == [(9, 3)]
+
+
+def test_a_scan_running_while_the_sets_change_does_not_fill_the_new_caches(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    matcher = _inspector(index).fingerprints
+    old = matcher._loaded
+    matcher.replace(_index(records[:10], tenant="globex"))
+    assert len(matcher.value_keys(as_json(records[500:503]), old)) == 9  # the old sets
+    assert not matcher._loaded.neg and not matcher._loaded.pos
+    assert [m.info.tenant for m in matcher.scan([as_json(records[:3])])] == ["globex"]
