@@ -61,6 +61,7 @@ _WORD_TABLE = bytes(
     for c in range(256))
 # phone runs: punctuation inside a number is deleted, anything else separates
 _PHONE_PUNCT = b" ()-.+/"
+_PHONE_PUNCT_NO_SPACE = b"()-.+/"
 _PHONE_TABLE = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
 
 
@@ -90,8 +91,11 @@ def tokenise(data: bytes) -> tuple[list[bytes], list[bytes]]:
         s = unicodedata.normalize("NFKC", data.decode("utf-8", "replace")).casefold()
         words = [w.encode() for w in _WORD.findall(s)]
         text = s.encode()
-    phones = [b"+" + run for run in text.translate(_PHONE_TABLE, _PHONE_PUNCT).split()
-              if PHONE_DIGITS_MIN <= len(run) <= PHONE_DIGITS_MAX]
+    # spaces inside a number are deleted ("+1 555 010 2345"), and also kept as
+    # separators, so a number followed by another ("555-010-2345 2 days") is found too
+    runs = text.translate(_PHONE_TABLE, _PHONE_PUNCT).split()
+    runs += text.translate(_PHONE_TABLE, _PHONE_PUNCT_NO_SPACE).split()
+    phones = [b"+" + run for run in runs if PHONE_DIGITS_MIN <= len(run) <= PHONE_DIGITS_MAX]
     return words, phones
 
 

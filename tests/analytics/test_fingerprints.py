@@ -197,3 +197,13 @@ def test_a_scan_running_while_the_sets_change_does_not_fill_the_new_caches(
     assert len(matcher.value_keys(as_json(records[500:503]), old)) == 9  # the old sets
     assert not matcher._loaded.neg and not matcher._loaded.pos
     assert [m.info.tenant for m in matcher.scan([as_json(records[:3])])] == ["globex"]
+
+
+@pytest.mark.parametrize("text", [
+    "call +1 (555) 010-2345 today", "call 1.555.010.2345", "tel:15550102345",
+    "1-555-010-2345 2 days ago", "phones 42, 1 555 010 2345",
+])
+def test_phone_numbers_are_found_however_written(text: str) -> None:
+    from leaktap.analytics.plaintext.fingerprints import tokenise
+
+    assert b"+15550102345" in tokenise(text.encode())[1]
