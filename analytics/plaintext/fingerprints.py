@@ -50,6 +50,7 @@ COMMON_VALUE_ROWS = 10  # a value in more rows than this is not evidence of a re
 PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 7, 15  # E.164 allows at most 15 digits
 CACHE_MAX = 1 << 18  # token hashes remembered as "in no set" (then cleared), ~16 MB
 POS_CACHE_MAX = 1 << 16  # ... and as "in a set" (first words, values), ~10 MB
+FILTER_BITS_PER_KEY = 32  # ~3% of tokens not in any set pass the filter to the search
 GRAMS_MAX = 4096  # n-grams tried per view (a word repeated very often is bounded)
 
 U64 = npt.NDArray[np.uint64]
@@ -278,10 +279,31 @@ class FingerprintIndex:
             self.first_keys = parts[0].first_keys if parts else np.zeros(0, np.uint64)
             self.first_masks = parts[0].first_masks if parts else np.zeros(0, np.uint32)
 
+        self.filter = self._filter(self.keys, self.first_keys)
+
+    @staticmethod
+    def _filter(*tables: U64) -> npt.NDArray[np.uint8]:
+        """A one-probe bit filter over every key: a binary search in millions of keys
+        costs ~20 cache misses, the filter one, and answers "no" for ~97% of tokens."""
+        total = sum(len(t) for t in tables)
+        bits = 1 << max(16, min(30, (FILTER_BITS_PER_KEY * total).bit_length()))
+        out = np.zeros(bits >> 3, dtype=np.uint8)
+        mask = np.uint64(bits - 1)
+        for table in tables:
+            at = table & mask
+            np.bitwise_or.at(out, (at >> np.uint64(3)).astype(np.intp),
+                             (np.uint8(1) << (at & np.uint64(7)).astype(np.uint8)))
+        return out
+
+    def may_hold(self, probe: U64) -> npt.NDArray[np.bool_]:
+        at = probe & np.uint64(len(self.filter) * 8 - 1)
+        byte = self.filter[(at >> np.uint64(3)).astype(np.intp)]
+        return ((byte >> (at & np.uint64(7)).astype(np.uint8)) & 1).astype(bool)
+
     @property
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.set_ids.nbytes + self.rows.nbytes + self.cols.nbytes
-                   + self.first_keys.nbytes + self.first_masks.nbytes)
+                   + self.first_keys.nbytes + self.first_masks.nbytes + self.filter.nbytes)
 
     @staticmethod
     def _member(table: U64, probe: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
@@ -342,14 +364,15 @@ class FingerprintMatcher:
                   tokens: list[bytes]) -> list[tuple[bytes, int | None, int]]:
         """(token, value key if the token is a value, first-word mask) of the tokens
         that are in some set; each new token hashed once, then cached by hash()."""
-        seen = set(map(hash, tokens))
+        tokens = list(set(tokens))  # bytes keep their hash: dedup first, make ints once
+        hashes = list(map(hash, tokens))
+        seen = set(hashes)
         unknown = seen - loaded.neg
         if unknown:
             unknown = unknown - loaded.pos_keys  # set - set walks the smaller side
         wanted = seen & loaded.pos_keys
         if not unknown and not wanted:
             return []  # the common case: every token known to be in no set
-        hashes = list(map(hash, tokens))
         if unknown:
             fresh = dict(itertools.compress(zip(hashes, tokens, strict=True),
                                             map(unknown.__contains__, hashes)))
@@ -365,8 +388,15 @@ class FingerprintMatcher:
         index = loaded.index
         digests = np.frombuffer(b"".join(map(self.hasher.digest, tokens)),
                                 dtype="<u8").reshape(-1, 2)
-        in_values, _ = index._member(index.keys, np.ascontiguousarray(digests[:, 0]))
-        in_firsts, at = index._member(index.first_keys, np.ascontiguousarray(digests[:, 1]))
+        values = np.ascontiguousarray(digests[:, 0])
+        firsts = np.ascontiguousarray(digests[:, 1])
+        maybe = np.flatnonzero(index.may_hold(values) | index.may_hold(firsts))
+        in_values = np.zeros(len(tokens), dtype=bool)
+        in_firsts = np.zeros(len(tokens), dtype=bool)
+        at = np.zeros(len(tokens), dtype=np.intp)
+        if len(maybe):  # the filter's few "maybe"s are searched for real
+            in_values[maybe], _ = index._member(index.keys, values[maybe])
+            in_firsts[maybe], at[maybe] = index._member(index.first_keys, firsts[maybe])
         hit = in_values | in_firsts
         if len(loaded.neg) + len(hashes) > CACHE_MAX:
             loaded.neg = set()
