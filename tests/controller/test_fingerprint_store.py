@@ -134,3 +134,27 @@ def test_jsonl_export_and_watcher_reload(capsys, setup) -> None:
     assert watcher.poll() and not matcher.active
     watcher.stop()
     other_watcher.stop()
+
+
+def test_a_running_watcher_loads_a_new_set_within_5_s(setup) -> None:
+    import time
+
+    from leaktap.analytics.plaintext.fingerprints import SetBuilder, fingerprint_key
+    from leaktap.analytics.plaintext.redact import KeyedHasher
+
+    matcher = FingerprintMatcher(fingerprint_key(KeyedHasher(b"w" * 32)))
+    records = list(contacts(50, seed=9))
+    with FingerprintWatcher(setup["db"], matcher) as watcher:
+        assert not matcher.active
+        builder = SetBuilder(matcher.hasher, ["email"])
+        for r in records:
+            builder.add_row([r["email"]])
+        with FingerprintStore(setup["db"]) as store:
+            store.add("acme", "emails", ["email"], 3, builder.finish(), builder.stats,
+                      matcher.hasher.key_id)
+            added = time.monotonic()
+            generation = store.generation()
+        while not matcher.active and time.monotonic() - added < 5:
+            time.sleep(0.05)
+        assert matcher.active and time.monotonic() - added < 5
+        assert watcher.loaded_generation == generation
