@@ -207,3 +207,28 @@ def test_phone_numbers_are_found_however_written(text: str) -> None:
     from leaktap.analytics.plaintext.fingerprints import tokenise
 
     assert b"+15550102345" in tokenise(text.encode())[1]
+
+
+def test_finding_goes_through_the_alert_lifecycle_once_per_destination(
+        tmp_path, index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    from leaktap.analytics.alert_settings import AlertsSettings
+    from leaktap.analytics.alerts import AlertManager
+    from leaktap.controller.storage import Store
+
+    store = Store(tmp_path / "lt.db")
+    settings = AlertsSettings.model_validate({"suppression": {"proprietary_data": 60}})
+    alerts = AlertManager(store.path, settings=settings)
+    insp = _inspector(index)
+    for rows in (records[600:603], records[700:703]):  # two writes, same destination
+        for f in _write(insp, "globex", "globex", as_json(rows)):
+            alerts.record(f)
+    listed = alerts.list_alerts(kind="proprietary_data")
+    assert len(listed) == 1 and listed[0]["count"] == 2
+    assert (listed[0]["tenant"], listed[0]["severity"]) == ("globex", "critical")
+    assert listed[0]["evidence"]["owner_tenant"] == "acme"
+    stored = (tmp_path / "lt.db").read_bytes() + b"".join(
+        p.read_bytes() for p in tmp_path.glob("lt.db-*"))
+    for r in records[600:603] + records[700:703]:
+        assert r["email"].encode() not in stored and r["name"].encode() not in stored
+    alerts.close()
+    store.close()
