@@ -3,6 +3,7 @@ findings through ContentInspector, precision on realistic writes not in the set.
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -232,3 +233,21 @@ def test_finding_goes_through_the_alert_lifecycle_once_per_destination(
         assert r["email"].encode() not in stored and r["name"].encode() not in stored
     alerts.close()
     store.close()
+
+
+def test_non_ascii_values_match_raw_escaped_and_full_width() -> None:
+    people = [{"name": "José Núñez", "email": "jose.nunez@example.es", "phone": "+34 612 345 678"},
+              {"name": "Zoë Ångström", "email": "zoe@example.se", "phone": "+46 70 123 45 67"},
+              {"name": "Renée Faÿ", "email": "renee@example.fr", "phone": "+33 6 12 34 56 78"}]
+    idx = _index(people)
+    insp = _inspector(idx)
+    escaped = as_json(people)  # json.dumps escapes: \u00e9 ...
+    assert b"\\u00e9" in escaped
+    raw = json.dumps({"records": people}, ensure_ascii=False).encode()
+    wide = "contacts: ＪＯＳÉ ＮÚÑＥＺ, ZOË ÅNGSTRÖM and RENÉE FAŸ".encode()
+    for body in (escaped, raw):
+        found = _write(insp, "globex", "globex", body)
+        assert [(f.evidence["values_matched"], f.evidence["rows_matched"]) for f in found] == [
+            (9, 3)]
+    found = _write(insp, "globex", "globex", wide, "text/plain")
+    assert [f.evidence["values_matched"] for f in found] == [3]
