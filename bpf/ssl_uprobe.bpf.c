@@ -56,6 +56,13 @@ BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
 #define LT_PROT_EXEC 0x4
 #define LT_MAP_ANONYMOUS 0x20
 #define LT_NSEC_PER_SEC 1000000000ULL
+/* Depth of a process's chunk bucket: one second of LT_SSL_EVENTS_PER_SEC, but
+ * at most what half the ring buffer holds, so that one burst cannot fill the
+ * ring before the controller drains it (a full ring is reported as blinding;
+ * a spent budget only skips the middle of writes or drops whole writes). */
+#define LT_SSL_RING_CHUNKS (LT_SSL_RINGBUF_PAGES * 4096 / (2 * (LT_SSL_SNAP + 96)))
+#define LT_SSL_BURST (LT_SSL_EVENTS_PER_SEC < LT_SSL_RING_CHUNKS ? LT_SSL_EVENTS_PER_SEC : \
+		      LT_SSL_RING_CHUNKS > 0 ? LT_SSL_RING_CHUNKS : 1)
 
 /* TLS record content types 20..24 (ChangeCipherSpec .. Heartbeat), version 3.x */
 #define TLS_TYPE_MIN 20
@@ -117,7 +124,7 @@ static __always_inline int ssl_rate_allowed(__u32 tgid)
 /**
  * ssl_budget_take - take up to @want chunks from @tgid's token bucket
  * Returns the chunks granted (0..@want). The bucket refills at
- * LT_SSL_EVENTS_PER_SEC per second up to one second's worth; refill_ns
+ * LT_SSL_EVENTS_PER_SEC per second up to LT_SSL_BURST; refill_ns
  * advances by whole tokens only, so no fraction is lost between calls.
  * Tokens are taken atomically; racing refills may grant a few extra.
  */
@@ -128,9 +135,8 @@ static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
 	__s64 before;
 
 	if (!b) {
-		__s64 grant = want < LT_SSL_EVENTS_PER_SEC ? want : LT_SSL_EVENTS_PER_SEC;
-		struct lt_ssl_budget fresh = {
-			.refill_ns = now, .tokens = LT_SSL_EVENTS_PER_SEC - grant };
+		__s64 grant = want < LT_SSL_BURST ? want : LT_SSL_BURST;
+		struct lt_ssl_budget fresh = { .refill_ns = now, .tokens = LT_SSL_BURST - grant };
 
 		lt_ssl_budget.update(&tgid, &fresh);
 		return (__u32)grant;
@@ -138,7 +144,7 @@ static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
 	__u64 elapsed = now - b->refill_ns;
 
 	if (elapsed >= LT_NSEC_PER_SEC) {
-		b->tokens = LT_SSL_EVENTS_PER_SEC;
+		b->tokens = LT_SSL_BURST;
 		b->refill_ns = now;
 	} else {
 		__u64 add = elapsed * LT_SSL_EVENTS_PER_SEC / LT_NSEC_PER_SEC;
@@ -146,7 +152,7 @@ static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
 		if (add) {
 			__s64 t = b->tokens + (__s64)add;
 
-			b->tokens = t > LT_SSL_EVENTS_PER_SEC ? LT_SSL_EVENTS_PER_SEC : t;
+			b->tokens = t > LT_SSL_BURST ? LT_SSL_BURST : t;
 			b->refill_ns += add * LT_NSEC_PER_SEC / LT_SSL_EVENTS_PER_SEC;
 		}
 	}

@@ -134,6 +134,7 @@ def _synthetic_records(decoder_class: object) -> list[bytes]:
 
     def record(data: bytes, ssl_ptr: int, req_len: int | None = None) -> bytes:
         values = {"ts_ns": 1, "cgroup_id": 0, "ssl_ptr": ssl_ptr, "req_len": req_len or len(data),
+                  "data_off": 0,
                   "kind": 1, "pid": 4242, "tgid": 4242, "uid": 1000, "fd": -1,
                   "cap_len": min(len(data), snap), "comm": b"bench"}
         return header.pack(*[values[n] for n in names]) + data[:snap]
