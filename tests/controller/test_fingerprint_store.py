@@ -158,3 +158,33 @@ def test_a_running_watcher_loads_a_new_set_within_5_s(setup) -> None:
             time.sleep(0.05)
         assert matcher.active and time.monotonic() - added < 5
         assert watcher.loaded_generation == generation
+
+
+def test_agent_wires_the_watcher_and_the_owners_allow_lists(capsys, setup) -> None:
+    import contextlib
+    from types import SimpleNamespace
+
+    from leaktap.analytics.plaintext.inspector import ContentInspector
+    from leaktap.controller.agent import Agent
+    from leaktap.controller.plaintext.monitor import SECRET_FILE, load_or_create_secret
+
+    config = load_config(str(setup["config"]))
+    secret = load_or_create_secret(setup["tmp"] / SECRET_FILE)  # the monitor's key
+    from leaktap.analytics.plaintext.redact import KeyedHasher
+
+    inspector = ContentInspector(KeyedHasher(secret))
+    path = setup["tmp"] / "contacts.csv"
+    records = list(contacts(100, seed=3))
+    write_csv(str(path), records)
+    assert _add(capsys, setup, path, "--columns", "name,email,phone")[0] == 0
+    with contextlib.ExitStack() as stack:
+        agent = SimpleNamespace(config=config, store=SimpleNamespace(path=setup["db"]),
+                                plaintext=SimpleNamespace(inspector=inspector), _exit=stack,
+                                fingerprints=None)
+        Agent._watch_fingerprints(agent)  # type: ignore[arg-type]
+        matcher = inspector.fingerprints
+        assert matcher.active and agent.fingerprints.problems == []
+        assert matcher.sanctioned("acme", "salesforce", "acme")
+        assert not matcher.sanctioned("acme", "salesforce", "globex")
+        assert not matcher.sanctioned("globex", "salesforce", "globex")  # no allow list
+    assert agent.fingerprints._stop.is_set()
