@@ -260,7 +260,7 @@ class FingerprintStore:
                 "SELECT generation FROM fingerprint_generation WHERE id = 0").fetchone()
         return int(row[0]) if row else 0
 
-    def list(self) -> list[SetRecord]:
+    def sets(self) -> list[SetRecord]:
         with self._lock:
             rows = self._db.execute(
                 'SELECT tenant, name, columns, min_matches, rows, "values", common_values, '
@@ -270,7 +270,7 @@ class FingerprintStore:
                           json.loads(r[7]), r[8], r[9], r[10], r[11]) for r in rows]
 
     def get(self, tenant: str, name: str) -> SetRecord | None:
-        return next((r for r in self.list() if (r.tenant, r.name) == (tenant, name)), None)
+        return next((r for r in self.sets() if (r.tenant, r.name) == (tenant, name)), None)
 
     def add(self, tenant: str, name: str, columns: list[str], min_matches: int,
             arrays: SetArrays, stats: BuildStats, key_id: str) -> SetRecord:
@@ -328,7 +328,7 @@ class FingerprintStore:
         generation = self.generation()
         sets: list[tuple[SetInfo, SetArrays]] = []
         problems: list[str] = []
-        for r in self.list():
+        for r in self.sets():
             label = f"{r.tenant}/{r.name}"
             if r.key_id != key_id:
                 problems.append(f"{label}: built with another key (key id {r.key_id}, "

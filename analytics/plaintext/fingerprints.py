@@ -356,7 +356,7 @@ class FingerprintMatcher:
         """The destination is a CRM instance the set's owner is allowed: data going home."""
         if vendor is None or instance is None:
             return False
-        return allows(self.allow.get(owner, ()), vendor, instance)
+        return bool(allows(self.allow.get(owner, ()), vendor, instance))
 
     # -- tokens to keys ------------------------------------------------------------
 

@@ -70,7 +70,7 @@ def main(args: Any, out: TextIO | None = None) -> int:
         if args.action == "add":
             return _add(args, config, store, out)
         if args.action == "list":
-            for record in store.list():
+            for record in store.sets():
                 out.write(json.dumps(record.public()) + "\n")
             return 0
         if not store.remove(args.tenant, args.name):

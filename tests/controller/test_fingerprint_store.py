@@ -73,7 +73,7 @@ def test_add_list_remove_and_no_value_on_disk(capsys, setup) -> None:
     generation = store.generation()
     code, out, _ = _cli(capsys, "fingerprint", "remove", "--config", str(setup["config"]),
                         "--tenant", "acme", "--name", "contacts")
-    assert code == 0 and store.list() == [] and store.generation() == generation + 1
+    assert code == 0 and store.sets() == [] and store.generation() == generation + 1
     assert list((setup["tmp"] / "fingerprints").glob("*.npz")) == []
     code, _, err = _cli(capsys, "fingerprint", "remove", "--config", str(setup["config"]),
                         "--tenant", "acme", "--name", "contacts")
@@ -95,7 +95,7 @@ def test_malformed_export_is_an_error_naming_the_line(capsys, setup, name, conte
     code, out, err = _add(capsys, setup, path)
     assert code == 2 and out == ""
     assert f"{path}:{line}: {what}" in err
-    assert FingerprintStore(setup["db"]).list() == []
+    assert FingerprintStore(setup["db"]).sets() == []
 
 
 def test_unknown_column_and_tenant_are_refused(capsys, setup) -> None:

@@ -71,7 +71,7 @@ async def create_fingerprint_set(request: Request, agent: AgentDep, _: AdminDep,
 @router.get("")
 def read_fingerprint_sets(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
     with FingerprintStore(agent.store.path) as store:
-        sets = [r.public() for r in store.list()]
+        sets = [r.public() for r in store.sets()]
         generation = store.generation()
     watcher = getattr(agent, "fingerprints", None)
     return {"sets": sets, "generation": generation,
