@@ -63,6 +63,7 @@ _WORD_TABLE = bytes(
 # phone runs: punctuation inside a number is deleted, anything else separates
 _PHONE_PUNCT = b" ()-.+/"
 _PHONE_PUNCT_NO_SPACE = b"()-.+/"
+_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
 _PHONE_TABLE = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
 
 
@@ -92,6 +93,8 @@ def tokenise(data: bytes) -> tuple[list[bytes], list[bytes]]:
         s = unicodedata.normalize("NFKC", data.decode("utf-8", "replace")).casefold()
         words = [w.encode() for w in _WORD.findall(s)]
         text = s.encode()
+    if len(text.translate(None, _NOT_DIGITS)) < PHONE_DIGITS_MIN:
+        return words, []  # too few digits for any phone number (cheap: memchr-like)
     # spaces inside a number are deleted ("+1 555 010 2345"), and also kept as
     # separators, so a number followed by another ("555-010-2345 2 days") is found too
     runs = text.translate(_PHONE_TABLE, _PHONE_PUNCT).split()

@@ -251,3 +251,10 @@ def test_non_ascii_values_match_raw_escaped_and_full_width() -> None:
             (9, 3)]
     found = _write(insp, "globex", "globex", wide, "text/plain")
     assert [f.evidence["values_matched"] for f in found] == [3]
+
+
+def test_text_with_too_few_digits_has_no_phone_candidates() -> None:
+    from leaktap.analytics.plaintext.fingerprints import tokenise
+
+    assert tokenise(b"room 12, floor 3, 55 people")[1] == []
+    assert set(tokenise(b"id 1234567")[1]) == {b"+1234567"}
