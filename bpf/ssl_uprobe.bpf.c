@@ -156,6 +156,9 @@ static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
 			b->refill_ns += add * LT_NSEC_PER_SEC / LT_SSL_EVENTS_PER_SEC;
 		}
 	}
+	/* the flooding path: a plain read, no atomic, when the bucket is empty */
+	if (b->tokens <= 0)
+		return 0;
 	before = __sync_fetch_and_add(&b->tokens, -(__s64)want);
 	if (before >= (__s64)want)
 		return want;

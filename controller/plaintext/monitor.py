@@ -244,6 +244,7 @@ class PlaintextMonitor:
         self.finder = SslLibraryFinder()
         self.coverage: OrderedDict[tuple[int, int], ConnectionCoverage] = OrderedDict()
         self.process_lost: OrderedDict[int, Counter[str]] = OrderedDict()
+        self._process_crms: OrderedDict[int, tuple[str, str | None]] = OrderedDict()
         self._lost_reasons = lost_reason_names()
         self._last_loss_drain = 0.0
         self.mmap_attach_latency_ms: list[float] = []  # mmap -> probes attached, last 100
@@ -396,7 +397,7 @@ class PlaintextMonitor:
         new = False
         with self._lock:
             if self.probes is None:
-                return
+                return False
             for key, lib in self.libraries.items():
                 if (lib.path, -1) not in self.probes.attached:
                     new = self._attach(lib, -1) or new
@@ -637,7 +638,7 @@ class PlaintextMonitor:
         cov = self._coverage(ctx)
         cov.captured += len(ev.data)
         if cov.crm is None:
-            cov.crm = self._crm_of(ctx)
+            self._learn_crm(ctx, cov)
         if result.named_instance is not None:
             self._refine_instance(ev, result.named_instance)
         self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
@@ -730,21 +731,23 @@ class PlaintextMonitor:
             if self._inspector_lost is not None:
                 self._handle_result(self._inspector_lost(ctx, nbytes, reason))
         if cov.crm is None:
-            cov.crm = self._crm_of(ctx)
-        crm = cov.crm or self._process_crm(tgid)
+            self._learn_crm(ctx, cov)
+        crm = cov.crm or self._process_crms.get(tgid)
         blinded = {r: n for r, n in lost.items() if r in BLINDING_REASONS}
         if blinded and crm is not None:
             self._evaded(ctx, crm, cov.destination, blinded, int(value.writes))
         if crm is not None and not cov.reported_unseen:
             self._report_unseen(ctx, crm, cov)
 
-    def _process_crm(self, tgid: int) -> tuple[str, str | None] | None:
-        """A CRM any connection of the process talks to (a flood on one connection
-        blinds the process's other connections too)."""
-        for (pid, _), cov in reversed(self.coverage.items()):
-            if pid == tgid and cov.crm is not None:
-                return cov.crm
-        return None
+    def _learn_crm(self, ctx: WriteContext, cov: ConnectionCoverage) -> None:
+        """Record the CRM of a connection, and of its process: a flood on one
+        connection blinds the process's other connections too."""
+        cov.crm = self._crm_of(ctx)
+        if cov.crm is not None:
+            self._process_crms[ctx.pid] = cov.crm
+            self._process_crms.move_to_end(ctx.pid)
+            if len(self._process_crms) > PROCESSES_MAX:
+                self._process_crms.popitem(last=False)
 
     def _evaded(self, ctx: WriteContext, crm: tuple[str, str | None], destination: str | None,
                 blinded: dict[str, int], writes: int) -> None:
