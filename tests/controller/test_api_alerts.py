@@ -121,25 +121,35 @@ def auth(token: str) -> dict[str, str]:
 READ_PATHS = [
     "/readyz", "/v1/flows", "/v1/tenants", "/v1/tenants/acme/volume", "/v1/alerts",
     "/v1/alerts/1", "/v1/audit", "/v1/sinks", "/v1/stats", "/v1/whoami", "/metrics",
-    "/openapi.json", "/docs", "/", "/ui/app.js",
+    "/openapi.json", "/docs", "/", "/ui/app.js", "/v1/fingerprints",
 ]
 # served to browsers, not part of the API schema
 UNDOCUMENTED = ("/docs", "/openapi.json", "/", "/ui/app.js")
 ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve", "/v1/canaries",
-               "/v1/sinks/file/retry"]
+               "/v1/sinks/file/retry", "/v1/fingerprints"]
+DELETE_PATHS = ["/v1/fingerprints/acme/contacts"]
 
 
 def _template(path: str) -> str:
     return (path.replace("/1", "/{alert_id}").replace("/acme", "/{tenant}")
-            .replace("/file/", "/{name}/"))
+            .replace("/file/", "/{name}/").replace("/contacts", "/{name}"))
 
 
 def test_the_lists_above_cover_every_route(client: TestClient) -> None:
     schema = client.get("/openapi.json", headers=auth(READER)).json()
     routes = {(m.upper(), p) for p, ops in schema["paths"].items() for m in ops}
-    templated = {_template(p) for p in READ_PATHS + ADMIN_PATHS if p not in UNDOCUMENTED}
+    templated = {_template(p) for p in READ_PATHS + ADMIN_PATHS + DELETE_PATHS
+                 if p not in UNDOCUMENTED}
     assert {p for _, p in routes} == templated | {"/healthz"}
     assert {p for m, p in routes if m == "POST"} == {_template(p) for p in ADMIN_PATHS}
+    assert {p for m, p in routes if m == "DELETE"} == {_template(p) for p in DELETE_PATHS}
+
+
+@pytest.mark.parametrize("path", DELETE_PATHS)
+def test_a_delete_needs_an_admin(client: TestClient, path: str) -> None:
+    assert client.delete(path).status_code == 401
+    response = client.delete(path, headers=auth(READER))
+    assert response.status_code == 403 and response.json()["detail"] == "admin token required"
 
 
 @pytest.mark.parametrize("path", READ_PATHS + ADMIN_PATHS)
