@@ -14,10 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
-import pandas as pd
+
+if TYPE_CHECKING:
+    import pandas as pd  # imported where used: ~40 MB resident the agent needs only to refit
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ class HourlyHistory:
 
     def frame(self, n: int) -> pd.DataFrame:
         """Long table of the stored hours: series, week, slot and the five statistics."""
+        import pandas as pd
+
         valid = np.flatnonzero(self.hour_ids >= 0)
         hours = self.hour_ids[valid]
         stats = self.stats[valid, :, :n]  # (hours, stats, series)
@@ -172,6 +177,8 @@ def fit_seasonal(
     recent_hours: int = 72,
 ) -> SeasonalFit:
     """Median across weeks per (series, hour-of-week) and robust noise scales per series."""
+    import pandas as pd
+
     fit = SeasonalFit.empty(n)
     if frame.empty:
         return fit

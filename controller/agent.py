@@ -11,6 +11,7 @@ alert pipeline, and serves the API. SIGTERM and Ctrl-C detach every probe
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import secrets
@@ -276,6 +277,7 @@ class Agent:
                 self.poll_once()
             except Exception:  # noqa: BLE001 - keep polling; the error is logged
                 logger.exception("polling the kernel maps")
+            _return_freed_heap()
             try:
                 if self.alerts is not None:
                     self.alerts.tick()
@@ -437,6 +439,18 @@ class Agent:
 
     def flow_records(self, **filters: Any) -> list[dict[str, Any]]:
         return self.store.flows(**filters)
+
+
+def _return_freed_heap() -> None:
+    """Hand the heap a poll freed back to the OS: glibc keeps freed pages below the top
+    of its heap (a poll of 100,000 flows frees tens of MB) unless asked."""
+    try:
+        _LIBC.malloc_trim(0)
+    except AttributeError:
+        pass  # not glibc
+
+
+_LIBC = ctypes.CDLL(None)
 
 
 def _epoch(monotonic_ns: int) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -249,6 +250,7 @@ def _in_any(ip: str, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Networ
     return any(addr.version == n.version and addr in n for n in networks)
 
 
+@functools.lru_cache(maxsize=4096)  # every drained flow asks twice: parse each address once
 def _canonical_ip(ip: str) -> str | None:
     try:
         return str(ipaddress.ip_address(ip))
