@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,8 +45,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from leaktap.controller import loader  # noqa: E402
+from leaktap.controller.kernel import loader  # noqa: E402
 from leaktap.controller.kernel.maps import MapReader  # noqa: E402
+from leaktap.controller.kernel.pinned import libbpf  # noqa: E402
 from perf.bench_veth_throughput import Drainer, _run_stats  # noqa: E402
 
 logger = logging.getLogger("perf.bench_gateway_pps")
@@ -163,8 +165,12 @@ class Attachment:
         if case == "native":
             loader.attach_xdp(self.probes, INSIDE_IF)  # native where the driver can, else generic
         elif case == "generic":
-            BPF.attach_xdp(INSIDE_IF.encode(), self.probes.functions["ingress"],
-                           loader.XDP_FLAGS_SKB_MODE)
+            # the loaded program is reopened from its pin (no BCC Function): attach by fd
+            rc = libbpf().bpf_xdp_attach(socket.if_nametoindex(INSIDE_IF),
+                                         self.probes.fd("ingress"), loader.XDP_FLAGS_SKB_MODE,
+                                         None)
+            if rc < 0:
+                raise OSError(-rc, f"attaching lt_xdp_gw to {INSIDE_IF} in generic mode")
         else:
             native = case == "native empty"
             flags = loader.XDP_FLAGS_DRV_MODE if native else loader.XDP_FLAGS_SKB_MODE
