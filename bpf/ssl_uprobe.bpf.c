@@ -56,13 +56,11 @@ BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
 #define LT_PROT_EXEC 0x4
 #define LT_MAP_ANONYMOUS 0x20
 #define LT_NSEC_PER_SEC 1000000000ULL
-/* Depth of a process's chunk bucket: one second of LT_SSL_EVENTS_PER_SEC, but
- * at most what half the ring buffer holds, so that one burst cannot fill the
- * ring before the controller drains it (a full ring is reported as blinding;
- * a spent budget only skips the middle of writes or drops whole writes). */
-#define LT_SSL_RING_CHUNKS (LT_SSL_RINGBUF_PAGES * 4096 / (2 * (LT_SSL_SNAP + 96)))
-#define LT_SSL_BURST (LT_SSL_EVENTS_PER_SEC < LT_SSL_RING_CHUNKS ? LT_SSL_EVENTS_PER_SEC : \
-		      LT_SSL_RING_CHUNKS > 0 ? LT_SSL_RING_CHUNKS : 1)
+/* Depth of a process's chunk bucket: one second of LT_SSL_EVENTS_PER_SEC.
+ * Not bounded by the ring buffer: a tiny write costs a whole token, and a
+ * request written a byte at a time must fit (a full ring is counted and
+ * reported per connection like any other loss). */
+#define LT_SSL_BURST LT_SSL_EVENTS_PER_SEC
 
 /* TLS record content types 20..24 (ChangeCipherSpec .. Heartbeat), version 3.x */
 #define TLS_TYPE_MIN 20

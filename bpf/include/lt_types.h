@@ -323,8 +323,7 @@ struct lt_event {
 #define LT_SSL_RINGBUF_PAGES_CEIL 65536
 #define LT_SSL_RINGBUF_PAGES_POW2 1
 /* Plaintext events (chunks) per second per process: a token bucket that
- * refills at this rate and holds at most one second of it (and at most half
- * the ring buffer: LT_SSL_BURST in ssl_uprobe.bpf.c). A CRM connector
+ * refills at this rate and holds at most one second of it. A CRM connector
  * makes at most a few hundred API calls a second; 2000 chunks of 4 KiB are
  * 8 MiB/s of plaintext. A write the bucket cannot cover in full spends what
  * is left on its first and last chunks; the rest is counted as lost. */
