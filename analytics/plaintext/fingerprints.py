@@ -389,29 +389,32 @@ class FingerprintMatcher:
     def _learn(self, loaded: _Loaded, tokens: list[bytes], hashes: list[int]) -> None:
         self.stats["fingerprint_tokens_hashed"] += len(tokens)
         index = loaded.index
-        digests = np.frombuffer(b"".join(map(self.hasher.digest, tokens)),
-                                dtype="<u8").reshape(-1, 2)
-        values = np.ascontiguousarray(digests[:, 0])
-        firsts = np.ascontiguousarray(digests[:, 1])
-        maybe = np.flatnonzero(index.may_hold(values) | index.may_hold(firsts))
-        in_values = np.zeros(len(tokens), dtype=bool)
-        in_firsts = np.zeros(len(tokens), dtype=bool)
-        at = np.zeros(len(tokens), dtype=np.intp)
-        if len(maybe):  # the filter's few "maybe"s are searched for real
-            in_values[maybe], _ = index._member(index.keys, values[maybe])
-            in_firsts[maybe], at[maybe] = index._member(index.first_keys, firsts[maybe])
-        hit = in_values | in_firsts
+        # value key and first-word key of token i at 2i and 2i+1: one filter pass for all
+        keys = np.frombuffer(b"".join(map(self.hasher.digest, tokens)), dtype="<u8")
+        found: dict[int, tuple[int | None, int]] = {}
+        for j in np.flatnonzero(index.may_hold(keys)).tolist():  # the filter's few "maybe"s
+            key = keys[j]
+            i, first = j >> 1, j & 1
+            table = index.first_keys if first else index.keys
+            at = int(np.searchsorted(table, key))
+            if at == len(table) or table[at] != key:
+                continue
+            value, mask = found.get(i, (None, 0))
+            if first:
+                mask = int(index.first_masks[at])
+            else:
+                value = int(key)
+            found[i] = (value, mask)
         if len(loaded.neg) + len(hashes) > CACHE_MAX:
             loaded.neg = set()
             self.stats["fingerprint_cache_resets"] += 1
-        loaded.neg.update(itertools.compress(hashes, (~hit).tolist()))
+        loaded.neg.update(hashes if not found else
+                          (h for i, h in enumerate(hashes) if i not in found))
         if len(loaded.pos) > POS_CACHE_MAX:
             loaded.pos, loaded.pos_keys = {}, set()
             self.stats["fingerprint_cache_resets"] += 1
-        for i in np.flatnonzero(hit).tolist():
-            value = int(digests[i, 0]) if in_values[i] else None
-            mask = int(index.first_masks[at[i]]) if in_firsts[i] else 0
-            loaded.pos[hashes[i]] = (value, mask)
+        for i, entry in found.items():
+            loaded.pos[hashes[i]] = entry
             loaded.pos_keys.add(hashes[i])
 
     def _grams(self, words: list[bytes], firsts: list[tuple[bytes, int]]) -> list[bytes]:
