@@ -308,14 +308,6 @@ class FingerprintIndex:
         return int(self.keys.nbytes + self.set_ids.nbytes + self.rows.nbytes + self.cols.nbytes
                    + self.first_keys.nbytes + self.first_masks.nbytes + self.filter.nbytes)
 
-    @staticmethod
-    def _member(table: U64, probe: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
-        if not len(table):
-            return np.zeros(len(probe), dtype=bool), np.zeros(len(probe), dtype=np.intp)
-        at = np.searchsorted(table, probe)
-        at_c = np.minimum(at, len(table) - 1)
-        return table[at_c] == probe, at_c
-
 
 def _lengths(mask: int) -> tuple[int, ...]:
     return tuple(n for n in range(2, NGRAM_MAX + 1) if mask >> n & 1)

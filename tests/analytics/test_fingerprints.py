@@ -258,3 +258,22 @@ def test_text_with_too_few_digits_has_no_phone_candidates() -> None:
 
     assert tokenise(b"room 12, floor 3, 55 people")[1] == []
     assert set(tokenise(b"id 1234567")[1]) == {b"+1234567"}
+
+
+def test_two_tenants_sets_loaded_together_are_told_apart(
+        records: list[dict[str, str]]) -> None:
+    hasher = ValueHasher(fingerprint_key(KeyedHasher(SECRET)))
+    sets = []
+    for tenant, rows in (("acme", records[:1000]), ("globex", records[1000:2000])):
+        builder = SetBuilder(hasher, COLUMNS)
+        for r in rows:
+            builder.add_row([r[c] for c in COLUMNS])
+        sets.append((SetInfo(tenant, "contacts", COLUMNS), builder.finish()))
+    insp = _inspector(FingerprintIndex(sets, generation=2))
+    both = as_json(records[10:13] + records[1010:1012])
+    found = _write(insp, "initech", None, both)
+    assert sorted((f.evidence["owner_tenant"], f.evidence["rows_matched"]) for f in found) == [
+        ("acme", 3), ("globex", 2)]
+    # globex's own rows going to globex's instance are home; acme's are not
+    found = _write(insp, "globex", "globex", both)
+    assert [f.evidence["owner_tenant"] for f in found] == ["acme"]
