@@ -17,7 +17,9 @@ A write is tokenised once per decoded view: its words (JSON values, form fields,
 CSV cells and free text all reduce to words), digit runs of phone numbers, and the
 n-grams that start at a word known to start a multi-word value. Tokens already
 seen are answered from a cache keyed by Python's per-process `hash()` of the
-token (the token itself is not kept); only new tokens are hashed with the key.
+token (the token itself is not kept); only new tokens are hashed with the key,
+and a bit filter over all keys (32 bits per key) answers "no" for most of them
+before any binary search in the sorted keys.
 A set matches when a write holds `min_matches` of its distinct values, or two
 columns of one of its rows. Values shared by more than COMMON_VALUE_ROWS rows are
 dropped at build time: they cannot tell one record from another.
