@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import ctypes
 import fnmatch
-import inspect
 import logging
 import os
 import queue
@@ -237,10 +236,6 @@ class PlaintextMonitor:
             Path(config.storage.path or DEFAULT_DB).parent / SECRET_FILE)
         self.hasher = KeyedHasher(load_or_create_secret(secret_path))
         self.inspector = build_inspector(config, self.hasher, attributor)
-        # the chunk offset and kernel-loss hooks of the inspector, where it has them
-        self._inspect_takes_offset = (
-            "offset" in inspect.signature(self.inspector.inspect).parameters)
-        self._inspector_lost: Callable[..., Any] | None = getattr(self.inspector, "lost", None)
         self.finder = SslLibraryFinder()
         self.coverage: OrderedDict[tuple[int, int], ConnectionCoverage] = OrderedDict()
         self.process_lost: OrderedDict[int, Counter[str]] = OrderedDict()
@@ -351,6 +346,8 @@ class PlaintextMonitor:
         """Kernel counters plus the controller's (plaintext_* names), for /metrics."""
         out = self.kernel_stats()
         out.update({f"plaintext_{k}": v for k, v in self.counters.items()})
+        # the stream inspector's give-ups and losses, by reason
+        out.update({f"plaintext_stream_{k}": v for k, v in self.inspector.stats.items()})
         out["plaintext_probed_processes"] = len(self.probed)
         return out
 
@@ -467,7 +464,9 @@ class PlaintextMonitor:
             except KeyError:
                 pass  # the exit tracepoint removed it
         self._detach_queue.put((pid, paths))
-        self.inspector.forget_where(lambda conn: isinstance(conn, tuple) and conn[0] == pid)
+        # a process's last, unfinished messages are inspected as it goes
+        self._handle_result(self.inspector.forget_where(
+            lambda conn: isinstance(conn, tuple) and conn[0] == pid))
         for b in [b for b in self._bindings if b[0] == pid]:
             self._bindings.pop(b, None)
         self.counters["detached"] += 1
@@ -630,10 +629,7 @@ class PlaintextMonitor:
         self.counters["chunks"] += 1
         self.counters["captured_bytes"] += len(ev.data)
         ctx = self.context(ev)
-        if self._inspect_takes_offset:
-            result = self.inspector.inspect(ctx, ev.data, ev.req_len, offset=ev.data_off)
-        else:
-            result = self.inspector.inspect(ctx, ev.data, ev.req_len)
+        result = self.inspector.inspect(ctx, ev.data, ev.req_len, offset=ev.data_off)
         self.counters["inspected_writes"] += 1
         cov = self._coverage(ctx)
         cov.captured += len(ev.data)
@@ -686,12 +682,7 @@ class PlaintextMonitor:
         """The CRM a connection talks to: its flow's, else the Host its requests named."""
         if ctx.crm_vendor:
             return ctx.crm_vendor, ctx.crm_instance
-        host_of = getattr(self.inspector, "connection_host", None)
-        if host_of is not None:
-            host = host_of(ctx.conn)
-        else:  # until the inspector has the accessor: the Host its stream recorded
-            table = getattr(getattr(self.inspector, "streams", None), "_streams", {})
-            host = getattr(table.get((ctx.conn, "egress")), "host", None)
+        host = self.inspector.connection_host(ctx.conn)
         crm = self.attributor.catalogue.lookup(host) if host else None
         return (crm.vendor, crm.instance) if crm is not None else None
 
@@ -728,8 +719,7 @@ class PlaintextMonitor:
             self.counters[f"uncaptured_bytes_{reason}"] += nbytes
             cov.lost[reason] += nbytes
             per_process[reason] += nbytes
-            if self._inspector_lost is not None:
-                self._handle_result(self._inspector_lost(ctx, nbytes, reason))
+            self._handle_result(self.inspector.lost(ctx, nbytes, reason))
         if cov.crm is None:
             self._learn_crm(ctx, cov)
         crm = cov.crm or self._process_crms.get(tgid)
