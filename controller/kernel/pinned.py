@@ -359,15 +359,17 @@ class PinnedObject:
         if rc < 0:
             raise ProbeLoadError(f"adding ring buffer fd {fd}: {os.strerror(_errno(rc))}")
 
-    def ring_buffer_poll(self, timeout: int = -1) -> None:
-        if self._ring is not None:
-            rc = libbpf().ring_buffer__poll(self._ring, timeout)
-            if rc < 0 and _errno(rc) != errno.EINTR:
-                raise OSError(_errno(rc), f"ring buffer poll: {os.strerror(_errno(rc))}")
+    def ring_buffer_poll(self, timeout: int = -1) -> int:
+        """Wait up to `timeout` ms and deliver what arrived; returns records or -errno
+        (as BCC, a failed poll is not raised: the drain thread polls again)."""
+        if self._ring is None:
+            return 0
+        return int(libbpf().ring_buffer__poll(self._ring, timeout))
 
-    def ring_buffer_consume(self) -> None:
-        if self._ring is not None:
-            libbpf().ring_buffer__consume(self._ring)
+    def ring_buffer_consume(self) -> int:
+        if self._ring is None:
+            return 0
+        return int(libbpf().ring_buffer__consume(self._ring))
 
     def cleanup(self) -> None:
         if self._ring is not None:
