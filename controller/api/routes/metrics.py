@@ -23,8 +23,6 @@ LOSS_RING = {
     "loss_hello_pending": "lt_hello",
     "loss_hello_walk": "lt_hello",
     "loss_hello_gap": "lt_hello",
-    "loss_hello_walk": "lt_hello",
-    "loss_hello_gap": "lt_hello",
 }
 
 
