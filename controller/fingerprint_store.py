@@ -22,10 +22,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import numpy as np
 
@@ -285,7 +285,9 @@ class FingerprintStore:
         tmp = self.dir / f".{file}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays.as_dict())
+            # numpy's stubs type **arrays against its own bool keyword (allow_pickle)
+            savez = cast(Callable[..., None], np.savez)
+            savez(f, **arrays.as_dict())
         os.replace(tmp, path)
         old = self.get(tenant, name)
         record = SetRecord(tenant, name, list(columns), min_matches, stats.rows, stats.values,
