@@ -44,38 +44,6 @@ _STDERR_TAIL = 4000
 # ---- child ------------------------------------------------------------------------
 
 
-def _tables(bpf: Any) -> list[str]:
-    """Names of every map of a BCC module, in declaration order."""
-    from bcc.libbcc import lib  # the child only
-
-    lib.bpf_num_tables.restype = ctypes.c_size_t
-    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
-    lib.bpf_table_name.restype = ctypes.c_char_p
-    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    count = lib.bpf_num_tables(bpf.module)
-    return [lib.bpf_table_name(bpf.module, i).decode() for i in range(count)]
-
-
-def _describe(bpf: Any, name: str) -> dict[str, Any]:
-    """A map as the parent needs it: type, sizes, BCC's type descriptions and layouts."""
-    from bcc.libbcc import lib
-
-    table = bpf[name.encode()]
-    key_desc = json.loads(lib.bpf_table_key_desc(bpf.module, name.encode()).decode())
-    leaf_desc = json.loads(lib.bpf_table_leaf_desc(bpf.module, name.encode()).decode())
-    one_leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU: one CPU's value
-    return {
-        "type": int(table.ttype),
-        "max_entries": int(table.max_entries),
-        "key_desc": key_desc,
-        "leaf_desc": leaf_desc,
-        "key_layout": pinned.layout(table.Key),
-        "leaf_layout": pinned.layout(one_leaf),
-        "key_size": ctypes.sizeof(table.Key),
-        "value_size": ctypes.sizeof(one_leaf),
-    }
-
-
 def compile_and_pin(mode: str, options: loader.KernelOptions, load_dir: Path) -> dict[str, Any]:
     """Compile and load in this process, pin what the counting maps' pins do not
     cover into load_dir, and return the manifest."""
@@ -88,16 +56,15 @@ def compile_and_pin(mode: str, options: loader.KernelOptions, load_dir: Path) ->
     probes = loader.compile_in_process(mode, options)
     try:
         load_dir.mkdir(parents=True)
-        maps: dict[str, Any] = {}
-        for name in _tables(probes.bpf):
-            entry = _describe(probes.bpf, name)
+        maps: dict[str, Any] = loader.describe_tables(probes.bpf)
+        for name, entry in maps.items():
+            fd = entry.pop("fd")
             kept = probes.pin_dir / name if probes.pin_dir is not None else None
-            if kept is not None and kept.exists():
+            if kept is not None and kept.exists():  # a counting map, pinned by BCC
                 entry["path"], entry["persistent"] = str(kept), True
             else:
                 entry["path"], entry["persistent"] = str(load_dir / name), False
-                pinned.obj_pin(int(probes.bpf[name.encode()].map_fd), entry["path"])
-            maps[name] = entry
+                pinned.obj_pin(fd, entry["path"])
         programs = {}
         for direction, fn in probes.functions.items():
             prog_name = fn.name.decode() if isinstance(fn.name, bytes) else str(fn.name)

@@ -1,6 +1,7 @@
 """Compile, load, pin and attach leaktap's BPF programs.
 
-The only module that imports bcc. BCC rewrites map calls (``lt_flows.lookup``)
+The only module that imports bcc (the agent runs it in a short-lived child,
+kernel/compile.py, and never maps LLVM itself). BCC rewrites map calls (``lt_flows.lookup``)
 only in the main translation unit, so the program files and the headers they
 include from bpf/include are expanded into one text here, with ``#line``
 markers so that compiler and verifier messages name the original file.
@@ -255,6 +256,40 @@ def compile_in_process(mode: str, options: KernelOptions) -> Probes:
             raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return probes
+
+
+def describe_tables(bpf: Any) -> dict[str, dict[str, Any]]:
+    """Every map of a loaded BCC module: type, size, BCC's key/value type descriptions
+    (its JSON, from which both BCC and kernel/pinned.py build the ctypes classes) and
+    the layouts BCC's classes have, for the compiler child's manifest."""
+    import ctypes
+    import json
+
+    from bcc.libbcc import lib
+
+    from leaktap.controller.kernel.pinned import layout
+
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    out = {}
+    for i in range(lib.bpf_num_tables(bpf.module)):
+        name = lib.bpf_table_name(bpf.module, i)
+        table = bpf[name]
+        one_leaf = getattr(table, "sLeaf", table.Leaf)  # per-CPU: one CPU's value
+        out[name.decode()] = {
+            "type": int(table.ttype),
+            "max_entries": int(table.max_entries),
+            "key_desc": json.loads(lib.bpf_table_key_desc(bpf.module, name).decode()),
+            "leaf_desc": json.loads(lib.bpf_table_leaf_desc(bpf.module, name).decode()),
+            "key_layout": layout(table.Key),
+            "leaf_layout": layout(one_leaf),
+            "key_size": ctypes.sizeof(table.Key),
+            "value_size": ctypes.sizeof(one_leaf),
+            "fd": int(table.map_fd),
+        }
+    return out
 
 
 def _release_compiler_heap() -> None:
