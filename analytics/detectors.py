@@ -31,6 +31,7 @@ from leaktap.analytics.baseline import (
     SeasonalFit,
     hour_of_week,
 )
+from leaktap.analytics.scales import SUSPECT_WEIGHT, BankHits, ScaleBank
 from leaktap.analytics.settings import DetectionSettings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
-SPIKE, BURST, DRIP, RATIO = "spike", "burst", "drip", "ratio"
+SPIKE, BURST, DRIP, RATIO, WINDOW = "spike", "burst", "drip", "ratio", "window"
 _SLOW_K = 0.25  # slow CUSUM, only used to date the start of a drip
 _LEVEL_LIMIT = 3.0  # the growth level never claims more than e^3 = 20x
 
@@ -59,6 +60,9 @@ class VolumeAlarms:
     seasonal: BoolArray
     weeks: IntArray
     level: FloatArray
+    window: IntArray  # minutes of the window the detector judged
+    window_observed: FloatArray  # bytes out over that window
+    window_expected: FloatArray  # expected bytes over that window
 
 
 def _slot_pair(ts: int) -> tuple[int, int, int, float]:
@@ -96,6 +100,28 @@ class _SlotCache:
         gap = fit.envelope[slot, :n] - fit.center[slot, :n]
         slack = np.clip(2 * slack - gap, np.minimum(slack, math.log(vol.burst_min_ratio)), slack)
         self.envelope = fit.envelope[slot, :n] + level - slack
+        # The window bank judges a batch slot's minutes against its usual maximum itself
+        # (no slack): a batch at its usual size adds nothing to any window.
+        # A batch slot (this hour or either neighbour, for timing jitter): its mean minute is
+        # far above its median one, more than log-normal noise alone puts it (a ramp-up hour
+        # has a high maximum too, but not that mean-to-median gap).
+        floor = float(vol.floor_bytes_per_minute)
+        skew = 0.7 + 0.5 * fit.sigma_series[:n] ** 2
+        batch_slot = np.zeros(n, dtype=bool)
+        for s in (slot_a, slot, slot_b):
+            gap_mean = np.log(fit.hour_mean_raw[s, :n] + floor) - fit.center[s, :n]
+            batch_slot |= (gap_mean > skew) & (fit.weeks[s, :n] > 0)
+        self.bank_floor = np.where(batch_slot, fit.envelope[slot, :n] + level, -np.inf)
+        # the window bank learns from a week of history on, but tests only once the slot's
+        # level noise is measured (two weeks: one week has no week-to-week spread)
+        min_weeks = vol.scale_min_weeks
+        self.mature = (
+            (weeks[slot, :n] >= min_weeks) & (weeks[slot_a, :n] >= min_weeks)
+            & (weeks[slot_b, :n] >= min_weeks)
+        )
+        mean_a = fit.hour_mean_raw[slot_a, :n]
+        self.mean_a = mean_a * np.exp(level)
+        self.mean_d = (fit.hour_mean_raw[slot_b, :n] - mean_a) * np.exp(level)
         self.hour_mean = np.where(self.seasonal, fit.hour_mean[slot, :n] * np.exp(level), 0.0)
         self.spread_level_sq = fit.sigma_level[slot, :n] ** 2
         ratio = scorer.settings.ratio
@@ -122,6 +148,7 @@ class VolumeScorer:
     seasonal_run: IntArray
     is_total: BoolArray
     alarm_hour: BoolArray
+    suspect_hour: BoolArray  # the window bank suspected the series this hour
     ring_out: FloatArray  # (ring_len, series): bytes out of the last minutes
     ring_exp: FloatArray  # (ring_len, series): expected bytes of the same minutes
     ring_in: FloatArray  # (ratio window, series)
@@ -147,6 +174,16 @@ class VolumeScorer:
         self._cap = 0
         self._declare(capacity)
         self.fit = SeasonalFit.empty(capacity)
+        self.bank = (
+            ScaleBank(
+                vol.scale_windows_minutes, vol.scale_alpha, capacity,
+                vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
+                vol.scale_suspect_fraction, vol.scale_freeze_minutes, vol.scale_level_noise_share,
+            ) if vol.scale_enabled else None
+        )
+        self._bank_min_ratio = np.array([
+            vol.scale_short_min_ratio if w <= 15 else vol.scale_min_ratio
+            for w in sorted(vol.scale_windows_minutes)])[:, None]
 
     # -- state ----------------------------------------------------------------
 
@@ -157,6 +194,7 @@ class VolumeScorer:
             "slow": ((), 0.0), "slow_start": ((), 0), "level": ((), 0.0),
             "cold_mean": ((), 0.0), "cold_init": ((), False), "first_minute": ((), 0),
             "seasonal_run": ((), 0), "is_total": ((), False), "alarm_hour": ((), False),
+            "suspect_hour": ((), False),
             "ring_out": ((length,), 0.0), "ring_exp": ((length,), 0.0),
             "ring_in": ((self.ratio_window,), 0.0), "sums_out": ((k,), 0.0),
             "sums_exp": ((k,), 0.0), "ratio_out": ((), 0.0), "ratio_in": ((), 0.0),
@@ -177,6 +215,8 @@ class VolumeScorer:
             self._arrays[name] = (grown, fill)
             setattr(self, name, grown)
         self.fit = self._widened(self.fit, self._cap, capacity)
+        if self.bank is not None:
+            self.bank.grow(capacity)
         self._cap = capacity
 
     @staticmethod
@@ -283,6 +323,7 @@ class VolumeScorer:
         seasonal_run *= seasonal
         drip: BoolArray | None = None
         drip_score = drip_first = drip_excess = None
+        drip_window = drip_observed = drip_expected = None
         for k, window in enumerate(self.windows):
             old = (self.minute_index - window) % self.ring_len
             sums_out, sums_exp = self.sums_out[k, :n], self.sums_exp[k, :n]
@@ -305,15 +346,22 @@ class VolumeScorer:
             if drip is None:
                 drip, drip_score = np.zeros(n, dtype=bool), np.zeros(n)
                 drip_first, drip_excess = np.full(n, ts, dtype=np.int64), np.zeros(n)
+                drip_window = np.ones(n, dtype=np.int64)
+                drip_observed, drip_expected = np.zeros(n), np.zeros(n)
             assert drip_score is not None and drip_first is not None and drip_excess is not None
+            assert drip_window is not None and drip_observed is not None
+            assert drip_expected is not None
             where = candidates[hit]
             newly = where[~drip[where]]
             start = np.where(slow[newly] > 0, self.slow_start[newly], ts)
             drip_first[newly] = np.maximum(ts - (window - 1) * 60, start)
             drip_excess[newly] = gap[newly]
+            drip_window[newly] = window
+            drip_observed[newly], drip_expected[newly] = sums_out[newly], sums_exp[newly]
             drip_score[where] = np.maximum(drip_score[where], dz[hit] / vol.drip_z)
             drip[where] = True
         ratio = self._score_ratio(x, y, cache, warm)
+        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
 
@@ -332,42 +380,91 @@ class VolumeScorer:
             alarm |= drip
         if ratio is not None:
             alarm |= ratio > 0
+        in_bank = np.zeros(n, dtype=bool)
+        if bank is not None:
+            in_bank[bank.index] = True
+            alarm |= in_bank
         if not alarm.any():
             return None
         self.alarm_hour[:n] |= alarm
         index = np.flatnonzero(alarm)
+        count = len(index)
         is_spike, is_burst = spike[index], burst[index]
-        is_drip = drip[index] if drip is not None else np.zeros(len(index), dtype=bool)
-        ratio_at = ratio[index] if ratio is not None else np.zeros(len(index))
-        detector = [
-            SPIKE if a else BURST if b else DRIP if c else RATIO
-            for a, b, c in zip(is_spike.tolist(), is_burst.tolist(), is_drip.tolist(), strict=True)
-        ]
+        is_drip = drip[index] if drip is not None else np.zeros(count, dtype=bool)
+        is_bank = in_bank[index]
+        ratio_at = ratio[index] if ratio is not None else np.zeros(count)
+        # the window bank's view of each alarmed series (zero where it did not fire)
+        bank_score, bank_window = np.zeros(count), np.ones(count, dtype=np.int64)
+        bank_observed, bank_expected = x[index].copy(), expected[index].copy()
+        if bank is not None:
+            at = np.searchsorted(index, bank.index)
+            bank_score[at], bank_window[at] = bank.score, bank.window
+            bank_observed[at], bank_expected[at] = bank.observed, bank.expected
+        spike_score = np.where(is_spike, step[index] / vol.spike_z, 0.0)
+        burst_score = np.where(is_burst, cusum[index] / vol.burst_h, 0.0)
+        d_score = drip_score[index] if drip_score is not None else np.zeros(count)
+        # each series is told by the detector with the strongest evidence
+        scores = np.stack([spike_score, burst_score, d_score, bank_score, ratio_at])
+        best = scores.argmax(axis=0)
+        names = (SPIKE, BURST, DRIP, WINDOW, RATIO)
+        detector = [names[b] for b in best.tolist()]
         run_start = self.run_start[index]
+        window_start = ts - (bank_window - 1) * 60
         first_ts = np.where(
             is_spike | is_burst, run_start,
             np.where(is_drip, drip_first[index] if drip_first is not None else ts,
-                     ts - (self.ratio_window - 1) * 60),
+                     np.where(is_bank, window_start, ts - (self.ratio_window - 1) * 60)),
         )
-        score = np.maximum.reduce([
-            np.where(is_spike, step[index] / vol.spike_z, 0.0),
-            np.where(is_burst, cusum[index] / vol.burst_h, 0.0),
-            drip_score[index] if drip_score is not None else np.zeros(len(index)),
-            ratio_at,
-        ])
+        score = scores.max(axis=0)
         run = run_excess[index]
         excess_bytes = (
             np.where(is_drip & ~(is_spike | is_burst), drip_excess[index], run)
             if drip_excess is not None else run
         )
+        excess_bytes = np.where(best == 3, bank_observed - bank_expected, excess_bytes)
+        window = np.where(best == 3, bank_window, np.where(best == 4, self.ratio_window, 1))
+        window_observed = np.where(best == 3, bank_observed, x[index])
+        window_expected = np.where(best == 3, bank_expected, expected[index])
+        if drip_window is not None:
+            is_d = best == 2
+            window = np.where(is_d, drip_window[index], window)
+            window_observed = np.where(is_d, drip_observed[index], window_observed)
+            window_expected = np.where(is_d, drip_expected[index], window_expected)
         slot = hour_of_week(ts // 3600)
         return VolumeAlarms(
             index=index, detector=detector, first_ts=first_ts.astype(np.int64), score=score,
-            active=(z[index] >= 1.0) | (ratio_at > 0), observed=x[index],
+            active=(z[index] >= 1.0) | (ratio_at > 0) | is_bank, observed=x[index],
             expected=expected[index], excess=excess_bytes, z=z[index],
             seasonal=seasonal[index], weeks=self.fit.weeks[slot, index].astype(np.int64),
-            level=self.level[index],
+            level=self.level[index], window=window.astype(np.int64),
+            window_observed=window_observed, window_expected=window_expected,
         )
+
+    def _score_bank(
+        self, x: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
+        w: float, cache: _SlotCache, scorable: BoolArray, warm: BoolArray,
+    ) -> BankHits | None:
+        """One minute of the window bank, on seasonal series only (cold ones have no fit)."""
+        if self.bank is None:
+            return None
+        vol, n = self.settings.volume, self.n
+        # the interpolated centre itself, not floored at the slot's median as the burst
+        # detectors have it: that floor biases every ramp-up minute low, and a window's mean
+        # must be unbiased at every hour for its own noise scale to mean anything
+        center = np.maximum(cache.center_a + w * cache.center_d, cache.bank_floor)
+        residual = (log_x - center) * inv_sigma
+        u = np.clip(residual, vol.scale_clip_low, vol.scale_clip_high)
+        watched = scorable & cache.seasonal if not cache.all_seasonal else scorable
+        # idle minutes are left out: how often a series idles depends on the hour, and
+        # counting them would move a window's mean with the share of idle minutes in it
+        watched = watched & (x > 0)
+        mean = np.maximum(cache.mean_a + w * cache.mean_d, 0.0)
+        hits = self.bank.step(self.minute_index, u, x, mean, cache.hour_mean, watched,
+                              warm & cache.mature,
+                              float(vol.min_excess_bytes), self._bank_min_ratio,
+                              np.sqrt(cache.spread_level_sq) * inv_sigma)
+        self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
+        return hits
 
     def forget_recent(self, series: IntArray) -> None:
         """After an episode: its minutes still fill the windows, so re-arm the windows only
@@ -375,6 +472,8 @@ class VolumeScorer:
         self.seasonal_run[series] = 0
         self.cusum[series] = 0.0
         self.slow[series] = 0.0
+        if self.bank is not None:
+            self.bank.reset(series)
 
     def _score_ratio(
         self, x: FloatArray, y: FloatArray, cache: _SlotCache, warm: BoolArray
@@ -418,9 +517,12 @@ class VolumeScorer:
         clip = self.settings.volume.level_clip
         step = self._alpha_level * np.clip(observed - level, -clip, clip)
         learn = (self.fit.weeks[slot, :n] > 0) & ~self.alarm_hour[:n] & np.isfinite(observed)
+        # down-weighted while under suspicion: a drip must not become the new level
+        step = np.where(self.suspect_hour[:n], SUSPECT_WEIGHT * step, step)
         level = level + np.where(learn, step, 0.0) + self.fit.slope[:n]
         self.level[:n] = np.clip(level, -_LEVEL_LIMIT, _LEVEL_LIMIT)
         self.alarm_hour[:n] = False
+        self.suspect_hour[:n] = False
         self._cache = None
         newest = self.minute_index - 1
         for k, window in enumerate(self.windows):

@@ -39,6 +39,35 @@ class VolumeSettings(_Frozen):
     drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = [60, 240]
     drip_z: Annotated[float, Field(gt=0, le=100)] = 4.0
     drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.7
+    # Window bank (issue 18, analytics/scales.py): mean standardised log residual over each
+    # window against the series' own running level and noise scale at that length. Windows
+    # above 15 minutes are multiples of 15. scale_alpha: false alarms per series-week the
+    # whole bank may raise (split over the windows and the windows a week); the main knob.
+    scale_enabled: bool = True
+    # Weeks of history a slot needs before the bank tests on it (it learns from one week
+    # on; with one week there is no week-to-week level noise to measure).
+    scale_min_weeks: Annotated[int, Field(ge=1, le=12)] = 2
+    scale_windows_minutes: list[Annotated[int, Field(ge=1, le=1440)]] = [
+        5, 15, 60, 180, 360, 720, 1440]
+    scale_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.0001
+    # Half-life of the running level (today's level, growth the fit missed) and of the
+    # learned noise scale of each window.
+    scale_level_halflife_minutes: Annotated[float, Field(gt=0, le=10_080)] = 240.0
+    scale_noise_halflife_minutes: Annotated[float, Field(gt=0, le=100_800)] = 10_080.0
+    # A series is under suspicion (level and scales frozen) once a window reaches this
+    # fraction of its threshold, for at most scale_freeze_minutes.
+    scale_suspect_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
+    scale_freeze_minutes: Annotated[int, Field(ge=0, le=10_080)] = 1440
+    # A minute's standardised residual is clipped to this range before entering windows.
+    scale_clip_low: Annotated[float, Field(ge=-20, le=0)] = -3.0
+    scale_clip_high: Annotated[float, Field(gt=0, le=50)] = 4.0
+    # Windows of an hour or more never use a noise scale below this share of the fit's
+    # hour-to-hour level noise (day-to-day swings that a few weeks of learning may miss).
+    scale_level_noise_share: Annotated[float, Field(ge=0, le=5)] = 1.0
+    # A window pages only if its bytes out are at least this multiple of the expected.
+    scale_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.15
+    # ... and windows of 15 minutes or less this multiple (bursts; minute noise is large).
+    scale_short_min_ratio: Annotated[float, Field(ge=1, le=100)] = 2.5
     # Noise scales never go below these (log units).
     sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.12
     level_sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.08
@@ -90,6 +119,11 @@ class DetectionSettings(_Frozen):
     def _windows(self) -> DetectionSettings:
         if len(set(self.volume.drip_windows_minutes)) != len(self.volume.drip_windows_minutes):
             raise ValueError("volume.drip_windows_minutes has duplicates")
+        scales = self.volume.scale_windows_minutes
+        if len(set(scales)) != len(scales):
+            raise ValueError("volume.scale_windows_minutes has duplicates")
+        if any(w > 15 and w % 15 for w in scales):
+            raise ValueError("volume.scale_windows_minutes above 15 must be multiples of 15")
         return self
 
     @property

@@ -305,10 +305,20 @@ class StreamingDetector:
             excess = float(alarms.excess[j])
             severity = "high" if factor >= 10 or excess >= 2**30 else "medium"
             where = self._label(index)
+            window = int(alarms.window[j])
+            window_observed = float(alarms.window_observed[j])
+            window_expected = float(alarms.window_expected[j])
+            span = "this minute" if window == 1 else f"over the last {window} minutes"
+            if window > 1:  # the window's volumes tell why it fired, not its last minute
+                factor = (window_observed + window * floor) / (window_expected + window * floor)
+                observed_text, expected_text = window_observed, window_expected
+            else:
+                observed_text, expected_text = observed, expected
             summary = (
                 f"{tenant} -> {where if vendor else 'all CRM destinations'}: "
-                f"{_human_bytes(observed)} out this minute, {factor:.1f}x the expected "
-                f"{_human_bytes(expected)} ({detector}; {_human_bytes(excess)} above baseline)"
+                f"{_human_bytes(observed_text)} out {span}, {factor:.2f}x the expected "
+                f"{_human_bytes(expected_text)} ({detector}, score {score:.2f}; "
+                f"{_human_bytes(excess)} above baseline)"
             )
             incident = Incident(
                 kind=kind, tenant=tenant, crm_vendor=vendor, crm_instance=instance,
@@ -325,6 +335,10 @@ class StreamingDetector:
                     "expected_bytes": int(expected),
                     "excess_bytes": int(excess),
                     "z": round(float(alarms.z[j]), 2),
+                    "score": score,
+                    "window_minutes": window,
+                    "window_observed_bytes": int(window_observed),
+                    "window_expected_bytes": int(window_expected),
                     "peak_observed_bytes": int(observed),
                     "minutes_in_alarm": 1,
                     "series_alarmed": [where],

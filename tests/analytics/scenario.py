@@ -10,6 +10,19 @@ sync at the same hour each week. Exfiltration is injected in the final week only
 - off_hours: a weekend night transfer at the tenant's weekday-noon level;
 - new_destination: traffic to a CRM instance the tenant never used.
 
+The "subtle" profile (issue 18: an attacker who throttles) injects instead:
+
+- slow_drip: 6-12 hours at 1.3-1.8x;
+- short_burst: 4-15 minutes at 3-6x;
+- batch_more: this week's weekly batch carries 60 % more;
+- batch_longer: this week's weekly batch runs 45 minutes longer;
+
+with noisy tenants up to log-noise 0.9 and growth up to 4 %/day.
+
+Seeds: TUNING_SEEDS were used while tuning the detectors; HELD_OUT_SEEDS never were
+(they are only evaluated, by tests/analytics/test_evaluation.py and
+perf/bench_subtle.py), so the figures on them are not tuned to.
+
 Used by tests/analytics/test_evaluation.py (small, fixed seeds) and
 perf/bench_analyze.py (the full evaluation on unseen seeds and the speed run).
 """
@@ -29,6 +42,13 @@ WEEK_MINUTES = 7 * 24 * 60
 MONDAY = 1_704_067_200  # 2024-01-01 00:00 UTC, a Monday
 VENDORS = ("salesforce", "hubspot", "dynamics", "zendesk", "zoho", "pipedrive")
 KINDS = ("burst", "drip", "off_hours", "new_destination")
+SUBTLE_KINDS = ("batch_more", "batch_longer", "slow_drip", "short_burst")  # batches first
+ALL_KINDS = KINDS + SUBTLE_KINDS
+# Disjoint seed sets for the subtle profile (see the module docstring).
+TUNING_SEEDS = (201, 202, 203, 204)
+HELD_OUT_SEEDS = (301, 302, 303, 304, 305, 306)
+BATCH_MORE_FACTOR = 1.6
+BATCH_LONGER_MINUTES = 45
 
 
 @dataclass
@@ -107,7 +127,9 @@ def _business_curve(local_hour: np.ndarray) -> np.ndarray:
     return np.minimum(up, down) ** 1.5
 
 
-def _tenant_models(rng: np.random.Generator, n_tenants: int) -> list[TenantModel]:
+def _tenant_models(
+    rng: np.random.Generator, n_tenants: int, noisy_max: float = 0.7, batch_share: float = 0.5
+) -> list[TenantModel]:
     tenants = []
     for t in range(n_tenants):
         n_dest = int(rng.choice([1, 2, 2, 3]))
@@ -119,7 +141,7 @@ def _tenant_models(rng: np.random.Generator, n_tenants: int) -> list[TenantModel
         ]
         noisy = rng.random() < 0.2
         batch = None
-        if rng.random() < 0.5:
+        if rng.random() < batch_share:
             day = int(rng.integers(0, 7))
             hour = int(rng.choice([1, 2, 3, 22, 23, 12]))
             batch = (0, (day * 24 + hour) * 60 + int(rng.integers(5, 16)),
@@ -131,7 +153,8 @@ def _tenant_models(rng: np.random.Generator, n_tenants: int) -> list[TenantModel
                 noon_rate=float(np.exp(rng.uniform(np.log(2e6), np.log(5e7)))),
                 night_fraction=float(rng.uniform(0.04, 0.12)),
                 weekend_fraction=float(rng.uniform(0.15, 0.6)),
-                sigma_minute=float(rng.uniform(0.45, 0.7) if noisy else rng.uniform(0.1, 0.35)),
+                sigma_minute=float(
+                    rng.uniform(0.45, noisy_max) if noisy else rng.uniform(0.1, 0.35)),
                 sigma_day=float(rng.uniform(0.04, 0.12)),
                 growth_per_day=float(rng.uniform(0.01, 0.04) if rng.random() < 0.4 else 0.0),
                 in_ratio=float(np.exp(rng.uniform(np.log(0.5), np.log(4)))),
@@ -154,18 +177,40 @@ def _expected_rate(tenant: TenantModel, minute: np.ndarray, day_factor: np.ndarr
 
 
 def _pick_events(
-    rng: np.random.Generator, tenants: list[TenantModel], weeks: int, events_per_kind: int
+    rng: np.random.Generator, tenants: list[TenantModel], weeks: int, events_per_kind: int,
+    kinds: Sequence[str] = KINDS,
 ) -> list[tuple[str, int, int, int, float, int]]:
     """(kind, tenant, start minute, duration, factor, destination), one per tenant per 12 h."""
     first = (weeks - 1) * WEEK_MINUTES
     taken: dict[int, list[tuple[int, int]]] = {}
     picked = []
-    for kind in KINDS:
+    batched = [t for t, tenant in enumerate(tenants) if tenant.batch is not None]
+    for kind in kinds:
         count = 0
         while count < events_per_kind:
             t = int(rng.integers(len(tenants)))
             tenant = tenants[t]
-            if kind == "burst":
+            if kind in ("batch_more", "batch_longer"):
+                used = {p[1] for p in picked}
+                free = [b for b in batched if b not in used]
+                if not free:
+                    break  # one batch event per batched tenant at most
+                t = free[int(rng.integers(len(free)))]
+                tenant = tenants[t]
+                assert tenant.batch is not None
+                start, duration = first + tenant.batch[1], tenant.batch[2]
+                factor = BATCH_MORE_FACTOR if kind == "batch_more" else 1.0
+                taken.setdefault(t, []).append((start, start + duration))
+                picked.append((kind, t, start, duration, factor, tenant.batch[0]))
+                count += 1
+                continue
+            if kind == "short_burst":
+                duration, factor = int(rng.integers(4, 16)), float(rng.uniform(3, 6))
+                start = first + int(rng.integers(0, WEEK_MINUTES - duration))
+            elif kind == "slow_drip":
+                duration, factor = int(rng.integers(360, 721)), float(rng.uniform(1.3, 1.8))
+                start = first + int(rng.integers(0, WEEK_MINUTES - duration))
+            elif kind == "burst":
                 duration, factor = int(rng.integers(5, 26)), float(rng.uniform(5, 20))
                 start = first + int(rng.integers(0, WEEK_MINUTES - duration))
             elif kind == "drip":
@@ -196,14 +241,19 @@ def _pick_events(
 
 def generate(
     seed: int, n_tenants: int = 40, weeks: int = 4, events_per_kind: int = 10,
-    allow_fraction: float = 0.0,
+    allow_fraction: float = 0.0, subtle: bool = False,
 ) -> Scenario:
-    """Build the scenario; `allow_fraction` of tenants get an allow list of their own CRMs."""
+    """Build the scenario; `allow_fraction` of tenants get an allow list of their own CRMs.
+    `subtle`: the throttled kinds (SUBTLE_KINDS) on noisier tenants, more of them batching."""
     rng = np.random.default_rng(seed)
     minutes = weeks * WEEK_MINUTES
-    tenants = _tenant_models(rng, n_tenants)
+    if subtle:
+        tenants = _tenant_models(rng, n_tenants, noisy_max=0.9, batch_share=0.6)
+    else:
+        tenants = _tenant_models(rng, n_tenants)
     minute = np.arange(minutes)
-    picked = _pick_events(rng, tenants, weeks, events_per_kind)
+    picked = _pick_events(rng, tenants, weeks, events_per_kind,
+                          SUBTLE_KINDS if subtle else KINDS)
 
     series_name: list[tuple[str, str, str]] = []
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
@@ -227,13 +277,27 @@ def generate(
             if tenant.batch is not None and tenant.batch[0] == d:
                 for week in range(weeks):
                     start = week * WEEK_MINUTES + tenant.batch[1] + int(rng.integers(-5, 6))
-                    span = slice(start, start + tenant.batch[2])
-                    push = tenant.batch[3] * weekday_noon[span] * np.exp(
-                        rng.normal(0, 0.2, tenant.batch[2]))
+                    length, factor = tenant.batch[2], 1.0
+                    odd = [p for p in mine if p[0] in ("batch_more", "batch_longer")
+                           and p[2] // WEEK_MINUTES == week]
+                    if odd and odd[0][0] == "batch_longer":
+                        length += BATCH_LONGER_MINUTES
+                    elif odd:
+                        factor = odd[0][4]
+                    span = slice(start, start + length)
+                    push = factor * tenant.batch[3] * weekday_noon[span] * np.exp(
+                        rng.normal(0, 0.2, length))
                     out[span] += push
                     inb[span] += 0.3 * push
+                    if odd:
+                        # the event is what the batch carries beyond its usual
+                        extra = start + tenant.batch[2] if odd[0][0] == "batch_longer" else start
+                        events.append(Event(
+                            odd[0][0], tenant.name, dest.vendor, dest.instance,
+                            MONDAY + extra * 60, MONDAY + (start + length - 1) * 60, factor,
+                        ))
             for kind, _, start, duration, factor, target in mine:
-                if kind == "new_destination" or d != target:
+                if kind in ("new_destination", "batch_more", "batch_longer") or d != target:
                     continue
                 span = slice(start, start + duration)
                 if kind == "off_hours":
@@ -321,9 +385,10 @@ def evaluate(
     scenario: Scenario, incidents: Sequence[Incident], warmup_days: float = 7.0
 ) -> Evaluation:
     """Recall per kind, false incidents per tenant-week after warm-up, minutes to alert."""
-    caught = dict.fromkeys(KINDS, 0)
-    injected = dict.fromkeys(KINDS, 0)
-    to_alert: dict[str, list[float]] = {k: [] for k in KINDS}
+    kinds = KINDS if all(e.kind in KINDS for e in scenario.events) else ALL_KINDS
+    caught = dict.fromkeys(kinds, 0)
+    injected = dict.fromkeys(kinds, 0)
+    to_alert: dict[str, list[float]] = {k: [] for k in kinds}
     missed = []
     used: set[int] = set()
     for event in scenario.events:
@@ -345,8 +410,9 @@ def evaluate(
     weeks_scored = scenario.weeks - warmup_days / 7.0
     tenant_weeks = len(scenario.tenants) * weeks_scored
     return Evaluation(
-        recall={k: caught[k] / injected[k] if injected[k] else float("nan") for k in KINDS},
+        recall={k: caught[k] / injected[k] if injected[k] else float("nan") for k in kinds},
         caught=caught, injected=injected, missed=missed, false_incidents=false,
         false_per_tenant_week=len(false) / tenant_weeks, tenant_weeks=tenant_weeks,
-        burst_minutes_to_alert=to_alert["burst"], minutes_to_alert=to_alert,
+        burst_minutes_to_alert=to_alert.get("burst", []) + to_alert.get("short_burst", []),
+        minutes_to_alert=to_alert,
     )

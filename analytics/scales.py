@@ -1,0 +1,211 @@
+"""Window tests at several time scales at once (issue 18): bursts of minutes to drips of a day.
+
+Each minute every series contributes a standardised log residual u (observed against
+its seasonal expectation, divided by the slot's robust noise scale, clipped so that one
+idle or one huge minute cannot decide a window). For every window length w of the bank
+the test statistic is
+
+    D_w = mean of u over the last w minutes - m(start of the window)
+
+where m is a slow running level of u (a few hours' half-life): it absorbs what the
+seasonal fit misses (today's level, growth since the fit) but is read where the window
+starts, so a drip never hides itself, and it learns at SUSPECT_WEIGHT of its rate while
+the series is under suspicion (some window past a fraction of its threshold). D_w is
+divided by the series' own running scale of D_w (mean absolute value, learned online),
+which folds in the autocorrelation and the level noise at that length, never below a
+share of the fit's hour-to-hour level noise for windows of an hour or more. Thresholds
+are split Bonferroni-style over the scales and over the ~10080/w independent windows of
+a week, so that the bank as a whole is aimed at `alpha` false alarms per series-week
+(the noise has heavier tails than a Gaussian: the default alpha is set low for that).
+Cost per minute: a few numpy calls on (scales x series) arrays. Windows up to BLOCK
+minutes run on a minute ring; longer ones (multiples of BLOCK) on a ring of BLOCK-minute
+sums plus the open block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+BoolArray = npt.NDArray[np.bool_]
+
+BLOCK = 15  # minutes per block of the long-window ring
+WEEK_MINUTES = 7 * 24 * 60
+_MEAN_ABS_TO_SIGMA = math.sqrt(math.pi / 2)
+U, OUT, EXP, COUNT, EXP_WIDE = range(5)  # rows of the summed quantities
+ROWS = 5
+MIN_LEARNED_MINUTES = 1440
+SUSPECT_WEIGHT = 0.25  # learning rate of the levels while a series is under suspicion
+
+
+def thresholds(windows: list[int], alpha: float) -> FloatArray:
+    """Per window: the z that a Gaussian statistic exceeds alpha / (scales x windows a week)
+    of the time, so the bank as a whole keeps about `alpha` false alarms per series-week."""
+    normal = NormalDist()
+    k = len(windows)
+    return np.array([normal.inv_cdf(1.0 - alpha / (k * WEEK_MINUTES / w)) for w in windows])
+
+
+@dataclass
+class BankHits:
+    """Series that crossed a threshold this minute, with the strongest window of each."""
+
+    index: npt.NDArray[np.int64]
+    window: npt.NDArray[np.int64]  # minutes the window held
+    score: FloatArray  # z / threshold of that window (>= 1)
+    z: FloatArray
+    observed: FloatArray  # bytes out over the window
+    expected: FloatArray  # expected bytes over the window
+
+
+class ScaleBank:
+    """Streaming state of the window bank for every series (series on the last axis)."""
+
+    def __init__(
+        self, windows: list[int], alpha: float, capacity: int, ref_halflife: float,
+        scale_halflife: float, suspect_fraction: float, freeze_limit: int, level_share: float,
+    ) -> None:
+        self.windows = sorted(windows)
+        self.short = [w for w in self.windows if w <= BLOCK]
+        self.long = [w for w in self.windows if w > BLOCK]
+        if any(w % BLOCK for w in self.long):
+            raise ValueError(f"windows longer than {BLOCK} minutes must be multiples of it")
+        self.h = thresholds(self.windows, alpha)
+        self.suspect_h = suspect_fraction * self.h
+        self.n_blocks = (max(self.long) // BLOCK if self.long else 0) + 1
+        self.freeze_limit = freeze_limit
+        self._alpha_ref = 1.0 - 0.5 ** (1.0 / ref_halflife)
+        self._alpha_scale = 1.0 - 0.5 ** (1.0 / scale_halflife)
+        # where each window starts, in blocks back from the open one (short: see _ref_rows)
+        self._long_back = np.array([w // BLOCK for w in self.long], dtype=np.int64)
+        self._short_len = np.array(self.short, dtype=np.int64)
+        k = len(self.windows)
+        # the floor of each scale: what iid minutes alone would give
+        self._level_share = np.where(np.array(self.windows) >= 60, level_share, 0.0)[:, None]
+        self._min_learned = (MIN_LEARNED_MINUTES + 2 * np.array(self.windows))[:, None]
+        self._scale_floor = 0.5 / np.sqrt(np.array(self.windows, dtype=np.float64))[:, None]
+        self._cap = 0
+        self.ring = np.zeros((ROWS, BLOCK, 0))
+        self.blocks = np.zeros((ROWS, self.n_blocks, 0))
+        self.snap = np.zeros((self.n_blocks, 0))
+        self.short_sums = np.zeros((ROWS, len(self.short), 0))
+        self.long_sums = np.zeros((ROWS, len(self.long), 0))
+        self.open_block = np.zeros((ROWS, 0))
+        self._is_short = (np.array(self.windows) <= BLOCK)[:, None]
+        self.ref = np.zeros(0)
+        self.scale = np.zeros((k, 0))
+        self.learned = np.zeros((k, 0))
+        self.suspect_run = np.zeros(0, dtype=np.int64)
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        extra = capacity - self._cap
+
+        def wider(array: np.ndarray, fill: float = 0.0) -> np.ndarray:
+            pad = np.full((*array.shape[:-1], extra), fill, dtype=array.dtype)
+            return np.concatenate([array, pad], axis=-1)
+
+        self.ring, self.blocks, self.snap = wider(self.ring), wider(self.blocks), wider(self.snap)
+        self.short_sums, self.long_sums = wider(self.short_sums), wider(self.long_sums)
+        self.open_block, self.ref = wider(self.open_block), wider(self.ref)
+        self.scale = wider(self.scale, 1.0)
+        self.learned, self.suspect_run = wider(self.learned), wider(self.suspect_run)
+        self._cap = capacity
+
+    def reset(self, series: npt.NDArray[np.int64]) -> None:
+        """After an episode: no window may page again on the episode's own minutes."""
+        self.ring[..., series] = 0.0
+        self.blocks[..., series] = 0.0
+        self.short_sums[..., series] = 0.0
+        self.long_sums[..., series] = 0.0
+        self.open_block[..., series] = 0.0
+        self.snap[:, series] = self.ref[series]
+        self.suspect_run[series] = 0
+
+    def step(
+        self, minute_index: int, u: FloatArray, x: FloatArray, expected: FloatArray,
+        expected_wide: FloatArray, scorable: BoolArray, warm: BoolArray, min_excess: float,
+        min_ratio: FloatArray, level_noise: FloatArray,
+    ) -> BankHits | None:
+        """`expected`: bytes of the minute by the seasonal fit; `expected_wide`: the same
+        widened to the neighbouring hours (a batch's timing jitter), which the short windows'
+        bytes must beat. `min_ratio`: per window, the least bytes out / expected to page.
+        `level_noise`: per series, the fit's hour-to-hour level noise in units of u; the
+        windows of an hour and longer never trust a learned scale below that share of it."""
+        """Add minute `minute_index` of series 0..n-1 and test every window ending at it."""
+        n = u.shape[0]
+        count = scorable.astype(np.float64)
+        value = np.stack([
+            u * count, x * count, expected * count, count, expected_wide * count])
+        pos = minute_index % BLOCK
+        block = minute_index // BLOCK
+        ring, short_sums = self.ring[:, :, :n], self.short_sums[:, :, :n]
+        for k, w in enumerate(self.short):
+            short_sums[:, k] += value - ring[:, (minute_index - w) % BLOCK]
+        ring[:, pos] = value
+        open_block = self.open_block[:, :n]
+        open_block += value
+        sums = np.concatenate([short_sums, self.long_sums[:, :, :n] + open_block[:, None]], axis=1)
+        minutes = np.concatenate([self._short_len, self._long_back * BLOCK + pos + 1])
+        # the running level where each window starts (short windows: their block's start)
+        start_block = np.concatenate([
+            (minute_index - self._short_len + 1) // BLOCK, block - self._long_back,
+        ]) % self.n_blocks
+        reference = self.snap[start_block, :n]
+        seen = sums[COUNT]
+        full = seen >= 0.75 * minutes[:, None]
+        deviation = sums[U] / np.maximum(seen, 1.0) - reference
+        scale = self.scale[:, :n]
+        z = deviation / np.maximum(scale, self._level_share * level_noise)
+        learned = self.learned[:, :n]
+        # a window is tested only once its scale has been learned on a day and two windows
+        crossed = full & (learned >= self._min_learned) & (z >= self.suspect_h[:, None])
+        suspect = crossed.any(axis=0)
+        suspect_run = self.suspect_run[:n]
+        suspect_run += 1
+        suspect_run *= suspect
+        frozen = suspect & (suspect_run <= self.freeze_limit)
+
+        # learn the scale of each window from every full window, suspicious ones included:
+        # leaving out the high ones would truncate the tail and shrink the scale (each large
+        # deviation is capped at three scales, so one attack barely moves it)
+        calm = full
+        rate = np.maximum(1.0 / (learned + 1.0), self._alpha_scale) * calm
+        target = np.minimum(np.abs(deviation) * _MEAN_ABS_TO_SIGMA, 3.0 * scale)
+        scale += rate * (target - scale)
+        np.maximum(scale, self._scale_floor, out=scale)
+        learned += calm
+        # the level is down-weighted, not frozen, under suspicion: a real change of level
+        # (a refit, growth the fit did not know) is still followed, only more slowly
+        weight = np.where(frozen, SUSPECT_WEIGHT, 1.0) * scorable
+        ref = self.ref[:n]
+        ref += self._alpha_ref * (u - ref) * weight
+
+        if pos == BLOCK - 1:  # the block closes: it enters the long windows
+            slot = block % self.n_blocks
+            blocks = self.blocks[:, :, :n]
+            for k, back in enumerate(self._long_back.tolist()):
+                self.long_sums[:, k, :n] += open_block - blocks[:, (block - back) % self.n_blocks]
+            blocks[:, slot] = open_block
+            self.snap[(block + 1) % self.n_blocks, :n] = ref
+            open_block[:] = 0.0
+
+        hit = (
+            crossed & (z >= self.h[:, None]) & warm & (sums[OUT] - sums[EXP] >= min_excess)
+            & (sums[OUT] >= min_ratio * np.where(self._is_short, sums[EXP_WIDE], sums[EXP]))
+        )
+        if not hit.any():
+            return None
+        index = np.flatnonzero(hit.any(axis=0))
+        ratio = np.where(hit[:, index], z[:, index] / self.h[:, None], 0.0)
+        best = ratio.argmax(axis=0)
+        return BankHits(
+            index=index.astype(np.int64), window=minutes[best].astype(np.int64),
+            score=ratio[best, np.arange(len(index))], z=z[best, index],
+            observed=sums[OUT][best, index], expected=sums[EXP][best, index],
+        )

@@ -1,0 +1,152 @@
+"""The patient exfiltrator (issue 18): detection of throttled exfiltration on unseen seeds.
+
+Scenario: tests/analytics/scenario.py, subtle profile (drips 1.3-1.8x for 6-12 h,
+bursts 3-6x for 4-15 min, a weekly batch carrying 60 % more or running 45 minutes
+longer; tenants with log-noise up to 0.9 and growth up to 4 %/day), 3 weeks of minute
+buckets, events in the last week. Seeds: scenario.HELD_OUT_SEEDS by default, never used
+while tuning (scenario.TUNING_SEEDS were).
+
+Prints recall per kind and per magnitude bucket, false incidents per tenant-week, burst
+minutes to alert, and a recall-versus-false-alarm table over the bank's main threshold
+(`detection.volume.scale_alpha`) so an operator can choose.
+
+Usage: python perf/bench_subtle.py [--seeds 301,302] [--tenants 40] [--events 6]
+       [--alphas 0.001,0.01,0.1] [--tuning]
+The machine is shared (2 cores): one seed of 40 tenants takes a minute or two per alpha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from leaktap.analytics.incidents import Incident  # noqa: E402
+from leaktap.analytics.settings import DetectionSettings, VolumeSettings  # noqa: E402
+from leaktap.analytics.stream import StreamingDetector  # noqa: E402
+from tests.analytics import scenario  # noqa: E402
+
+MAGNITUDE_BUCKETS = {
+    "slow_drip": (1.3, 1.45, 1.6, 1.8),
+    "short_burst": (3.0, 4.0, 5.0, 6.0),
+}
+
+
+def say(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def run(scen: scenario.Scenario, settings: DetectionSettings) -> list[Incident]:
+    detector = StreamingDetector(settings, scen.allow)
+    for bucket in scen.buckets():
+        detector.observe(bucket)
+    detector.flush()
+    return detector.close_all()
+
+
+@dataclass
+class Tally:
+    caught: dict[str, int] = field(default_factory=dict)
+    injected: dict[str, int] = field(default_factory=dict)
+    buckets: dict[tuple[str, int], list[int]] = field(default_factory=dict)
+    false: int = 0
+    tenant_weeks: float = 0.0
+    to_alert: list[float] = field(default_factory=list)
+
+    def add(self, scen: scenario.Scenario, incidents: list[Incident], verbose: bool) -> None:
+        result = scenario.evaluate(scen, incidents)
+        missed = {id(e) for e in result.missed}
+        for kind, count in result.injected.items():
+            self.injected[kind] = self.injected.get(kind, 0) + count
+            self.caught[kind] = self.caught.get(kind, 0) + result.caught[kind]
+        for event in scen.events:
+            edges = MAGNITUDE_BUCKETS.get(event.kind)
+            if edges is None:
+                continue
+            b = int(np.clip(np.searchsorted(edges, event.factor, side="right") - 1, 0,
+                            len(edges) - 2))
+            tally = self.buckets.setdefault((event.kind, b), [0, 0])
+            tally[0] += id(event) not in missed
+            tally[1] += 1
+        self.false += len(result.false_incidents)
+        self.tenant_weeks += result.tenant_weeks
+        self.to_alert += result.burst_minutes_to_alert
+        if verbose:
+            noise = {t.name: t.sigma_minute for t in scen.tenants}
+            for event in result.missed:
+                say(f"   missed {event.kind} {event.tenant} x{event.factor:.2f} "
+                    f"{(event.end_ts - event.start_ts) // 60 + 1} min, "
+                    f"log-noise {noise[event.tenant]:.2f}")
+            for incident in result.false_incidents:
+                say(f"   false {incident.tenant} {incident.crm_instance}: {incident.summary}")
+
+    @property
+    def false_rate(self) -> float:
+        return self.false / self.tenant_weeks if self.tenant_weeks else float("nan")
+
+    def recall(self, kind: str) -> float:
+        return self.caught.get(kind, 0) / max(self.injected.get(kind, 0), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default=",".join(map(str, scenario.HELD_OUT_SEEDS[:2])))
+    parser.add_argument("--tuning", action="store_true", help="the tuning seeds instead")
+    parser.add_argument("--tenants", type=int, default=40)
+    parser.add_argument("--events", type=int, default=6, help="events per kind and seed")
+    parser.add_argument("--alphas", default="", help="scale_alpha values for the table")
+    parser.add_argument("-v", "--verbose", action="store_true", help="list misses and false")
+    args = parser.parse_args()
+    seeds = scenario.TUNING_SEEDS if args.tuning else tuple(int(s) for s in args.seeds.split(","))
+    if not args.tuning and set(seeds) & set(scenario.TUNING_SEEDS):
+        say("warning: tuning seeds given; figures on them are not held-out figures")
+    default = DetectionSettings().volume.scale_alpha
+    alphas = sorted({default, *(float(a) for a in args.alphas.split(",") if a)})
+    scens = [scenario.generate(s, n_tenants=args.tenants, weeks=3, events_per_kind=args.events,
+                               subtle=True) for s in seeds]
+    say(f"== subtle exfiltration: seeds {seeds}, {args.tenants} tenants x 3 weeks, "
+        f"{args.events} events per kind, {sum(len(s) for s in scens):,} buckets")
+    table = []
+    for alpha in alphas:
+        base = DetectionSettings()
+        settings = base.model_copy(update={"volume": VolumeSettings(
+            **{**base.volume.model_dump(), "scale_alpha": alpha})})
+        tally = Tally()
+        for scen in scens:
+            tally.add(scen, run(scen, settings), args.verbose and alpha == default)
+        table.append((alpha, tally))
+        if alpha != default:
+            continue
+        say(f"-- scale_alpha {alpha} (the default)")
+        for kind in scenario.SUBTLE_KINDS:
+            say(f"recall {kind:13s} {tally.caught.get(kind, 0)}/{tally.injected.get(kind, 0)}"
+                f" = {tally.recall(kind):.2f}")
+        for (kind, b), (hit, total) in sorted(tally.buckets.items()):
+            lo, hi = MAGNITUDE_BUCKETS[kind][b], MAGNITUDE_BUCKETS[kind][b + 1]
+            say(f"   {kind:13s} {lo:.2f}-{hi:.2f}x: {hit}/{total}")
+        say(f"false incidents per tenant-week: {tally.false}/{tally.tenant_weeks:.0f} = "
+            f"{tally.false_rate:.3f}")
+        if tally.to_alert:
+            say(f"burst minutes to alert: median {statistics.median(tally.to_alert):.1f}, "
+                f"p90 {np.percentile(tally.to_alert, 90):.1f}, max {max(tally.to_alert):.0f}")
+    if len(table) > 1:
+        say("-- recall versus false alarms (scale_alpha = false alarms per series-week the "
+            "window bank may raise)")
+        say("scale_alpha  " + "  ".join(f"{k:>12s}" for k in scenario.SUBTLE_KINDS)
+            + "  false/tenant-week")
+        for alpha, tally in table:
+            say(f"{alpha:<11g}  " + "  ".join(f"{tally.recall(k):12.2f}"
+                                              for k in scenario.SUBTLE_KINDS)
+                + f"  {tally.false_rate:17.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
