@@ -10,6 +10,12 @@ Prints recall per kind and per magnitude bucket, false incidents per tenant-week
 minutes to alert, and a recall-versus-false-alarm table over the bank's main threshold
 (`detection.volume.scale_alpha`) so an operator can choose.
 
+Measured (seeds 301,302, 20 tenants, 5 events per kind; before = scale_enabled false):
+  slow_drip 0.2 -> 0.6, short_burst 0.8 -> 0.9, batch_more 0.1 -> 0.5,
+  batch_longer 0.6 -> 1.0, false incidents per tenant-week 0 -> 0.037, burst median 1 min;
+  scale_alpha 1e-5 / 1e-4 / 1e-3 / 1e-2: false 0.025 / 0.037 / 0.050 / 0.225 per
+  tenant-week, drip recall 0.5 / 0.6 / 0.6 / 0.6.
+
 Usage: python perf/bench_subtle.py [--seeds 301,302] [--tenants 40] [--events 6]
        [--alphas 0.001,0.01,0.1] [--tuning]
 The machine is shared (2 cores): one seed of 40 tenants takes a minute or two per alpha.
