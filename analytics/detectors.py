@@ -422,7 +422,8 @@ class VolumeScorer:
             if drip_excess is not None else run
         )
         excess_bytes = np.where(best == 3, bank_observed - bank_expected, excess_bytes)
-        window = np.where(best == 3, bank_window, np.where(best == 4, self.ratio_window, 1))
+        # the ratio detector judges out/in, not volume: its volumes are the minute's
+        window = np.where(best == 3, bank_window, 1)
         window_observed = np.where(best == 3, bank_observed, x[index])
         window_expected = np.where(best == 3, bank_expected, expected[index])
         if drip_window is not None:
