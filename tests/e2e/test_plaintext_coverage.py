@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +25,9 @@ from typing import Any
 import pytest
 
 from leaktap.controller.attribution.attributor import Attributor
-from leaktap.controller.commands.doctor import find_cgroup2_mount
 from leaktap.controller.config import LeaktapConfig, parse_config
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
-from tests.e2e.test_plaintext_tls import Collected, in_cgroup, py, wait_probed
-from tests.netlab import make_cert, veth_lab
+from tests.e2e.test_plaintext_tls import Collected, crm_tls_lab, in_cgroup, py, wait_probed
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
@@ -133,26 +130,9 @@ s.recv(100)
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    mount = find_cgroup2_mount()
-    assert mount is not None, "no cgroup2 mount"
-    for name in (CGROUP, CGROUP_ALL):
-        (mount / name).mkdir(exist_ok=True)
-    tmp = tmp_path_factory.mktemp("coverage")
-    cert, key = make_cert(tmp, "crm.test")
-    with veth_lab("lt-h8", HOST_IP, CRM_IP, prefix=24) as net:
-        server = subprocess.Popen(
-            net.in_ns(sys.executable, "-m", "tests.e2e.crm_server", str(cert), str(key), CRM_IP,
-                      "443"),
-            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        try:
-            assert server.stdout is not None and server.stdout.readline().strip() == "ready"
-            yield {"mount": mount, "tmp": tmp}
-        finally:
-            server.kill()
-            server.wait()
-            for name in (CGROUP, CGROUP_ALL):
-                (mount / name).rmdir()
+    with crm_tls_lab(tmp_path_factory.mktemp("coverage"), "lt-h8", HOST_IP, CRM_IP,
+                     (CGROUP, CGROUP_ALL)) as where:
+        yield where
 
 
 def make_config(lab: dict[str, Any], text: str, db: str) -> LeaktapConfig:

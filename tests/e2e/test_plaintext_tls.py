@@ -7,13 +7,14 @@ its finding or audit record with the right tenant and CRM instance within 5 s.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,17 +110,18 @@ class Collected:
         return self.wait(lambda: [a for a in self.audits if a.operation == operation])
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@contextlib.contextmanager
+def crm_tls_lab(tmp: Path, lab_name: str, host_ip: str, crm_ip: str,
+                cgroups: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Tenant cgroups, and a veth lab whose far end serves TLS on crm_ip:443 (crm_server)."""
     mount = find_cgroup2_mount()
     assert mount is not None, "no cgroup2 mount"
-    for name in CGROUPS:
+    for name in cgroups:
         (mount / name).mkdir(exist_ok=True)
-    tmp = tmp_path_factory.mktemp("plaintext")
     cert, key = make_cert(tmp, "crm.test")
-    with veth_lab("lt-t6", HOST_IP, CRM_IP, prefix=24) as net:
+    with veth_lab(lab_name, host_ip, crm_ip, prefix=24) as net:
         server = subprocess.Popen(
-            net.in_ns(sys.executable, "-m", "tests.e2e.crm_server", str(cert), str(key), CRM_IP,
+            net.in_ns(sys.executable, "-m", "tests.e2e.crm_server", str(cert), str(key), crm_ip,
                       "443"),
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
@@ -129,8 +131,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         finally:
             server.kill()
             server.wait()
-            for name in CGROUPS:
+            for name in cgroups:
                 (mount / name).rmdir()
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with crm_tls_lab(tmp_path_factory.mktemp("plaintext"), "lt-t6", HOST_IP, CRM_IP,
+                     CGROUPS) as where:
+        yield where
 
 
 @pytest.fixture(scope="module")
