@@ -423,12 +423,13 @@ class VolumeScorer:
         )
         excess_bytes = np.where(best == 3, bank_observed - bank_expected, excess_bytes)
         # the ratio detector judges out/in, not volume: its volumes are the minute's
-        window = np.where(best == 3, bank_window, 1)
+        judged = np.where(best == 3, bank_window, 1)
         window_observed = np.where(best == 3, bank_observed, x[index])
         window_expected = np.where(best == 3, bank_expected, expected[index])
         if drip_window is not None:
+            assert drip_observed is not None and drip_expected is not None  # set together
             is_d = best == 2
-            window = np.where(is_d, drip_window[index], window)
+            judged = np.where(is_d, drip_window[index], judged)
             window_observed = np.where(is_d, drip_observed[index], window_observed)
             window_expected = np.where(is_d, drip_expected[index], window_expected)
         slot = hour_of_week(ts // 3600)
@@ -437,7 +438,7 @@ class VolumeScorer:
             active=(z[index] >= 1.0) | (ratio_at > 0) | is_bank, observed=x[index],
             expected=expected[index], excess=excess_bytes, z=z[index],
             seasonal=seasonal[index], weeks=self.fit.weeks[slot, index].astype(np.int64),
-            level=self.level[index], window=window.astype(np.int64),
+            level=self.level[index], window=judged.astype(np.int64),
             window_observed=window_observed, window_expected=window_expected,
         )
 
