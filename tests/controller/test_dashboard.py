@@ -8,6 +8,7 @@ Never `playwright install`: it downloads a browser build; the test uses
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -157,8 +158,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(agent: AgentView) -> Iterator[str]:
+@contextlib.contextmanager
+def serve(agent: AgentView) -> Iterator[str]:
+    """The API and dashboard of `agent` on a real uvicorn server; yields its base URL."""
     app = create_app(agent, readers=[READER], admins=[ADMIN], manage=False)
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
@@ -169,9 +171,17 @@ def server(agent: AgentView) -> Iterator[str]:
     while not srv.started:
         assert time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(agent: AgentView) -> Iterator[str]:
+    with serve(agent) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -314,19 +324,8 @@ def just_sent(tmp_path: Path) -> Iterator[tuple[AgentView, str]]:
     store = Store(tmp_path / "lt.db")
     alerts = AlertManager(store.path, [], AlertsSettings())
     agent = AgentView(store, alerts, LiveDetection(parse_config(CONFIG), store, lambda i: None))
-    app = create_app(agent, readers=[READER], admins=[ADMIN], manage=False)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        access_log=False))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    yield agent, f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    with serve(agent) as url:
+        yield agent, url
     alerts.close()
     store.close()
 
