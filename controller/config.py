@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -103,6 +104,34 @@ class TenantConfig(_Strict):
     match: TenantMatch = TenantMatch()
     allow: list[AllowEntry] = []  # "vendor:instance" or "vendor:*"
     environment: str | None = None  # label used by oauth_token_reuse
+    # monitor: page only; dry-run: decide as block would, record would_block;
+    # block: the kernel refuses CRM instances outside `allow` (issue 12)
+    enforce: Literal["monitor", "dry-run", "block"] = "monitor"
+
+    @field_validator("enforce")
+    @classmethod
+    def _enforce_needs_kernel_match(cls, v: str, info: ValidationInfo) -> str:
+        # the kernel knows a packet's cgroup, uid and source address, not the
+        # SNI-pattern tenant (that is only known once the name is read)
+        match = info.data.get("match")
+        if v != "monitor" and match is not None and not (match.cgroup or match.uids or match.cidrs):
+            raise ValueError(
+                f"{v} needs a tenant matched by cgroup, uids or cidrs "
+                "(a tenant matched only by an SNI pattern cannot be enforced in the kernel)"
+            )
+        return v
+
+
+class EnforcementConfig(_Strict):
+    """Edge cases of block-mode tenants (tenants[].enforce: block or dry-run)."""
+
+    # QUIC Initials to CRM addresses: their name is unreadable in the kernel;
+    # refusing UDP 443 makes clients fall back to TCP, where the hello is judged
+    quic: Literal["block", "allow"] = "block"
+    # ClientHellos with Encrypted Client Hello towards CRM addresses: the real name is hidden
+    ech: Literal["block", "allow"] = "block"
+    # shared vendor hosts (sign-in / API gateways) name no instance
+    shared_hosts: Literal["allow", "block"] = "allow"
 
 
 class CatalogueEntry(_Strict):
@@ -286,6 +315,7 @@ class LeaktapConfig(_Strict):
     kernel: KernelConfig = KernelConfig()
     dns: DnsConfig = DnsConfig()
     tenants: list[TenantConfig] = []
+    enforcement: EnforcementConfig = EnforcementConfig()
     catalogue: list[CatalogueEntry] = []
     plaintext: PlaintextConfig = PlaintextConfig()
     detection: DetectionSettings = DetectionSettings()
