@@ -40,6 +40,7 @@ from leaktap.controller.config import (
     TlsConfig,
     load_config,
     parse_listen,
+    with_database,
 )
 from leaktap.controller.detection import LiveDetection
 from leaktap.controller.errors import ConfigError
@@ -544,7 +545,8 @@ def main(args: Any) -> int:
         host, port = parse_listen(args.listen or config.listen)
     except ValueError as e:
         raise ConfigError(f"--listen: {e}") from e
-    db = Path(args.db or config.storage.path or DEFAULT_DB)
+    config = with_database(config, args.db)
+    db = Path(config.storage.path or DEFAULT_DB)
     readers, admins = _api_tokens(config, db.parent)
     store = Store(db, retention_days=config.storage.retention_days,
                   group=config.storage.group)

@@ -350,6 +350,15 @@ class LeaktapConfig(_Strict):
         return self
 
 
+def with_database(config: LeaktapConfig, db: str | os.PathLike[str] | None) -> LeaktapConfig:
+    """The config with `--db PATH` as storage.path: the files kept beside the
+    database (plaintext key, API token files) follow the database a command uses."""
+    if db is None:
+        return config
+    storage = config.storage.model_copy(update={"path": str(db)})
+    return config.model_copy(update={"storage": storage})
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """'host:port' or '[v6]:port' -> (host, port); ValueError names what is wrong."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value.strip())

@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from leaktap.analytics.plaintext.fingerprints import ValueHasher, fingerprint_key
 from leaktap.analytics.plaintext.redact import KeyedHasher
-from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config
+from leaktap.controller.config import DEFAULT_DB, LeaktapConfig, load_config, with_database
 from leaktap.controller.fingerprint_store import (
     FingerprintError,
     FingerprintStore,
@@ -64,8 +64,8 @@ def _add(args: Any, config: LeaktapConfig, store: FingerprintStore, out: TextIO)
 
 def main(args: Any, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    config = load_config(args.config)
-    db = Path(args.db or config.storage.path or DEFAULT_DB)
+    config = with_database(load_config(args.config), args.db)
+    db = Path(config.storage.path or DEFAULT_DB)
     with FingerprintStore(db) as store:
         if args.action == "add":
             return _add(args, config, store, out)

@@ -188,3 +188,24 @@ def test_agent_wires_the_watcher_and_the_owners_allow_lists(capsys, setup) -> No
         assert not matcher.sanctioned("acme", "salesforce", "globex")
         assert not matcher.sanctioned("globex", "salesforce", "globex")  # no allow list
     assert agent.fingerprints._stop.is_set()
+
+
+def test_db_option_keeps_the_key_beside_that_database(capsys, setup) -> None:
+    """`--db` names the store as for `run`: the key the monitor reads with `run --db`
+    is the one beside that database, not beside the configuration's storage.path."""
+    from leaktap.controller.config import with_database
+    from leaktap.controller.plaintext.monitor import SECRET_FILE
+
+    other = setup["tmp"] / "elsewhere"
+    other.mkdir()
+    path = setup["tmp"] / "contacts.csv"
+    write_csv(str(path), list(contacts(50, seed=5)))
+    code, _, err = _add(capsys, setup, path, "--db", str(other / "lt.db"))
+    assert code == 0, err
+    assert (other / SECRET_FILE).is_file() and not (setup["tmp"] / SECRET_FILE).exists()
+    assert not setup["db"].exists() and (other / "lt.db").is_file()
+    config = with_database(load_config(str(setup["config"])), other / "lt.db")
+    assert config.storage.path == str(other / "lt.db")
+    with FingerprintStore(other / "lt.db") as store:
+        index, _ = store.load(value_hasher(config).key_id)
+    assert len(index.sets) == 1  # built and loaded under the same key
