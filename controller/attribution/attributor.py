@@ -183,11 +183,21 @@ class Attributor:
         agent's lock (dict lookups)."""
         ends = sorted([local, remote])
         cid = (family, proto, ends[0], ends[1])
-        hello = self._hello_by_conv.get(cid)
-        sni = hello.sni if hello is not None else None
-        dns_names = self.dns.names_for(remote[0])
+        sni, resumed_dns = self._known_sni(cid)
+        dns_names = self.dns.names_for(remote[0]) or resumed_dns
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
         return sni, dns_names, self._with_refinement(cid, crm)
+
+    def _known_sni(self, cid: Any) -> tuple[str | None, list[str]]:
+        """(server name, DNS names) of a conversation: its hello's name, else what the
+        previous run recorded for a connection open across the restart."""
+        hello = self._hello_by_conv.get(cid)
+        if hello is not None:
+            return hello.sni, []
+        resumed = self._resumed.get(cid)
+        if resumed is not None:
+            return resumed.sni, list(resumed.dns_names)
+        return None, []
 
     def refine_instance(
         self, family: int, local: tuple[str, int], remote: tuple[str, int], vendor: str,
@@ -198,9 +208,9 @@ class Attributor:
         a host-named instance is kept. Returns whether the flow's instance changed."""
         ends = sorted([local, remote])
         cid = (family, proto, ends[0], ends[1])
-        hello = self._hello_by_conv.get(cid)
-        sni = hello.sni if hello is not None else None
-        crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(self.dns.names_for(remote[0]))
+        sni, resumed_dns = self._known_sni(cid)
+        crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(
+            self.dns.names_for(remote[0]) or resumed_dns)
         if crm is None or crm.vendor != vendor or crm.instance is not None:
             return False
         changed = self._refined.get(cid) != (vendor, instance)

@@ -78,6 +78,10 @@ def test_continuation_keeps_row_names_and_totals(tmp_path: Path) -> None:
     assert (got.sni, got.tenant, got.crm_vendor, got.crm_instance) == (
         "acme.my.salesforce.com", "acme", "salesforce", "acme")
     assert names_from_row(rows[0]) == got
+    # a plaintext write on that connection is joined to the same destination
+    sni, _, crm = attributor.destination(4, LOCAL, REMOTE)
+    assert sni == "acme.my.salesforce.com" and crm is not None
+    assert (crm.vendor, crm.instance) == ("salesforce", "acme")
     attributor.forget(conv)
     assert attributor.names(conv).tenant == "unassigned"  # forgotten with the conversation
 
