@@ -18,8 +18,13 @@ PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 eth
       ca-certificates curl binutils util-linux)
 # Test tools, on the Debian host only (the Ubuntu VM that vagrant/ makes runs the
 # agent and the demo, not the suite; Ubuntu ships chromium only as a snap):
-# chromium for the dashboard's browser test, vagrant for `vagrant validate`.
-if [ "$DISTRO" = debian ]; then PKGS+=(chromium vagrant); fi
+# chromium for the dashboard's browser test, vagrant for `vagrant validate`;
+# TLS clients of every kind the coverage report names (issue 13): gcc with
+# libssl-dev's libssl.a/libcrypto.a for a statically linked client, Node.js, and
+# a JDK (`java Client.java` compiles a single-file source) for a JSSE client.
+if [ "$DISTRO" = debian ]; then
+    PKGS+=(chromium vagrant gcc libc6-dev libssl-dev nodejs default-jdk-headless)
+fi
 missing=()
 for p in "${PKGS[@]}"; do
     # Ubuntu 24.04 renamed libssl3 to libssl3t64 (64-bit time_t): either counts

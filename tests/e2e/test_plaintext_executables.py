@@ -1,0 +1,166 @@
+"""Executables that carry their own OpenSSL (issue 13.2), end to end: the monitor
+probes SSL_write/SSL_write_ex inside the executable itself when it exports them
+or keeps them in its symbol table, and a canary one of them posts is found.
+
+- a C client built here with gcc against Debian's libssl.a/libcrypto.a (-static:
+  no shared libssl mapped at all);
+- Node.js's `https` module. NodeSource's node (this image's /usr/bin/node) links
+  its own OpenSSL and exports SSL_write; Debian's own nodejs package links the
+  system libssl.so.3. The test reads which from the binary and expects the probe
+  on the executable or on the shared library accordingly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.config import parse_config
+from leaktap.controller.plaintext.monitor import PlaintextMonitor
+from tests.e2e.test_plaintext_tls import Collected, crm_tls_lab, in_cgroup, wait_probed
+
+pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+
+REPO = Path(__file__).resolve().parents[2]
+CLIENTS = Path(__file__).resolve().parent / "tls_clients"
+HOST_IP, CRM_IP = "198.18.113.1", "198.18.113.2"
+LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+NODE = "/usr/bin/node"
+SNI = "acme.my.salesforce.com"
+CANARY = "CANARY-EXE-5d41c0b7e2"
+CGROUP = "lt-x13-acme"
+
+CONFIG = f"""
+tenants:
+  - name: acme
+    match: {{cgroup: "/{CGROUP}*"}}
+    environment: prod
+plaintext:
+  enabled: true
+  select: {{cgroups: ["/{CGROUP}*"]}}
+  canaries:
+    - {{token: "{CANARY}", tenant: acme, record: "Account/001EXE", environment: prod}}
+"""
+
+
+def build_static_client(out: Path) -> Path:
+    """gcc -static against libssl.a and libcrypto.a: SSL_write is in the executable."""
+    exe = out / "crm-static-client"
+    subprocess.run(["gcc", "-O1", "-static", "-o", str(exe), str(CLIENTS / "static_client.c"),
+                    "-lssl", "-lcrypto", "-pthread"], check=True, capture_output=True,
+                   timeout=60)
+    return exe
+
+
+def exports_ssl_write(path: str) -> bool:
+    """Whether `path` defines SSL_write in its dynamic symbol table (binutils' reading)."""
+    out = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True,
+                         text=True, check=True).stdout
+    return any(line.split()[-1] == "SSL_write" for line in out.splitlines() if line.strip())
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with crm_tls_lab(tmp_path_factory.mktemp("executables"), "lt-x13", HOST_IP, CRM_IP,
+                     (CGROUP,)) as where:
+        yield where
+
+
+@pytest.fixture(scope="module")
+def monitor(lab: dict[str, Any]) -> Iterator[tuple[PlaintextMonitor, Collected]]:
+    cfg = parse_config(CONFIG)
+    config = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"path": str(lab["tmp"] / "lt.db")})})
+    got = Collected()
+    mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
+                           got.findings.append, got.audits.append, system_library=LIBSSL)
+    mon.start()
+    try:
+        yield mon, got
+    finally:
+        mon.stop()
+
+
+@pytest.fixture
+def collected(monitor: tuple[PlaintextMonitor, Collected]) -> Collected:
+    monitor[1].clear()
+    return monitor[1]
+
+
+def start(lab: dict[str, Any], argv: list[str]) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(in_cgroup(lab["mount"], CGROUP, argv), cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
+    return proc
+
+
+def post_and_finish(proc: subprocess.Popen[bytes]) -> None:
+    """Say go, wait for the answer, then end the client (stdin closed)."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(b"go\n")
+    proc.stdin.flush()
+    line = proc.stdout.readline()
+    proc.stdin.close()
+    err = proc.stderr.read() if proc.stderr is not None else b""
+    assert proc.wait(timeout=30) == 0 and line == b"sent\n", err.decode(errors="replace")
+
+
+def wait_library(mon: PlaintextMonitor, pid: int, path: str) -> None:
+    deadline = time.monotonic() + 5
+    while path not in mon.probed_pids().get(pid, []):
+        assert time.monotonic() < deadline, mon.probed_pids().get(pid)
+        time.sleep(0.01)
+
+
+def body() -> str:
+    return json.dumps({"Name": CANARY, "Industry": "Retail"})
+
+
+def test_a_statically_linked_client_is_probed_in_its_executable(lab, monitor, collected):
+    mon, _ = monitor
+    exe = build_static_client(lab["tmp"])
+    assert b"libssl" not in subprocess.run(["ldd", str(exe)], capture_output=True).stdout
+    proc = start(lab, [str(exe), CRM_IP, SNI, body()])
+    wait_probed(mon, proc.pid)
+    wait_library(mon, proc.pid, str(exe))  # its own SSL_write, found in .symtab
+    started = time.monotonic()
+    post_and_finish(proc)
+
+    (f,) = collected.finding("canary_token")  # within 5 s of the write
+    assert time.monotonic() - started < 5
+    assert (f.tenant, f.crm_vendor, f.crm_instance) == ("acme", "salesforce", "acme")
+    assert f.evidence["pid"] == proc.pid
+    assert CANARY not in json.dumps(f.evidence)
+
+
+def test_node_https_is_probed_where_its_openssl_lives(lab, monitor, collected):
+    mon, _ = monitor
+    own_openssl = exports_ssl_write(NODE)
+    proc = start(lab, [NODE, str(CLIENTS / "node_client.js"), CRM_IP, SNI, body()])
+    wait_probed(mon, proc.pid)
+    # NodeSource's node: SSL_write in the executable; Debian's: in libssl.so.3
+    wait_library(mon, proc.pid, NODE if own_openssl else LIBSSL)
+    probed = mon.probed_pids()[proc.pid]
+    started = time.monotonic()
+    post_and_finish(proc)
+
+    found = collected.finding("canary_token")
+    # Node retries an SSL_write that returned WANT_READ during the handshake with
+    # the same buffer, and the entry probe sees each try: one alert (one dedup key)
+    assert found and len({x.dedup_key for x in found}) == 1, found
+    f = found[0]
+    assert time.monotonic() - started < 5
+    assert (f.tenant, f.crm_vendor, f.crm_instance) == ("acme", "salesforce", "acme")
+    assert f.evidence["pid"] == proc.pid
+    # the system libssl is probed for every selected process before it maps it
+    assert probed == sorted({LIBSSL, NODE} if own_openssl else {LIBSSL}), probed
+    assert os.path.exists(NODE)
