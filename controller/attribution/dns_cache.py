@@ -108,6 +108,8 @@ class DnsCache:
         self._clients = [ipaddress.ip_network(n, strict=False) for n in clients]
         self._resolvers = [ipaddress.ip_network(n, strict=False) for n in resolvers]
         self.trust_unmatched = trust_unmatched
+        # called with (ip, names) for every address learned (enforcement: refused addresses)
+        self.on_learn: Callable[[str, tuple[str, ...]], None] | None = None
 
     def __len__(self) -> int:
         return len(self._map)
@@ -202,6 +204,15 @@ class DnsCache:
         while len(self._map) > self.max_entries:
             self._map.popitem(last=False)
             self.stats.evictions += 1
+        if self.on_learn is not None:
+            self.on_learn(key, names)
+
+    def live_bindings(self) -> dict[str, list[tuple[str, ...]]]:
+        """Every address with the name chains (queried name first) still valid for it."""
+        now = self._clock()
+        return {ip: [b.names for b in bindings if b.expires > now]
+                for ip, bindings in list(self._map.items())
+                if any(b.expires > now for b in bindings)}
 
     def names_for(self, ip: str) -> list[str]:
         """Names that resolved to `ip` and are still valid, most recent answer first."""

@@ -43,11 +43,16 @@ MODE_SOURCES = {
     "xdp": ("xdp_gateway.bpf.c",),
     # TLS plaintext: uprobes and tracepoints, their own maps and ring buffer (load_ssl)
     "ssl": ("ssl_uprobe.bpf.c",),
+    # connect-time refusal for enforcing tenants (controller/enforcement/connect_guard.py)
+    "connect": ("cgroup_connect.bpf.c",),
 }
 PROGRAMS = {
     "tc": {"egress": "lt_tc_egress", "ingress": "lt_tc_ingress"},
     "xdp": {"ingress": "lt_xdp_gw"},
+    "connect": {"connect4": "lt_cg_connect4", "connect6": "lt_cg_connect6"},
 }
+# cgroup/connect programs are verified for their attach type (enum bpf_attach_type)
+CGROUP_ATTACH_TYPES = {"connect4": 10, "connect6": 11}  # BPF_CGROUP_INET{4,6}_CONNECT
 # clsact parents (TC_H_CLSACT:TC_H_MIN_EGRESS / INGRESS) and our filter slot:
 # a fixed priority and handle let a restart find and replace a crashed run's filter.
 TC_PARENT = {"egress": 0xFFFFFFF3, "ingress": 0xFFFFFFF2}
@@ -247,10 +252,11 @@ def compile_in_process(mode: str, options: KernelOptions) -> Probes:
         ) from e
     _release_compiler_heap()
     probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
-    prog_type = BPF.SCHED_CLS if mode == "tc" else BPF.XDP
+    prog_type = {"tc": BPF.SCHED_CLS, "connect": BPF.CGROUP_SOCK_ADDR}.get(mode, BPF.XDP)
     for direction, name in PROGRAMS[mode].items():
         try:
-            probes.functions[direction] = bpf.load_func(name.encode(), prog_type)
+            probes.functions[direction] = bpf.load_func(
+                name.encode(), prog_type, attach_type=CGROUP_ATTACH_TYPES.get(direction, -1))
         except Exception as e:
             probes.close()
             raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
