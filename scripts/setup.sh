@@ -25,6 +25,10 @@ PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 eth
 if [ "$DISTRO" = debian ]; then
     PKGS+=(chromium vagrant gcc libc6-dev libssl-dev nodejs default-jdk-headless)
 fi
+# The Go connector the plaintext tests build from source (issue 13.1), with the
+# distribution's toolchain (Debian 12: Go 1.19); the agent itself needs only
+# binutils' objdump (above) to find a Go program's return instructions.
+if [ "$DISTRO" = debian ]; then PKGS+=(golang-go); fi
 missing=()
 for p in "${PKGS[@]}"; do
     # Ubuntu 24.04 renamed libssl3 to libssl3t64 (64-bit time_t): either counts

@@ -403,6 +403,10 @@ enum lt_ssl_stat {
 	LT_SSL_CNT_BYTES_WRITTEN,   /* plaintext bytes the probed writes asked to send */
 	LT_SSL_CNT_BYTES_CAPTURED,  /* plaintext bytes delivered in events */
 	LT_SSL_CNT_MMAP,            /* executable file mappings notified */
+	/* Go crypto/tls (ssl_go.bpf.c) */
+	LT_SSL_CNT_GO_FD,           /* a Go Conn's socket fd read from its net.TCPConn */
+	LT_SSL_LOSS_GO_FD,          /* a Go Conn's fd unreadable: learned from the send instead */
+	LT_SSL_LOSS_GO_UNMATCHED,   /* a Go Read returned without its call seen (or evicted) */
 	LT_SSL_STAT_MAX,
 };
 

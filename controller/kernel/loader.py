@@ -41,8 +41,9 @@ LOAD_DIR = "loading"  # bpffs refuses names with a dot
 MODE_SOURCES = {
     "tc": ("tc_egress.bpf.c", "tc_ingress.bpf.c"),
     "xdp": ("xdp_gateway.bpf.c",),
-    # TLS plaintext: uprobes and tracepoints, their own maps and ring buffer (load_ssl)
-    "ssl": ("ssl_uprobe.bpf.c",),
+    # TLS plaintext: uprobes and tracepoints, their own maps and ring buffer (load_ssl);
+    # Go crypto/tls's programs use the OpenSSL side's maps and capture path
+    "ssl": ("ssl_uprobe.bpf.c", "ssl_go.bpf.c"),
     # connect-time refusal for enforcing tenants (controller/enforcement/connect_guard.py)
     "connect": ("cgroup_connect.bpf.c",),
 }
@@ -510,6 +511,13 @@ SSL_SYMBOLS = {
     "SSL_write_ex": "lt_ssl_write_ex",
     "SSL_set_fd": "lt_ssl_set_fd",
 }
+# Go probe label (controller/plaintext/golang.py; before any "@") -> program
+GO_PROGRAMS = {
+    "go:write": "lt_go_write",
+    "go:write_nofd": "lt_go_write_nofd",
+    "go:read": "lt_go_read",
+    "go:read_ret": "lt_go_read_ret",
+}
 # SslOptions field -> the lt_types.h limit it sets (default and range come from there)
 SSL_LIMITS = {
     "snap_bytes": "LT_SSL_SNAP",
@@ -587,6 +595,8 @@ class SslProbes:
         SSL_write_ex) is probed on the others; none at all is an error."""
         if (library, pid) in self.attached:
             return self.attached[library, pid]
+        if any(label.startswith("go:") for label in self.addresses.get(library, ())):
+            return self._attach_go(library, pid)
         hooked = []
         errors = []
         addresses = self.symbols(library)
@@ -606,6 +616,25 @@ class SslProbes:
                 self._detach_one(library, sym, pid)
             raise ProbeLoadError(f"probing {library} for pid {pid}: {'; '.join(errors)}")
         self.attached[library, pid] = tuple(hooked)
+        return tuple(hooked)
+
+    def _attach_go(self, binary: str, pid: int) -> tuple[str, ...]:
+        """Probe a Go executable at the points golang.py found (label -> address):
+        all of them or none (a Read entry without its returns would leak map entries)."""
+        hooked: list[str] = []
+        for label, addr in self.addresses[binary].items():
+            fn = GO_PROGRAMS.get(label.split("@", 1)[0])
+            try:
+                if fn is None:
+                    raise ValueError(f"unknown Go probe label {label}")
+                self.bpf.attach_uprobe(name=binary.encode(), addr=addr, fn_name=fn.encode(),
+                                       pid=pid)
+            except Exception as e:  # noqa: BLE001 - reported as a load error below
+                for done in hooked:
+                    self._detach_one(binary, done, pid)
+                raise ProbeLoadError(f"probing Go {binary} for pid {pid}: {label}: {e}") from e
+            hooked.append(label)
+        self.attached[binary, pid] = tuple(hooked)
         return tuple(hooked)
 
     def _detach_one(self, library: str, sym: str, pid: int) -> None:
@@ -651,7 +680,7 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     # verify the uprobe programs now (the chunk loop takes the verifier a few hundred
     # ms), not at the first attach, where a fresh process would outrun it
     try:
-        for fn in set(SSL_SYMBOLS.values()):
+        for fn in {*SSL_SYMBOLS.values(), *GO_PROGRAMS.values()}:
             bpf.load_func(fn.encode(), BPF.KPROBE)
     except Exception as e:
         bpf.cleanup()

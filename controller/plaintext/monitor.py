@@ -64,6 +64,7 @@ from leaktap.controller.errors import ConfigError, ProbeLoadError
 from leaktap.controller.kernel import abi, loader
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
+from leaktap.controller.plaintext.golang import GoBinary, GoBinaryFinder, go_executable
 from leaktap.controller.plaintext.libraries import (
     LIBSSL_SONAME,
     SslLibraryFinder,
@@ -112,6 +113,10 @@ REMEDIES = {
     "ssl_loss_bind_event": "a connection's socket binding was lost; its next write retries",
     "ssl_loss_notify": "an exec/exit notice was lost; the periodic rescan catches up",
     "ssl_loss_bind_giveup": "a memory-BIO write was not followed by a TLS send",
+    "ssl_loss_go_fd": "a Go tls.Conn's socket was not readable from its net.Conn (not TCP, "
+    "or a Go struct layout not known): it is learned from the write's send syscall",
+    "ssl_loss_go_unmatched": "a Go Read returned without its call seen (probed mid-call, or "
+    "more goroutines in Read than plaintext.threads_max): that read is not inspected",
 }
 
 OnFinding = Callable[[Finding], None]
@@ -237,6 +242,10 @@ class PlaintextMonitor:
         self.hasher = KeyedHasher(load_or_create_secret(secret_path))
         self.inspector = build_inspector(config, self.hasher, attributor)
         self.finder = SslLibraryFinder()
+        self.go_finder = GoBinaryFinder()
+        # selected Go processes and what their executable held (coverage: a reason
+        # when it could not be probed, e.g. "go without symbol tables")
+        self.go_processes: OrderedDict[int, GoBinary] = OrderedDict()
         self.coverage: OrderedDict[tuple[int, int], ConnectionCoverage] = OrderedDict()
         self.process_lost: OrderedDict[int, Counter[str]] = OrderedDict()
         self._process_crms: OrderedDict[int, tuple[str, str | None]] = OrderedDict()
@@ -346,6 +355,7 @@ class PlaintextMonitor:
         """Kernel counters plus the controller's (plaintext_* names), for /metrics."""
         out = self.kernel_stats()
         out.update({f"plaintext_{k}": v for k, v in self.counters.items()})
+        out.update({f"plaintext_{k}": v for k, v in self.go_finder.counters.items()})
         # the stream inspector's give-ups and losses, by reason
         out.update({f"plaintext_stream_{k}": v for k, v in self.inspector.stats.items()})
         out["plaintext_probed_processes"] = len(self.probed)
@@ -391,6 +401,9 @@ class PlaintextMonitor:
         for pid in list_pids(self.proc) if pids is None else pids:
             for lib in ssl_libraries(pid, self.proc, self.finder):
                 self.libraries.setdefault(lib.key, lib)
+            go = self._go_library(pid)
+            if go is not None:
+                self.libraries.setdefault(go.key, go)
         new = False
         with self._lock:
             if self.probes is None:
@@ -428,6 +441,9 @@ class PlaintextMonitor:
         fresh process escapes) and to every other TLS library it maps; True when a
         library was newly probed."""
         libs = {lib.key: lib for lib in ssl_libraries(pid, self.proc, self.finder)}
+        go = self._go_library(pid)
+        if go is not None:
+            libs[go.key] = go
         with self._lock:
             if self.probes is None:
                 return False
@@ -449,6 +465,18 @@ class PlaintextMonitor:
                 logger.info("probing pid %d (%s)", pid,
                             ", ".join(sorted(self.libraries[k].path for k in have)))
             return new
+
+    def _go_library(self, pid: int) -> Library | None:
+        """`pid`'s executable when it is a Go program using crypto/tls (its probe
+        points in the Library's addresses); a Go binary that cannot be probed is
+        remembered with its reason for the coverage report."""
+        lib, found = go_executable(pid, self.proc, self.go_finder)
+        if found is not None and (found.uses_tls or found.reason is not None):
+            self.go_processes[pid] = found
+            self.go_processes.move_to_end(pid)
+            if len(self.go_processes) > PROCESSES_MAX:
+                self.go_processes.popitem(last=False)
+        return lib
 
     def _unprobe(self, pid: int, why: str) -> None:
         """Forget `pid` at once; its uprobes are closed on the detach thread, because

@@ -1,0 +1,147 @@
+"""Go crypto/tls plaintext end to end (issue 13.1): a Go connector built from source
+here with the distribution's toolchain (tests/e2e/go_client), normally and with
+`-ldflags="-s -w"`, posts a canary over TLS from a tenant cgroup to a local TLS
+server posing as a CRM; the monitor finds crypto/tls.(*Conn).Write in the
+binary's own function table, probes it and raises `canary_token` within 5 s,
+joined to the CRM connection's socket. A Go binary whose tables are gone is
+reported with its reason ("go without symbol tables"), not probed by guess.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from leaktap.controller.attribution.attributor import Attributor
+from leaktap.controller.config import LeaktapConfig, parse_config
+from leaktap.controller.plaintext import golang
+from leaktap.controller.plaintext.monitor import PlaintextMonitor
+from tests.e2e.test_plaintext_tls import Collected, crm_tls_lab, in_cgroup
+from tests.golang_build import GO_CLIENT, STRIPPED, build
+
+pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+
+REPO = Path(__file__).resolve().parents[2]
+HOST_IP, CRM_IP = "198.18.77.1", "198.18.77.2"
+LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
+CANARY = "CANARY-GOLANG-5e0c93b7aa"
+CGROUP = "lt-go-acme"
+HOST = "acme.my.salesforce.com"
+URL = f"https://{CRM_IP}/services/data/v59.0/sobjects/Note"
+
+CONFIG = f"""
+tenants:
+  - name: acme
+    match: {{cgroup: "/{CGROUP}*"}}
+    environment: prod
+plaintext:
+  enabled: true
+  select: {{cgroups: ["/{CGROUP}*"]}}
+  canaries:
+    - {{token: "{CANARY}", tenant: acme, record: "Account/001GOLANG", environment: prod}}
+"""
+
+
+@pytest.fixture(scope="module")
+def go_clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("goclient")
+    plain = build(GO_CLIENT, tmp / "go_client")
+    stripped = build(GO_CLIENT, tmp / "go_client_sw", STRIPPED)
+    # the runtime finds its table through moduledata, not the section name: the
+    # program still runs, but nothing names its functions any more
+    hidden = tmp / "go_client_hidden"
+    subprocess.run(["objcopy", "--rename-section", ".gopclntab=.lt_hidden", str(stripped),
+                    str(hidden)], check=True, capture_output=True)
+    return {"plain": plain, "stripped": stripped, "hidden": hidden}
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with crm_tls_lab(tmp_path_factory.mktemp("plaintext-go"), "lt-gotls", HOST_IP, CRM_IP,
+                     (CGROUP,)) as where:
+        yield where
+
+
+@pytest.fixture(scope="module")
+def monitor(lab: dict[str, Any]) -> Iterator[tuple[PlaintextMonitor, Collected]]:
+    cfg = parse_config(CONFIG)
+    config: LeaktapConfig = cfg.model_copy(update={"storage": cfg.storage.model_copy(
+        update={"path": str(lab["tmp"] / "lt.db")})})
+    got = Collected()
+    mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
+                           got.findings.append, got.audits.append, system_library=LIBSSL)
+    mon.start()
+    try:
+        yield mon, got
+    finally:
+        mon.stop()
+
+
+@pytest.fixture
+def collected(monitor: tuple[PlaintextMonitor, Collected]) -> Collected:
+    monitor[1].clear()
+    return monitor[1]
+
+
+def start_client(lab: dict[str, Any], binary: Path, body: str,
+                 count: int = 1) -> subprocess.Popen[bytes]:
+    p = subprocess.Popen(in_cgroup(lab["mount"], CGROUP, [str(binary), URL, HOST, body,
+                                                          str(count)]),
+                         cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"started\n"
+    return p
+
+
+def wait_go_probed(mon: PlaintextMonitor, pid: int, collected: Collected) -> None:
+    assert collected.wait(lambda: [1] if any(
+        "go_client" in path for path in mon.probed_pids().get(pid, [])) else [],
+        timeout=10), f"pid {pid}'s Go executable was never probed: {mon.probed_pids()}"
+
+
+def finish(p: subprocess.Popen[bytes], count: int = 1) -> list[str]:
+    out, err = p.communicate(b"go\n", timeout=30)
+    assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+    lines = out.decode().splitlines()
+    assert lines == ["status 200 2"] * count, lines
+    return lines
+
+
+@pytest.mark.parametrize("build_kind", ["plain", "stripped"])
+def test_go_client_canary_over_tls(lab, monitor, collected, go_clients, build_kind):
+    mon, _ = monitor
+    joined = mon.counters["joined_writes"]
+    p = start_client(lab, go_clients[build_kind], json.dumps({"Body": f"see {CANARY} here"}))
+    wait_go_probed(mon, p.pid, collected)
+    finish(p)
+
+    (f,) = collected.finding("canary_token")
+    assert f.tenant == "acme" and f.crm_vendor == "salesforce"
+    assert f.evidence["canary_record"] == "Account/001GOLANG"
+    assert f.evidence["pid"] == p.pid and f.evidence["comm"] == go_clients[build_kind].name
+    # the socket came from the Conn (net.TCPConn -> netFD -> Sysfd): joined to the flow
+    assert mon.counters["joined_writes"] > joined
+    assert [c.destination for c in mon.coverage.values() if c.pid == p.pid] == [f"{CRM_IP}:443"]
+    found = mon.go_processes[p.pid]
+    assert found.inspected and found.table == ".gopclntab"
+    assert mon.kernel_stats()["ssl_cnt_go_fd"] >= 1
+
+
+def test_go_binary_without_tables_is_reported_not_guessed(lab, monitor, collected, go_clients):
+    mon, _ = monitor
+    p = start_client(lab, go_clients["hidden"], json.dumps({"Body": CANARY}))
+    try:
+        assert collected.wait(lambda: [1] if p.pid in mon.go_processes else [], timeout=10)
+        found = mon.go_processes[p.pid]
+        assert found.reason == golang.REASON_NO_TABLES == "go without symbol tables"
+        assert not found.inspected and found.probes == ()
+        assert not any("go_client" in path for path in mon.probed_pids().get(p.pid, []))
+        assert mon.stats()["plaintext_go_not_inspectable"] >= 1
+    finally:
+        finish(p)  # it still runs: the runtime does not look tables up by section name
+    assert collected.findings == []
