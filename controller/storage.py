@@ -173,6 +173,36 @@ MIGRATIONS: list[str] = [
         created_ts REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 8: the CRM data-flow map (issue 14.3), and the status of attempted API calls (14.4)
+    """
+    CREATE TABLE dataflows (
+        tenant TEXT NOT NULL,
+        exe TEXT NOT NULL,                -- the process executable path
+        crm_vendor TEXT NOT NULL,
+        crm_instance TEXT NOT NULL,       -- '' when unknown (shared host)
+        object TEXT NOT NULL,             -- e.g. Contact; 'other' for unknown shapes
+        operation TEXT NOT NULL,          -- read|query|create|update|upsert|delete|bulk|admin
+        direction TEXT NOT NULL,          -- to_crm | from_crm
+        requests INTEGER NOT NULL DEFAULT 0,
+        records INTEGER NOT NULL DEFAULT 0,
+        records_unknown INTEGER NOT NULL DEFAULT 0,  -- answered calls whose count was unknown
+        request_bytes INTEGER NOT NULL DEFAULT 0,
+        response_bytes INTEGER NOT NULL DEFAULT 0,
+        status_2xx INTEGER NOT NULL DEFAULT 0,
+        status_3xx INTEGER NOT NULL DEFAULT 0,
+        status_4xx INTEGER NOT NULL DEFAULT 0,
+        status_5xx INTEGER NOT NULL DEFAULT 0,
+        status_none INTEGER NOT NULL DEFAULT 0,  -- no answer seen
+        data_classes TEXT NOT NULL DEFAULT '[]',  -- JSON: class names only
+        templates TEXT NOT NULL DEFAULT '[]',     -- JSON: path templates, never values
+        first_seen REAL NOT NULL,
+        last_seen REAL NOT NULL,
+        PRIMARY KEY (tenant, exe, crm_vendor, crm_instance, object, operation, direction)
+    ) WITHOUT ROWID;
+    CREATE INDEX dataflows_last_seen ON dataflows (last_seen);
+    ALTER TABLE audit_calls ADD COLUMN status INTEGER;  -- HTTP status; NULL: none seen
+    ALTER TABLE audit_calls ADD COLUMN outcome TEXT;    -- refused | failed | unanswered
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -341,7 +371,9 @@ class Store:
     AUDIT_CALL_FIELDS = (
         "ts", "tenant", "crm_vendor", "crm_instance", "destination", "operation", "action",
         "method", "path", "request_bytes", "allowed", "protocol", "pid", "comm",
+        "status", "outcome",
     )
+    AUDIT_CALL_OPTIONAL = frozenset({"status", "outcome"})  # attempted calls only
 
     def add_audit_call(self, call: dict[str, Any]) -> None:
         """One CRM API call of the audit log (already free of secrets)."""
@@ -350,8 +382,47 @@ class Store:
             self._db.execute(
                 f"INSERT INTO audit_calls ({', '.join(names)}) "
                 f"VALUES ({', '.join('?' * len(names))})",
-                tuple(int(call[n]) if n == "allowed" else call[n] for n in names),
+                tuple(int(call[n]) if n == "allowed" else
+                      call.get(n) if n in self.AUDIT_CALL_OPTIONAL else call[n] for n in names),
             )
+
+    DATAFLOW_KEY = ("tenant", "exe", "crm_vendor", "crm_instance", "object", "operation",
+                    "direction")
+    DATAFLOW_FIELDS = (*DATAFLOW_KEY, "requests", "records", "records_unknown",
+                       "request_bytes", "response_bytes", "status_2xx", "status_3xx",
+                       "status_4xx", "status_5xx", "status_none", "data_classes", "templates",
+                       "first_seen", "last_seen")
+
+    def put_dataflows(self, rows: Iterable[dict[str, Any]]) -> int:
+        """Replace the data-flow rows given (absolute totals, lists as JSON) in one
+        transaction: the map flushes what changed since its last flush."""
+        names = self.DATAFLOW_FIELDS
+        values = [tuple(json.dumps(r[n]) if n in ("data_classes", "templates") else
+                        (r[n] or "") if n == "crm_instance" else r[n] for n in names)
+                  for r in rows]
+        if not values:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO dataflows ({', '.join(names)}) "
+                    f"VALUES ({', '.join('?' * len(names))})", values)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(values)
+
+    def dataflows(self, tenant: str | None = None, since: float | None = None,
+                  limit: int = 10_000) -> list[dict[str, Any]]:
+        """Data-flow rows, most recently active first."""
+        rows = self._filtered("dataflows", "last_seen", limit, tenant=tenant, since=since)
+        for r in rows:
+            r["data_classes"] = json.loads(r["data_classes"])
+            r["templates"] = json.loads(r["templates"])
+            r["crm_instance"] = r["crm_instance"] or None
+        return rows
 
     def add_canary(self, token: str, tenant: str | None, record: str,
                    environment: str | None) -> None:
@@ -375,12 +446,14 @@ class Store:
         return rows
 
     def prune(self, now: float | None = None) -> int:
-        """Delete buckets and flows older than the retention period."""
+        """Delete buckets, flows, audit calls and data flows older than the retention."""
         cutoff = (now if now is not None else time.time()) - self.retention_s
         with self._lock:
             n = self._db.execute("DELETE FROM minute_buckets WHERE ts < ?", (cutoff,)).rowcount
             n += self._db.execute("DELETE FROM flows WHERE last_seen < ?", (cutoff,)).rowcount
             n += self._db.execute("DELETE FROM audit_calls WHERE ts < ?", (cutoff,)).rowcount
+            n += self._db.execute("DELETE FROM dataflows WHERE last_seen < ?",
+                                  (cutoff,)).rowcount
         return int(n)
 
     # -- reads (API) ---------------------------------------------------------------
