@@ -190,8 +190,8 @@ def go_version(elf: _Elf) -> str | None:
     if header is None:
         return None
     ptr, length = struct.unpack("<QQ", header)
-    text = elf.at_vaddr(ptr, length) if 0 < length < 64 else None
-    return text.decode("utf-8", "replace") if text and text.startswith(b"go") else None
+    version = elf.at_vaddr(ptr, length) if 0 < length < 64 else None
+    return version.decode("utf-8", "replace") if version and version.startswith(b"go") else None
 
 
 def _minor(version: str | None) -> int | None:
@@ -263,9 +263,9 @@ def pclntab_functions(tab: bytes, names: tuple[str, ...]) -> tuple[int, dict[str
         if rec + entry_fmt.size // 2 + 4 > len(tab):
             raise ElfError("function record out of bounds")
         name_at, = struct.unpack_from("<i", tab, rec + entry_fmt.size // 2)
-        name = wanted.get(name_at)
-        if name is not None and name not in found:
-            found[name] = GoFunction(name, text_start + entry, text_start + entries[i + 1][0])
+        hit = wanted.get(name_at)
+        if hit is not None and hit not in found:
+            found[hit] = GoFunction(hit, text_start + entry, text_start + entries[i + 1][0])
     return magic, found
 
 
