@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 AlertKind = Literal[
     "volume_anomaly", "egress_ratio", "new_destination", "unsanctioned_destination",
     "canary_token", "oauth_token_reuse", "bulk_export", "unencrypted_field", "model_artifact",
-    "proprietary_data",
+    "proprietary_data", "crm_admin_action", "new_data_flow", "crm_access_refused",
 ]
 Seconds = Annotated[float, Field(ge=0, le=30 * 86400)]
 

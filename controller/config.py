@@ -267,6 +267,20 @@ class PlaintextStreams(_Strict):
     unseen_alert_min_bytes: Annotated[int, Field(ge=0)] = 64 << 10
 
 
+class PlaintextDataflows(_Strict):
+    """The CRM data-flow map (plaintext.dataflows, issue 14): new_data_flow's warm-up,
+    the crm_access_refused storm, and how often the map is written to the database."""
+
+    # an executable's calls in its first warmup_s are learned without new_data_flow alerts
+    warmup_s: Annotated[float, Field(ge=0, le=90 * 86400)] = 86400.0
+    # this many 401/403 answers to one process within the window: crm_access_refused
+    refused_storm_count: Annotated[int, Field(ge=1, le=100_000)] = 20
+    refused_storm_window_s: Annotated[float, Field(gt=0, le=86400)] = 60.0
+    flush_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 10.0
+    # data flows (rows) held; past it new flows are counted, not kept
+    keys_max: Annotated[int, Field(ge=100, le=10_000_000)] = 50_000
+
+
 class PlaintextConfig(_Strict):
     enabled: bool = False
     select: PlaintextSelect | Literal["all"] = PlaintextSelect()
@@ -284,6 +298,7 @@ class PlaintextConfig(_Strict):
     # full /proc rescans for processes that changed cgroup or uid without exec
     rescan_interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 5.0
     streams: PlaintextStreams = PlaintextStreams()
+    dataflows: PlaintextDataflows = PlaintextDataflows()
 
     @field_validator("canaries", mode="before")
     @classmethod
