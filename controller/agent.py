@@ -115,6 +115,7 @@ class Agent:
         self.detection: LiveDetection | None = None
         self.plaintext: Any = None  # PlaintextMonitor when plaintext.enabled
         self.fingerprints: Any = None  # FingerprintWatcher, with plaintext
+        self.coverage: Any = None  # CoverageTracker: who talks to CRMs, inspected or not
         self.outbox: OutboxDispatcher | None = None
         self._baseline_totals = 0
         self._baseline_attributed = 0
@@ -167,6 +168,7 @@ class Agent:
         self.resumable = ResumableFlows(
             self.store.live_flows(time.time() - CONVERSATION_IDLE_S), CONVERSATION_IDLE_S)
         self._start_plaintext()
+        self._start_coverage()
         # volume counted before this start (pinned maps of a previous run) is
         # not ours to call unattributed; flows left in the map are, and are drained now
         self._baseline_totals = self._all_totals(self.reader.totals())
@@ -225,6 +227,13 @@ class Agent:
         self._watch_fingerprints()
         self.plaintext.start()
         self._exit.callback(self.plaintext.stop)
+
+    def _start_coverage(self) -> None:
+        """The coverage report (/v1/coverage): owners of CRM connections and their TLS."""
+        from leaktap.controller.plaintext.coverage import CoverageTracker
+
+        self.coverage = CoverageTracker(self.plaintext).start()
+        self._exit.callback(self.coverage.stop)
 
     def _watch_fingerprints(self) -> None:
         """Fingerprint sets (leaktap fingerprint add, POST /v1/fingerprints) are
@@ -334,6 +343,11 @@ class Agent:
                         dest = OTHER_DESTINATION
                     b, p = egress.get(dest, (0, 0))
                     egress[dest] = (b + counters.tx_bytes, p + counters.tx_packets)
+                    if names.crm_vendor and self.coverage is not None and counters.tx_bytes:
+                        local, far, _, _ = conv.oriented(prefer_local=True)
+                        self.coverage.observe(conv.family, local, far, names.crm_vendor,
+                                              names.crm_instance, names.tenant, names.cgroup,
+                                              counters.tx_bytes)
                 else:
                     vol.bytes_in += counters.tx_bytes
                     vol.packets_in += counters.tx_packets

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel.hostfs import (
@@ -323,6 +323,43 @@ def check_plaintext_select(select: object, enabled: bool = True,
                        "processes only")
 
 
+def _fetch_coverage(url: str, token: str) -> list[dict[str, Any]]:
+    import json
+    import ssl
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    # the agent's own (often self-signed) certificate on this host: reading only
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
+    with urllib.request.urlopen(request, timeout=3, context=context) as response:
+        processes: list[dict[str, Any]] = json.load(response)["processes"]
+    return processes
+
+
+def check_coverage(url: str, token: str | None,
+                   fetch: Callable[[str, str], list[dict[str, Any]]] = _fetch_coverage,
+                   ) -> CheckResult:
+    """The running agent's plaintext coverage (GET /v1/coverage), in one line: the
+    processes that talked to a CRM in the last 24 h, and why some are not inspected."""
+    from leaktap.controller.plaintext.coverage import REASON_NOT_SELECTED, summarise
+
+    name = "coverage"
+    if token is None:
+        return CheckResult(name, Status.OK, "not read: the config names no reader token")
+    try:
+        report = fetch(url, token)
+    except (OSError, ValueError, KeyError) as e:
+        return CheckResult(name, Status.OK, f"no running agent answered at {url} ({e})")
+    line = summarise(report)
+    if all(e["inspected"] for e in report):
+        return CheckResult(name, Status.OK, line)
+    unselected = any(e["reason"] == REASON_NOT_SELECTED for e in report)
+    return CheckResult(
+        name, Status.WARN, line, impact="their TLS plaintext is not inspected",
+        fix="add them to plaintext.select" if unselected else
+        "GET /v1/coverage gives each process's reason")
+
+
 DEFAULT_CHECKS: tuple[Check, ...] = (
     check_kernel,
     check_btf,
@@ -391,7 +428,20 @@ def main(
                 (pt.select.cgroups, pt.select.exes, pt.select.uids))
             results.extend(run_checks([
                 functools.partial(check_plaintext_select, select, pt.enabled)]))
+            results.extend(run_checks([functools.partial(
+                check_coverage, coverage_url(config), next(iter(config.tokens.reader), None))]))
     return write_report(results, stream or sys.stdout)
+
+
+def coverage_url(config: LeaktapConfig) -> str:
+    """Where the configured agent serves GET /v1/coverage (this host)."""
+    from leaktap.controller.config import parse_listen
+
+    host, port = parse_listen(config.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    scheme = "https" if config.tls is not None else "http"
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/v1/coverage"
+
 
 
 def check_config(path: str) -> tuple[LeaktapConfig | None, list[CheckResult]]:

@@ -252,6 +252,8 @@ class PlaintextMonitor:
         self._lost_reasons = lost_reason_names()
         self._last_loss_drain = 0.0
         self.mmap_attach_latency_ms: list[float] = []  # mmap -> probes attached, last 100
+        # told of each exec/mmap handled (the coverage report re-judges that process)
+        self.on_process_change: Callable[[int], None] | None = None
         self.environments = _Environments(config)
         self.sockets = SocketResolver(proc)
         self._system_library = system_library
@@ -558,6 +560,8 @@ class PlaintextMonitor:
                         self._unprobe(pid, "exited")
                 elif what == "mmap":
                     self._on_mapping(pid, ts_ns)
+                if what in ("exec", "mmap") and self.on_process_change is not None:
+                    self.on_process_change(pid)
             except Exception:  # noqa: BLE001 - one process must not stop the others
                 logger.exception("handling %s of pid %d", what, pid)
 

@@ -308,20 +308,37 @@ function renderSinks({ body }) {
         ? el("button", { onclick: retry(s.sink) }, "Re-send") : null))));
 }
 
+// -- plaintext coverage ----------------------------------------------------------
+
+function renderCoverage({ body }) {
+  const processes = body.processes || [];
+  const seen = processes.filter((p) => p.inspected).length;
+  $("coverage-count").textContent = processes.length ? `${seen} of ${processes.length} inspected` : "";
+  $("no-coverage").hidden = processes.length > 0;
+  $("coverage").tBodies[0].replaceChildren(...processes.map((p) =>
+    el("tr", { class: p.inspected ? "zero" : "lost" },
+      el("td", { class: "num" }, p.pid === null ? "—" : String(p.pid)),
+      el("td", { class: "mono", title: p.exe || "" }, p.comm || p.exe || "(exited)"),
+      el("td", {}, p.tenant), el("td", { class: "mono" }, p.destinations.join(", ")),
+      el("td", {}, p.tls), el("td", {}, p.inspected ? "yes" : "no"),
+      el("td", {}, p.inspected ? "" : p.reason))));
+}
+
 // -- the loop -----------------------------------------------------------------
 
 async function refresh() {
   clearTimeout(state.timer);
   try {
-    const [ready, tenants, alerts, stats, sinks] = await Promise.all([
+    const [ready, tenants, alerts, stats, sinks, coverage] = await Promise.all([
       api("/readyz"), api("/v1/tenants"), api("/v1/alerts?limit=200"), api("/v1/stats"),
-      api("/v1/sinks"),
+      api("/v1/sinks"), api("/v1/coverage"),
     ]);
     const active = alerts.body.alerts.filter((a) => a.status !== "resolved");
     renderReady(ready);
     renderAlerts(active);
     renderStats(stats.body);
     renderSinks(sinks);
+    renderCoverage(coverage);
     await renderVolumes(tenants.body.tenants, alerts.body.alerts);
     $("updated").textContent = new Date().toLocaleTimeString();
     problem(null);

@@ -121,7 +121,7 @@ def auth(token: str) -> dict[str, str]:
 READ_PATHS = [
     "/readyz", "/v1/flows", "/v1/tenants", "/v1/tenants/acme/volume", "/v1/alerts",
     "/v1/alerts/1", "/v1/audit", "/v1/sinks", "/v1/stats", "/v1/whoami", "/metrics",
-    "/openapi.json", "/docs", "/", "/ui/app.js", "/v1/fingerprints",
+    "/openapi.json", "/docs", "/", "/ui/app.js", "/v1/fingerprints", "/v1/coverage",
 ]
 # served to browsers, not part of the API schema
 UNDOCUMENTED = ("/docs", "/openapi.json", "/", "/ui/app.js")

@@ -124,7 +124,29 @@ class _AgentCollector:
             up = a.attached and iface in modes
             attached.add_metric([iface, modes.get(iface, "")], 1 if up else 0)
         yield attached
+        yield from _coverage_metrics(getattr(a, "coverage", None))
         yield from _alert_metrics(getattr(a, "alerts", None), getattr(a, "outbox", None))
+
+
+def _coverage_metrics(coverage: Any) -> Iterator[Metric]:
+    """Bytes to CRMs and CRM-talking processes by whether their plaintext is inspected
+    (issue 13.3; controller/plaintext/coverage.py)."""
+    if coverage is None:
+        return
+    by_coverage = CounterMetricFamily(
+        "leaktap_crm_egress_bytes_by_coverage", "egress bytes to CRMs by tenant and whether "
+        "the sending process's TLS plaintext is inspected", labels=["tenant", "inspected"],
+    )
+    for (tenant, inspected), n in sorted(coverage.bytes_by_coverage.items()):
+        by_coverage.add_metric([tenant, "true" if inspected else "false"], n)
+    yield by_coverage
+    processes = GaugeMetricFamily(
+        "leaktap_coverage_processes", "processes that talked to a CRM in the last 24 h, by "
+        "TLS implementation and whether they are inspected", labels=["tls", "inspected"],
+    )
+    for (tls, inspected), n in sorted(coverage.processes_by_class().items()):
+        processes.add_metric([tls, "true" if inspected else "false"], n)
+    yield processes
 
 
 def _alert_metrics(alerts: Any, outbox: Any) -> Iterator[Metric]:

@@ -43,6 +43,7 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
         "plaintext": {k: v for k, v in sorted(inspection.items())
                       if not k.startswith("ssl_loss_")},
         "userspace": userspace.counters(attributor),
+        "coverage": agent.coverage.stats() if getattr(agent, "coverage", None) else {},
         "unattributed_bytes": agent.unattributed_bytes,
         "interfaces": {i: (modes.get(i) if agent.attached else None) for i in agent.interfaces},
     }
