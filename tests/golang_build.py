@@ -29,13 +29,14 @@ def go_env(tmp: Path) -> dict[str, str]:
             "HOME": str(tmp)}
 
 
-def build(source: Path, out: Path, ldflags: str = "") -> Path:
-    """`go build` one main.go into `out` (with `-ldflags` when given)."""
+def build(source: Path, out: Path, ldflags: str = "", extra: tuple[Path, ...] = ()) -> Path:
+    """`go build` a main.go (and `extra` files of package main) into `out`, with
+    `-ldflags` when given."""
     argv = [go_binary(), "build", "-o", str(out)]
     if ldflags:
         argv.append(f"-ldflags={ldflags}")
-    result = subprocess.run([*argv, str(source)], cwd=source.parent, env=go_env(out.parent),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([*argv, str(source), *map(str, extra)], cwd=source.parent,
+                            env=go_env(out.parent), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 

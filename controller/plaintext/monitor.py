@@ -64,7 +64,12 @@ from leaktap.controller.errors import ConfigError, ProbeLoadError
 from leaktap.controller.kernel import abi, loader
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.plaintext.events import SslEvent, SslEventDecoder, ssl_stat_names
-from leaktap.controller.plaintext.golang import GoBinary, GoBinaryFinder, go_executable
+from leaktap.controller.plaintext.golang import (
+    GoBinary,
+    GoBinaryFinder,
+    go_executable,
+    is_go_probe_set,
+)
 from leaktap.controller.plaintext.libraries import (
     LIBSSL_SONAME,
     SslLibraryFinder,
@@ -428,7 +433,14 @@ class PlaintextMonitor:
 
     def _attach(self, lib: Library, pid: int) -> bool:
         assert self.probes is not None
-        if lib.addresses:  # read with the library test: BCC need not read the ELF again
+        if is_go_probe_set(lib.addresses) and self.probes.addresses.get(lib.path) != dict(
+                lib.addresses):
+            # a Go program rebuilt in place (a new inode, the same path) has new
+            # addresses: probing it at the old ones would trap mid-instruction (a
+            # process still running the old file keeps its probes until it exits)
+            self.probes.detach(lib.path, pid)
+            self.probes.addresses[lib.path] = dict(lib.addresses)
+        elif lib.addresses:  # read with the library test: BCC need not read the ELF again
             self.probes.addresses.setdefault(lib.path, dict(lib.addresses))
         try:
             self.probes.attach(lib.path, pid)

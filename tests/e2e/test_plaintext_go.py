@@ -10,6 +10,8 @@ reported with its reason ("go without symbol tables"), not probed by guess.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,7 +59,27 @@ def go_clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     hidden = tmp / "go_client_hidden"
     subprocess.run(["objcopy", "--rename-section", ".gopclntab=.lt_hidden", str(stripped),
                     str(hidden)], check=True, capture_output=True)
-    return {"plain": plain, "stripped": stripped, "hidden": hidden}
+    # the same connector rebuilt with more code: its functions at other addresses
+    shift = tmp / "shift"
+    shift.mkdir()
+    shutil.copy(GO_CLIENT, shift / "main.go")
+    (shift / "extra.go").write_text(SHIFT_TLS)
+    rebuilt = build(shift / "main.go", shift / "go_client", extra=(shift / "extra.go",))
+    return {"plain": plain, "stripped": stripped, "hidden": hidden, "rebuilt": rebuilt}
+
+
+# linked in, these packages move crypto/tls to other addresses: a rebuilt connector
+SHIFT_TLS = """package main
+
+import (
+	"archive/tar"
+	"archive/zip"
+	"bytes"
+)
+
+var _ = tar.NewReader(bytes.NewReader(nil))
+var _ = zip.NewWriter(&bytes.Buffer{})
+"""
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +167,25 @@ def test_go_binary_without_tables_is_reported_not_guessed(lab, monitor, collecte
     finally:
         finish(p)  # it still runs: the runtime does not look tables up by section name
     assert collected.findings == []
+
+
+def test_go_binary_rebuilt_in_place_is_probed_at_its_new_addresses(lab, monitor, collected,
+                                                                  go_clients, tmp_path):
+    """A connector redeployed at the same path (a new inode) has crypto/tls elsewhere:
+    probes left at the old addresses would trap mid-instruction or miss its writes."""
+    mon, _ = monitor
+    old = golang.inspect_go_binary(str(go_clients["plain"]))
+    new = golang.inspect_go_binary(str(go_clients["rebuilt"]))
+    assert old is not None and new is not None and old.write and new.write
+    assert old.write.entry != new.write.entry
+    deployed = tmp_path / "go_client"
+    for version in ("plain", "rebuilt"):
+        collected.clear()
+        staged = tmp_path / "staged"
+        shutil.copy(go_clients[version], staged)
+        os.replace(staged, deployed)  # as a deployment does: a new file at the same path
+        p = start_client(lab, deployed, json.dumps({"Body": CANARY}))
+        wait_go_probed(mon, p.pid, collected)
+        finish(p)
+        (f,) = collected.finding("canary_token")
+        assert f.evidence["pid"] == p.pid, version

@@ -6,7 +6,9 @@
 // prints "started", waits for a line on stdin (the test first waits for the
 // monitor to probe it), then POSTs BODY (application/json) COUNT times (default
 // 1) to URL over one HTTPS connection with Host: HOST, reads each response
-// whole and prints "status <code> <response bytes>" per request.
+// whole and prints "status <code> <response bytes>" per request. With
+// GO_CLIENT_HOLD set it then prints "held" and keeps its (idle, pooled)
+// connection open until a second line arrives.
 // Certificates are not verified: the test's server has a throwaway one.
 package main
 
@@ -37,7 +39,8 @@ func main() {
 		count = n
 	}
 	fmt.Println("started")
-	if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+	stdin := bufio.NewReader(os.Stdin)
+	if _, err := stdin.ReadString('\n'); err != nil {
 		fmt.Fprintln(os.Stderr, "stdin:", err)
 		os.Exit(1)
 	}
@@ -64,5 +67,9 @@ func main() {
 			os.Exit(1)
 		}
 		fmt.Printf("status %d %d\n", resp.StatusCode, len(got))
+	}
+	if os.Getenv("GO_CLIENT_HOLD") != "" {
+		fmt.Println("held")
+		stdin.ReadString('\n')
 	}
 }
