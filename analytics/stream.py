@@ -176,6 +176,18 @@ class StreamingDetector:
         self._volume.add_series(index, is_total)
         return index
 
+    def set_allow(self, allow: Mapping[str, Iterable[str]]) -> None:
+        """Replace the allow lists (a config reload): every known destination is judged
+        again; an episode already open stays open until its gap."""
+        self._allow = {t: frozenset(a) for t, a in allow.items() if a}
+        for index, (tenant, vendor, instance) in enumerate(self._keys):
+            if vendor is None:
+                continue
+            policy = self._allow.get(tenant)
+            self._unsanctioned[index] = (
+                policy is not None and self.settings.unsanctioned.enabled
+                and not allows(policy, vendor, instance))
+
     def _add_destination(self, key: SeriesKey, ts: int) -> int:
         tenant, vendor, instance = key
         first = self._tenant_first_ts.setdefault(tenant, ts)

@@ -95,7 +95,8 @@ static __always_inline struct lt_cg_tenant *cg_current_tenant(void)
 		if (t)
 			found = t;
 	}
-	if (found)
+	/* tenant 0: a cgroup no glob claims; the uid rules come next, as in user space */
+	if (found && found->tenant != 0)
 		return found;
 	__u32 uid = (__u32)bpf_get_current_uid_gid();
 	return lt_uid_tenant.lookup(&uid);

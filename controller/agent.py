@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.analytics.alerts import AlertManager, SinkRoute
+from leaktap.analytics.incidents import UNSANCTIONED_DESTINATION
 from leaktap.analytics.outbox import OutboxDispatcher
 from leaktap.analytics.sinks import SinkConfigError, build_sink
 from leaktap.controller.attribution.attributor import Attributor
@@ -34,6 +35,7 @@ from leaktap.controller.attribution.flows import (
 )
 from leaktap.controller.attribution.losses import UserspaceLossMonitor
 from leaktap.controller.attribution.resume import ResumableFlows
+from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import (
     DEFAULT_DB,
     LeaktapConfig,
@@ -43,6 +45,7 @@ from leaktap.controller.config import (
     with_database,
 )
 from leaktap.controller.detection import LiveDetection
+from leaktap.controller.enforcement.enforcer import Enforcement
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import loader
 from leaktap.controller.kernel.cgroups import CgroupAccounting, CgroupReaper, cgroup_ids
@@ -117,6 +120,9 @@ class Agent:
         self.fingerprints: Any = None  # FingerprintWatcher, with plaintext
         self.coverage: Any = None  # CoverageTracker: who talks to CRMs, inspected or not
         self.outbox: OutboxDispatcher | None = None
+        # opt-in per tenant (tenants[].enforce); reloaded with SIGHUP / POST /v1/config/reload
+        self.enforcement: Enforcement | None = None
+        self.config_path: str | None = None  # the file a reload re-reads
         self._baseline_totals = 0
         self._baseline_attributed = 0
         self.last_poll_monotonic = 0.0
@@ -165,6 +171,7 @@ class Agent:
             self.cgroup_accounting = CgroupAccounting(
                 CgroupReaper(lambda: cgroup_ids(cgroup_mount)))
         self.drainer = RingDrainer(self.probes, self._on_sample)
+        self._start_enforcement(cgroup_mount)
         self.resumable = ResumableFlows(
             self.store.live_flows(time.time() - CONVERSATION_IDLE_S), CONVERSATION_IDLE_S)
         self._start_plaintext()
@@ -210,8 +217,53 @@ class Agent:
         self._exit.callback(self.detection.stop)
 
     def _on_incident(self, incident: Any) -> None:
+        if getattr(incident, "kind", None) == UNSANCTIONED_DESTINATION:
+            # what enforcement did about it: blocked | would_block | observed
+            evidence = incident.evidence
+            if "action" not in evidence:
+                evidence["action"] = self.enforcement.action_for(
+                    incident.tenant, incident.crm_vendor, incident.crm_instance,
+                ) if self.enforcement is not None else "observed"
         if self.alerts is not None:
             self.alerts.record(incident)
+
+    def _start_enforcement(self, cgroup_mount: Path | None) -> None:
+        """The kernel policy in the maps and the connect programs attached before the
+        probes attach (no packet goes unjudged); stopped with the probes (fail open)."""
+        self.enforcement = Enforcement(
+            self.config, self.store.path, cgroup_mount, self.attributor.cgroups.path,
+            self._on_incident, self.config.kernel.pin_root or str(loader.PIN_ROOT),
+        )
+        self._exit.callback(self.enforcement.stop)
+        self.enforcement.start(self.probes, self.drainer)
+        enforcement, dns = self.enforcement, self.attributor.dns
+        dns.on_learn = lambda ip, names: enforcement.on_dns_learned(
+            ip, names, dns.live_bindings)
+
+    def reload_config(self) -> dict[str, Any]:
+        """Re-read the config file: tenants, allow lists and enforcement change in the
+        running agent (probes and counts stay). ConfigError: nothing changed."""
+        if self.config_path is None:
+            raise ConfigError("no configuration file to reload (leaktap run without --config)")
+        new = load_config(self.config_path)
+        summary = reload_summary(self.config, new)
+        config = self.config.model_copy(
+            update={"tenants": new.tenants, "enforcement": new.enforcement})
+        with self.lock:
+            bindings = self.attributor.dns.live_bindings()
+        if self.enforcement is not None:
+            self.enforcement.reload(config, bindings)  # raises before changing anything
+        with self.lock:
+            self.config = config
+            self.config_tenant_names = {t.name for t in config.tenants}
+            self.attributor.tenants = TenantResolver(config.tenants)
+        if self.detection is not None:
+            self.detection.set_allow({t.name: frozenset(t.allow) for t in config.tenants})
+        if self.fingerprints is not None:
+            self.plaintext.inspector.fingerprints.allow = {
+                t.name: tuple(t.allow) for t in config.tenants}
+        logger.info("configuration reloaded from %s: %s", self.config_path, summary)
+        return summary
 
     def _start_plaintext(self) -> None:
         """TLS plaintext inspection of the selected processes, when enabled."""
@@ -368,6 +420,10 @@ class Agent:
             self.last_poll_monotonic = time.monotonic()
         self.loss.check(stats)
         self.userspace_loss.check(self.attributor)
+        if self.enforcement is not None:
+            with self.lock:
+                bindings = self.attributor.dns.live_bindings()
+            self.enforcement.poll(bindings)
         if now - self._last_hello_expiry > HELLO_MAX_AGE_S:
             self._last_hello_expiry = now
             stale = self.reader.expire_hellos(int(HELLO_MAX_AGE_S * 1e9))
@@ -377,6 +433,8 @@ class Agent:
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)
+            if self.enforcement is not None:
+                self.enforcement.log.prune(now - self.store.retention_s)
             if self.alerts is not None:
                 self.alerts.prune(now - self.store.retention_s)
 
@@ -454,6 +512,43 @@ class Agent:
 
     def flow_records(self, **filters: Any) -> list[dict[str, Any]]:
         return self.store.flows(**filters)
+
+
+def reload_summary(old: LeaktapConfig, new: LeaktapConfig) -> dict[str, Any]:
+    """What a reload changes (tenants, allow lists, enforcement) and what it cannot."""
+    before = {t.name: t for t in old.tenants}
+    after = {t.name: t for t in new.tenants}
+    changed = {}
+    for name in sorted(before.keys() & after.keys()):
+        b, a = before[name], after[name]
+        diff: dict[str, Any] = {}
+        if set(a.allow) != set(b.allow):
+            diff["allow_added"] = sorted(set(a.allow) - set(b.allow))
+            diff["allow_removed"] = sorted(set(b.allow) - set(a.allow))
+        if a.enforce != b.enforce:
+            diff["enforce"] = [b.enforce, a.enforce]
+        if a.match != b.match:
+            diff["match"] = True
+        if diff:
+            changed[name] = diff
+    ignored = sorted(k for k in type(new).model_fields
+                     if k not in ("tenants", "enforcement") and getattr(old, k) != getattr(new, k))
+    return {
+        "tenants_added": sorted(after.keys() - before.keys()),
+        "tenants_removed": sorted(before.keys() - after.keys()),
+        "tenants_changed": changed,
+        "enforcement_changed": old.enforcement != new.enforcement,
+        "restart_required": ignored,  # other keys are read at start only
+    }
+
+
+def _reload_logged(agent: Agent) -> None:
+    try:
+        agent.reload_config()
+    except ConfigError as e:
+        logger.error("configuration not reloaded, the running policy is kept: %s", e)
+    except Exception:  # noqa: BLE001 - a failed reload must not end the agent
+        logger.exception("configuration not reloaded, the running policy is kept")
 
 
 def _return_freed_heap() -> None:
@@ -565,6 +660,10 @@ def main(args: Any) -> int:
     store = Store(db, retention_days=config.storage.retention_days,
                   group=config.storage.group)
     agent = Agent(config, ifaces, store)
+    agent.config_path = args.config
+    # SIGHUP re-reads the config file (as POST /v1/config/reload); off the signal frame
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(
+        target=_reload_logged, args=(agent,), name="lt-reload", daemon=True).start())
     app = create_app(agent, readers=readers, admins=admins)
     server = api_server(app, host, port, config.tls)
     # uvicorn shuts down gracefully on SIGTERM/SIGINT (the lifespan detaches the

@@ -57,6 +57,15 @@ class LiveDetection:
         self._queue: queue.Queue[tuple[int, int, dict[Any, list[int]]] | None] = queue.Queue()
         self._worker: threading.Thread | None = None
 
+    def set_allow(self, allow: dict[str, frozenset[str]]) -> None:
+        """New allow lists (a config reload), for the poll's check and the detector."""
+        allow = {t: a for t, a in allow.items() if a}
+        with self._lock:
+            self.allow = allow
+            self._immediate.clear()
+        with self._detector_lock:
+            self.detector.set_allow(allow)
+
     def warm_start(self, now: float) -> int:
         """Feed the stored history up to the current minute; returns rows fed."""
         weeks = self.settings.baseline_weeks + 1

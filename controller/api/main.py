@@ -19,6 +19,7 @@ from leaktap.controller.api.routes import (
     alerts,
     audit,
     canaries,
+    config,
     coverage,
     fingerprints,
     flows,
@@ -80,6 +81,7 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.include_router(audit.router)
     app.include_router(sinks.router)
     app.include_router(canaries.router)
+    app.include_router(config.router)
     app.include_router(coverage.router)
     app.include_router(fingerprints.router)
     app.include_router(metrics.router)

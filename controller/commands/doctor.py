@@ -373,6 +373,53 @@ DEFAULT_CHECKS: tuple[Check, ...] = (
 )
 
 
+def check_enforcement(config: LeaktapConfig | None, state: object = None) -> CheckResult:
+    """Enforcement as configured (off / dry-run tenants / block tenants) and as the
+    kernel holds it: programs attached with no agent running are a crashed run's and
+    keep its last policy until the next start."""
+    from leaktap.controller.enforcement.host_state import HostEnforcement, host_enforcement
+
+    name = "enforcement"
+    host = state if isinstance(state, HostEnforcement) else host_enforcement(
+        find_cgroup2_mount())
+    modes = {t.name: t.enforce for t in config.tenants} if config is not None else {}
+    block = sorted(t for t, m in modes.items() if m == "block")
+    dry = sorted(t for t, m in modes.items() if m == "dry-run")
+    configured = (f"block: {', '.join(block) or '-'}; dry-run: {', '.join(dry) or '-'}"
+                  if block or dry else "off (every tenant monitors)")
+    kernel = (f"{host.connect_programs} connect program(s) on the cgroup root, "
+              f"TC filters on {', '.join(host.tc_interfaces) or 'no interface'}")
+    attached = host.connect_programs > 0 or bool(host.tc_interfaces)
+    if attached and not host.agent_pids:
+        return CheckResult(
+            name, Status.WARN, f"no agent runs but {kernel}",
+            impact="a crashed run's programs keep enforcing its last policy (and counting)",
+            fix="start leaktap (it replaces them); stopping it cleanly removes them (fail open)",
+        )
+    problems = _unenforceable(config) if config is not None and (block or dry) else []
+    if problems:
+        return CheckResult(
+            name, Status.WARN, f"{configured}; {len(problems)} catalogue rule(s) the kernel "
+            f"cannot enforce: {'; '.join(problems[:5])}",
+            impact="hosts matched only by those rules are judged by their address alone",
+            fix="give those catalogue entries host patterns (no regex, whole-label globs)",
+        )
+    running = f"agent pid {', '.join(map(str, host.agent_pids))}" if host.agent_pids else \
+        "no agent running"
+    return CheckResult(name, Status.OK, f"{configured}; {running}; {kernel}")
+
+
+def _unenforceable(config: LeaktapConfig) -> list[str]:
+    from leaktap.controller.attribution.catalogue import CrmCatalogue
+    from leaktap.controller.enforcement.kernel_policy import KernelPolicy
+
+    try:
+        policy = KernelPolicy.from_config(config, CrmCatalogue(config.catalogue))
+    except NotImplementedError:
+        return []
+    return [str(r) for r in getattr(policy, "unenforceable_rules", [])]
+
+
 def run_checks(checks: Sequence[Check] = DEFAULT_CHECKS) -> list[CheckResult]:
     results = []
     for check in checks:
@@ -419,6 +466,7 @@ def main(
         ifaces = getattr(args, "iface", None) or []
         checks = (*checks, *(functools.partial(check_xdp, i) for i in ifaces))
     results = run_checks(checks)
+    config: LeaktapConfig | None = None
     if args is not None and getattr(args, "config", None):
         config, config_results = check_config(args.config)
         results.extend(config_results)
@@ -430,6 +478,8 @@ def main(
                 functools.partial(check_plaintext_select, select, pt.enabled)]))
             results.extend(run_checks([functools.partial(
                 check_coverage, coverage_url(config), next(iter(config.tokens.reader), None))]))
+    if args is not None:  # the CLI: what the kernel holds, and the config's modes
+        results.extend(run_checks([functools.partial(check_enforcement, config)]))
     return write_report(results, stream or sys.stdout)
 
 
@@ -441,7 +491,6 @@ def coverage_url(config: LeaktapConfig) -> str:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     scheme = "https" if config.tls is not None else "http"
     return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}/v1/coverage"
-
 
 
 def check_config(path: str) -> tuple[LeaktapConfig | None, list[CheckResult]]:

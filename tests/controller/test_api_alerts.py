@@ -126,7 +126,7 @@ READ_PATHS = [
 # served to browsers, not part of the API schema
 UNDOCUMENTED = ("/docs", "/openapi.json", "/", "/ui/app.js")
 ADMIN_PATHS = ["/v1/alerts/1/ack", "/v1/alerts/1/resolve", "/v1/canaries",
-               "/v1/sinks/file/retry", "/v1/fingerprints"]
+               "/v1/sinks/file/retry", "/v1/fingerprints", "/v1/config/reload"]
 DELETE_PATHS = ["/v1/fingerprints/acme/contacts"]
 
 

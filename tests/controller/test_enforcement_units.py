@@ -137,3 +137,58 @@ def test_destroy_reaches_another_network_namespace() -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_doctor_names_the_state_and_a_crashed_runs_programs() -> None:
+    from leaktap.controller.commands.doctor import Status, check_enforcement
+    from leaktap.controller.enforcement.host_state import HostEnforcement
+
+    config = parse_config(CONFIG)
+    running = check_enforcement(config, HostEnforcement(2, ["eth9"], [4242]))
+    assert (running.status, running.detail) == (
+        Status.OK, "block: acme; dry-run: globex; agent pid 4242; 2 connect program(s) on "
+        "the cgroup root, TC filters on eth9")
+    crashed = check_enforcement(config, HostEnforcement(2, ["eth9"], []))
+    assert crashed.status is Status.WARN
+    assert crashed.detail.startswith("no agent runs but 2 connect program(s)")
+    assert "keep enforcing its last policy" in crashed.impact
+    off = check_enforcement(None, HostEnforcement(0, [], []))
+    assert (off.status, off.detail) == (
+        Status.OK, "off (every tenant monitors); no agent running; 0 connect program(s) on "
+        "the cgroup root, TC filters on no interface")
+
+
+def test_reload_summary_names_what_changed_and_what_needs_a_restart() -> None:
+    from leaktap.controller.agent import reload_summary
+
+    old = parse_config(CONFIG)
+    new = parse_config(CONFIG.replace('allow: ["salesforce:acme"]',
+                                      'allow: ["salesforce:acme", "salesforce:initech"]')
+                       .replace("enforce: dry-run", "enforce: block")
+                       + "listen: 127.0.0.1:9999\n")
+    assert reload_summary(old, new) == {
+        "tenants_added": [], "tenants_removed": [],
+        "tenants_changed": {
+            "acme": {"allow_added": ["salesforce:initech"], "allow_removed": []},
+            "globex": {"enforce": ["dry-run", "block"]}},
+        "enforcement_changed": False, "restart_required": ["listen"]}
+
+
+def test_audit_lists_decisions_on_their_flow_or_alone() -> None:
+    from leaktap.controller.api.routes.audit import with_decisions
+
+    flow = {"id": 7, "src": "198.18.0.1", "sport": 40000, "dst": "198.18.0.2", "dport": 443,
+            "last_seen": 10.0, "outcome": "reset"}
+    other = {**flow, "id": 8, "sport": 40001, "last_seen": 11.0, "outcome": "completed"}
+    hello = {"src": "198.18.0.1", "sport": 40000, "dst": "198.18.0.2", "dport": 443,
+             "action": "blocked", "reason": "unsanctioned_instance", "ts": 9.0}
+    connects = [{"src": "", "sport": 0, "dst": "198.18.0.3", "dport": 443, "action": a,
+                 "reason": "address", "ts": 12.0, "host": "globex.my.salesforce.com",
+                 "crm_vendor": "salesforce", "crm_instance": "globex", "tenant": t}
+                for a, t in (("blocked", "acme"), ("would_block", "globex"))]
+    rows = with_decisions([other, flow], [hello, *connects], attempted_only=False, limit=10)
+    assert [(r["id"], r["outcome"], r.get("enforcement_reason")) for r in rows] == [
+        (None, "blocked", "address"), (None, "would_block", "address"),
+        (8, "completed", None), (7, "blocked", "unsanctioned_instance")]
+    attempts = with_decisions([flow], [hello, *connects], attempted_only=True, limit=10)
+    assert [(r["id"], r["outcome"]) for r in attempts] == [(None, "blocked"), (7, "blocked")]

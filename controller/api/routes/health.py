@@ -19,6 +19,10 @@ def read_ready(agent: AgentDep, _: ReaderDep) -> dict[str, object]:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail)
     # per interface: tc, or the XDP mode the driver allowed (native | generic)
     body: dict[str, object] = {"status": "ready", "attached": dict(agent.probes.attach_modes)}
+    # off | dry-run | block, the tenants in each, when the policy was loaded
+    enforcement = getattr(agent, "enforcement", None)
+    if enforcement is not None:
+        body["enforcement"] = enforcement.state()
     # still serving, but alerts that never reached a sink need an operator
     outbox = getattr(agent, "outbox", None)
     failed = outbox.failed_by_sink() if outbox is not None else {}

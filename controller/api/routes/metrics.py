@@ -59,7 +59,9 @@ class _AgentCollector:
             "metric reached its series cap", labels=["metric"],
         )
         for metric, cap in (("leaktap_egress_bytes", getattr(a, "egress_series", None)),
-                            ("leaktap_cgroup_egress_bytes", getattr(accounting, "cap", None))):
+                            ("leaktap_cgroup_egress_bytes", getattr(accounting, "cap", None)),
+                            ("leaktap_enforcement_decisions",
+                             getattr(getattr(a, "enforcement", None), "series", None))):
             if cap is not None:
                 folded.add_metric([metric], cap.folded)
         yield folded
@@ -114,6 +116,7 @@ class _AgentCollector:
                 if not name.startswith("ssl_loss_"):
                     inspected.add_metric([name], value)
             yield inspected
+        yield from _enforcement_metrics(getattr(a, "enforcement", None))
         attached = GaugeMetricFamily(
             "leaktap_probe_attached",
             "1 when the programs are attached to the interface (mode: tc, native, generic)",
@@ -147,6 +150,18 @@ def _coverage_metrics(coverage: Any) -> Iterator[Metric]:
     for (tls, inspected), n in sorted(coverage.processes_by_class().items()):
         processes.add_metric([tls, "true" if inspected else "false"], n)
     yield processes
+
+
+def _enforcement_metrics(enforcement: Any) -> Iterator[Metric]:
+    decisions = CounterMetricFamily(
+        "leaktap_enforcement_decisions", "enforcement decisions (blocked, would_block) by "
+        "tenant and destination; label sets beyond the cap count as other",
+        labels=["tenant", "vendor", "crm_instance", "action"],
+    )
+    counts = enforcement.counts if enforcement is not None else {}
+    for labels, n in sorted(counts.items()):
+        decisions.add_metric(list(labels), n)
+    yield decisions
 
 
 def _alert_metrics(alerts: Any, outbox: Any) -> Iterator[Metric]:

@@ -1,0 +1,83 @@
+"""Every enforcement decision, kept for the audit (`/v1/audit`) in the agent's database.
+
+Its own table, created on first use (``CREATE TABLE IF NOT EXISTS``) through its
+own connection to the same SQLite file (WAL: the poll thread's writes and these
+do not block each other for long). A decision is written when it arrives, so a
+refused connect that never became a flow is still in the audit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from leaktap.controller.enforcement.kernel_policy import EnforcementDecision
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS enforcement_decisions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    tenant TEXT NOT NULL,
+    action TEXT NOT NULL,             -- blocked | would_block
+    reason TEXT NOT NULL,             -- unsanctioned_instance | shared_host | quic | ech | address
+    crm_vendor TEXT,
+    crm_instance TEXT,
+    host TEXT,
+    proto INTEGER NOT NULL,
+    src TEXT NOT NULL,                -- '' for a connect refused before it had a source
+    sport INTEGER NOT NULL,
+    dst TEXT NOT NULL,
+    dport INTEGER NOT NULL,
+    cgroup_id INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS enforcement_decisions_ts ON enforcement_decisions (ts);
+CREATE INDEX IF NOT EXISTS enforcement_decisions_flow
+    ON enforcement_decisions (src, sport, dst, dport);
+"""
+FIELDS = ("ts", "tenant", "action", "reason", "crm_vendor", "crm_instance", "host", "proto",
+          "src", "sport", "dst", "dport", "cgroup_id")
+
+
+class DecisionLog:
+    def __init__(self, path: str | Path) -> None:
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(SCHEMA)
+        self._lock = threading.Lock()
+
+    def add(self, d: EnforcementDecision) -> None:
+        row = (d.ts, d.tenant, d.action, d.reason, d.vendor, d.crm_instance, d.host, d.proto,
+               d.saddr, d.sport, d.daddr, d.dport, d.cgroup_id)
+        with self._lock:
+            self._db.execute(
+                f"INSERT INTO enforcement_decisions ({', '.join(FIELDS)}) "
+                f"VALUES ({', '.join('?' * len(FIELDS))})", row)
+
+    def recent(self, tenant: str | None = None, since: float | None = None,
+               limit: int = 1000) -> list[dict[str, Any]]:
+        """Decisions, newest first."""
+        where: list[str] = ["1=1"]
+        args: list[Any] = []
+        if tenant is not None:
+            where.append("tenant = ?")
+            args.append(tenant)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(since)
+        with self._lock:
+            cur = self._db.execute(
+                f"SELECT id, {', '.join(FIELDS)} FROM enforcement_decisions "
+                f"WHERE {' AND '.join(where)} ORDER BY ts DESC LIMIT ?", (*args, limit))
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    def prune(self, cutoff: float) -> int:
+        with self._lock:
+            return int(self._db.execute(
+                "DELETE FROM enforcement_decisions WHERE ts < ?", (cutoff,)).rowcount)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
