@@ -118,6 +118,7 @@ class Agent:
         self.detection: LiveDetection | None = None
         self.plaintext: Any = None  # PlaintextMonitor when plaintext.enabled
         self.fingerprints: Any = None  # FingerprintWatcher, with plaintext
+        self.dataflows: Any = None  # DataFlowMap of paired CRM calls, with plaintext
         self.coverage: Any = None  # CoverageTracker: who talks to CRMs, inspected or not
         self.outbox: OutboxDispatcher | None = None
         # opt-in per tenant (tenants[].enforce); reloaded with SIGHUP / POST /v1/config/reload
@@ -277,6 +278,7 @@ class Agent:
         )
         self.restore_canaries()
         self._watch_fingerprints()
+        self._start_dataflows()
         self.plaintext.start()
         self._exit.callback(self.plaintext.stop)
 
@@ -286,6 +288,30 @@ class Agent:
 
         self.coverage = CoverageTracker(self.plaintext).start()
         self._exit.callback(self.coverage.stop)
+
+    def _start_dataflows(self) -> None:
+        """The CRM data-flow map (issue 14): the plaintext read side hands each paired
+        request and response to `self.plaintext.exchange_sink.on_exchange(exchange)`.
+        The map resumes from the stored rows (totals go on, known flows stay known) and
+        is written on the polls past plaintext.dataflows.flush_interval_s, and at stop
+        (the callback runs after the monitor's stop: no call is lost in between)."""
+        from leaktap.analytics.plaintext.dataflows import DataFlowMap, DataFlowSettings
+
+        settings = DataFlowSettings.from_settings(self.config.plaintext.dataflows)
+        self.dataflows = DataFlowMap(
+            settings, on_finding=self._on_incident,
+            on_audit=lambda call: self.store.add_audit_call(call.as_dict()),
+            write=self.store.put_dataflows)
+        self.dataflows.load(self.store.dataflows(
+            since=time.time() - self.store.retention_s, limit=settings.keys_max))
+        self.plaintext.exchange_sink = self.dataflows
+        self._exit.callback(self._flush_dataflows)
+
+    def _flush_dataflows(self) -> None:
+        try:
+            self.dataflows.flush()
+        except Exception:  # noqa: BLE001 - kept in memory, written on a later poll
+            logger.exception("writing the data-flow map")
 
     def _watch_fingerprints(self) -> None:
         """Fingerprint sets (leaktap fingerprint add, POST /v1/fingerprints) are
@@ -411,6 +437,8 @@ class Agent:
             self.detection.add(buckets, now)
         if self.plaintext is not None:
             self.plaintext.check_loss()
+        if self.dataflows is not None and self.dataflows.due(now):
+            self._flush_dataflows()
         with self.lock:
             idle = time.monotonic_ns() - int(CONVERSATION_IDLE_S * 1e9)
             for conv in self.table.expire(idle):
@@ -433,6 +461,8 @@ class Agent:
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)
+            if self.dataflows is not None:
+                self.dataflows.prune(now - self.store.retention_s)
             if self.enforcement is not None:
                 self.enforcement.log.prune(now - self.store.retention_s)
             if self.alerts is not None:

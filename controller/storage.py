@@ -438,9 +438,21 @@ class Store:
             "SELECT token, tenant, record, environment FROM canaries ORDER BY created_ts", ())
 
     def audit_calls(
-        self, tenant: str | None = None, since: float | None = None, limit: int = 1000
+        self, tenant: str | None = None, since: float | None = None, limit: int = 1000,
+        attempted_only: bool = False,
     ) -> list[dict[str, Any]]:
-        rows = self._filtered("audit_calls", "ts", limit, tenant=tenant, since=since)
+        """Audited CRM calls, newest first; `attempted_only`: those answered 4xx/5xx or
+        not at all (issue 14.4)."""
+        if attempted_only:
+            where, args = ["outcome IS NOT NULL"], []
+            for column, value in (("tenant", tenant), ("ts", since)):
+                if value is not None:
+                    where.append(f"{column} {'>=' if column == 'ts' else '='} ?")
+                    args.append(value)
+            rows = self._query(f"SELECT * FROM audit_calls WHERE {' AND '.join(where)} "
+                               "ORDER BY ts DESC LIMIT ?", (*args, limit))
+        else:
+            rows = self._filtered("audit_calls", "ts", limit, tenant=tenant, since=since)
         for r in rows:
             r["allowed"] = bool(r["allowed"])
         return rows

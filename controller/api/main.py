@@ -21,6 +21,7 @@ from leaktap.controller.api.routes import (
     canaries,
     config,
     coverage,
+    dataflows,
     fingerprints,
     flows,
     health,
@@ -79,6 +80,7 @@ def create_app(agent: Any, readers: list[str], admins: list[str], manage: bool =
     app.include_router(tenants.router)
     app.include_router(alerts.router)
     app.include_router(audit.router)
+    app.include_router(dataflows.router)
     app.include_router(sinks.router)
     app.include_router(canaries.router)
     app.include_router(config.router)

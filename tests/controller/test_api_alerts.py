@@ -119,6 +119,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 READ_PATHS = [
+    "/v1/dataflows",
     "/readyz", "/v1/flows", "/v1/tenants", "/v1/tenants/acme/volume", "/v1/alerts",
     "/v1/alerts/1", "/v1/audit", "/v1/sinks", "/v1/stats", "/v1/whoami", "/metrics",
     "/openapi.json", "/docs", "/", "/ui/app.js", "/v1/fingerprints", "/v1/coverage",

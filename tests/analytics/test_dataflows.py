@@ -1,0 +1,192 @@
+"""The data-flow map (issue 14.3-14.5) fed paired exchanges directly: totals per
+flow, batched writes, the crm_admin_action, new_data_flow and crm_access_refused
+findings, and the attempted transfers handed to the audit."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from leaktap.analytics.alerts import Finding
+from leaktap.analytics.plaintext.dataflows import (
+    DataFlowMap,
+    DataFlowSettings,
+    ExchangeAudit,
+    outcome_of,
+    status_class,
+)
+from tests.analytics.crm_fixtures import ALL_CALLS, EXE, FIXTURES, T0, Call, exchange
+
+HOUR = 3600.0
+
+
+def by_name(calls: list[Call], target_part: str) -> Call:
+    return next(c for c in calls if target_part in c.target)
+
+
+class Recorder:
+    def __init__(self, settings: DataFlowSettings | None = None) -> None:
+        self.findings: list[Finding] = []
+        self.audits: list[ExchangeAudit] = []
+        self.writes: list[list[dict[str, Any]]] = []
+        self.map = DataFlowMap(settings or DataFlowSettings(warmup_s=HOUR),
+                               on_finding=self.findings.append, on_audit=self.audits.append,
+                               write=self.writes.append, clock=lambda: T0)
+
+    def kinds(self) -> list[str]:
+        return [f.kind for f in self.findings]
+
+
+def test_totals_per_flow_are_exact_and_written_in_batches() -> None:
+    r = Recorder()
+    query = by_name(FIXTURES["salesforce"], "query?q=SELECT")
+    for i in range(5):
+        r.map.on_exchange(exchange(query, ts=T0 + i))
+    r.map.on_exchange(exchange(query, ts=T0 + 9, status=500))
+    r.map.on_exchange(exchange(query, ts=T0 + 10, status=None))
+    assert r.writes == []  # nothing written per call
+    assert r.map.flush() == 1
+    [row] = r.writes[0]
+    assert (row["object"], row["operation"], row["direction"]) == ("Contact", "query",
+                                                                   "from_crm")
+    assert (row["requests"], row["records"], row["records_unknown"]) == (7, 15, 0)
+    assert (row["status_2xx"], row["status_5xx"], row["status_none"]) == (5, 1, 1)
+    assert row["response_bytes"] == 7 * len(query.response)
+    assert (row["first_seen"], row["last_seen"]) == (T0, T0 + 10)
+    assert row["data_classes"] == ["email", "free_text", "national_id", "phone"]
+    assert row["templates"] == ["/services/data/v59.0/query?q"]
+    assert r.map.flush() == 0  # nothing changed since
+
+
+def test_every_fixture_gives_its_object_operation_and_records() -> None:
+    r = Recorder()
+    for call in ALL_CALLS:
+        r.map.on_exchange(exchange(call))
+    r.map.flush()
+    got: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+    for row in r.writes[0]:
+        got[(row["crm_vendor"], row["object"], row["operation"], row["direction"])] = (
+            row["requests"], row["records"])
+    expected: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+    for c in ALL_CALLS:
+        key = (c.vendor, c.object, c.operation, c.direction)
+        n, records = expected.get(key, (0, 0))
+        expected[key] = (n + 1, records + c.records)
+    assert got == expected
+
+
+def test_admin_calls_alert_high_for_writes_and_low_for_reads() -> None:
+    r = Recorder()
+    psa = by_name(FIXTURES["salesforce"], "PermissionSetAssignment")
+    r.map.on_exchange(exchange(psa))
+    r.map.on_exchange(exchange(psa, ts=T0 + 5))  # same key: the lifecycle counts it
+    r.map.on_exchange(exchange(by_name(FIXTURES["zoho"], "settings/profiles")))
+    admin = [f for f in r.findings if f.kind == "crm_admin_action"]
+    assert [(f.severity, f.evidence["object"], f.evidence["access"]) for f in admin] == [
+        ("high", "PermissionSetAssignment", "write"), ("high", "PermissionSetAssignment",
+                                                       "write"), ("low", "profiles", "read")]
+    assert admin[0].dedup_key == admin[1].dedup_key != admin[2].dedup_key
+    assert admin[0].evidence["path"] == "/services/data/v59.0/sobjects/PermissionSetAssignment"
+    assert (admin[0].tenant, admin[0].crm_vendor, admin[0].crm_instance) == (
+        "acme", "salesforce", "acme")
+
+
+def test_new_data_flow_only_after_the_warm_up_and_once_per_flow() -> None:
+    r = Recorder()
+    cases = by_name(FIXTURES["salesforce"], "queryAll")
+    contacts = by_name(FIXTURES["salesforce"], "query?q=SELECT")
+    r.map.on_exchange(exchange(cases, ts=T0))
+    r.map.on_exchange(exchange(cases, ts=T0 + HOUR / 2))
+    assert r.findings == []
+    r.map.on_exchange(exchange(contacts, ts=T0 + HOUR + 1))  # an assistant that read Cases
+    r.map.on_exchange(exchange(contacts, ts=T0 + HOUR + 2))
+    r.map.on_exchange(exchange(cases, ts=T0 + HOUR + 3))
+    assert r.kinds() == ["new_data_flow"]
+    f = r.findings[0]
+    assert (f.severity, f.evidence["object"], f.evidence["operation"],
+            f.evidence["direction"]) == ("medium", "Contact", "query", "from_crm")
+    # another executable of the tenant is in its own warm-up
+    r.map.on_exchange(exchange(contacts, ts=T0 + HOUR + 4, exe="/usr/bin/other"))
+    assert r.kinds() == ["new_data_flow"]
+
+
+def test_a_restart_keeps_what_was_learned() -> None:
+    first = Recorder()
+    cases = by_name(FIXTURES["salesforce"], "queryAll")
+    first.map.on_exchange(exchange(cases, ts=T0))
+    first.map.flush()
+    second = Recorder()
+    assert second.map.load(first.writes[0]) == 1
+    second.map.on_exchange(exchange(cases, ts=T0 + 2 * HOUR))
+    assert second.findings == []  # known before the restart: not new
+    second.map.on_exchange(exchange(by_name(FIXTURES["salesforce"], "sobjects/Case"),
+                                    ts=T0 + 2 * HOUR))
+    assert second.kinds() == ["new_data_flow"]  # the warm-up counted from the stored start
+    second.map.flush()
+    row = next(w for w in second.writes[0] if w["operation"] == "query")
+    assert (row["requests"], row["records"]) == (2, 4)
+
+
+def test_refused_storm_of_one_process_is_a_finding() -> None:
+    r = Recorder(DataFlowSettings(warmup_s=HOUR, refused_storm_count=5,
+                                  refused_storm_window_s=60))
+    lead = by_name(FIXTURES["salesforce"], "FROM+Lead")  # answered 403
+    for i in range(4):
+        r.map.on_exchange(exchange(lead, ts=T0 + i))
+    r.map.on_exchange(exchange(lead, ts=T0 + 4, pid=7))  # another process: its own count
+    assert "crm_access_refused" not in r.kinds()
+    r.map.on_exchange(exchange(lead, ts=T0 + 5))
+    storms = [f for f in r.findings if f.kind == "crm_access_refused"]
+    assert len(storms) == 1 and storms[0].severity == "high"
+    assert (storms[0].evidence["refused"], storms[0].evidence["last_status"]) == (5, 403)
+    # slow refusals (outside the window) are no storm
+    slow = Recorder(DataFlowSettings(warmup_s=HOUR, refused_storm_count=3,
+                                     refused_storm_window_s=10))
+    for i in range(6):
+        slow.map.on_exchange(exchange(lead, ts=T0 + 20 * i))
+    assert "crm_access_refused" not in slow.kinds()
+
+
+def test_attempted_transfers_reach_the_audit_with_their_outcome() -> None:
+    r = Recorder()
+    contacts = by_name(FIXTURES["salesforce"], "query?q=SELECT")
+    r.map.on_exchange(exchange(contacts))  # 200: a transfer, not an attempt
+    for status in (401, 403, 404, 503, None):
+        r.map.on_exchange(exchange(contacts, status=status))
+    assert [(a.status, a.outcome) for a in r.audits] == [
+        (401, "refused"), (403, "refused"), (404, "failed"), (503, "failed"),
+        (None, "unanswered")]
+    a = r.audits[0]
+    assert (a.operation, a.path, a.method, a.comm, a.allowed) == (
+        "salesforce:query.Contact", "/services/data/v59.0/query?q", "GET", "crm-sync", False)
+    assert set(a.as_dict()) >= {"status", "outcome", "tenant", "path", "request_bytes"}
+
+
+def test_bound_on_flows_counts_what_it_drops() -> None:
+    r = Recorder(DataFlowSettings(warmup_s=HOUR, keys_max=2))
+    for call in FIXTURES["hubspot"]:
+        r.map.on_exchange(exchange(call))
+    assert len(r.map.flows) == 2
+    # five calls, four flows (list and search are both contacts/query): two kept, two dropped
+    assert r.map.stats["dropped_keys_over_bound"] == 2
+    assert r.map.flows[next(iter(r.map.flows))].requests == 2
+
+
+def test_status_classes_and_outcomes() -> None:
+    assert [status_class(s) for s in (200, 204, 302, 401, 404, 500, None)] == [
+        "2xx", "2xx", "3xx", "4xx", "4xx", "5xx", "none"]
+    assert [outcome_of(s) for s in (200, 302, 401, 403, 429, 500, None)] == [
+        None, None, "refused", "refused", "failed", "failed", "unanswered"]
+
+
+def test_cut_responses_count_complete_records() -> None:
+    r = Recorder()
+    deals = by_name(FIXTURES["pipedrive"], "/v1/deals?start")
+    r.map.on_exchange(exchange(deals, response_cut=len(deals.response) // 2))
+    r.map.on_exchange(dataclasses.replace(exchange(deals), exe=EXE))
+    r.map.flush()
+    [row] = r.writes[0]
+    assert row["requests"] == 2
+    half = deals.response[: len(deals.response) // 2]
+    assert row["records"] == 3 + half.count(b'}]}}, ')  # complete deals of the cut body
+    assert r.map.stats["records_partial"] == 1

@@ -1,0 +1,160 @@
+"""GET /v1/dataflows and the attempted calls of /v1/audit (issue 14.3, 14.4) over a real
+SQLite file and a real uvicorn server, fed by DataFlowMap.on_exchange with the vendor
+fixtures: exact request and record counts per object; and the redaction scan: no
+body, field value, record id or query-string value in the database or the answers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from leaktap.analytics.alert_settings import AlertsSettings
+from leaktap.analytics.alerts import AlertManager
+from leaktap.analytics.plaintext.dataflows import DataFlowMap, DataFlowSettings
+from leaktap.controller.agent import api_server
+from leaktap.controller.api.main import create_app
+from leaktap.controller.storage import Store
+from tests.analytics.crm_fixtures import ALL_CALLS, SECRETS, T0, exchange
+
+READER = "reader-token-0123456789"
+ADMIN = "admin-token-0123456789ab"
+ACME_ROUNDS = 3  # every fixture call made this many times by acme
+
+
+class AgentView:
+    """What the data-flow and audit routes read from a running Agent."""
+
+    def __init__(self, store: Store, alerts: AlertManager, dataflows: DataFlowMap) -> None:
+        self.store, self.alerts, self.dataflows = store, alerts, dataflows
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def serve(agent: AgentView) -> Iterator[str]:
+    app = create_app(agent, readers=[READER], admins=[ADMIN], manage=False)
+    port = _free_port()
+    srv = api_server(app, "127.0.0.1", port, None)
+    srv.config.lifespan = "off"
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not srv.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentView, str, Path]]:
+    tmp = tmp_path_factory.mktemp("dataflows")
+    store = Store(tmp / "lt.db")
+    alerts = AlertManager(store.path, [], AlertsSettings())
+    fmap = DataFlowMap(DataFlowSettings(warmup_s=3600, flush_interval_s=3600),
+                       on_finding=alerts.record,
+                       on_audit=lambda a: store.add_audit_call(a.as_dict()),
+                       write=store.put_dataflows)
+    for i in range(ACME_ROUNDS):
+        for call in ALL_CALLS:
+            fmap.on_exchange(exchange(call, ts=T0 + i))
+    fmap.flush()  # a periodic write; the rest is written by the request's flush
+    for call in ALL_CALLS:
+        fmap.on_exchange(exchange(call, tenant="globex", instance=None, ts=T0 + 7200,
+                                  exe="/usr/bin/python3.11"))
+    agent = AgentView(store, alerts, fmap)
+    with serve(agent) as url:
+        yield agent, url, tmp
+    alerts.close()
+    store.close()
+
+
+def get(url: str, path: str, token: str | None = READER, **params: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.get(url + path, params=params, headers=headers, timeout=10)
+
+
+def test_dataflows_give_exact_requests_and_records_per_object(lab: Any) -> None:
+    _, url, _ = lab
+    r = get(url, "/v1/dataflows", tenant="acme")
+    assert r.status_code == 200
+    rows = r.json()["dataflows"]
+    got = {(d["crm_vendor"], d["crm_instance"], d["object"], d["operation"], d["direction"]):
+           (d["requests"], d["records"]) for d in rows}
+    expected: dict[tuple[str, str, str, str, str], tuple[int, int]] = {}
+    for c in ALL_CALLS:
+        key = (c.vendor, "acme", c.object, c.operation, c.direction)
+        n, records = expected.get(key, (0, 0))
+        expected[key] = (n + ACME_ROUNDS, records + ACME_ROUNDS * c.records)
+    assert got == expected
+    contact = next(d for d in rows if d["object"] == "Contact" and d["operation"] == "query")
+    assert contact["outcomes"] == {"2xx": 3, "3xx": 0, "4xx": 0, "5xx": 0, "none": 0}
+    assert contact["exe"] == "/opt/assistant/bin/crm-sync"
+    assert contact["data_classes"] == ["email", "free_text", "national_id", "phone"]
+    assert (contact["first_seen"], contact["last_seen"]) == (T0, T0 + 2)
+    lead = next(d for d in rows if d["object"] == "Lead")
+    assert lead["outcomes"]["4xx"] == 3 and lead["records"] == 0
+
+
+def test_dataflows_filter_by_tenant_and_since_and_need_a_token(lab: Any) -> None:
+    _, url, _ = lab
+    everyone = get(url, "/v1/dataflows").json()["dataflows"]
+    globex = get(url, "/v1/dataflows", tenant="globex").json()["dataflows"]
+    recent = get(url, "/v1/dataflows", since=T0 + 3600).json()["dataflows"]
+    assert {d["tenant"] for d in everyone} == {"acme", "globex"}
+    assert len(globex) == len(everyone) // 2 and {d["crm_instance"] for d in globex} == {None}
+    assert sorted(json.dumps(d, sort_keys=True) for d in recent) == sorted(
+        json.dumps(d, sort_keys=True) for d in globex)
+    assert sum(d["requests"] for d in globex) == len(ALL_CALLS)
+    assert get(url, "/v1/dataflows", token=None).status_code == 401
+    assert get(url, "/v1/dataflows", token="wrong-token-0123456789").status_code == 401
+    assert get(url, "/v1/dataflows", since=-1).status_code == 422
+    assert get(url, "/v1/dataflows", tenant="").status_code == 422
+
+
+def test_audit_lists_attempted_calls_with_their_status(lab: Any) -> None:
+    _, url, _ = lab
+    attempts = get(url, "/v1/audit", attempted="true", tenant="acme").json()["calls"]
+    assert [(c["operation"], c["status"], c["outcome"], c["path"]) for c in attempts] == [
+        ("salesforce:query.Lead", 403, "refused", "/services/data/v59.0/query?q")] * ACME_ROUNDS
+    every = get(url, "/v1/audit").json()["calls"]
+    assert len(every) == ACME_ROUNDS + 1  # the globex attempt too
+
+
+def test_admin_actions_and_no_new_flow_alerts_in_the_warm_up(lab: Any) -> None:
+    agent, _, _ = lab
+    alerts = agent.alerts.list_alerts()
+    kinds = sorted({(a["kind"], a["tenant"]) for a in alerts})
+    assert kinds == [("crm_admin_action", "acme"), ("crm_admin_action", "globex")]
+    acme = sorted((a["evidence"]["object"], a["severity"], a["count"]) for a in alerts
+                  if a["tenant"] == "acme")
+    assert acme == [("PermissionSetAssignment", "high", 3), ("permissionSets", "low", 3),
+                    ("profiles", "low", 3), ("systemusers", "high", 3), ("users", "high", 3),
+                    ("users", "high", 3)]
+
+
+def test_no_body_value_or_query_value_at_rest_or_in_answers(lab: Any) -> None:
+    _, url, tmp = lab
+    answers = (get(url, "/v1/dataflows").content + get(url, "/v1/audit").content)
+    database = b"".join(p.read_bytes() for p in tmp.glob("lt.db*"))
+    assert b"PermissionSetAssignment" in database and b"crm_admin_action" in database
+    for where, content in (("database", database), ("API answers", answers)):
+        for value in SECRETS:
+            for form in (value, json.dumps(value)[1:-1], value.replace(" ", "+")):
+                assert form.encode() not in content, f"{value!r} found in the {where}"
