@@ -291,7 +291,7 @@ class Agent:
 
     def _start_dataflows(self) -> None:
         """The CRM data-flow map (issue 14): the plaintext read side hands each paired
-        request and response to `self.plaintext.exchange_sink.on_exchange(exchange)`.
+        request and response to every sink in `inspector.exchange_sinks` (on_exchange).
         The map resumes from the stored rows (totals go on, known flows stay known) and
         is written on the polls past plaintext.dataflows.flush_interval_s, and at stop
         (the callback runs after the monitor's stop: no call is lost in between)."""
@@ -304,7 +304,9 @@ class Agent:
             write=self.store.put_dataflows)
         self.dataflows.load(self.store.dataflows(
             since=time.time() - self.store.retention_s, limit=settings.keys_max))
-        self.plaintext.exchange_sink = self.dataflows
+        sinks = getattr(self.plaintext.inspector, "exchange_sinks", None)
+        if sinks is not None:  # the read side pairs requests with responses
+            sinks.append(self.dataflows)
         self._exit.callback(self._flush_dataflows)
 
     def _flush_dataflows(self) -> None:

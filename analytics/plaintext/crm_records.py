@@ -169,8 +169,8 @@ _WRITE_ARRAY_KEYS = ("inputs", "records", "data", "Targets", "batchRequests",
 
 def count_request(vendor: str, method: str, body: bytes, cut: bool, doc: Any = None) -> Count:
     """Records a write carries in its request: an array of inputs, else one record."""
-    if not body:
-        return Count(1) if method in ("DELETE", "PATCH", "PUT", "POST") else UNKNOWN
+    if not body:  # a write without a body names one record in its path; a body not kept: ?
+        return Count(1) if not cut and method in ("DELETE", "PATCH", "PUT", "POST") else UNKNOWN
     if doc is None and not cut:
         doc = parse_json(body)
     if isinstance(doc, list):
