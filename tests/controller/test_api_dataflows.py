@@ -158,3 +158,45 @@ def test_no_body_value_or_query_value_at_rest_or_in_answers(lab: Any) -> None:
         for value in SECRETS:
             for form in (value, json.dumps(value)[1:-1], value.replace(" ", "+")):
                 assert form.encode() not in content, f"{value!r} found in the {where}"
+
+
+def test_the_agent_wires_the_map_to_the_read_side_and_the_store(tmp_path: Path) -> None:
+    """Agent._start_dataflows: the map joins the inspector's exchange sinks, resumes from
+    the stored rows, is written when due and at stop, and its findings become alerts."""
+    from types import SimpleNamespace
+
+    from leaktap.controller.agent import Agent
+    from leaktap.controller.config import parse_config
+
+    now = time.time()  # the stored rows are restored within the retention
+    store = Store(tmp_path / "lt.db")
+    config = parse_config("plaintext: {enabled: true, dataflows: {warmup_s: 0}}")
+    agent = Agent(config, ["lt-none"], store)
+    agent.alerts = AlertManager(store.path, [], AlertsSettings())
+    sinks: list[Any] = []
+    agent.plaintext = SimpleNamespace(inspector=SimpleNamespace(exchange_sinks=sinks))
+    query = next(c for c in ALL_CALLS if c.object == "Contact" and c.operation == "query")
+    psa = next(c for c in ALL_CALLS if c.object == "PermissionSetAssignment")
+    store.put_dataflows([{
+        "tenant": "acme", "exe": "/opt/assistant/bin/crm-sync", "crm_vendor": "salesforce",
+        "crm_instance": "acme", "object": "Contact", "operation": "query",
+        "direction": "from_crm", "requests": 10, "records": 30, "records_unknown": 0,
+        "request_bytes": 0, "response_bytes": 100, "status_2xx": 10, "status_3xx": 0,
+        "status_4xx": 0, "status_5xx": 0, "status_none": 0, "data_classes": ["email"],
+        "templates": ["/services/data/v59.0/query?q"], "first_seen": now - 60,
+        "last_seen": now - 1}])
+    try:
+        agent._start_dataflows()
+        assert sinks == [agent.dataflows]
+        sinks[0].on_exchange(exchange(query, ts=now))  # known before: no new_data_flow
+        sinks[0].on_exchange(exchange(psa, ts=now + 1))
+        assert agent.dataflows.due(agent.dataflows.clock() + 3600)
+    finally:
+        agent._exit.close()  # the stop writes what is left
+    rows = {(r["object"], r["operation"]): r for r in store.dataflows()}
+    assert (rows[("Contact", "query")]["requests"], rows[("Contact", "query")]["records"]) == (
+        11, 33)
+    assert rows[("PermissionSetAssignment", "admin")]["requests"] == 1
+    assert [a["kind"] for a in agent.alerts.list_alerts()] == ["crm_admin_action"]
+    agent.alerts.close()
+    store.close()
