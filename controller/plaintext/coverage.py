@@ -71,6 +71,15 @@ class ProcessCoverage:
                 "inspected": self.inspected, "reason": self.reason}
 
 
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    exe: str | None
+    comm: str | None
+    tls: str
+    inspected: bool
+    reason: str
+
+
 @dataclass(slots=True)
 class _Connection:
     destination: str  # vendor:instance
@@ -188,10 +197,16 @@ class CoverageTracker:
                 logger.exception("refreshing the coverage report")
 
     def refresh(self) -> None:
-        """Find new connections' owners, re-judge live processes, expire old entries."""
+        """Find new connections' owners, re-judge live processes, expire old entries.
+        The /proc and ELF reading runs outside the lock: `observe` (the agent's poll)
+        never waits for it (a 100 MB executable's first reading takes ~0.3 s)."""
         with self._lock:
             wanted = {k for k, c in self._connections.items() if c.owner is None}
+            listed = [k for k, e in self._processes.items()
+                      if e.alive and isinstance(k, tuple)]
         found = self.owners.find(wanted)
+        owners = {pid: (pid, _start_time(self.proc, pid)) for pid in set(found.values())}
+        verdicts = {key: self._assess(*key) for key in {*listed, *owners.values()}}
         with self._lock:
             for key in wanted:
                 conn = self._connections.get(key)
@@ -199,27 +214,27 @@ class CoverageTracker:
                     continue
                 pid = found.get(key)
                 if pid is not None:
-                    self._own(conn, pid)
+                    self._own(conn, owners[pid], verdicts[owners[pid]])
                 else:
                     conn.tries += 1
                     if conn.tries >= OWNER_TRIES:
                         self._own_unresolved(conn)
-            for entry in list(self._processes.values()):
-                if entry.alive and entry.pid is not None:
-                    self._judge(entry)
+            for pkey in listed:
+                entry = self._processes.get(pkey)
+                if entry is not None:
+                    self._apply(entry, verdicts[pkey])
             self._expire(self.clock() - RETENTION_S)
             self._listed_pids = frozenset(
                 e.pid for e in self._processes.values() if e.alive and e.pid is not None)
         self.counters["refreshes"] += 1
 
-    def _own(self, conn: _Connection, pid: int) -> None:
-        key = (pid, _start_time(self.proc, pid))
+    def _own(self, conn: _Connection, key: tuple[int, int | None],
+             verdict: _Verdict | None) -> None:
         entry = self._processes.get(key)
         if entry is None:
-            info = read_process(pid, self.proc)
-            entry = ProcessCoverage(pid, key[1], info.exe if info else None,
-                                    _comm(self.proc, pid), conn.tenant)
-            self._judge(entry)
+            exe, comm = (verdict.exe, verdict.comm) if verdict is not None else (None, None)
+            entry = ProcessCoverage(key[0], key[1], exe, comm, conn.tenant)
+            self._apply(entry, verdict)
             self._add(key, entry)
         self._attach(conn, key, entry)
 
@@ -251,31 +266,37 @@ class CoverageTracker:
         self.bytes_by_coverage[entry.tenant, entry.inspected] += conn.pending_bytes
         conn.pending_bytes = 0
 
-    def _judge(self, entry: ProcessCoverage) -> None:
-        """Classify a live process's TLS stack and whether the monitor probes it."""
-        assert entry.pid is not None
-        stack = self.classifier.classify(entry.pid)
-        if stack is None or _start_time(self.proc, entry.pid) != entry.start:
-            # gone (or its pid reused): the last judgement stands, unless never probed
+    def _assess(self, pid: int, start: int | None) -> _Verdict | None:
+        """A live process's TLS stack and whether the monitor probes it; None when
+        it is gone (or its pid now belongs to another process)."""
+        stack = self.classifier.classify(pid)
+        if stack is None or _start_time(self.proc, pid) != start:
+            return None
+        info = read_process(pid, self.proc)
+        exe, comm = (info.exe if info else None), _comm(self.proc, pid)
+        if stack.reason is not None:
+            return _Verdict(exe, comm, stack.tls, False, stack.reason)
+        probed = self._probed_files(pid)
+        if stack.targets and all(t in probed for t in stack.targets):
+            return _Verdict(exe, comm, stack.tls, True, REASON_INSPECTED)
+        if self.monitor is None:
+            reason = REASON_DISABLED
+        elif self._selector is not None and not (
+                info is not None and self._selector.matches(info)):
+            reason = REASON_NOT_SELECTED
+        else:
+            reason = REASON_NOT_YET
+        return _Verdict(exe, comm, stack.tls, False, reason)
+
+    @staticmethod
+    def _apply(entry: ProcessCoverage, verdict: _Verdict | None) -> None:
+        if verdict is None:
+            # gone: the last judgement stands, unless it was never probed
             entry.alive = False
             if not entry.inspected and entry.reason in (REASON_NOT_YET, REASON_EXITED):
                 entry.reason = REASON_EXITED
             return
-        entry.tls = stack.tls
-        if stack.reason is not None:
-            entry.inspected, entry.reason = False, stack.reason
-            return
-        probed = self._probed_files(entry.pid)
-        if stack.targets and all(t in probed for t in stack.targets):
-            entry.inspected, entry.reason = True, REASON_INSPECTED
-            return
-        entry.inspected = False
-        if self.monitor is None:
-            entry.reason = REASON_DISABLED
-        elif self._selector is not None and not self._selected(entry.pid):
-            entry.reason = REASON_NOT_SELECTED
-        else:
-            entry.reason = REASON_NOT_YET
+        entry.tls, entry.inspected, entry.reason = verdict.tls, verdict.inspected, verdict.reason
 
     def _probed_files(self, pid: int) -> set[tuple[int, int]]:
         """(device, inode) of the files the monitor probes for `pid` (or for all)."""
@@ -290,10 +311,6 @@ class CoverageTracker:
                 continue
             files.add((st.st_dev, st.st_ino))
         return files
-
-    def _selected(self, pid: int) -> bool:
-        info = read_process(pid, self.proc)
-        return info is not None and self._selector is not None and self._selector.matches(info)
 
     def _expire(self, before: float) -> None:
         for key in [k for k, c in self._connections.items() if c.last_seen < before]:

@@ -279,3 +279,23 @@ def test_a_go_program_is_go_with_golang_pys_verdict(running, tmp_path, ldflags):
                    env={**os.environ, "GO111MODULE": "off"})
     p = running([str(exe), "https://198.18.0.1/", "x", "{}"])
     assert classify(p.pid) == tls_class.TlsStack(tls_class.GO, (key(exe),), None)
+
+
+def test_a_selected_process_gone_before_its_probe_is_reported_so(running):
+    server = socket.create_server(("127.0.0.1", 0))
+    client = running([sys.executable, "-c", CONNECTING_PYTHON, str(server.getsockname()[1])])
+    conn, (ip, port) = server.accept()
+    tracker = coverage.CoverageTracker(FakeMonitor({}, {client.pid}))  # selected, not probed
+    tracker.observe(4, (ip, port), conn.getsockname(), "hubspot", "42", "acme", "/x", 10)
+    tracker.refresh()
+    (entry,) = tracker.report()
+    assert (entry["pid"], entry["inspected"], entry["reason"]) == (
+        client.pid, False, coverage.REASON_NOT_YET)
+    client.kill()
+    client.wait()
+    tracker.refresh()
+    (entry,) = tracker.report()
+    assert (entry["pid"], entry["tls"], entry["inspected"], entry["reason"]) == (
+        client.pid, "openssl-shared", False, "exited before the probe attached")
+    server.close()
+    conn.close()
