@@ -324,14 +324,70 @@ function renderCoverage({ body }) {
       el("td", {}, p.inspected ? "" : p.reason))));
 }
 
+// -- CRM data flows --------------------------------------------------------------
+
+const ARROWS = { to_crm: "→", from_crm: "←" }; // written to the CRM, read from it
+
+// tenant -> object -> instance, summed over processes and operations
+function renderDataflows({ body }) {
+  const flows = body.dataflows || [];
+  const groups = new Map();
+  for (const f of flows) {
+    const key = [f.tenant, f.crm_vendor, f.object, f.crm_instance || ""].join("\u0000");
+    let g = groups.get(key);
+    if (!g) {
+      g = { tenant: f.tenant, vendor: f.crm_vendor, object: f.object, instance: f.crm_instance,
+            ops: new Set(), requests: 0, records: 0, bytes: 0, failed: 0,
+            classes: new Set(), exes: new Set(), last: 0 };
+      groups.set(key, g);
+    }
+    g.ops.add(`${f.operation} ${ARROWS[f.direction] || ""}`);
+    g.requests += f.requests;
+    g.records += f.records;
+    g.bytes += f.request_bytes + f.response_bytes;
+    g.failed += f.outcomes["4xx"] + f.outcomes["5xx"] + f.outcomes.none;
+    f.data_classes.forEach((c) => g.classes.add(c));
+    g.exes.add(f.exe);
+    g.last = Math.max(g.last, f.last_seen);
+  }
+  const rows = [...groups.values()].sort((a, b) => a.tenant.localeCompare(b.tenant)
+    || `${a.vendor}:${a.object}`.localeCompare(`${b.vendor}:${b.object}`)
+    || (a.instance || "").localeCompare(b.instance || ""));
+  let tenant = null;
+  let object = null;
+  $("dataflows").tBodies[0].replaceChildren(...rows.map((g) => {
+    const firstOfTenant = g.tenant !== tenant;
+    const firstOfObject = firstOfTenant || `${g.vendor}:${g.object}` !== object;
+    tenant = g.tenant;
+    object = `${g.vendor}:${g.object}`;
+    const exes = [...g.exes].sort();
+    return el("tr", { class: firstOfTenant ? "first" : "", "data-tenant": g.tenant,
+                      "data-object": g.object, "data-instance": g.instance || "" },
+      el("td", {}, firstOfTenant ? g.tenant : ""),
+      el("td", {}, firstOfObject ? `${g.object} (${g.vendor})` : ""),
+      el("td", { class: "mono" }, g.instance || "(shared host)"),
+      el("td", {}, [...g.ops].sort().join(", ")),
+      el("td", { class: "num requests" }, String(g.requests)),
+      el("td", { class: "num records" }, String(g.records)),
+      el("td", { class: "num" }, bytes(g.bytes)),
+      el("td", { class: g.failed ? "num lost" : "num" }, String(g.failed)),
+      el("td", {}, [...g.classes].sort().join(", ")),
+      el("td", { class: "mono", title: exes.join("\n") }, exes.map((e) => e.split("/").pop()).join(", ")),
+      el("td", {}, when(g.last)));
+  }));
+  $("dataflow-count").textContent = groups.size ? `${groups.size} object flows` : "";
+  $("no-dataflows").hidden = flows.length > 0;
+}
+
 // -- the loop -----------------------------------------------------------------
 
 async function refresh() {
   clearTimeout(state.timer);
   try {
-    const [ready, tenants, alerts, stats, sinks, coverage] = await Promise.all([
+    const since = Math.floor(Date.now() / 1000) - Number($("range").value);
+    const [ready, tenants, alerts, stats, sinks, coverage, dataflows] = await Promise.all([
       api("/readyz"), api("/v1/tenants"), api("/v1/alerts?limit=200"), api("/v1/stats"),
-      api("/v1/sinks"), api("/v1/coverage"),
+      api("/v1/sinks"), api("/v1/coverage"), api(`/v1/dataflows?since=${since}`),
     ]);
     const active = alerts.body.alerts.filter((a) => a.status !== "resolved");
     renderReady(ready);
@@ -339,6 +395,7 @@ async function refresh() {
     renderStats(stats.body);
     renderSinks(sinks);
     renderCoverage(coverage);
+    renderDataflows(dataflows);
     await renderVolumes(tenants.body.tenants, alerts.body.alerts);
     $("updated").textContent = new Date().toLocaleTimeString();
     problem(null);

@@ -444,3 +444,35 @@ def test_session_cookie_is_http_only_strict_and_origin_bound(client: TestClient)
         assert client.get("/v1/whoami").status_code == 401
     finally:
         client.cookies.clear()
+
+
+def test_dashboard_shows_data_flows_by_tenant_object_and_instance(
+        session: Session, agent: AgentView) -> None:
+    """Issue 14.3's view: tenant -> object -> instance with requests and records, from
+    the map fed the vendor fixtures (acme twice, globex once through a shared host)."""
+    from leaktap.analytics.plaintext.dataflows import DataFlowMap, DataFlowSettings
+    from tests.analytics.crm_fixtures import ALL_CALLS, exchange
+
+    now = time.time()
+    fmap = DataFlowMap(DataFlowSettings(warmup_s=0), write=agent.store.put_dataflows)
+    for round_ in range(2):
+        for call in ALL_CALLS:
+            fmap.on_exchange(exchange(call, ts=now - 60 + round_))
+    for call in ALL_CALLS:
+        fmap.on_exchange(exchange(call, tenant="globex", instance=None, ts=now - 30))
+    fmap.flush()
+    page = session.sign_in(READER)
+    groups = {(c.vendor, c.object) for c in ALL_CALLS}
+    rows = page.locator("#dataflows tbody tr")
+    assert rows.count() == 2 * len(groups)
+    contact = page.locator("#dataflows tr[data-tenant=acme][data-object=Contact]")
+    assert contact.locator("td.requests").text_content() == "4"  # query and read, twice
+    assert contact.locator("td.records").text_content() == "8"
+    assert "query ←" in contact.text_content() and "read ←" in contact.text_content()
+    assert "email" in contact.text_content() and "crm-sync" in contact.text_content()
+    lead = page.locator("#dataflows tr[data-tenant=acme][data-object=Lead] td.lost")
+    assert lead.text_content() == "2"  # refused twice
+    shared = page.locator("#dataflows tr[data-tenant=globex][data-object=Account]")
+    assert "(shared host)" in shared.text_content()
+    assert page.locator("#dataflows tr.first").count() == 2  # one group per tenant
+    assert session.errors == []
