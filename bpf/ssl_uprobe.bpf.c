@@ -254,10 +254,11 @@ static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
 }
 
 /**
- * ssl_write_common - capture one SSL_write/SSL_write_ex call in chunks
+ * ssl_capture - capture one write (or what one read returned) in chunks
  * @ssl: the SSL object (first argument)
  * @buf: the plaintext (second argument)
- * @len: bytes requested
+ * @len: bytes requested (a read: bytes returned)
+ * @dir: enum lt_ssl_dir, a constant at every call site (the branches fold)
  *
  * The write is cut into LT_SSL_SNAP-byte chunks. With budget for all of
  * them (and at most LT_SSL_CHUNKS_MAX), each is sent in order; otherwise
@@ -267,7 +268,7 @@ static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
  *   offset 0          head*SNAP             tail_start             len
  *   | head chunks ... |  lost (budget/bound) | ... tail chunks (full) |
  */
-static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 len)
+static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __u32 dir)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	__u32 tid = (__u32)pid_tgid;
@@ -275,7 +276,7 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 	struct lt_ssl_sock *sock;
 	__s32 fd = -1;
 
-	ssl_stat_inc(LT_SSL_CNT_WRITE);
+	ssl_stat_inc(dir == LT_SSL_DIR_READ ? LT_SSL_CNT_READ : LT_SSL_CNT_WRITE);
 	key.ssl_ptr = ssl;
 	key.tgid = pid_tgid >> 32;
 	sock = lt_ssl_fds.lookup(&key);
@@ -283,7 +284,7 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 		fd = sock->fd;
 	/* a binding learned from a send can go stale when the SSL object's
 	 * memory is reused for another connection: confirm it on every write */
-	if (!sock || !sock->via_set_fd) {
+	if (dir == LT_SSL_DIR_WRITE && (!sock || !sock->via_set_fd)) {
 		struct lt_ssl_pending p = { .ssl_ptr = ssl };
 
 		lt_ssl_pend.update(&tid, &p);
@@ -292,7 +293,8 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 		ssl_stat_inc(LT_SSL_CNT_EMPTY);
 		return 0;
 	}
-	ssl_stat_add(LT_SSL_CNT_BYTES_WRITTEN, len);
+	ssl_stat_add(dir == LT_SSL_DIR_READ ? LT_SSL_CNT_BYTES_READ : LT_SSL_CNT_BYTES_WRITTEN, len);
+	key.dir = dir;  /* lt_ssl_lost keeps each direction's losses apart */
 
 	__u64 needed = (len + LT_SSL_SNAP - 1) / LT_SSL_SNAP;
 	__u32 want = needed > LT_SSL_CHUNKS_MAX ? LT_SSL_CHUNKS_MAX : (__u32)needed;
@@ -330,7 +332,8 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 
 	__u32 zero = 0;
 	struct lt_ssl_plan *plan = lt_ssl_plan.lookup(&zero);
-	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_WRITE, ssl, fd);
+	struct lt_ssl_event *e = ssl_event_init(
+		dir == LT_SSL_DIR_READ ? LT_SSL_EV_READ : LT_SSL_EV_WRITE, ssl, fd);
 
 	if (!e || !plan) {
 		ssl_stat_inc(LT_SSL_LOSS_RINGBUF_FULL);
@@ -375,9 +378,16 @@ static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 le
 			break;
 		}
 		ssl_stat_inc(LT_SSL_CNT_EVENT);
-		ssl_stat_add(LT_SSL_CNT_BYTES_CAPTURED, e->cap_len);
+		ssl_stat_add(dir == LT_SSL_DIR_READ ? LT_SSL_CNT_BYTES_READ_CAPTURED
+					   : LT_SSL_CNT_BYTES_CAPTURED, e->cap_len);
 	}
 	return 0;
+}
+
+/* one SSL_write/SSL_write_ex call (also ssl_go.bpf.c's tls.Conn.Write) */
+static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 len)
+{
+	return ssl_capture(ssl, buf, len, LT_SSL_DIR_WRITE);
 }
 
 /* int SSL_write(SSL *ssl, const void *buf, int num) */
@@ -411,6 +421,95 @@ int lt_ssl_set_fd(struct pt_regs *ctx)
 	lt_ssl_fds.update(&key, &sock);
 	return 0;
 }
+
+/* ---- read side (issue 14.1): SSL_read / SSL_read_ex, the from_crm direction ----
+ * The entry uprobe remembers the call's buffer (and SSL_read_ex's readbytes
+ * pointer) per thread; the return uprobe captures the bytes the call actually
+ * returned through ssl_capture, under the same per-process budget, chunking
+ * and per-connection loss accounting as writes (lt_ssl_lost with dir 1).
+ * Go's tls.Conn.Read (ssl_go.bpf.c) can call ssl_read_capture the same way. */
+
+/* thread (pid_tgid) -> its SSL_read/SSL_read_ex call in progress */
+BPF_TABLE("lru_hash", __u64, struct lt_ssl_read_call, lt_ssl_reads, LT_SSL_THREADS_MAX);
+
+/* @n plaintext bytes a read returned into @buf on the connection @ssl */
+static __always_inline int ssl_read_capture(__u64 ssl, const void *buf, __u64 n)
+{
+	return ssl_capture(ssl, buf, n, LT_SSL_DIR_READ);
+}
+
+static __always_inline int ssl_read_enter(struct pt_regs *ctx, __u64 readbytes)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct lt_ssl_read_call call = {
+		.ssl_ptr = PT_REGS_PARM1(ctx),
+		.buf = PT_REGS_PARM2(ctx),
+		.readbytes = readbytes,
+	};
+
+	lt_ssl_reads.update(&pid_tgid, &call);
+	return 0;
+}
+
+/**
+ * ssl_read_call - take the thread's read call recorded at entry
+ * Returns 0 with @call filled, -1 when the entry was not seen (the probe was
+ * attached mid-call, or the LRU evicted it), counted.
+ */
+static __always_inline int ssl_read_call(struct lt_ssl_read_call *call)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct lt_ssl_read_call *c = lt_ssl_reads.lookup(&pid_tgid);
+
+	if (!c) {
+		ssl_stat_inc(LT_SSL_LOSS_READ_UNMATCHED);
+		return -1;
+	}
+	*call = *c;
+	lt_ssl_reads.delete(&pid_tgid);
+	return 0;
+}
+
+/* int SSL_read(SSL *ssl, void *buf, int num) */
+int lt_ssl_read(struct pt_regs *ctx)
+{
+	return ssl_read_enter(ctx, 0);
+}
+
+/* int SSL_read_ex(SSL *ssl, void *buf, size_t num, size_t *readbytes) */
+int lt_ssl_read_ex(struct pt_regs *ctx)
+{
+	return ssl_read_enter(ctx, PT_REGS_PARM4(ctx));
+}
+
+/* SSL_read returned: > 0 is the bytes read; <= 0 an error, EOF or want-read */
+int lt_ssl_read_ret(struct pt_regs *ctx)
+{
+	struct lt_ssl_read_call call;
+	int n = (int)PT_REGS_RC(ctx);
+
+	if (ssl_read_call(&call) != 0 || n <= 0)
+		return 0;
+	return ssl_read_capture(call.ssl_ptr, (const void *)call.buf, (__u64)n);
+}
+
+/* SSL_read_ex returned: 1 with *readbytes bytes read, 0 on failure */
+int lt_ssl_read_ex_ret(struct pt_regs *ctx)
+{
+	struct lt_ssl_read_call call;
+	__u64 n = 0;
+
+	if (ssl_read_call(&call) != 0 || (int)PT_REGS_RC(ctx) != 1 || !call.readbytes)
+		return 0;
+	if (bpf_probe_read_user(&n, sizeof(n), (const void *)call.readbytes) != 0) {
+		ssl_stat_inc(LT_SSL_LOSS_READ_LENGTH);
+		return 0;
+	}
+	if (n == 0)
+		return 0;
+	return ssl_read_capture(call.ssl_ptr, (const void *)call.buf, n);
+}
+/* ---- end of the read side ---- */
 
 /**
  * ssl_send_seen - a send-family syscall on a thread that may have a pending write

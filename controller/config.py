@@ -265,6 +265,11 @@ class PlaintextStreams(_Strict):
     # a CRM connection with a larger unseen share than this (after min bytes) alerts
     unseen_alert_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     unseen_alert_min_bytes: Annotated[int, Field(ge=0)] = 64 << 10
+    # a CRM call's request and response bodies handed to the data-flow map, decoded
+    # (past it the body is cut and marked so; never stored)
+    exchange_body_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 1 << 20
+    # a request unanswered this long is an exchange without a response (status None)
+    exchange_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
 
 class PlaintextDataflows(_Strict):

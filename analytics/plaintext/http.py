@@ -116,7 +116,9 @@ def looks_like_request_line(data: bytes, start: int = 0) -> bool:
 
 @dataclass(slots=True)
 class Message:
-    """One request: its head, and its body as far as it is held (bounded).
+    """One request (or, on a server's side of a connection, one response: `status`
+    set, `request` holding the response's headers): its head, and its body as far
+    as it is held (bounded).
 
     `body` holds the body bytes from `body_base` on; when the body outgrows the
     parser's bound, the held bytes are handed out as a window and only an
@@ -136,6 +138,8 @@ class Message:
     decoder: Any = None
     decoded_upto: int = 0  # body offset up to which the raw bytes were decoded
     decoded_tail: bytes = b""  # decoded overlap carried to the next window
+    status: int | None = None  # a response's final HTTP status; None for a request
+    exchange: Any = None  # the request/response pairing's state (inspector-owned)
 
 
 @dataclass(slots=True)
@@ -606,6 +610,9 @@ class Http2Stream:
             return
         decoded = [(k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers]
         pseudo = dict(h for h in decoded if h[0].startswith(":"))
+        if ":status" in pseudo and ":method" not in pseudo:
+            self._response_head(sid, decoded, pseudo[":status"], out)
+            return
         if ":method" not in pseudo:
             return  # trailers
         request = Request(
@@ -618,6 +625,20 @@ class Http2Stream:
         else:
             msg = Message(request)
             self._add(sid, msg, out)
+        out.heads.append(msg)
+
+    def _response_head(self, sid: int, headers: list[tuple[str, str]], status: str,
+                       out: ParseEvents) -> None:
+        """A response's head (the server's side of the connection, with its own HPACK
+        table); 1xx heads are interim: the final one follows on the same stream."""
+        try:
+            code = int(status)
+        except ValueError:
+            return
+        if 100 <= code < 200:
+            return
+        msg = Message(Request("", "", headers, "h2", sid), status=code)
+        self._add(sid, msg, out)
         out.heads.append(msg)
 
     def gap(self, n: int, out: ParseEvents) -> None:

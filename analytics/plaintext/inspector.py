@@ -25,10 +25,19 @@ connection mostly unseen) is an `inspection_evaded` finding, once per
 connection and reason; every give-up is counted in `stats`. The plaintext is
 only read here: results carry finding types, offsets, keyed hashes and
 masked excerpts.
+
+What a process reads (direction `from_crm`) is parsed as responses
+(responses.py), never run through the detectors: each response is paired
+with its request (exchanges.py: HTTP/1.1 in order, HTTP/2 by stream id; a
+request unanswered for `exchange_timeout_s` or whose connection goes comes
+out with status None) and the pair, bodies content-decoded and bounded by
+`exchange_body_bytes`, is handed to every sink in `exchange_sinks`
+(crm_calls.CrmExchange, for CRM destinations) and dropped.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -38,6 +47,7 @@ from typing import Any
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext import artifacts, bulk, credentials
 from leaktap.analytics.plaintext.canary import CanaryHit, CanaryMatcher
+from leaktap.analytics.plaintext.crm_calls import CrmExchange, ExchangeSink
 from leaktap.analytics.plaintext.decode import (
     Bomb,
     DecodeLimits,
@@ -46,6 +56,7 @@ from leaktap.analytics.plaintext.decode import (
     content_codings,
     decoded_views,
 )
+from leaktap.analytics.plaintext.exchanges import BodyCollector, ExchangeBook, PendingRequest
 from leaktap.analytics.plaintext.fields import FieldPolicy
 from leaktap.analytics.plaintext.fingerprints import FingerprintMatcher, fingerprint_key
 from leaktap.analytics.plaintext.http import (
@@ -57,9 +68,15 @@ from leaktap.analytics.plaintext.http import (
 )
 from leaktap.analytics.plaintext.instance import instance_from_request
 from leaktap.analytics.plaintext.redact import KeyedHasher, dedup_key, mask_token
+from leaktap.analytics.plaintext.responses import ResponseStream
 from leaktap.analytics.plaintext.streams import StreamLoss, StreamTable, WriteCursor
 
+logger = logging.getLogger(__name__)
+
 CONNECTIONS_MAX = 8192
+# the two directions of a connection's plaintext (WriteContext.direction)
+TO_CRM = "to_crm"  # written by the process (SSL_write): requests
+FROM_CRM = "from_crm"  # read by the process (SSL_read): responses
 # model weights are only looked for in bodies this large (a float run needs volume)
 ARTIFACT_MIN_BYTES = 512
 PROCESSES_MAX = 4096
@@ -91,7 +108,8 @@ class WriteContext:
     pid: int = 0
     comm: str = ""
     ts: float = field(default_factory=time.time)
-    direction: str = "egress"  # egress (writes) | ingress (reads, to come)
+    direction: str = TO_CRM  # TO_CRM (a write) | FROM_CRM (a read)
+    exe: str = ""  # the process's executable path, when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +123,8 @@ class StreamLimits:
     decode: DecodeLimits = field(default_factory=DecodeLimits)
     unseen_alert_share: float = 0.5  # a CRM connection with more unseen than this alerts
     unseen_alert_min_bytes: int = 64 << 10  # ... once it has written this much
+    exchange_body_bytes: int = 1 << 20  # decoded request/response body an exchange carries
+    exchange_timeout_s: float = 30.0  # a request unanswered this long: status None
 
     @classmethod
     def from_settings(cls, s: Any) -> StreamLimits:
@@ -115,7 +135,9 @@ class StreamLimits:
                    decode=DecodeLimits(max_output_bytes=s.decode_max_bytes,
                                        max_ratio=s.decode_max_ratio),
                    unseen_alert_share=s.unseen_alert_share,
-                   unseen_alert_min_bytes=s.unseen_alert_min_bytes)
+                   unseen_alert_min_bytes=s.unseen_alert_min_bytes,
+                   exchange_body_bytes=s.exchange_body_bytes,
+                   exchange_timeout_s=s.exchange_timeout_s)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,7 +184,7 @@ class Inspection:
 
 @dataclass(slots=True)
 class _Stream:
-    http: HttpStream
+    http: HttpStream | ResponseStream
     cursor: WriteCursor = field(default_factory=WriteCursor)
     loss: StreamLoss = field(default_factory=StreamLoss)
     host: str | None = None
@@ -210,10 +232,14 @@ class ContentInspector:
         self.stats: Counter[str] = Counter()  # give-ups and losses, by reason
         # per process (pid): bytes lost by reason, as reported and as found in streams
         self.process_loss: OrderedDict[int, Counter[str]] = OrderedDict()
+        # requests waiting for their responses; the pairs go to exchange_sinks
+        self.book = ExchangeBook(limits.exchange_timeout_s, connections_max=limits.streams_max,
+                                 stats=self.stats)
+        self.exchange_sinks: list[ExchangeSink] = []
 
     # -- the stream table ----------------------------------------------------------
 
-    def connection_host(self, conn: Hashable, direction: str = "egress") -> str | None:
+    def connection_host(self, conn: Hashable, direction: str = TO_CRM) -> str | None:
         """The host the connection's requests named (Host or :authority), if any."""
         stream = self.streams.peek((conn, direction))
         return stream.host if stream is not None else None
@@ -224,11 +250,21 @@ class ContentInspector:
 
     def forget_where(self, predicate: Callable[[Hashable], bool]) -> Inspection:
         out = Inspection()
-        for key, stream in self.streams:
-            if isinstance(key, tuple) and predicate(key[0]):
-                self.streams.pop(key)
-                self._close(stream, out)
+        closing = [(key, stream) for key, stream in self.streams
+                   if isinstance(key, tuple) and predicate(key[0])]
+        # requests end before their responses are paired; what is still owed goes after
+        closing.sort(key=lambda item: item[0][1] == FROM_CRM)
+        for key, stream in closing:
+            self.streams.pop(key)
+            self._close(stream, out)
+        for conn in [c for c in self.book.connections() if predicate(c)]:
+            self.book.close(conn, self._emit_unanswered)
         return out
+
+    def expire_exchanges(self, now: float | None = None) -> int:
+        """Requests unanswered for exchange_timeout_s go out with status None (the
+        monitor calls this every second)."""
+        return self.book.expire(self._emit_unanswered, now)
 
     def _close(self, stream: _Stream, out: Inspection) -> None:
         if stream.ctx is None:
@@ -237,8 +273,9 @@ class ContentInspector:
         self._count_loss(stream.ctx, gap, "not_captured")
         events = ParseEvents()
         stream.http.flush(events)
-        self._handle(stream.ctx, stream, events, out)
-        self._check_unseen(stream.ctx, stream, out)
+        self._dispatch(stream.ctx, stream, events, out)
+        if stream.ctx.direction != FROM_CRM:
+            self._check_unseen(stream.ctx, stream, out)
 
     def _bound_memory(self, out: Inspection) -> None:
         table = self.streams
@@ -253,7 +290,7 @@ class ContentInspector:
                 stream.http.spill(events)
                 self.stats["spilled_windows"] += events.spilled
                 if stream.ctx is not None:
-                    self._handle(stream.ctx, stream, events, out)
+                    self._dispatch(stream.ctx, stream, events, out)
                 table.hold(key, stream.http.buffered)
                 if table.held_bytes <= target:
                     break
@@ -270,8 +307,7 @@ class ContentInspector:
                 offset: int = 0) -> Inspection:
         """Inspect bytes [offset, offset + len(data)) of a write of `total_len` bytes."""
         key = (ctx.conn, ctx.direction)
-        stream, evicted = self.streams.get(key)
-        stream.ctx = ctx
+        stream, evicted = self._stream(ctx)
         events = ParseEvents()
         out = Inspection()
         if evicted is not None:
@@ -286,9 +322,10 @@ class ContentInspector:
                 out.lost_bytes += piece
                 self._count_loss(ctx, piece, "stream_gap")
                 stream.http.gap(piece, events)
-        self._handle(ctx, stream, events, out)
+        self._dispatch(ctx, stream, events, out)
         self.streams.hold(key, stream.http.buffered)
-        self._check_unseen(ctx, stream, out)
+        if ctx.direction != FROM_CRM:
+            self._check_unseen(ctx, stream, out)
         self._bound_memory(out)
         out.protocol = stream.http.protocol
         return out
@@ -301,9 +338,7 @@ class ContentInspector:
         self._count_loss(ctx, nbytes, reason)
         if ctx.conn is None:
             return out
-        key = (ctx.conn, ctx.direction)
-        stream, _ = self.streams.get(key)
-        stream.ctx = ctx
+        stream, _ = self._stream(ctx)
         cursor = stream.cursor
         cursor.announce_loss(nbytes, reason)
         if cursor.write_pos >= cursor.write_total:
@@ -314,13 +349,28 @@ class ContentInspector:
             out.lost_bytes += cursor.announced
             stream.http.gap(cursor.announced, events)
             cursor.announced = 0
-            self._handle(ctx, stream, events, out)
-        self._check_unseen(ctx, stream, out)
+            self._dispatch(ctx, stream, events, out)
+        if ctx.direction != FROM_CRM:
+            self._check_unseen(ctx, stream, out)
         out.protocol = stream.http.protocol
         return out
 
+    def _stream(self, ctx: WriteContext) -> tuple[_Stream, str | None]:
+        """The stream of ctx's connection and direction (a response parser for reads)
+        and why an earlier one was evicted, if so."""
+        stream, evicted = self.streams.get((ctx.conn, ctx.direction))
+        if stream.ctx is None and ctx.direction == FROM_CRM:
+            conn = ctx.conn
+            stream.http = ResponseStream(self._parser_limits, lambda: self._claim(conn))
+        stream.ctx = ctx
+        return stream, evicted
+
     def _count_loss(self, ctx: WriteContext, nbytes: int, reason: str) -> None:
         if nbytes <= 0:
+            return
+        if ctx.direction == FROM_CRM:
+            # an answer's bytes: the exchange is cut, nothing was sent unseen
+            self.stats[f"lost_bytes_from_crm_{reason}"] += nbytes
             return
         self.stats[f"lost_bytes_{reason}"] += nbytes
         ledger = self.process_loss.get(ctx.pid)
@@ -347,6 +397,13 @@ class ContentInspector:
 
     # -- what the parser produced ----------------------------------------------------
 
+    def _dispatch(self, ctx: WriteContext, stream: _Stream, events: ParseEvents,
+                  out: Inspection) -> None:
+        if ctx.direction == FROM_CRM:
+            self._handle_responses(ctx, events)
+        else:
+            self._handle(ctx, stream, events, out)
+
     def _handle(self, ctx: WriteContext, stream: _Stream, events: ParseEvents,
                 out: Inspection) -> None:
         for msg in events.heads:
@@ -364,11 +421,16 @@ class ContentInspector:
         for msg in events.heads:
             self._credentials(ctx, where, msg.request, out)
             self._head_canaries(ctx, where, msg, out)
+            self._await_response(ctx, where, stream, msg)
         for raw in events.raw:
             self._raw(ctx, where, stream, raw, out)
         for msg, window, start in events.windows:
+            if msg.exchange is not None:
+                msg.exchange.body.feed(window, start)
             self._body(ctx, where, stream, msg, window, start, policy, out)
         for msg in events.done:
+            if msg.exchange is not None:
+                msg.exchange.body.feed(msg.body, msg.body_base)
             self._body(ctx, where, stream, msg, bytes(msg.body), msg.body_base, policy, out)
             msg.body = bytearray()
         for reason, nbytes in events.blind:
@@ -376,6 +438,91 @@ class ContentInspector:
             out.blind.append(reason)
             if reason in EVASIONS:
                 self._evaded(ctx, where, stream, reason, nbytes, out)
+
+    # -- requests paired with their responses (issue 14.1) ---------------------------
+
+    def _await_response(self, ctx: WriteContext, where: _Where, stream: _Stream,
+                        msg: Message) -> None:
+        """A request head: it waits in the book for its answer. A request to no CRM is
+        booked too (an HTTP/1.1 answer is matched by its place in line), bodiless."""
+        request = msg.request
+        if request.method in ("?", ""):
+            return
+        cap = self.limits.exchange_body_bytes if where.crm_vendor else 0
+        msg.exchange = PendingRequest(
+            ts=ctx.ts, started=time.monotonic(), tenant=ctx.tenant, pid=ctx.pid, exe=ctx.exe,
+            vendor=where.crm_vendor, instance=where.crm_instance,
+            host=stream.host or where.destination, message=msg,
+            body=BodyCollector(request.headers, cap, self.limits.decode))
+        self.book.add(ctx.conn, msg.exchange, self._emit_unanswered)
+
+    def _claim(self, conn: Hashable) -> tuple[str, PendingRequest] | None:
+        """For an HTTP/1.1 response head: the request it answers (its method decides
+        whether a body follows)."""
+        pending = self.book.claim_next(conn)
+        return (pending.message.request.method, pending) if pending is not None else None
+
+    def _handle_responses(self, ctx: WriteContext, events: ParseEvents) -> None:
+        for msg in events.heads:
+            if msg.exchange is None and msg.request.protocol == "h2":
+                msg.exchange = self.book.claim_stream(ctx.conn, msg.request.stream_id)
+            pending = msg.exchange
+            if pending is not None:
+                pending.status = msg.status
+                pending.response = BodyCollector(
+                    msg.request.headers,
+                    self.limits.exchange_body_bytes if pending.vendor else 0,
+                    self.limits.decode)
+        for msg, window, start in events.windows:
+            if msg.exchange is not None and msg.exchange.response is not None:
+                msg.exchange.response.feed(window, start)
+        for msg in events.done:
+            pending = msg.exchange
+            if pending is not None and pending.response is not None:
+                pending.response.feed(msg.body, msg.body_base)
+                if not msg.complete:
+                    pending.response.truncated = True
+                if pending.expired:
+                    self.stats["exchange_late_responses_dropped"] += 1
+                else:
+                    self._emit_exchange(pending, msg.body_len)
+            msg.body = bytearray()
+        for reason, _ in events.blind:
+            self.stats[f"blind_from_crm_{reason}"] += 1
+
+    def _emit_unanswered(self, pending: PendingRequest) -> None:
+        pending.status, pending.response = None, None
+        self._emit_exchange(pending, 0)
+
+    def _emit_exchange(self, pending: PendingRequest, response_bytes: int) -> None:
+        """Hand a CRM request and its answer (or none) to the sinks; bodies are
+        dropped when this returns."""
+        if pending.vendor is None:
+            self.stats["exchanges_not_crm"] += 1
+            return
+        request = pending.message.request
+        try:
+            request_bytes = int(request.header("content-length") or pending.message.body_len)
+        except ValueError:
+            request_bytes = pending.message.body_len
+        response = pending.response
+        exchange = CrmExchange(
+            ts=pending.ts, tenant=pending.tenant, pid=pending.pid, exe=pending.exe,
+            vendor=pending.vendor, instance=pending.instance, host=pending.host,
+            method=request.method, target=request.path,
+            request_body=bytes(pending.body.out), request_bytes=request_bytes,
+            status=pending.status if response is not None else None,
+            response_body=bytes(response.out) if response is not None else b"",
+            response_bytes=response_bytes,
+            response_truncated=response.truncated if response is not None else False,
+        )
+        self.stats["exchanges" if exchange.status is not None else "exchanges_unanswered"] += 1
+        for sink in self.exchange_sinks:
+            try:
+                sink.on_exchange(exchange)
+            except Exception:  # noqa: BLE001 - one failing sink must not stop inspection
+                self.stats["exchange_sink_errors"] += 1
+                logger.exception("delivering a CRM exchange to %s", type(sink).__name__)
 
     def _head_canaries(self, ctx: WriteContext, where: _Where, msg: Message,
                        out: Inspection) -> None:

@@ -403,6 +403,12 @@ enum lt_ssl_stat {
 	LT_SSL_CNT_BYTES_WRITTEN,   /* plaintext bytes the probed writes asked to send */
 	LT_SSL_CNT_BYTES_CAPTURED,  /* plaintext bytes delivered in events */
 	LT_SSL_CNT_MMAP,            /* executable file mappings notified */
+	/* TLS reads (SSL_read/SSL_read_ex): the from_crm direction */
+	LT_SSL_CNT_READ,            /* SSL_read/SSL_read_ex calls that returned plaintext */
+	LT_SSL_CNT_BYTES_READ,      /* plaintext bytes the probed reads returned */
+	LT_SSL_CNT_BYTES_READ_CAPTURED, /* of which delivered in events */
+	LT_SSL_LOSS_READ_UNMATCHED, /* a read returned without its call seen (or evicted) */
+	LT_SSL_LOSS_READ_LENGTH,    /* SSL_read_ex's *readbytes unreadable: the read is unseen */
 	/* Go crypto/tls (ssl_go.bpf.c) */
 	LT_SSL_CNT_GO_FD,           /* a Go Conn's socket fd read from its net.TCPConn */
 	LT_SSL_LOSS_GO_FD,          /* a Go Conn's fd unreadable: learned from the send instead */
@@ -427,13 +433,30 @@ enum lt_ssl_event_kind {
 	LT_SSL_EV_EXEC = 3,         /* a process called execve: the controller checks selection */
 	LT_SSL_EV_EXIT = 4,         /* a selected process exited: detach its probes */
 	LT_SSL_EV_MMAP = 5,         /* a process mapped a file executable: look for libssl */
+	LT_SSL_EV_READ = 6,         /* one chunk of what one SSL_read/SSL_read_ex returned */
 };
 
-/* Key of lt_ssl_fds: an SSL object in one process (pointers repeat across processes). */
+/* Direction of a connection's plaintext: lt_ssl_key.dir, and an event's kind
+ * (LT_SSL_EV_WRITE / LT_SSL_EV_READ). */
+enum lt_ssl_dir {
+	LT_SSL_DIR_WRITE = 0,       /* written by the process: to_crm */
+	LT_SSL_DIR_READ = 1,        /* read by the process: from_crm */
+};
+
+/* Key of lt_ssl_fds: an SSL object in one process (pointers repeat across processes).
+ * In lt_ssl_lost, dir tells the direction of the lost bytes; 0 everywhere else. */
 struct lt_ssl_key {
 	__u64 ssl_ptr;
 	__u32 tgid;
-	__u32 pad;
+	__u32 dir;                  /* enum lt_ssl_dir */
+};
+
+/* Value of lt_ssl_reads (key: pid_tgid): an SSL_read/SSL_read_ex call between
+ * its entry and its return. */
+struct lt_ssl_read_call {
+	__u64 ssl_ptr;
+	__u64 buf;                  /* the caller's buffer: filled when the call returns */
+	__u64 readbytes;            /* SSL_read_ex's size_t *readbytes; 0 for SSL_read */
 };
 
 /* Value of lt_ssl_fds. */
@@ -470,14 +493,15 @@ struct lt_ssl_plan {
  * The controller drains it (lookup and delete) once a second. */
 struct lt_ssl_lost {
 	__u64 bytes[LT_SSL_LOST_MAX];
-	__u64 writes;               /* writes with at least one byte lost */
+	__u64 writes;               /* writes (reads, for dir 1) with at least one byte lost */
 	__u64 cgroup_id;
 	__u32 uid;
 	__s32 fd;                   /* socket fd of the connection, -1 if not known */
 	char comm[16];
 };
 
-/* One lt_ssl_events record: header plus cap_len plaintext bytes of a write,
+/* One lt_ssl_events record: header plus cap_len plaintext bytes of a write
+ * (or of a read: kind LT_SSL_EV_READ, req_len the bytes it returned),
  * starting at data_off within it. Only LT_SSL_EVENT_HDR_SIZE + cap_len
  * bytes are submitted. For LT_SSL_EV_MMAP, data_off is the mapping address. */
 struct lt_ssl_event {

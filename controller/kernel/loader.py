@@ -510,7 +510,16 @@ SSL_SYMBOLS = {
     "SSL_write": "lt_ssl_write",
     "SSL_write_ex": "lt_ssl_write_ex",
     "SSL_set_fd": "lt_ssl_set_fd",
+    # reads (the from_crm direction): the entry remembers the caller's buffer ...
+    "SSL_read": "lt_ssl_read",
+    "SSL_read_ex": "lt_ssl_read_ex",
 }
+# ... and the return probe captures what the call returned
+SSL_RETURN_PROBES = {
+    "SSL_read": "lt_ssl_read_ret",
+    "SSL_read_ex": "lt_ssl_read_ex_ret",
+}
+RETURN_LABEL = ":return"  # a hooked symbol's return probe, in SslProbes.attached
 # Go probe label (controller/plaintext/golang.py; before any "@") -> program
 GO_PROGRAMS = {
     "go:write": "lt_go_write",
@@ -611,6 +620,17 @@ class SslProbes:
                 errors.append(f"{sym}: {e}")
                 continue
             hooked.append(sym)
+            ret = SSL_RETURN_PROBES.get(sym)
+            if ret is None:
+                continue
+            try:
+                self.bpf.attach_uretprobe(name=library.encode(), addr=addresses[sym],
+                                          fn_name=ret.encode(), pid=pid)
+            except Exception as e:  # noqa: BLE001 - an entry without its return is useless
+                errors.append(f"{sym} return: {e}")
+                self._detach_one(library, hooked.pop(), pid)
+                continue
+            hooked.append(sym + RETURN_LABEL)
         if not any(s.startswith("SSL_write") for s in hooked):
             for sym in hooked:
                 self._detach_one(library, sym, pid)
@@ -639,6 +659,11 @@ class SslProbes:
 
     def _detach_one(self, library: str, sym: str, pid: int) -> None:
         try:
+            if sym.endswith(RETURN_LABEL):
+                self.bpf.detach_uretprobe(
+                    name=library.encode(),
+                    addr=self.addresses[library][sym.removesuffix(RETURN_LABEL)], pid=pid)
+                return
             self.bpf.detach_uprobe(name=library.encode(), addr=self.addresses[library][sym],
                                    pid=pid)
         except Exception as e:  # noqa: BLE001 - the process may be gone; keep going
@@ -680,7 +705,8 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     # verify the uprobe programs now (the chunk loop takes the verifier a few hundred
     # ms), not at the first attach, where a fresh process would outrun it
     try:
-        for fn in {*SSL_SYMBOLS.values(), *GO_PROGRAMS.values()}:
+        for fn in {*SSL_SYMBOLS.values(), *SSL_RETURN_PROBES.values(),
+                   *GO_PROGRAMS.values()}:
             bpf.load_func(fn.encode(), BPF.KPROBE)
     except Exception as e:
         bpf.cleanup()

@@ -20,11 +20,11 @@ from leaktap.controller.kernel import abi
 class SslEvent:
     """One record: a chunk of a write, a binding, or an exec/exit/mmap notice."""
 
-    kind: str  # write | bind | exec | exit
+    kind: str  # write | read | bind | exec | exit | mmap
     ts_ns: int
     cgroup_id: int
     ssl_ptr: int
-    req_len: int  # bytes the application asked to write
+    req_len: int  # bytes the application asked to write (a read: bytes it returned)
     data_off: int  # offset of data[0] within the write (mmap: the mapping's address)
     pid: int  # thread
     tgid: int  # process

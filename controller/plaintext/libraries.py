@@ -40,7 +40,7 @@ def find_shared_library(soname: str) -> str | None:
 SSL_WRITE_SYMBOLS = ("SSL_write", "SSL_write_ex")
 # what the uprobes hook (loader.SSL_SYMBOLS): read with the test, so attaching
 # needs no second pass over the symbol table
-SSL_PROBED_SYMBOLS = (*SSL_WRITE_SYMBOLS, "SSL_set_fd")
+SSL_PROBED_SYMBOLS = (*SSL_WRITE_SYMBOLS, "SSL_set_fd", "SSL_read", "SSL_read_ex")
 _ELF_MAGIC = b"\x7fELF"
 _SHT_SYMTAB, _SHT_DYNSYM = 2, 11
 _SHN_UNDEF = 0

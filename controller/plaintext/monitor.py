@@ -26,8 +26,13 @@ connection and per process; bytes lost to a flood (the rate limit or a full
 ring buffer) by a process talking to a CRM raise `inspection_evaded`, and a
 CRM connection whose bytes were mostly unseen is written to the audit log.
 
-The plaintext of a write exists only inside `_on_write`; nothing here logs,
-stores or forwards it.
+Reads (SSL_read/SSL_read_ex returns, issue 14.1) arrive as `read` events of
+the same connection and go to the inspector as its `from_crm` stream, where
+responses are paired with their requests; the bytes they lose are counted
+per connection and direction (lt_ssl_lost's key.dir), never as a write's.
+
+The plaintext of a write or read exists only inside `_on_write`; nothing here
+logs, stores or forwards it.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext.canary import Canary, CanaryMatcher
 from leaktap.analytics.plaintext.fields import FieldPolicy
 from leaktap.analytics.plaintext.inspector import (
+    FROM_CRM,
+    TO_CRM,
     BulkAudit,
     ContentInspector,
     StreamLimits,
@@ -118,6 +125,9 @@ REMEDIES = {
     "ssl_loss_bind_event": "a connection's socket binding was lost; its next write retries",
     "ssl_loss_notify": "an exec/exit notice was lost; the periodic rescan catches up",
     "ssl_loss_bind_giveup": "a memory-BIO write was not followed by a TLS send",
+    "ssl_loss_read_unmatched": "an SSL_read returned without its call seen (probed mid-call, "
+    "or more threads in SSL_read than plaintext.threads_max): that answer is not paired",
+    "ssl_loss_read_length": "SSL_read_ex's byte count was unreadable: that read is unseen",
     "ssl_loss_go_fd": "a Go tls.Conn's socket was not readable from its net.Conn (not TCP, "
     "or a Go struct layout not known): it is learned from the write's send syscall",
     "ssl_loss_go_unmatched": "a Go Read returned without its call seen (probed mid-call, or "
@@ -144,6 +154,10 @@ class ConnectionCoverage:
     @property
     def written(self) -> int:
         return self.captured + sum(self.lost.values())
+
+
+# lt_ssl_lost key.dir of bytes a process read (enum lt_ssl_dir)
+READ_DIRECTION = abi.enums()["lt_ssl_dir"]["LT_SSL_DIR_READ"]
 
 
 def lost_reason_names() -> list[str]:
@@ -266,6 +280,7 @@ class PlaintextMonitor:
         self.libraries: dict[tuple[int, int], Library] = {}
         self.probed: dict[int, set[tuple[int, int]]] = {}  # pid -> library keys
         self._bindings: OrderedDict[tuple[int, int], int] = OrderedDict()  # (tgid, ssl) -> fd
+        self._exes: OrderedDict[int, str] = OrderedDict()  # tgid -> executable path
         self.counters: Counter[str] = Counter()
         self.loss = LossMonitor(prefix="ssl_loss_", remedies=REMEDIES)
         self._lock = threading.RLock()  # probes, probed, libraries
@@ -511,6 +526,7 @@ class PlaintextMonitor:
             lambda conn: isinstance(conn, tuple) and conn[0] == pid))
         for b in [b for b in self._bindings if b[0] == pid]:
             self._bindings.pop(b, None)
+        self._exes.pop(pid, None)  # a pid reused by another program
         self.counters["detached"] += 1
         logger.info("stopped probing pid %d (%s)", pid, why)
 
@@ -547,6 +563,7 @@ class PlaintextMonitor:
                 if time.monotonic() - self._last_loss_drain >= LOSS_DRAIN_S:
                     self._last_loss_drain = time.monotonic()
                     self.drain_lost()
+                    self.inspector.expire_exchanges()
             except Exception:  # noqa: BLE001 - keep draining; the error is logged
                 logger.exception("draining plaintext events")
                 time.sleep(0.1)
@@ -618,7 +635,7 @@ class PlaintextMonitor:
             logger.warning("undecodable plaintext event: %s", e)
             return 0
         try:
-            if ev.kind == "write":
+            if ev.kind in ("write", "read"):
                 self._on_write(ev)
             elif ev.kind == "bind":
                 self._remember_binding(ev.tgid, ev.ssl_ptr, ev.fd)
@@ -640,8 +657,21 @@ class PlaintextMonitor:
         if len(self._bindings) > BINDINGS_MAX:
             self._bindings.popitem(last=False)
 
-    def context(self, ev: SslEvent) -> WriteContext:
-        """Tenant, environment and destination of a write."""
+    def _exe(self, tgid: int) -> str:
+        """`tgid`'s executable path (cached per process; "" when unreadable)."""
+        exe = self._exes.get(tgid)
+        if exe is None:
+            try:
+                exe = os.readlink(self.proc / str(tgid) / "exe")
+            except OSError:
+                exe = ""
+            self._exes[tgid] = exe
+            if len(self._exes) > PROCESSES_MAX:
+                self._exes.popitem(last=False)
+        return exe
+
+    def context(self, ev: SslEvent, direction: str = TO_CRM) -> WriteContext:
+        """Tenant, environment and destination of a write (or a read)."""
         a = self.attributor
         fd = ev.fd if ev.fd >= 0 else self._bindings.get((ev.tgid, ev.ssl_ptr), -1)
         ends = self.sockets.resolve(ev.tgid, fd) if fd >= 0 else None
@@ -664,10 +694,16 @@ class PlaintextMonitor:
             environment=self.environments.label(cgroup, ev.uid, tenant),
             crm_vendor=vendor, crm_instance=instance, destination=destination,
             pid=ev.tgid, comm=ev.comm, ts=time.time(),
+            direction=direction,
+            exe=self._exe(ev.tgid),
         )
 
     def _on_write(self, ev: SslEvent) -> None:
-        """One chunk of a write: [data_off, data_off + len(data)) of req_len bytes."""
+        """One chunk of a write (or a read): [data_off, data_off + len(data)) of req_len
+        bytes."""
+        if ev.kind == "read":
+            self._on_read(ev)
+            return
         if ev.data_off == 0:
             self.counters["writes"] += 1
         self.counters["chunks"] += 1
@@ -683,6 +719,15 @@ class PlaintextMonitor:
             self._refine_instance(ev, result.named_instance)
         self.counters[f"protocol_{result.protocol.replace('/', '_').replace('.', '_')}"] += 1
         self._handle_result(result)
+
+    def _on_read(self, ev: SslEvent) -> None:
+        """One chunk of what a read returned: the connection's from_crm stream."""
+        if ev.data_off == 0:
+            self.counters["reads"] += 1
+        self.counters["read_chunks"] += 1
+        self.counters["captured_read_bytes"] += len(ev.data)
+        self._handle_result(self.inspector.inspect(self.context(ev, FROM_CRM), ev.data,
+                                                   ev.req_len, offset=ev.data_off))
 
     def _handle_result(self, result: Any) -> None:
         """Deliver an Inspection's audit records and findings."""
@@ -741,16 +786,30 @@ class PlaintextMonitor:
             drained += 1
             lost = {name: int(value.bytes[i]) for i, name in enumerate(self._lost_reasons)
                     if value.bytes[i]}
-            if lost:
+            if lost and int(key.dir) == READ_DIRECTION:
+                self._account_read_lost(key.tgid, key.ssl_ptr, value, lost)
+            elif lost:
                 self._account_lost(key.tgid, key.ssl_ptr, value, lost)
         return drained
 
+    @staticmethod
+    def _lost_event(tgid: int, ssl_ptr: int, value: Any) -> SslEvent:
+        return SslEvent(kind="lost", ts_ns=0, cgroup_id=int(value.cgroup_id), ssl_ptr=ssl_ptr,
+                        req_len=0, data_off=0, pid=tgid, tgid=tgid, uid=int(value.uid),
+                        fd=int(value.fd), comm=bytes(value.comm).split(b"\0", 1)[0].decode(
+                            "utf-8", "replace"), data=b"")
+
+    def _account_read_lost(self, tgid: int, ssl_ptr: int, value: Any,
+                           lost: dict[str, int]) -> None:
+        """Bytes of answers the kernel did not deliver: a gap in the from_crm stream
+        (its exchanges are cut), counted; no blinding alert (nothing left unseen)."""
+        ctx = self.context(self._lost_event(tgid, ssl_ptr, value), FROM_CRM)
+        for reason, nbytes in lost.items():
+            self.counters[f"uncaptured_read_bytes_{reason}"] += nbytes
+            self._handle_result(self.inspector.lost(ctx, nbytes, reason))
+
     def _account_lost(self, tgid: int, ssl_ptr: int, value: Any, lost: dict[str, int]) -> None:
-        ev = SslEvent(kind="lost", ts_ns=0, cgroup_id=int(value.cgroup_id), ssl_ptr=ssl_ptr,
-                      req_len=0, data_off=0, pid=tgid, tgid=tgid, uid=int(value.uid),
-                      fd=int(value.fd), comm=bytes(value.comm).split(b"\0", 1)[0].decode(
-                          "utf-8", "replace"), data=b"")
-        ctx = self.context(ev)
+        ctx = self.context(self._lost_event(tgid, ssl_ptr, value), TO_CRM)
         cov = self._coverage(ctx)
         per_process = self.process_lost.get(tgid)
         if per_process is None:
