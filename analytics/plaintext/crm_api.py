@@ -41,6 +41,9 @@ class ApiCall:
     template: str
     write: bool  # changes data in the CRM (to_crm), else reads it (from_crm)
     records: int | None = None  # records this call writes, when its body showed them
+    # the id of an earlier call's result this call continues (a Bulk 2.0 job, a query
+    # locator) when the path alone does not name the object; held in memory only
+    ref: str | None = None
 
     @property
     def direction(self) -> str:
@@ -320,7 +323,8 @@ def _sf_data(t: Target, i: int) -> list[ApiCall]:
             obj = sf_object(soql_from(q) or OTHER)
             return [_admin_or(ApiCall(obj, QUERY, t.template(), False), SF_ADMIN)]
         # the next page of a query: /query/<locator>
-        return [ApiCall(OTHER, QUERY, t.template({i + 1: "{locator}"}), False)]
+        locator = t.segments[i + 1].split("-", 1)[0] if len(t.segments) > i + 1 else None
+        return [ApiCall(OTHER, QUERY, t.template({i + 1: "{locator}"}), False, ref=locator)]
     if head in ("search", "parameterizedsearch"):
         return [ApiCall("search", QUERY, t.template(), False)]
     if head == "composite":
@@ -387,8 +391,17 @@ def _sf_bulk2(t: Target, i: int, kind: str) -> ApiCall:
             obj = sf_object(doc["object"])
         elif isinstance(doc.get("query"), str):
             obj = sf_object(soql_from(doc["query"]) or OTHER)
-    fixed = {i + 1: "{job}"} if len(t.segments) > i + 1 else {}
-    return _admin_or(ApiCall(obj, BULK, t.template(fixed), write), SF_ADMIN)
+    job = t.segments[i + 1] if len(t.segments) > i + 1 else None
+    fixed = {i + 1: "{job}"} if job else {}
+    tail = [x.lower() for x in t.segments[i + 2 :]]
+    # records move in batches uploaded and results downloaded; the job's own calls
+    # (create, state, status) move none
+    data = tail[:1] in (["batches"], ["results"], ["successfulresults"], ["failedresults"],
+                        ["unprocessedrecords"])
+    write = write and tail[:1] != ["successfulresults"] and tail[:1] != ["failedresults"] \
+        and tail[:1] != ["unprocessedrecords"]
+    return _admin_or(ApiCall(obj, BULK, t.template(fixed), write, None if data else 0, ref=job),
+                     SF_ADMIN)
 
 
 def _sf_composite(t: Target, i: int) -> list[ApiCall]:

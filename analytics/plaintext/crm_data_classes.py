@@ -9,6 +9,8 @@ links or timestamps are skipped: a record id or a date is not a phone number.
 
 from __future__ import annotations
 
+import csv
+import io
 import re
 from typing import Any
 
@@ -25,6 +27,21 @@ _SKIP_KEY = re.compile(r"(?:^|_|\b)(?:id|url|href|uri|type|etag|odata\..*)$|Id$|
                        r"(?:date|time|_at|At|stamp|Date|Time)$", re.I)
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 _MAYBE = re.compile(r"[@\d]")
+CSV_ROWS_MAX = 16
+CSV_BYTES_MAX = 16384
+
+
+def csv_rows(body: bytes) -> list[dict[str, str]] | None:
+    """The first rows of a CSV body (Bulk API uploads and results) as records, or None."""
+    head = body[:CSV_BYTES_MAX]
+    if b"," not in head or b"\n" not in head:
+        return None
+    text = head.decode("utf-8", "replace").rsplit("\n", 1)[0]  # whole lines only
+    try:
+        rows = list(csv.DictReader(io.StringIO(text)))[:CSV_ROWS_MAX]
+    except csv.Error:
+        return None
+    return [{str(k): v for k, v in r.items() if isinstance(v, str)} for r in rows] or None
 
 
 def _classify(value: str) -> str | None:

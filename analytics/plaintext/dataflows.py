@@ -24,6 +24,7 @@ an `ExchangeAudit` for /v1/audit (outcome refused | failed | unanswered).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext import crm_api, crm_records
 from leaktap.analytics.plaintext.crm_calls import CrmExchange
-from leaktap.analytics.plaintext.crm_data_classes import data_classes
+from leaktap.analytics.plaintext.crm_data_classes import csv_rows, data_classes
 from leaktap.analytics.plaintext.redact import dedup_key
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ NEW_DATA_FLOW = "new_data_flow"
 CRM_ACCESS_REFUSED = "crm_access_refused"
 TEMPLATES_MAX = 4  # distinct path templates kept per data flow
 PROCESSES_MAX = 4096  # processes whose refused answers are tracked at once
+REFS_MAX = 4096  # Bulk 2.0 jobs and query locators whose object is remembered
 REFUSED = frozenset({401, 403})
 # the bodies parsed for data classes: every call until a flow has seen this many,
 # then one in SAMPLE_EVERY (a flow's fields are the same from call to call)
@@ -182,6 +184,8 @@ class DataFlowMap:
         self._exe_first: dict[tuple[str, str], float] = {}
         self._touched: set[tuple[str, str, str, str, str, str]] = set()
         self._refused: OrderedDict[tuple[str, int], deque[float]] = OrderedDict()
+        # (tenant, vendor, instance, job id or query locator) -> the object it is about
+        self._refs: OrderedDict[tuple[str, str, str, str], str] = OrderedDict()
         self._last_flush = clock()
         self._lock = threading.Lock()
         self.stats: Counter[str] = Counter()
@@ -251,6 +255,9 @@ class DataFlowMap:
         self.stats["exchanges"] += 1
         calls = crm_api.classify(x.vendor, x.method, x.target, x.request_body)
         sclass = status_class(x.status)
+        with self._lock:
+            calls = [self._resolve(x, c) if c.ref and c.object == crm_api.OTHER else c
+                     for c in calls]
         answered = sclass == "2xx"
         wants_response = answered and any(not c.write for c in calls)
         response_doc = (crm_records.parse_json(x.response_body)
@@ -259,6 +266,10 @@ class DataFlowMap:
         wants_request = any(c.write for c in calls) and bool(x.request_body)
         request_doc = (crm_records.parse_json(x.request_body)
                        if wants_request and not request_cut else None)
+        if (response_doc is None and answered and not x.response_truncated
+                and any(c.operation in (crm_api.BULK, crm_api.ADMIN) for c in calls)
+                and len(x.response_body) <= 65536):
+            response_doc = crm_records.parse_json(x.response_body)  # a job's id and object
         findings: list[Finding] = []
         instance = x.instance or ""
         with self._lock:
@@ -287,6 +298,8 @@ class DataFlowMap:
                         findings.append(self._new_flow(x, call, exe_first))
                 if call.operation == crm_api.ADMIN:
                     findings.append(self._admin(x, call))
+            if answered and isinstance(response_doc, dict):
+                self._remember_refs(x, calls, response_doc)
             if x.status in REFUSED:
                 storm = self._refused_storm(x, calls[0])
                 if storm is not None:
@@ -310,30 +323,59 @@ class DataFlowMap:
             totals.response_bytes += x.response_bytes
         if call.template not in totals.templates and len(totals.templates) < TEMPLATES_MAX:
             totals.templates.append(call.template)
+        if sclass != "2xx":
+            return  # nothing transferred (refused, failed, unanswered): outcomes say so
         count: crm_records.Count = crm_records.UNKNOWN
-        doc: Any = None
-        if call.write:
-            if call.records is not None:
-                count = crm_records.Count(call.records)
-            elif single:
-                count = crm_records.count_request(x.vendor, x.method, x.request_body,
-                                                  request_cut, request_doc)
-            doc = request_doc
-        elif sclass == "2xx" and single:
+        doc: Any = request_doc if call.write else response_doc
+        if call.records is not None:  # counted by the grammar (composite bodies, job calls)
+            count = crm_records.Count(call.records)
+        elif call.write and single:
+            count = crm_records.count_request(x.vendor, x.method, x.request_body, request_cut,
+                                              request_doc)
+        elif single:
             count = crm_records.count_response(x.vendor, x.response_body,
                                                x.response_truncated, response_doc)
-            doc = response_doc
-        elif sclass == "2xx":
-            doc = response_doc
         if count.records is not None:
             totals.records += count.records
             if count.partial:
                 self.stats["records_partial"] += 1
-        elif sclass == "2xx" or call.write:
+        else:
             totals.records_unknown += 1
+        if doc is None and single:  # CSV (Bulk uploads and results): the first rows
+            body = x.request_body if call.write else x.response_body
+            doc = csv_rows(body) if body[:1] not in (b"{", b"[", b"") else None
         if doc is not None and (totals.requests <= CLASSIFY_FIRST
                                 or totals.requests % SAMPLE_EVERY == 0):
             totals.data_classes |= data_classes(doc)
+
+    # -- calls that continue an earlier one ---------------------------------------
+
+    def _resolve(self, x: CrmExchange, call: crm_api.ApiCall) -> crm_api.ApiCall:
+        """A job's upload or results, a query's next page: the object of the call that
+        started it, when this map saw that call."""
+        obj = self._refs.get((x.tenant, x.vendor, x.instance or "", call.ref or ""))
+        if obj is None:
+            self.stats["refs_unknown"] += 1
+            return call
+        operation = crm_api.ADMIN if obj.lower() in crm_api.SF_ADMIN else call.operation
+        return dataclasses.replace(call, object=obj, operation=operation)
+
+    def _remember_refs(self, x: CrmExchange, calls: list[crm_api.ApiCall],
+                       doc: dict[str, Any]) -> None:
+        for call in calls[:1]:
+            ref, obj = None, None
+            if call.operation in (crm_api.BULK, crm_api.ADMIN) and isinstance(
+                    doc.get("id"), str) and isinstance(doc.get("object"), str):
+                ref, obj = doc["id"], crm_api.sf_object(doc["object"])  # Bulk 2.0 job info
+            elif isinstance(doc.get("nextRecordsUrl"), str) and call.object != crm_api.OTHER:
+                ref = doc["nextRecordsUrl"].rstrip("/").rsplit("/", 1)[-1].split("-", 1)[0]
+                obj = call.object
+            if ref and obj and obj != crm_api.OTHER:
+                key = (x.tenant, x.vendor, x.instance or "", ref[:64])
+                self._refs[key] = obj
+                self._refs.move_to_end(key)
+                if len(self._refs) > REFS_MAX:
+                    self._refs.popitem(last=False)
 
     # -- findings ------------------------------------------------------------------
 

@@ -190,3 +190,52 @@ def test_cut_responses_count_complete_records() -> None:
     half = deals.response[: len(deals.response) // 2]
     assert row["records"] == 3 + half.count(b'}]}}, ')  # complete deals of the cut body
     assert r.map.stats["records_partial"] == 1
+
+
+def test_bulk_jobs_and_query_pages_take_the_object_of_the_call_that_started_them() -> None:
+    from tests.analytics.crm_fixtures import body, sf_record
+
+    r = Recorder()
+    v = "/services/data/v59.0"
+    job = "7505f00000ABCDEAAA"
+    calls = [
+        ("POST", f"{v}/jobs/ingest", body({"object": "Contact", "operation": "insert"}), 200,
+         body({"id": job, "object": "Contact", "operation": "insert", "state": "Open"})),
+        ("PUT", f"{v}/jobs/ingest/{job}/batches",
+         b"LastName,Email\nDoe,jane.secret@example.org\nRoe,r@example.org\nPoe,p@x.org\n",
+         201, b""),
+        ("PATCH", f"{v}/jobs/ingest/{job}", body({"state": "UploadComplete"}), 200,
+         body({"id": job, "object": "Contact", "state": "UploadComplete"})),
+        ("POST", f"{v}/jobs/query", body({"operation": "query",
+                                         "query": "SELECT Id, Email FROM Lead"}), 200,
+         body({"id": "750QX0000001AAAAAA", "object": "Lead", "state": "UploadComplete"})),
+        ("GET", f"{v}/jobs/query/750QX0000001AAAAAA/results", b"", 200,
+         b'"Id","Email"\n"00QX1","a@example.org"\n"00QX2","b@example.org"\n'),
+        ("GET", f"{v}/query?q=SELECT+Id+FROM+Case", b"", 200,
+         body({"totalSize": 5, "done": False, "nextRecordsUrl": f"{v}/query/01gXX00001AB-2",
+               "records": [sf_record("Case", i) for i in range(2)]})),
+        ("GET", f"{v}/query/01gXX00001AB-2", b"", 200,
+         body({"totalSize": 5, "done": True, "records": [sf_record("Case", i)
+                                                           for i in range(3)]})),
+        ("GET", f"{v}/jobs/query/750QX0000009ZZZZZZ/results", b"", 200, b"Id,Name\n1,a\n"),
+    ]
+    for i, (method, target, request, status, response) in enumerate(calls):
+        from leaktap.analytics.plaintext.crm_calls import CrmExchange
+
+        r.map.on_exchange(CrmExchange(
+            ts=T0 + i, tenant="acme", pid=1, exe=EXE, vendor="salesforce", instance="acme",
+            host="acme.my.salesforce.com", method=method, target=target,
+            request_body=request, request_bytes=len(request), status=status,
+            response_body=response, response_bytes=len(response), response_truncated=False))
+    r.map.flush()
+    got = {(w["object"], w["operation"], w["direction"]): (w["requests"], w["records"])
+           for w in r.writes[0]}
+    assert got == {
+        ("Contact", "bulk", "to_crm"): (3, 3),  # create and state move none, the upload 3
+        ("Lead", "bulk", "from_crm"): (2, 2),
+        ("Case", "query", "from_crm"): (2, 5),
+        ("other", "bulk", "from_crm"): (1, 1),  # a job this map never saw started
+    }
+    contact = next(w for w in r.writes[0] if w["object"] == "Contact")
+    assert contact["data_classes"] == ["email"]  # from the CSV upload
+    assert r.map.stats["refs_unknown"] == 1
