@@ -16,6 +16,7 @@ where the path says it names the objects (composite, batch, bulk jobs).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -63,14 +64,19 @@ _PARAM = re.compile(r"^[A-Za-z0-9_$.\[\]-]{1,40}$")
 _DYN_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]{0,127})\((.*)\)$")
 
 
+_WORD = re.compile(r"^[A-Za-z_$][A-Za-z_.$-]{0,47}$")  # no digit: always a name
+_THREE_DIGITS = re.compile(r"(?:\D*\d){3}")
+_FOUR_DIGITS = re.compile(r"(?:\D*\d){4}")
+
+
 def is_sf_id(seg: str) -> bool:
     """A 15- or 18-character Salesforce record id (letters and at least 3 digits)."""
-    return bool(_SF_ID.match(seg)) and sum(c.isdigit() for c in seg) >= 3
+    return bool(_SF_ID.match(seg)) and _THREE_DIGITS.match(seg) is not None
 
 
 def placeholder(seg: str) -> str | None:
     """The placeholder of a path segment that is a value, or None for a name."""
-    if not seg:
+    if not seg or _WORD.match(seg):
         return None
     if _NUMBER.match(seg):
         return "{n}"
@@ -82,11 +88,12 @@ def placeholder(seg: str) -> str | None:
         return "{hex}"
     if _VERSION.match(seg):
         return None
-    if not _NAME.match(seg) or len(seg) > 48 or sum(c.isdigit() for c in seg) >= 4:
+    if not _NAME.match(seg) or len(seg) > 48 or _FOUR_DIGITS.match(seg):
         return "{value}"
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # paths repeat: most segments are seen before
 def template_segment(seg: str) -> str:
     if (m := _DYN_KEY.match(seg)) is not None:  # Dynamics entityset(key)
         return f"{m.group(1)}({{key}})" if m.group(2) else seg
