@@ -188,6 +188,8 @@ class DataFlowMap:
         self._refs: OrderedDict[tuple[str, str, str, str], str] = OrderedDict()
         self._last_flush = clock()
         self._lock = threading.Lock()
+        # one flush at a time: an older snapshot must not land after a newer one
+        self._flush_lock = threading.Lock()
         self.stats: Counter[str] = Counter()
 
     # -- state ---------------------------------------------------------------------
@@ -222,6 +224,10 @@ class DataFlowMap:
 
     def flush(self) -> int:
         """Write the flows changed since the last flush (one transaction)."""
+        with self._flush_lock:
+            return self._flush()
+
+    def _flush(self) -> int:
         with self._lock:
             rows = [self.flows[k].row(k) for k in self._dirty if k in self.flows]
             self._dirty.clear()

@@ -200,3 +200,22 @@ def test_the_agent_wires_the_map_to_the_read_side_and_the_store(tmp_path: Path) 
     assert [a["kind"] for a in agent.alerts.list_alerts()] == ["crm_admin_action"]
     agent.alerts.close()
     store.close()
+
+
+def test_stats_show_the_maps_counters(lab: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    agent, _, _ = lab
+
+    class StatsView(AgentView):
+        stats: dict[str, int] = {}
+        unattributed_bytes = 0
+        interfaces: list[str] = []
+        attached = False
+        probes = None
+
+    view = StatsView(agent.store, agent.alerts, agent.dataflows)
+    with TestClient(create_app(view, readers=[READER], admins=[ADMIN], manage=False)) as c:
+        body = c.get("/v1/stats", headers={"Authorization": f"Bearer {READER}"}).json()
+    assert body["dataflows"]["exchanges"] == (ACME_ROUNDS + 1) * len(ALL_CALLS)
+    assert body["dataflows"]["finding_crm_admin_action"] == 6 * (ACME_ROUNDS + 1)

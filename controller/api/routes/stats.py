@@ -44,6 +44,8 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
                       if not k.startswith("ssl_loss_")},
         "userspace": userspace.counters(attributor),
         "coverage": agent.coverage.stats() if getattr(agent, "coverage", None) else {},
+        # the CRM data-flow map: calls mapped, flows, give-ups by reason, findings
+        "dataflows": dict(agent.dataflows.stats) if getattr(agent, "dataflows", None) else {},
         "unattributed_bytes": agent.unattributed_bytes,
         "interfaces": {i: (modes.get(i) if agent.attached else None) for i in agent.interfaces},
     }
