@@ -32,9 +32,14 @@ from leaktap.controller.attribution.tenants import UNASSIGNED, TenantResolver
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.enforcement.connect_guard import ConnectEvent, ConnectGuard
 from leaktap.controller.enforcement.decision_log import DecisionLog
-from leaktap.controller.enforcement.kernel_policy import EnforcementDecision, KernelPolicy
+from leaktap.controller.enforcement.kernel_policy import (
+    EnforcementDecision,
+    KernelPolicy,
+    set_crm_addresses,
+)
 from leaktap.controller.enforcement.refusals import (
     Refusal,
+    crm_addresses,
     kernel_address,
     refused_addresses,
     v4_mapped,
@@ -92,6 +97,7 @@ class Enforcement:
         self.series: SeriesCap[DecisionKey] = SeriesCap(DECISION_SERIES_MAX)
         self._last_action: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._refusals: dict[str, dict[str, Refusal]] = {}
+        self._crm_addresses: frozenset[str] | None = None  # as last given to the kernel
         self._last_scan = 0.0
         self._lock = threading.Lock()
         self._probes: Any = None
@@ -203,25 +209,34 @@ class Enforcement:
             self._refusals = refusals
         if self.guard is not None:
             self.guard.set_refused(self._refused_keys())
+        if self.policy is not None:
+            # the QUIC / ECH / unreadable-hello verdicts apply to CRM addresses
+            crm = frozenset(crm_addresses(bindings, self.catalogue))
+            if crm != self._crm_addresses:
+                set_crm_addresses(self._probes, crm)
+                self._crm_addresses = crm
 
     def on_dns_learned(self, ip: str, names: tuple[str, ...], bindings: Callable[
             [], Mapping[str, list[tuple[str, ...]]]]) -> None:
         """A DNS answer arrived: refuse its address at once when it names an instance
         (the client connects right after the answer, before the next poll)."""
-        if self.guard is None or not any(self.catalogue.lookup(n) for n in names):
+        if (self.guard is None and self.policy is None) or not any(
+                self.catalogue.lookup(n) for n in names):
             return
         self.update_addresses(bindings())
 
     def poll(self, bindings: Mapping[str, list[tuple[str, ...]]]) -> None:
         """Each agent poll: refused addresses, and new cgroups now and then."""
-        if self.guard is None:
+        if self.guard is None and self.policy is None:
             return
         self.update_addresses(bindings)
         if time.monotonic() - self._last_scan >= CGROUP_SCAN_EVERY_S:
-            self._fill_guard(self.guard)
-            refresh = getattr(self.policy, "refresh_cgroups", None)
+            self._last_scan = time.monotonic()
+            if self.guard is not None:
+                self._fill_guard(self.guard)
+            refresh = getattr(self.policy, "refresh_cgroups", None)  # new cgroups' tenants
             if refresh is not None and self.cgroup_mount is not None:
-                refresh(self._probes, {i: p for i, p in _cgroup_dirs(self.cgroup_mount)})
+                refresh(self._probes, dict(_cgroup_dirs(self.cgroup_mount)))
 
     # -- decisions ------------------------------------------------------------------
 

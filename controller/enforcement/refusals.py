@@ -66,6 +66,13 @@ def refused_addresses(
     return out
 
 
+def crm_addresses(bindings: Mapping[str, Sequence[Sequence[str]]],
+                  catalogue: CrmCatalogue) -> set[str]:
+    """Addresses DNS named for any CRM host (instance or shared)."""
+    return {ip for ip, chains in bindings.items()
+            if any(_crm_of_chain(catalogue, chain) is not None for chain in chains)}
+
+
 def kernel_address(ip: str) -> tuple[int, bytes]:
     """(AF_INET | AF_INET6, 16 address bytes) as the connect programs key them."""
     addr = ipaddress.ip_address(ip)
