@@ -300,7 +300,7 @@ class Agent:
         settings = DataFlowSettings.from_settings(self.config.plaintext.dataflows)
         self.dataflows = DataFlowMap(
             settings, on_finding=self._on_incident,
-            on_audit=lambda call: self.store.add_audit_call(call.as_dict()),
+            on_audits=lambda calls: self.store.add_audit_calls([c.as_dict() for c in calls]),
             write=self.store.put_dataflows)
         self.dataflows.load(self.store.dataflows(
             since=time.time() - self.store.retention_s, limit=settings.keys_max))

@@ -377,14 +377,27 @@ class Store:
 
     def add_audit_call(self, call: dict[str, Any]) -> None:
         """One CRM API call of the audit log (already free of secrets)."""
+        self.add_audit_calls([call])
+
+    def add_audit_calls(self, calls: Iterable[dict[str, Any]]) -> int:
+        """CRM API calls of the audit log in one transaction."""
         names = self.AUDIT_CALL_FIELDS
+        values = [tuple(int(c[n]) if n == "allowed" else
+                        c.get(n) if n in self.AUDIT_CALL_OPTIONAL else c[n] for n in names)
+                  for c in calls]
+        if not values:
+            return 0
         with self._lock:
-            self._db.execute(
-                f"INSERT INTO audit_calls ({', '.join(names)}) "
-                f"VALUES ({', '.join('?' * len(names))})",
-                tuple(int(call[n]) if n == "allowed" else
-                      call.get(n) if n in self.AUDIT_CALL_OPTIONAL else call[n] for n in names),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(
+                    f"INSERT INTO audit_calls ({', '.join(names)}) "
+                    f"VALUES ({', '.join('?' * len(names))})", values)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+        return len(values)
 
     DATAFLOW_KEY = ("tenant", "exe", "crm_vendor", "crm_instance", "object", "operation",
                     "direction")

@@ -18,8 +18,10 @@ Findings:
   direction) it never touched before (restored from the store at start).
 - `crm_access_refused`: `refused_storm_count` answers 401/403 to one process
   within `refused_storm_window_s`.
-A call answered 4xx/5xx or not at all is an attempted transfer: `on_audit` gets
-an `ExchangeAudit` for /v1/audit (outcome refused | failed | unanswered).
+A call answered 4xx/5xx or not at all is an attempted transfer: an `ExchangeAudit`
+for /v1/audit (outcome refused | failed | unanswered), handed to `on_audit` at
+once, or to `on_audits` in a batch at each flush (the agent's choice: a refused
+storm then costs no database write per call).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ CRM_ACCESS_REFUSED = "crm_access_refused"
 TEMPLATES_MAX = 4  # distinct path templates kept per data flow
 PROCESSES_MAX = 4096  # processes whose refused answers are tracked at once
 REFS_MAX = 4096  # Bulk 2.0 jobs and query locators whose object is remembered
+# attempted transfers held between flushes; past it (a storm) they are counted, not kept
+ATTEMPTS_MAX = 10_000
 REFUSED = frozenset({401, 403})
 # the bodies parsed for data classes: every call until a flow has seen this many,
 # then one in SAMPLE_EVERY (a flow's fields are the same from call to call)
@@ -161,7 +165,8 @@ def outcome_of(status: int | None) -> str | None:
 
 
 OnFinding = Callable[[Finding], None]
-OnAudit = Callable[[ExchangeAudit], None]
+OnAudit = Callable[[ExchangeAudit], Any]
+OnAudits = Callable[[list[ExchangeAudit]], Any]
 WriteRows = Callable[[list[dict[str, Any]]], Any]
 
 
@@ -172,10 +177,12 @@ class DataFlowMap:
     def __init__(self, settings: DataFlowSettings | None = None,
                  on_finding: OnFinding | None = None, on_audit: OnAudit | None = None,
                  write: WriteRows | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 on_audits: OnAudits | None = None) -> None:
         self.settings = settings or DataFlowSettings()
         self.on_finding = on_finding
-        self.on_audit = on_audit
+        self.on_audit = on_audit  # each attempt at once
+        self.on_audits = on_audits  # or the attempts in a batch at each flush
         self.write = write
         self.clock = clock
         self.flows: dict[FlowKey, FlowTotals] = {}
@@ -186,6 +193,7 @@ class DataFlowMap:
         self._refused: OrderedDict[tuple[str, int], deque[float]] = OrderedDict()
         # (tenant, vendor, instance, job id or query locator) -> the object it is about
         self._refs: OrderedDict[tuple[str, str, str, str], str] = OrderedDict()
+        self._attempts: list[ExchangeAudit] = []  # handed to on_audit at each flush
         self._last_flush = clock()
         self._lock = threading.Lock()
         # one flush at a time: an older snapshot must not land after a newer one
@@ -232,6 +240,9 @@ class DataFlowMap:
             rows = [self.flows[k].row(k) for k in self._dirty if k in self.flows]
             self._dirty.clear()
             self._last_flush = self.clock()
+            attempts, self._attempts = self._attempts, []
+        if attempts and self.on_audits is not None:
+            self._deliver(self.on_audits, attempts)
         if rows and self.write is not None:
             try:
                 self.write(rows)
@@ -311,7 +322,14 @@ class DataFlowMap:
                 if storm is not None:
                     findings.append(storm)
         outcome = outcome_of(x.status)
-        if outcome is not None and self.on_audit is not None:
+        if outcome is not None and self.on_audits is not None:
+            attempt = self._attempt(x, calls[0], outcome)
+            with self._lock:
+                if len(self._attempts) < ATTEMPTS_MAX:
+                    self._attempts.append(attempt)
+                else:
+                    self.stats["attempts_dropped_over_bound"] += 1
+        elif outcome is not None and self.on_audit is not None:
             self._deliver(self.on_audit, self._attempt(x, calls[0], outcome))
         for f in findings:
             self.stats[f"finding_{f.kind}"] += 1

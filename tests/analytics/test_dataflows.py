@@ -30,7 +30,7 @@ class Recorder:
         self.audits: list[ExchangeAudit] = []
         self.writes: list[list[dict[str, Any]]] = []
         self.map = DataFlowMap(settings or DataFlowSettings(warmup_s=HOUR),
-                               on_finding=self.findings.append, on_audit=self.audits.append,
+                               on_finding=self.findings.append, on_audits=self.audits.extend,
                                write=self.writes.append, clock=lambda: T0)
 
     def kinds(self) -> list[str]:
@@ -153,6 +153,8 @@ def test_attempted_transfers_reach_the_audit_with_their_outcome() -> None:
     r.map.on_exchange(exchange(contacts))  # 200: a transfer, not an attempt
     for status in (401, 403, 404, 503, None):
         r.map.on_exchange(exchange(contacts, status=status))
+    assert r.audits == []  # handed over in one batch at the flush
+    r.map.flush()
     assert [(a.status, a.outcome) for a in r.audits] == [
         (401, "refused"), (403, "refused"), (404, "failed"), (503, "failed"),
         (None, "unanswered")]
@@ -239,3 +241,26 @@ def test_bulk_jobs_and_query_pages_take_the_object_of_the_call_that_started_them
     contact = next(w for w in r.writes[0] if w["object"] == "Contact")
     assert contact["data_classes"] == ["email"]  # from the CSV upload
     assert r.map.stats["refs_unknown"] == 1
+
+
+def test_a_storm_of_attempts_is_bounded_between_flushes() -> None:
+    from leaktap.analytics.plaintext import dataflows
+
+    r = Recorder()
+    lead = by_name(FIXTURES["salesforce"], "FROM+Lead")
+    for i in range(dataflows.ATTEMPTS_MAX + 25):
+        r.map.on_exchange(exchange(lead, ts=T0 + i / 1000))
+    r.map.flush()
+    assert len(r.audits) == dataflows.ATTEMPTS_MAX
+    assert r.map.stats["attempts_dropped_over_bound"] == 25
+    r.map.on_exchange(exchange(lead, ts=T0 + 100))
+    r.map.flush()
+    assert len(r.audits) == dataflows.ATTEMPTS_MAX + 1
+
+
+def test_attempts_go_one_by_one_to_on_audit_without_a_batch_callback() -> None:
+    audits: list[ExchangeAudit] = []
+    fmap = DataFlowMap(on_audit=audits.append)
+    lead = by_name(FIXTURES["salesforce"], "FROM+Lead")
+    fmap.on_exchange(exchange(lead))
+    assert [(a.status, a.outcome) for a in audits] == [(403, "refused")]

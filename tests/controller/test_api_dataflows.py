@@ -69,7 +69,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[AgentView, s
     alerts = AlertManager(store.path, [], AlertsSettings())
     fmap = DataFlowMap(DataFlowSettings(warmup_s=3600, flush_interval_s=3600),
                        on_finding=alerts.record,
-                       on_audit=lambda a: store.add_audit_call(a.as_dict()),
+                       on_audits=lambda calls: store.add_audit_calls(
+                           [a.as_dict() for a in calls]),
                        write=store.put_dataflows)
     for i in range(ACME_ROUNDS):
         for call in ALL_CALLS:

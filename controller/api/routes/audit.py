@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
@@ -9,6 +10,8 @@ from pydantic import BaseModel
 
 from leaktap.controller.api.deps import AgentDep, ReaderDep
 from leaktap.controller.kernel import abi
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
@@ -87,6 +90,12 @@ def read_audit(
     if enforcement is not None:
         decisions = enforcement.log.recent(tenant=tenant, since=since, limit=limit)
         rows = with_decisions(rows, decisions, attempted, limit)
+    fmap = getattr(agent, "dataflows", None)
+    if fmap is not None:
+        try:
+            fmap.flush()  # attempted CRM calls wait in the data-flow map between writes
+        except Exception:  # noqa: BLE001 - serve what is stored; the poll retries the write
+            logger.exception("writing the data-flow map")
     calls = agent.store.audit_calls(tenant=tenant, since=since, limit=limit,
                                     attempted_only=attempted)
     return {"transfers": rows, "calls": calls}
