@@ -21,6 +21,7 @@ import json
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from html import unescape
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
@@ -294,12 +295,76 @@ def _salesforce(t: Target) -> list[ApiCall]:
     if low[:3] == ["services", "soap", "m"]:  # Metadata API (SOAP)
         write = bool(_SF_METADATA_WRITE.search(t.body[:65536]))
         return [ApiCall("Metadata", ADMIN, t.template(), write)]
+    if low[:3] in (["services", "soap", "u"], ["services", "soap", "c"]):
+        return [_sf_soap(t)]  # the partner / enterprise SOAP API
     if low[:2] == ["services", "oauth2"]:
         name = low[2] if len(low) > 2 else "oauth"
         if name in ("token", "authorize", "userinfo", "revoke", "introspect"):
             return [ApiCall("oauth_token", _by_method(t, True), t.template(), t.write)]
         return [ApiCall("oauth", ADMIN, t.template(), t.write)]
     return [_other(t)]
+
+
+_SF_SOAP_CALL = re.compile(
+    rb"<(?:\w+:)?(query|queryAll|queryMore|create|update|upsert|delete|undelete|retrieve|"
+    rb"search|login|describeSObjects?|describeGlobal|getUserInfo|merge|convertLead|"
+    rb"setPassword|resetPassword)\b")
+_SF_SOAP_QUERY = re.compile(rb"<(?:\w+:)?queryString>([^<]{1,20000})<")
+_SF_SOAP_TYPE = re.compile(
+    rb'(?:xsi:type="(?:\w+:)?([A-Za-z][A-Za-z0-9_]{0,79})"|<(?:\w+:)?(?:type|sObjectType)>'
+    rb"\s*([A-Za-z][A-Za-z0-9_]{0,79})\s*<)")
+_SF_SOAP_OPS = {"create": CREATE, "update": UPDATE, "upsert": UPSERT, "delete": DELETE,
+                "undelete": UPDATE, "merge": UPDATE, "convertlead": UPDATE, "retrieve": READ,
+                "search": QUERY, "describesobject": READ, "describesobjects": READ,
+                "describeglobal": READ, "getuserinfo": READ}
+_SF_GRAPHQL = re.compile(rb"uiapi\s*\{\s*query\s*\{\s*([A-Za-z][A-Za-z0-9_]{0,79})")
+
+
+def _sf_soap(t: Target) -> ApiCall:
+    """The partner/enterprise SOAP API: the call and its object from the envelope."""
+    head = t.body[:65536]
+    m = _SF_SOAP_CALL.search(head)
+    name = m.group(1).decode().lower() if m else ""
+    template = t.template()
+    if name in ("query", "queryall"):
+        q = _SF_SOAP_QUERY.search(head)
+        obj = sf_object(soql_from(unescape(q.group(1).decode("utf-8", "replace"))) or OTHER) \
+            if q else OTHER
+        return _admin_or(ApiCall(obj, QUERY, template, False), SF_ADMIN)
+    if name == "querymore":
+        return ApiCall(OTHER, QUERY, template, False)
+    if name == "login":
+        return ApiCall("oauth_token", CREATE, template, True)
+    if name in ("setpassword", "resetpassword"):
+        return ApiCall("User", ADMIN, template, True)
+    typed = _SF_SOAP_TYPE.search(head)
+    obj = sf_object((typed.group(1) or typed.group(2)).decode()) if typed else OTHER
+    op = _SF_SOAP_OPS.get(name, READ)
+    return _admin_or(ApiCall(obj, op, template, op not in (READ, QUERY)), SF_ADMIN)
+
+
+def _sf_ui_api(t: Target, i: int) -> ApiCall:
+    """User Interface API: records by id (object from the id's key prefix), list views
+    and object info by object name."""
+    rest = t.segments[i:]
+    low = [x.lower() for x in rest]
+    template = t.template()
+    if low[:1] == ["records"]:
+        if len(rest) >= 2:
+            obj = _sf_object_of_id(rest[1]) or OTHER
+            return _admin_or(ApiCall(obj, _by_method(t, True), template, t.write), SF_ADMIN)
+        doc = t.doc()
+        api_name = doc.get("apiName") if isinstance(doc, dict) else None
+        obj = sf_object(api_name) if isinstance(api_name, str) else OTHER
+        return _admin_or(ApiCall(obj, CREATE, template, True), SF_ADMIN)
+    if low[:1] in (["list-records"], ["list-ui"], ["object-info"], ["list-info"]) \
+            and len(rest) >= 2:
+        op = READ if low[0] == "object-info" else QUERY
+        return _admin_or(ApiCall(sf_object(rest[1]), op, template, False), SF_ADMIN)
+    if low[:1] in (["record-ui"], ["related-list-records"]) and len(rest) >= 2:
+        obj = _sf_object_of_id(rest[1].split(",")[0]) or OTHER
+        return ApiCall(obj, READ if low[0] == "record-ui" else QUERY, template, False)
+    return _other(t)
 
 
 def _sf_bulk1(t: Target) -> ApiCall:
@@ -338,6 +403,12 @@ def _sf_data(t: Target, i: int) -> list[ApiCall]:
         return _sf_composite(t, i + 1)
     if head == "jobs" and len(rest) >= 2 and rest[1] in ("ingest", "query"):
         return [_sf_bulk2(t, i + 1, rest[1])]
+    if head == "ui-api":
+        return [_sf_ui_api(t, i + 1)]
+    if head == "graphql":
+        m = _SF_GRAPHQL.search(t.body[:65536])
+        obj = sf_object(m.group(1).decode()) if m else OTHER
+        return [_admin_or(ApiCall(obj, QUERY, t.template(), False), SF_ADMIN)]
     if head == "metadata" or head == "deployrequest":
         return [ApiCall("Metadata", ADMIN, t.template(), t.write)]
     if head == "actions" or head == "process":

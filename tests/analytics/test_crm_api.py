@@ -65,6 +65,25 @@ SALESFORCE = [
     ("POST", f"{V}/metadata/deployRequest", b"", ("Metadata", "admin", "to_crm")),
     ("POST", "/services/oauth2/token", b"grant_type=refresh_token",
      ("oauth_token", "create", "to_crm")),
+    ("POST", "/services/Soap/u/59.0", b'<soapenv:Body><urn:query><urn:queryString>SELECT Id '
+     b"FROM Contact WHERE Name = &apos;x&apos;</urn:queryString></urn:query>",
+     ("Contact", "query", "from_crm")),
+    ("POST", "/services/Soap/c/59.0/00DXX0000008abc", b'<soapenv:Body><urn:create><urn:sObjects '
+     b'xsi:type="urn1:Lead"><LastName>x</LastName></urn:sObjects></urn:create>',
+     ("Lead", "create", "to_crm")),
+    ("POST", "/services/Soap/u/59.0", b"<soapenv:Body><urn:update><urn:sObjects><urn1:type>User"
+     b"</urn1:type></urn:sObjects></urn:update>", ("User", "admin", "to_crm")),
+    ("POST", "/services/Soap/u/59.0", b"<soapenv:Body><urn:login><urn:username>",
+     ("oauth_token", "create", "to_crm")),
+    ("GET", f"{V}/ui-api/records/{SF_ID}?fields=Account.Name", b"",
+     ("Account", "read", "from_crm")),
+    ("PATCH", f"{V}/ui-api/records/003XX000004TmiQAAS", b'{"fields":{}}',
+     ("Contact", "update", "to_crm")),
+    ("POST", f"{V}/ui-api/records", b'{"apiName":"Opportunity","fields":{}}',
+     ("Opportunity", "create", "to_crm")),
+    ("GET", f"{V}/ui-api/list-records/Case/AllOpenCases", b"", ("Case", "query", "from_crm")),
+    ("POST", f"{V}/graphql", b'{"query":"query accounts { uiapi { query { Account(first: 10) '
+     b'{ edges { node { Id } } } } } }"}', ("Account", "query", "from_crm")),
     ("GET", f"{V}/limits", b"", ("other", "read", "from_crm")),
     ("GET", "/services/apexrest/Cases/123", b"", ("other", "read", "from_crm")),
 ]
