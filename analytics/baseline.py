@@ -74,6 +74,13 @@ class HourlyHistory:
         `watched_like` (its tenant's total): its minutes before its first row were idle."""
         self.minutes_seen[index] = 0 if watched_like is None else self.minutes_seen[watched_like]
 
+    def clear(self, series: npt.NDArray[np.int64]) -> None:
+        """Forget these series' history (a freed slot, before it is reused); `add_series`
+        sets when it is watched from."""
+        self.stats[:, :, series] = np.nan
+        self.minutes_out[:, series] = 0.0
+        self.hour_in[series] = 0.0
+
     def record_minute(self, minute_of_hour: int, out: FloatArray, inb: FloatArray) -> None:
         """Minute `minute_of_hour` of series 0..n-1 (all watched)."""
         n = out.shape[0]

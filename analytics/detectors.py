@@ -174,6 +174,7 @@ class VolumeScorer:
         self._cap = 0
         self._declare(capacity)
         self.fit = SeasonalFit.empty(capacity)
+        self._empty_fit = SeasonalFit.empty(1)  # a new series' fit (fill values of `clear`)
         self.bank = (
             ScaleBank(
                 vol.scale_windows_minutes, vol.scale_alpha, capacity,
@@ -227,9 +228,23 @@ class VolumeScorer:
         return wide
 
     def add_series(self, index: int, is_total: bool) -> None:
+        """Start series `index` (a reused slot is cleared first: `clear`)."""
         self.first_minute[index] = self.minute_index
         self.is_total[index] = is_total
-        self.n = index + 1
+        self.n = max(self.n, index + 1)
+        self._cache = None
+
+    def clear(self, series: IntArray) -> None:
+        """Back to a new series' state: detector state, fit and window bank (what
+        `add_series` sets is left to it). A freed slot keeps being stepped with idle minutes
+        until reused, so it is cleared on reuse; one call clears a minute's slots at once."""
+        for name, (array, fill) in self._arrays.items():
+            if name not in ("first_minute", "is_total"):
+                array[..., series] = fill
+        for name in vars(self.fit):
+            getattr(self.fit, name)[..., series] = getattr(self._empty_fit, name)
+        if self.bank is not None:
+            self.bank.clear(series)
         self._cache = None
 
     def set_fit(self, fit: SeasonalFit, n: int) -> None:

@@ -91,6 +91,14 @@ class IncidentBook:
         incident.score = max(incident.score, score)
         return incident
 
+    def close(self, key: Hashable) -> Incident | None:
+        """End one episode now (its series is dropped); `pop_closed` hands it over."""
+        entry = self._open.pop(key, None)
+        if entry is None:
+            return None
+        self._closed.append(entry[0])
+        return entry[0]
+
     def expire(self, now: int) -> list[Hashable]:
         """Close episodes with no alarm for longer than their gap; returns their keys."""
         stale = [k for k, (inc, gap) in self._open.items() if now - inc.last_alarm_ts >= gap]

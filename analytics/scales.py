@@ -117,6 +117,13 @@ class ScaleBank:
         self.learned, self.suspect_run = wider(self.learned), wider(self.suspect_run)
         self._cap = capacity
 
+    def clear(self, series: npt.NDArray[np.int64]) -> None:
+        """Back to a new series' state (a freed slot, before it is reused)."""
+        for array in (self.ring, self.blocks, self.snap, self.short_sums, self.long_sums,
+                      self.open_block, self.ref, self.learned, self.suspect_run):
+            array[..., series] = 0
+        self.scale[:, series] = 1.0
+
     def reset(self, series: npt.NDArray[np.int64]) -> None:
         """After an episode: no window may page again on the episode's own minutes."""
         self.ring[..., series] = 0.0

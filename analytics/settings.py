@@ -110,6 +110,12 @@ class DetectionSettings(_Frozen):
     refit_hours: Annotated[int, Field(ge=1, le=168)] = 24
     # An episode ends after this many minutes without an alarm.
     episode_gap_minutes: Annotated[int, Field(ge=1, le=10_080)] = 30
+    # A series (tenant x destination, or a tenant's total) with no traffic for longer than
+    # this is dropped with its baseline, so destinations that come and go do not fill the
+    # series table. Eight days: longer than a week, so a series that only pauses (a weekly
+    # batch, a quiet weekend or a holiday week) keeps its hour-of-week history; longer than
+    # every episode gap (at most 7 days), so idleness never cuts an open episode short.
+    series_idle_days: Annotated[float, Field(gt=0, le=365)] = 8.0
     volume: VolumeSettings = VolumeSettings()
     ratio: RatioSettings = RatioSettings()
     new_destination: NewDestinationSettings = NewDestinationSettings()
@@ -129,3 +135,7 @@ class DetectionSettings(_Frozen):
     @property
     def warmup_minutes(self) -> int:
         return int(self.warmup_days * 1440)
+
+    @property
+    def series_idle_seconds(self) -> int:
+        return int(self.series_idle_days * 86400)

@@ -6,6 +6,11 @@ a later minute does it implicitly). Closing minute t scores it with the state
 built from minutes < t, so an incident raised while closing t carries
 `raised_ts = t` and is raised identically from any file that contains the rows
 up to t. Baselines are refitted (pandas) every `refit_hours` at an hour close.
+
+Series state is bounded (issue 17.5): a series with no row for `series_idle_days`
+is dropped at an hour close, and with `max_series` set a new series takes the slot
+of the least recently active destination (never one with a row in the minute
+being closed). A freed slot is cleared in every per-series structure before reuse.
 """
 
 from __future__ import annotations
@@ -35,6 +40,12 @@ logger = logging.getLogger(__name__)
 
 SeriesKey = tuple[str, str | None, str | None]  # (tenant, vendor, instance); None: tenant total
 _MAX_LISTED_SERIES = 20
+_FREE: SeriesKey = ("", None, None)  # the key of a slot whose series was dropped
+_NEVER = np.iinfo(np.int64).max // 2  # tenant_first of a free slot: never warm, never pages
+IDLE, CAPACITY = "idle", "capacity"  # why a series was dropped
+# names of dropped destinations remembered (oldest forgotten first), so that one coming
+# back after a pause is not paged as a new destination (about 200 bytes each)
+_REMEMBERED_MAX = 20_000
 
 
 @dataclass
@@ -61,12 +72,22 @@ class StreamingDetector:
         settings: DetectionSettings | None = None,
         allow: Mapping[str, Iterable[str]] | None = None,
         capacity: int = 64,
+        max_series: int | None = None,
     ) -> None:
+        """`max_series`: series kept at most (destinations and tenant totals); None: any."""
         self.settings = settings or DetectionSettings()
+        if max_series is not None:
+            if max_series < 2:
+                raise ValueError(f"max_series {max_series} leaves no room for a destination")
+            capacity = min(capacity, max_series)
+        self._max_series = max_series
         # empty or missing allow list: the tenant has no policy to break
         self._allow = {t: frozenset(a) for t, a in (allow or {}).items() if a}
-        self._keys: list[SeriesKey] = []
+        self._keys: list[SeriesKey] = []  # per slot; _FREE where the series was dropped
         self._index: dict[SeriesKey, int] = {}
+        self._free: list[int] = []  # slots to reuse
+        self._freed: list[int] = []  # slots freed or reused since they were last cleared
+        self._last_seen: list[int] = []  # per slot: minute of its last row
         self._cap = capacity
         self._total_of = np.zeros(capacity, dtype=np.int64)
         self._tenant_first = np.zeros(capacity, dtype=np.int64)  # per series: tenant first seen
@@ -81,8 +102,19 @@ class StreamingDetector:
         self._rows_idx: list[int] = []
         self._rows_out: list[int] = []
         self._rows_in: list[int] = []
+        # rows of series not known yet: admitted when their minute closes, after every known
+        # series has had its rows, so a full table evicts only series idle in that minute
+        self._new_rows: list[Bucket] = []
+        self._refused: dict[str, list[float]] = {}  # tenant -> [out, in] of refused rows
+        self._victims: list[int] = []  # least recently active destinations, last first
+        self._victims_ts: int | None = None
+        self._remembered: dict[SeriesKey, None] = {}  # dropped destinations, oldest first
         self._open_ts: int | None = None
         self.rows_seen = 0  # counted per minute, off the per-row path
+        self.evicted = {IDLE: 0, CAPACITY: 0}  # series dropped, by reason
+        # rows of a new series when every slot had a row in the same minute (a flood of new
+        # destinations): their bytes still count in their tenant's total when it has one
+        self.rows_refused = 0
 
     # -- feeding --------------------------------------------------------------
 
@@ -97,7 +129,9 @@ class StreamingDetector:
         key: SeriesKey = bucket[1:4]  # (tenant, vendor, instance), hot path
         index = self._index.get(key)
         if index is None:
-            index = self._add_destination(key, ts)
+            self._new_rows.append(bucket)
+            return raised
+        self._last_seen[index] = ts
         self._rows_idx.append(index)
         self._rows_out.append(bucket[4])
         self._rows_in.append(bucket[5])
@@ -151,12 +185,20 @@ class StreamingDetector:
 
     @property
     def series_count(self) -> int:
+        """Series kept (destinations and tenant totals)."""
+        return len(self._keys) - len(self._free)
+
+    @property
+    def slots(self) -> int:
+        """Slots of every per-series array in use, free ones included (<= max_series)."""
         return len(self._keys)
 
     # -- series ---------------------------------------------------------------
 
     def _grow(self) -> None:
         cap = self._cap * 2
+        if self._max_series is not None:
+            cap = min(cap, self._max_series)
         extra = cap - self._cap
         self._total_of = np.concatenate([self._total_of, np.zeros(extra, dtype=np.int64)])
         self._tenant_first = np.concatenate([self._tenant_first, np.zeros(extra, dtype=np.int64)])
@@ -165,11 +207,20 @@ class StreamingDetector:
         self._history.grow(cap)
         self._cap = cap
 
-    def _new_series(self, key: SeriesKey, tenant_first: int, is_total: bool) -> int:
-        if len(self._keys) == self._cap:
-            self._grow()
-        index = len(self._keys)
-        self._keys.append(key)
+    def _new_series(self, key: SeriesKey, tenant_first: int, is_total: bool, ts: int) -> int:
+        if self._free:
+            index = self._free.pop()
+            self._keys[index] = key
+            self._last_seen[index] = ts
+            # a dropped series' slot: nothing of it may reach the new one (cleared before
+            # the minute is scored, with the other slots of the minute: _clear_freed)
+            self._freed.append(index)
+        else:
+            if len(self._keys) == self._cap:
+                self._grow()
+            index = len(self._keys)
+            self._keys.append(key)
+            self._last_seen.append(ts)
         self._index[key] = index
         self._tenant_series.setdefault(key[0], []).append(index)
         self._tenant_first[index] = tenant_first
@@ -188,17 +239,24 @@ class StreamingDetector:
                 policy is not None and self.settings.unsanctioned.enabled
                 and not allows(policy, vendor, instance))
 
-    def _add_destination(self, key: SeriesKey, ts: int) -> int:
+    def _add_destination(self, key: SeriesKey, ts: int) -> int | None:
+        """Admit a new destination (and its tenant's total); None: no room at minute ts."""
         tenant, vendor, instance = key
+        if not self._make_room(tenant, ts):
+            return None
+        # kept when the tenant's series are dropped (one entry per tenant): a tenant that
+        # comes back is not blind for another warm-up
         first = self._tenant_first_ts.setdefault(tenant, ts)
         total = self._index.get((tenant, None, None))
         if total is None:
-            total = self._new_series((tenant, None, None), first, is_total=True)
+            total = self._new_series((tenant, None, None), first, is_total=True, ts=ts)
             self._total_of[total] = -1
             # not watched before its tenant's first row (e.g. the start of the history):
             # a partly watched first hour stays out of the fit (HourlyHistory.close_hour)
             self._history.add_series(total)
-        index = self._new_series(key, first, is_total=False)
+        index = self._new_series(key, first, is_total=False, ts=ts)
+        returning = key in self._remembered  # seen before, dropped while idle
+        self._remembered.pop(key, None)
         self._total_of[index] = total
         self._history.add_series(index, watched_like=total)
         policy = self._allow.get(tenant)
@@ -210,10 +268,107 @@ class StreamingDetector:
         elif (
             self.settings.new_destination.enabled
             and ts >= first + self.settings.warmup_minutes * MINUTE
+            and not returning
             and not self._unnamed_of_known_vendor(tenant, vendor, instance, index)
         ):
             self._pending[index] = _Pending(first_ts=ts)
         return index
+
+    def _make_room(self, tenant: str, ts: int) -> bool:
+        """Evict least recently active destinations until a destination of `tenant` (and its
+        total if it has none) fits under max_series; False if every one had a row at ts."""
+        if self._max_series is None:
+            return True
+        while True:
+            need = 1 if (tenant, None, None) in self._index else 2
+            if self.series_count + need <= self._max_series:
+                return True
+            victim = self._least_recent(ts)
+            if victim is None:
+                return False
+            self._drop(victim, CAPACITY)
+
+    def _least_recent(self, ts: int) -> int | None:
+        """The destination whose last row is the oldest, among those with none at ts. The
+        order is sorted once per minute; a slot dropped or active since is skipped."""
+        if self._victims_ts != ts:
+            n = len(self._keys)
+            last = np.asarray(self._last_seen, dtype=np.int64)
+            candidates = np.flatnonzero((self._total_of[:n] >= 0) & (last < ts))
+            order = candidates[np.argsort(last[candidates], kind="stable")]
+            self._victims = order[::-1].tolist()
+            self._victims_ts = ts
+        while self._victims:
+            index: int = self._victims.pop()
+            if self._total_of[index] >= 0 and self._last_seen[index] < ts:
+                return index
+        return None
+
+    def _drop_idle(self, ts: int) -> None:
+        """Drop destinations without a row for longer than series_idle_days (hourly)."""
+        n = len(self._keys)
+        last = np.asarray(self._last_seen, dtype=np.int64)
+        idle = (self._total_of[:n] >= 0) & (last < ts - self.settings.series_idle_seconds)
+        for index in np.flatnonzero(idle).tolist():
+            self._drop(index, IDLE)
+        self._clear_freed()
+
+    def _drop(self, index: int, reason: str) -> None:
+        """Forget a destination series, and its tenant's total with its last destination.
+        Its open episodes end now (pop_closed hands them over): a series that takes the slot
+        later must not extend them."""
+        tenant = self._keys[index][0]
+        for kind in (NEW_DESTINATION, UNSANCTIONED_DESTINATION):
+            self._book.close((kind, index))
+        self._pending.pop(index, None)
+        self._open_dest.pop(index, None)
+        self._remembered[self._keys[index]] = None  # not remembered while live: at the end
+        if len(self._remembered) > _REMEMBERED_MAX:
+            del self._remembered[next(iter(self._remembered))]
+        series = self._tenant_series[tenant]
+        series.remove(index)
+        self._release(index, reason)
+        if len(series) == 1:  # only the tenant's total is left
+            self._release(series[0], reason)
+            del self._tenant_series[tenant]
+
+    def _release(self, index: int, reason: str) -> None:
+        del self._index[self._keys[index]]
+        self._keys[index] = _FREE
+        self._free.append(index)
+        self._total_of[index] = -1  # rows never name a free slot; not a candidate victim
+        self._tenant_first[index] = _NEVER  # stepped with idle minutes until reused: silent
+        self._unsanctioned[index] = False
+        self._freed.append(index)  # its history would otherwise be refitted until reused
+        self.evicted[reason] += 1
+
+    def _clear_freed(self) -> None:
+        """Clear every slot freed or reused since the last call, in one pass per array."""
+        if self._freed:
+            slots = np.unique(np.asarray(self._freed, dtype=np.int64))
+            self._volume.clear(slots)
+            self._history.clear(slots)
+            self._freed.clear()
+
+    def _admit_new(self, ts: int) -> None:
+        """Rows of series first seen in minute ts, after every known series' rows."""
+        rows, self._new_rows = self._new_rows, []
+        for bucket in rows:
+            key: SeriesKey = bucket[1:4]
+            index = self._index.get(key)
+            if index is None:
+                index = self._add_destination(key, ts)
+            if index is None:
+                self.rows_refused += 1
+                refused = self._refused.setdefault(key[0], [0.0, 0.0])
+                refused[0] += bucket[4]
+                refused[1] += bucket[5]
+                continue
+            self._last_seen[index] = ts
+            self._rows_idx.append(index)
+            self._rows_out.append(bucket[4])
+            self._rows_in.append(bucket[5])
+        self._clear_freed()
 
     def _unnamed_of_known_vendor(
         self, tenant: str, vendor: str | None, instance: str | None, index: int
@@ -224,11 +379,13 @@ class StreamingDetector:
             return False
         return any(
             self._keys[i][1] == vendor for i in self._tenant_series.get(tenant, ()) if i != index
-        )
+        ) or any(k[0] == tenant and k[1] == vendor for k in self._remembered)
 
     # -- the minute -----------------------------------------------------------
 
     def _close_minute(self, ts: int) -> list[Incident]:
+        if self._new_rows:
+            self._admit_new(ts)
         n = len(self._keys)
         if self._rows_idx:
             idx = np.asarray(self._rows_idx, dtype=np.int64)
@@ -242,6 +399,12 @@ class StreamingDetector:
         else:
             x = np.zeros(n)
             y = np.zeros(n)
+        for tenant, (out_refused, in_refused) in self._refused.items():
+            total = self._index.get((tenant, None, None))
+            if total is not None:  # the tenant's volume stays whole
+                x[total] += out_refused
+                y[total] += in_refused
+        self._refused.clear()
         minute = (ts // MINUTE) % MINUTES_PER_HOUR
         self._history.record_minute(minute, x, y)
         warm = self._tenant_first[:n] + self.settings.warmup_minutes * MINUTE <= ts
@@ -251,9 +414,11 @@ class StreamingDetector:
         raised += self._on_unsanctioned(ts, x)
         for key in self._book.expire(ts) if self._book.has_open else ():
             if isinstance(key, tuple) and key[0] == "volume":
-                self._volume.forget_recent(np.asarray(self._tenant_series[key[1]]))
+                self._volume.forget_recent(
+                    np.asarray(self._tenant_series.get(key[1], []), dtype=np.int64))
         if minute == MINUTES_PER_HOUR - 1:
             self._close_hour(ts // 3600, n)
+            self._drop_idle(ts)
         return raised
 
     def _close_hour(self, abs_hour: int, n: int) -> None:
@@ -380,8 +545,9 @@ class StreamingDetector:
                 evidence={
                     "bytes_out": int(pending.bytes_out),
                     "known_destinations": sorted(
-                        self._label(i) for i, k in enumerate(self._keys)
-                        if k[0] == tenant and k[1] is not None and i != index
+                        {self._label(i) for i, k in enumerate(self._keys)
+                         if k[0] == tenant and k[1] is not None and i != index}
+                        | {f"{k[1]}:{k[2]}" for k in self._remembered if k[0] == tenant}
                     )[:_MAX_LISTED_SERIES],
                 },
             )

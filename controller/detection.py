@@ -27,9 +27,9 @@ from leaktap.controller.storage import BucketKey, Store, Volume, minute_of
 
 logger = logging.getLogger(__name__)
 
-# distinct (tenant, vendor, instance) series the detector keeps state for (about 10 KB
-# each); later instances are scored as their vendor's unknown instance, which no
-# allow list treats as unsanctioned (their unsanctioned page leaves by name, at the poll)
+# series the detector keeps state for, destinations and tenant totals (about 30 KB each);
+# beyond it a new series takes the slot of the least recently active destination, and
+# series idle for detection.series_idle_days are dropped (analytics/stream.py)
 DETECTOR_SERIES_MAX = 2000
 
 
@@ -43,14 +43,13 @@ class LiveDetection:
         # an instance the attribution could not tell (a shared host, an address shared
         # by several instances) is not evidence of an unsanctioned one (allowlist.allows)
         self.allow = {t.name: frozenset(t.allow) for t in config.tenants if t.allow}
-        self.detector = StreamingDetector(self.settings, allow=self.allow)
+        self.detector = StreamingDetector(
+            self.settings, allow=self.allow, max_series=DETECTOR_SERIES_MAX)
         self.store = store
         self.on_incident = on_incident
         self._minute: int | None = None
         self._rows: dict[tuple[str, str, str], list[int]] = {}
         self._immediate: dict[tuple[str, str, str], float] = {}  # series -> last paged
-        self._series: set[tuple[str, str, str]] = set()  # admitted to the detector
-        self.series_folded = 0  # rows of instances beyond DETECTOR_SERIES_MAX
         self._lock = threading.Lock()
         # the detector is scored on the worker and read by the API (baselines)
         self._detector_lock = threading.Lock()
@@ -75,9 +74,7 @@ class LiveDetection:
         for r in rows:
             if r["crm_vendor"] is None:
                 continue
-            series = self._detector_series(
-                (r["tenant"], r["crm_vendor"], r["crm_instance"] or UNKNOWN_INSTANCE))
-            key = (r["ts"], *series)
+            key = (r["ts"], r["tenant"], r["crm_vendor"], r["crm_instance"] or UNKNOWN_INSTANCE)
             acc = per_minute.setdefault(key, [0, 0])
             acc[0] += r["bytes_out"]
             acc[1] += r["bytes_in"]
@@ -121,22 +118,13 @@ class LiveDetection:
                 if key.crm_vendor is None:
                     continue
                 series = (key.tenant, key.crm_vendor, key.crm_instance or UNKNOWN_INSTANCE)
-                acc = self._rows.setdefault(self._detector_series(series), [0, 0])
+                acc = self._rows.setdefault(series, [0, 0])
                 acc[0] += vol.bytes_out
                 acc[1] += vol.bytes_in
                 if vol.bytes_out:
                     immediate += self._unsanctioned_now(series, minute, now)
         for incident in immediate:
             self.on_incident(incident)
-
-    def _detector_series(self, series: tuple[str, str, str]) -> tuple[str, str, str]:
-        if series in self._series:
-            return series
-        if len(self._series) < DETECTOR_SERIES_MAX:
-            self._series.add(series)
-            return series
-        self.series_folded += 1
-        return series[0], series[1], UNKNOWN_INSTANCE
 
     def _score_loop(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -152,6 +140,12 @@ class LiveDetection:
                     self.on_incident(incident)
             except Exception:  # noqa: BLE001 - keep scoring the next minutes
                 logger.exception("scoring minute %d", closed)
+
+    def series_stats(self) -> tuple[int, dict[str, int], int]:
+        """Series the detector keeps, series dropped by reason, rows of refused new series.
+        Read without the detector lock: plain counters, at worst a minute behind."""
+        detector = self.detector
+        return detector.series_count, dict(detector.evicted), detector.rows_refused
 
     def baseline(
         self, tenant: str, minutes: list[int], z: float

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +24,7 @@ from leaktap.analytics.alert_settings import AlertsSettings
 from leaktap.analytics.alerts import STORM_PREFIX, AlertManager, Finding, SinkRoute
 from leaktap.analytics.outbox import OutboxDispatcher
 from leaktap.analytics.sinks.file import FileSettings, FileSink
+from leaktap.analytics.stream import StreamingDetector
 from leaktap.controller.api.main import create_app
 from leaktap.controller.config import parse_config
 from leaktap.controller.detection import DETECTOR_SERIES_MAX, LiveDetection
@@ -241,8 +243,123 @@ tenants:
     assert len(paged) == 10_000  # each one paged, by name, at the poll
     # before: 10,000 entries each, kept for good
     assert len(detection._immediate) <= 10_000 * (gap + 120) // DAY + 10
-    assert len(detection._series) == DETECTOR_SERIES_MAX
-    assert detection.series_folded > 0
+    store.close()
+
+
+def detector_sizes(detector: StreamingDetector) -> dict[str, int]:
+    """Entries of every per-series structure of the detector (array: its series axis)."""
+    volume, history = detector._volume, detector._history
+    sizes = {f"volume.{name}": a.shape[-1] for name, (a, _) in volume._arrays.items()}
+    sizes |= {f"fit.{name}": getattr(volume.fit, name).shape[-1] for name in vars(volume.fit)}
+    assert volume.bank is not None
+    sizes |= {f"bank.{name}": a.shape[-1] for name, a in vars(volume.bank).items()
+              if isinstance(a, np.ndarray) and a.ndim and name.startswith(
+                  ("ring", "blocks", "snap", "short_sums", "long_sums", "open_block", "ref",
+                   "scale", "learned", "suspect_run"))}
+    sizes |= {"history.stats": history.stats.shape[-1],
+              "history.minutes_out": history.minutes_out.shape[-1],
+              "history.hour_in": len(history.hour_in),
+              "history.minutes_seen": len(history.minutes_seen)}
+    sizes |= {name: len(getattr(detector, name)) for name in (
+        "_keys", "_index", "_last_seen", "_total_of", "_tenant_first", "_unsanctioned",
+        "_pending", "_open_dest", "_free")}
+    sizes["_tenant_series"] = sum(len(v) for v in detector._tenant_series.values())
+    sizes["book"] = len(detector._book.open_incidents())
+    return sizes
+
+
+def test_live_detection_drops_idle_series_and_keeps_a_busy_baseline(tmp_path: Path) -> None:
+    """A week of one busy series, then 28 hours: 50,000 short-lived workloads each sending
+    to its own destination for 1 to 10 minutes over 12 hours (about 70 new series a
+    minute), then quiet. The table stays at the cap while the churn lasts (least recently
+    active evicted), empties of it once idle (12 hours here), and the busy series keeps
+    its baseline through it and still pages a burst at the end."""
+    config = parse_config("""
+tenants:
+  - name: acme
+    match: {sni: "{tenant}.my.salesforce.com"}
+detection: {series_idle_days: 0.5}
+""")
+    store = Store(tmp_path / "lt.db")
+    paged: list[Any] = []
+    detection = LiveDetection(config, store, paged.append)
+    detector = detection.detector
+    cap = DETECTOR_SERIES_MAX
+    rng = np.random.default_rng(17)
+    # the churn starts after a week of the busy series alone
+    churn_minutes, quiet_minutes, burst_minutes = 12 * 60, 16 * 60, 10
+    end_minute = (7 * DAY) // 60 + churn_minutes + quiet_minutes
+    born = 0
+    alive: list[tuple[int, str, str]] = []  # (last minute, tenant, instance)
+    peak: dict[str, int] = {}
+
+    def score_queued() -> None:  # the worker's loop, run here until the queue is empty
+        detection._queue.put(None)
+        detection._score_loop()
+
+    for minute in range(end_minute + burst_minutes + 1):
+        now = T0 + minute * 60 + 30
+        ts = minute_of(now)
+        out = int(2e6 * rng.lognormal(0, 0.2))
+        if minute >= end_minute:
+            out *= 10  # the burst
+        buckets = {BucketKey(ts, "acme", "salesforce", "acme", "acme.my.salesforce.com"):
+                   Volume(bytes_out=out, packets_out=100, bytes_in=out // 10, packets_in=100)}
+        churn = minute - (7 * DAY) // 60
+        if 0 <= churn < churn_minutes:
+            for _ in range((churn + 1) * 50_000 // churn_minutes - born):
+                alive.append((minute + int(rng.integers(1, 11)), f"t{born % 10}", f"w{born}"))
+                born += 1
+            alive = [a for a in alive if a[0] > minute]
+            for _, tenant, instance in alive:
+                buckets[BucketKey(ts, tenant, "salesforce", instance, f"{instance}.example")] = \
+                    Volume(bytes_out=5000, packets_out=5)
+        detection.add(buckets, now)
+        if minute % 60 == 0:
+            score_queued()
+            sizes = detector_sizes(detector)
+            peak = {k: max(peak.get(k, 0), v) for k, v in sizes.items()}
+    score_queued()
+    assert born == 50_000
+    # every per-series structure stayed within the cap (before: folded at 2,000 destinations
+    # for good, and nothing was ever dropped)
+    assert max(peak.values()) <= cap, peak
+    assert peak["_index"] == cap  # the churn filled the table
+    evicted = dict(detector.evicted)
+    assert evicted["capacity"] >= 50_000 - cap
+    assert evicted["idle"] >= cap - 10  # what the churn left, once idle 12 hours
+    assert detector.rows_refused == 0
+    assert set(detector._index) == {("acme", None, None), ("acme", "salesforce", "acme")}
+    assert len(detector._remembered) <= 20_000
+    # the busy series kept its history (a week and a day of hours) and its seasonal fit
+    busy = detector._index[("acme", "salesforce", "acme")]
+    hours = ~np.isnan(detector._history.stats[:, 0, busy])
+    assert hours.sum() >= 8 * 24 - 2
+    assert detector._volume.fit.weeks[:, busy].min() >= 1
+    # and pages the burst at its second minute at the latest; nothing of acme before
+    burst_ts = minute_of(T0 + end_minute * 60)
+    acme = [(i.kind, i.first_ts - burst_ts, i.raised_ts - burst_ts) for i in paged
+            if i.tenant == "acme"]
+    assert acme and all(kind == "volume_anomaly" and first >= 0 and raised <= 120
+                        for kind, first, raised in acme), acme
+    assert [i for i in paged if i.tenant != "acme"] == []  # the churn: in warm-up
+    # /metrics tells the series kept and the evictions by reason
+    agent = SimpleNamespace(
+        stats={}, totals={}, cgroup_totals={}, egress_by_destination={}, unattributed_bytes=0,
+        table=[], interfaces=[], attached=True, plaintext=None,
+        probes=SimpleNamespace(attach_modes={}), alerts=None, outbox=None,
+        ready=lambda: (True, "ok"), detection=detection,
+    )
+    with TestClient(create_app(agent, readers=[READER], admins=[], manage=False)) as client:
+        text = client.get("/metrics", headers={"Authorization": f"Bearer {READER}"}).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[("leaktap_detector_series", ())] == 2
+    assert samples[("leaktap_detector_series_evicted_total", (("reason", "capacity"),))] == \
+        evicted["capacity"]
+    assert samples[("leaktap_detector_series_evicted_total", (("reason", "idle"),))] == \
+        evicted["idle"]
+    assert samples[("leaktap_detector_rows_refused_total", ())] == 0
     store.close()
 
 

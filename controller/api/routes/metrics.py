@@ -129,6 +129,31 @@ class _AgentCollector:
         yield attached
         yield from _coverage_metrics(getattr(a, "coverage", None))
         yield from _alert_metrics(getattr(a, "alerts", None), getattr(a, "outbox", None))
+        yield from _detector_metrics(getattr(a, "detection", None))
+
+
+def _detector_metrics(detection: Any) -> Iterator[Metric]:
+    """The streaming detector's series table (issue 17.5; controller/detection.py)."""
+    if detection is None:
+        return
+    live, evicted, refused = detection.series_stats()
+    yield GaugeMetricFamily(
+        "leaktap_detector_series", "series the streaming detector keeps state for "
+        "(tenant x destination, and tenant totals)", value=live,
+    )
+    dropped = CounterMetricFamily(
+        "leaktap_detector_series_evicted", "detector series dropped with their baseline, by "
+        "reason (idle: no traffic for detection.series_idle_days; capacity: the least "
+        "recently active, to admit a new series at the cap)", labels=["reason"],
+    )
+    for reason, n in sorted(evicted.items()):
+        dropped.add_metric([reason], n)
+    yield dropped
+    yield CounterMetricFamily(
+        "leaktap_detector_rows_refused", "minute rows of new series not admitted because "
+        "every detector series had traffic in that minute (counted in the tenant total)",
+        value=refused,
+    )
 
 
 def _coverage_metrics(coverage: Any) -> Iterator[Metric]:
