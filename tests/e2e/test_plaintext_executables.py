@@ -36,7 +36,7 @@ LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NODE = "/usr/bin/node"
 SNI = "acme.my.salesforce.com"
 CANARY = "CANARY-EXE-5d41c0b7e2"
-CGROUP = "lt-x13-acme"
+CGROUP, CGROUP_FREE = "lt-x13-acme", "lt-x13-free"  # selected, not selected
 
 CONFIG = f"""
 tenants:
@@ -70,7 +70,7 @@ def exports_ssl_write(path: str) -> bool:
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with crm_tls_lab(tmp_path_factory.mktemp("executables"), "lt-x13", HOST_IP, CRM_IP,
-                     (CGROUP,)) as where:
+                     (CGROUP, CGROUP_FREE)) as where:
         yield where
 
 
@@ -95,8 +95,9 @@ def collected(monitor: tuple[PlaintextMonitor, Collected]) -> Collected:
     return monitor[1]
 
 
-def start(lab: dict[str, Any], argv: list[str]) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(in_cgroup(lab["mount"], CGROUP, argv), cwd=REPO,
+def start(lab: dict[str, Any], argv: list[str],
+          cgroup: str = CGROUP) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(in_cgroup(lab["mount"], cgroup, argv), cwd=REPO,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.readline() == b"started\n"
@@ -164,3 +165,33 @@ def test_node_https_is_probed_where_its_openssl_lives(lab, monitor, collected):
     # the system libssl is probed for every selected process before it maps it
     assert probed == sorted({LIBSSL, NODE} if own_openssl else {LIBSSL}), probed
     assert os.path.exists(NODE)
+
+
+
+def first_byte(pid: int, exe: Path, symbol: str) -> int:
+    """The first instruction byte of `symbol` in `pid` (0xCC: a uprobe's breakpoint).
+    The static client is not position-independent: its .symtab address is the one."""
+    out = subprocess.run(["nm", "--defined-only", str(exe)], capture_output=True, text=True,
+                         check=True).stdout
+    (address,) = [int(f[0], 16) for f in map(str.split, out.splitlines())
+                  if len(f) == 3 and f[2] == symbol]
+    with open(f"/proc/{pid}/mem", "rb") as mem:
+        mem.seek(address)
+        return mem.read(1)[0]
+
+
+def test_an_unselected_executable_carrying_openssl_is_not_probed(lab, monitor, collected):
+    """Per-process selection holds for executables: only the selected copy of the same
+    static client gets the breakpoint in its own SSL_write, and only its canary is seen."""
+    mon, _ = monitor
+    exe = build_static_client(lab["tmp"])
+    free = start(lab, [str(exe), CRM_IP, SNI, body()], cgroup=CGROUP_FREE)
+    chosen = start(lab, [str(exe), CRM_IP, SNI, body()])
+    wait_library(mon, chosen.pid, str(exe))  # exec notices are handled in order
+    assert free.pid not in mon.probed_pids()
+    assert first_byte(chosen.pid, exe, "SSL_write") == 0xCC
+    assert first_byte(free.pid, exe, "SSL_write") != 0xCC
+    post_and_finish(free)
+    post_and_finish(chosen)
+    found = collected.finding("canary_token")
+    assert [f.evidence["pid"] for f in found] == [chosen.pid]
