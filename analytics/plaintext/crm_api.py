@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from html import unescape
@@ -793,14 +794,18 @@ _VENDORS: dict[str, Callable[[Target], list[ApiCall]]] = {
 }
 
 
-def classify(vendor: str, method: str, target: str, body: bytes = b"") -> list[ApiCall]:
-    """The calls a request makes: one, or one per object of a composite/batch call."""
+def classify(vendor: str, method: str, target: str, body: bytes = b"",
+             errors: Counter[str] | None = None) -> list[ApiCall]:
+    """The calls a request makes: one, or one per object of a composite/batch call.
+    `errors` counts the requests a grammar gave up on (kept as `other`), by vendor."""
     t = split_target(method, target, body)
     grammar = _VENDORS.get(vendor)
     if grammar is None:
         return [_other(t)]
     try:
         calls = grammar(t)
-    except (ValueError, TypeError, AttributeError, RecursionError, IndexError):
-        calls = []  # a body shaped against the grammar: kept as `other`
+    except (ValueError, TypeError, AttributeError, RecursionError, IndexError, KeyError):
+        calls = []  # a body shaped against the grammar: kept as `other`, counted
+        if errors is not None:
+            errors[f"grammar_gave_up_{vendor}"] += 1
     return calls or [_other(t)]

@@ -270,7 +270,7 @@ class DataFlowMap:
     def on_exchange(self, exchange: CrmExchange) -> None:
         x = exchange
         self.stats["exchanges"] += 1
-        calls = crm_api.classify(x.vendor, x.method, x.target, x.request_body)
+        calls = crm_api.classify(x.vendor, x.method, x.target, x.request_body, self.stats)
         sclass = status_class(x.status)
         with self._lock:
             calls = [self._resolve(x, c) if c.ref and c.object == crm_api.OTHER else c

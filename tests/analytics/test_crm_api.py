@@ -363,3 +363,18 @@ def test_hostile_requests_are_bounded_and_never_raise() -> None:
         assert calls and all(c.operation in crm_api.OPERATIONS for c in calls)
         assert all(len(c.template) <= crm_api.TEMPLATE_MAX for c in calls)
         assert len(calls) <= crm_api.SUBREQUESTS_MAX
+
+
+def test_a_grammar_that_gives_up_keeps_the_call_as_other_and_counts_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import Counter
+
+    def broken(t: crm_api.Target) -> list[crm_api.ApiCall]:
+        raise TypeError("a shape the grammar did not expect")
+
+    monkeypatch.setitem(crm_api._VENDORS, "salesforce", broken)
+    errors: Counter[str] = Counter()
+    calls = classify("salesforce", "POST", f"{V}/composite/12345", b"{}", errors)
+    assert [(c.object, c.operation, c.template) for c in calls] == [
+        ("other", "create", f"{V}/composite/{{n}}")]
+    assert errors == {"grammar_gave_up_salesforce": 1}
