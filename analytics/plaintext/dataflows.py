@@ -257,12 +257,18 @@ class DataFlowMap:
         return len(rows)
 
     def prune(self, cutoff: float) -> int:
-        """Forget flows last seen before `cutoff` (the store prunes its rows alike)."""
+        """Forget flows last seen before `cutoff` (the store prunes its rows alike), and
+        what was learned from them: new_data_flow compares with the retained flows."""
         with self._lock:
             old = [k for k, t in self.flows.items() if t.last_seen < cutoff]
             for k in old:
                 del self.flows[k]
                 self._dirty.discard(k)
+            if old:
+                self._touched.clear()
+                self._exe_first.clear()
+                for k, t in self.flows.items():
+                    self._learn(k, t.first_seen)
         return len(old)
 
     # -- input ---------------------------------------------------------------------

@@ -264,3 +264,16 @@ def test_attempts_go_one_by_one_to_on_audit_without_a_batch_callback() -> None:
     lead = by_name(FIXTURES["salesforce"], "FROM+Lead")
     fmap.on_exchange(exchange(lead))
     assert [(a.status, a.outcome) for a in audits] == [(403, "refused")]
+
+
+def test_pruned_flows_are_forgotten_with_what_was_learned_from_them() -> None:
+    r = Recorder()
+    cases = by_name(FIXTURES["salesforce"], "queryAll")
+    contacts = by_name(FIXTURES["salesforce"], "query?q=SELECT")
+    r.map.on_exchange(exchange(cases, ts=T0))
+    r.map.on_exchange(exchange(contacts, ts=T0 + 10 * HOUR))
+    assert r.kinds() == ["new_data_flow"]
+    assert r.map.prune(T0 + 5 * HOUR) == 1  # the Case flow is past the retention
+    assert [k[4] for k in r.map.flows] == ["Contact"]
+    r.map.on_exchange(exchange(cases, ts=T0 + 20 * HOUR))  # reading Cases again is new
+    assert r.kinds() == ["new_data_flow", "new_data_flow"]
