@@ -41,6 +41,7 @@ HOST_IP, CRM_IP = "198.18.114.1", "198.18.114.2"
 SNI = "acme.my.salesforce.com"
 SELECTED, FREE = "lt-c13-acme", "lt-c13-free"
 TOKEN = "reader-token-coverage-13"
+SECRET = "CANARY-COV13-e5a9d1"  # in every body: no report or metric may carry it
 
 CONFIG = f"""
 tenants:
@@ -103,7 +104,7 @@ def test_coverage_lists_each_crm_client_with_its_tls_and_inspection(lab, tmp_pat
     agent.start()
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        body = json.dumps({"Name": "Coverage"})
+        body = json.dumps({"Name": SECRET})
         args = [CRM_IP, SNI, body]
         python = start(lab, SELECTED, [sys.executable, "-c", PYTHON_CLIENT, *args])
         static = start(lab, SELECTED, [str(static_exe), *args])
@@ -130,6 +131,7 @@ def test_coverage_lists_each_crm_client_with_its_tls_and_inspection(lab, tmp_pat
         agent.stop()
 
     assert got.status_code == 200
+    assert SECRET not in got.text and SECRET not in metrics
     listed = {e["pid"]: e for e in got.json()["processes"]}
     python_exe = os.path.realpath(sys.executable)
     java_exe = os.path.realpath("/usr/bin/java")
