@@ -88,7 +88,9 @@ def _sf() -> list[Call]:
              "PermissionSetAssignment", "admin", "to_crm", 1,
              request=body({"AssigneeId": "005XX0000001AAAAA1",
                            "PermissionSetId": "0PSXX0000001AAAAA1"}), status=201),
-        Call(v, "GET", "/services/data/v59.0/query?q=SELECT+Id+FROM+Lead", b"",
+        Call(v, "GET", "/services/data/v59.0/query?q=SELECT+Id+FROM+Lead", body([{
+            "message": "insufficient access rights on object id",
+            "errorCode": "INSUFFICIENT_ACCESS_OR_READONLY"}]),
              "Lead", "query", "from_crm", 0, status=403),
     ]
 
