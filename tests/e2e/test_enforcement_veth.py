@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import textwrap
@@ -324,3 +325,101 @@ def test_enforcement_block_dry_run_monitor_reload(tmp_path: Path) -> None:
     assert enforced == [("blk", "blocked", GLOBEX, 443, None, "address"),
                         ("dry", "would_block", GLOBEX, 443, None, "address")]
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Cli:
+    """`leaktap run` as a user starts it, its stderr collected as it comes."""
+
+    def __init__(self, config: Path, iface: str, db: Path) -> None:
+        import threading
+
+        self.port = _free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "leaktap.controller.commands.cli", "run", "--config",
+             str(config), "--iface", iface, "--listen", f"127.0.0.1:{self.port}", "--db",
+             str(db)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def ready(self) -> dict[str, Any] | None:
+        import urllib.error
+        import urllib.request
+
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/readyz",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+                return body
+        except (OSError, urllib.error.HTTPError):
+            return None
+
+
+def test_sighup_reload_and_the_failure_modes_of_the_cli_agent(tmp_path: Path) -> None:
+    from leaktap.controller.commands.doctor import Status, check_enforcement
+    from leaktap.controller.enforcement.connect_guard import attached_here, remove_stale
+
+    mount = find_cgroup2_mount()
+    assert mount is not None
+    monitor = config_text('"salesforce:acme"').replace("enforce: block", "enforce: monitor") \
+        .replace("enforce: dry-run", "enforce: monitor")
+    tokens = f"tokens: {{admin: [{TOKEN}]}}\n"
+    config_path = tmp_path / "leaktap.yaml"
+    config_path.write_text(monitor + tokens)
+    db = tmp_path / "lt.db"
+    try:
+        with tenant_cgroups(), veth_lab("lt-enfh", "198.18.71.1", "198.18.71.2") as lab:
+            cli = _Cli(config_path, lab.host_if, db)
+            try:
+                state = wait_for(lambda: (r := cli.ready()) and r["enforcement"], 60)
+                assert (state["state"], state["connect_refusal"]) == ("off", False), cli.log
+                # SIGHUP turns enforcement on in the running agent
+                config_path.write_text(config_text('"salesforce:acme"') + tokens)
+                cli.proc.send_signal(signal.SIGHUP)
+                state = wait_for(lambda: (r := cli.ready()) and r["enforcement"][
+                    "connect_refusal"] and r["enforcement"], 30)
+                assert state and state["state"] == "block", cli.log
+                assert (state["block_tenants"], state["dry_run_tenants"]) == (["blk"], ["dry"])
+                assert attached_here(mount) == 2
+                # a bad file: logged, the running policy kept
+                config_path.write_text(monitor + tokens + "tenants: []\n")
+                cli.proc.send_signal(signal.SIGHUP)
+                assert wait_for(lambda: any("configuration not reloaded" in ln
+                                            for ln in cli.log)), cli.log
+                refused = next(ln for ln in cli.log if "configuration not reloaded" in ln)
+                assert f"{config_path}:" in refused
+                after = cli.ready()
+                assert after is not None and after["enforcement"]["state"] == "block"
+                # a crash: the programs stay attached with the last policy
+                cli.proc.kill()
+                cli.proc.wait(timeout=10)
+                assert attached_here(mount) == 2
+                crashed = check_enforcement(None)
+                assert crashed.status is Status.WARN
+                assert crashed.detail.startswith("no agent runs but 2 connect program(s)")
+                assert lab.host_if in crashed.detail
+                # the next start replaces them; a clean stop removes them (fail open)
+                config_path.write_text(config_text('"salesforce:acme"') + tokens)
+                cli = _Cli(config_path, lab.host_if, db)
+                assert wait_for(lambda: (r := cli.ready()) and r["enforcement"][
+                    "connect_refusal"], 60), cli.log
+                assert attached_here(mount) == 2
+            finally:
+                if cli.proc.poll() is None:
+                    cli.proc.send_signal(signal.SIGTERM)
+                    assert cli.proc.wait(timeout=30) == 0, cli.log
+            assert attached_here(mount) == 0
+    finally:
+        remove_stale(mount)
