@@ -23,8 +23,9 @@ FREE_TEXT_MIN_WORDS = 6
 CLASS_NAMES = {"ssn": "national_id", "card": "card", "email": "email", "phone": "phone",
                "iban": "iban"}
 DATA_CLASSES = ("email", "phone", "national_id", "card", "iban", "free_text")
-_SKIP_KEY = re.compile(r"(?:^|_|\b)(?:id|url|href|uri|type|etag|odata\..*)$|Id$|^@|"
-                       r"(?:date|time|_at|At|stamp|Date|Time)$", re.I)
+_SKIP_KEY = re.compile(r"(?i:(?:^|[_.-])(?:id|url|href|uri|type|etag|date|time|at|stamp)$)|^@|"
+                       r"odata\.|(?:[a-z0-9](?:Id|Url|Date|Time|At|Stamp))$|"
+                       r"(?:[a-z](?:date|time|stamp))$")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 _MAYBE = re.compile(r"[@\d]")
 CSV_ROWS_MAX = 16

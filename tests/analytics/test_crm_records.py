@@ -100,3 +100,11 @@ def test_data_classes_name_the_kinds_of_values_never_the_values() -> None:
     assert data_classes({"Name": "Acme", "Created": "2024-01-01", "AccountId": "0015000000"
                          "12345"}) == frozenset()
     assert data_classes({"note": f"card on file {SECRET_CARD} thanks"}) == {"card"}
+
+
+def test_identifier_and_time_keys_are_skipped_but_words_ending_alike_are_not() -> None:
+    phone = "+1 415 555 0199"
+    assert data_classes({"Id": phone, "AccountId": phone, "created_at": phone,
+                         "LastModifiedDate": phone, "url": phone}) == frozenset()
+    assert data_classes({"Paid": phone}) == {"phone"}
+    assert data_classes({"Valid": "jane@example.org"}) == {"email"}
