@@ -238,8 +238,12 @@ class Agent:
         self._exit.callback(self.enforcement.stop)
         self.enforcement.start(self.probes, self.drainer)
         enforcement, dns = self.enforcement, self.attributor.dns
-        dns.on_learn = lambda ip, names: enforcement.on_dns_learned(
-            ip, names, dns.live_bindings)
+        # under the agent's lock (on_sample): the answer's address judged at once
+        dns.on_learn = lambda ip, _names: enforcement.on_dns_learned(ip, dns.bindings_of(ip))
+
+    def _dns_bindings(self) -> dict[str, list[tuple[str, ...]]]:
+        with self.lock:
+            return self.attributor.dns.live_bindings()
 
     def reload_config(self) -> dict[str, Any]:
         """Re-read the config file: tenants, allow lists and enforcement change in the
@@ -451,9 +455,7 @@ class Agent:
         self.loss.check(stats)
         self.userspace_loss.check(self.attributor)
         if self.enforcement is not None:
-            with self.lock:
-                bindings = self.attributor.dns.live_bindings()
-            self.enforcement.poll(bindings)
+            self.enforcement.poll(self._dns_bindings)
         if now - self._last_hello_expiry > HELLO_MAX_AGE_S:
             self._last_hello_expiry = now
             stale = self.reader.expire_hellos(int(HELLO_MAX_AGE_S * 1e9))

@@ -207,6 +207,12 @@ class DnsCache:
         if self.on_learn is not None:
             self.on_learn(key, names)
 
+    def bindings_of(self, ip: str) -> list[tuple[str, ...]]:
+        """The name chains (queried name first) still valid for one address."""
+        now = self._clock()
+        key = _canonical_ip(ip)
+        return [b.names for b in self._map.get(key or "", []) if b.expires > now]
+
     def live_bindings(self) -> dict[str, list[tuple[str, ...]]]:
         """Every address with the name chains (queried name first) still valid for it."""
         now = self._clock()

@@ -22,7 +22,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,9 @@ IPPROTO_TCP = 6
 DECISION_SERIES_MAX = 1000
 # a decision colours the unsanctioned alerts of its destination this long (an episode)
 ACTION_MEMORY_S = 3600.0
-# new cgroups are mapped to tenants this often (children of mapped ones are at once)
-CGROUP_SCAN_EVERY_S = 5.0
+# new cgroups are mapped to tenants this often (children of mapped ones are at once), and
+# the refused addresses recomputed from the whole DNS cache (expired answers drop out)
+REFRESH_EVERY_S = 5.0
 OBSERVED = "observed"
 
 DecisionKey = tuple[str, str, str, str]
@@ -111,6 +112,7 @@ class Enforcement:
         drainer.on_enforcement = self._on_raw_decision
         self._apply_kernel_policy(self.config)
         self._sync_guard()
+        self.update_addresses({})  # nothing learned yet: the kernel's sets start empty
 
     def stop(self) -> None:
         """Fail open: the connect programs are detached (the TC programs go with the
@@ -216,22 +218,35 @@ class Enforcement:
                 set_crm_addresses(self._probes, crm)
                 self._crm_addresses = crm
 
-    def on_dns_learned(self, ip: str, names: tuple[str, ...], bindings: Callable[
-            [], Mapping[str, list[tuple[str, ...]]]]) -> None:
-        """A DNS answer arrived: refuse its address at once when it names an instance
-        (the client connects right after the answer, before the next poll)."""
+    def on_dns_learned(self, ip: str, chains: list[tuple[str, ...]]) -> None:
+        """A DNS answer arrived (`chains`: every live name chain of its address): judge
+        that address at once, the client connects right after the answer."""
         if (self.guard is None and self.policy is None) or not any(
-                self.catalogue.lookup(n) for n in names):
+                self.catalogue.lookup(n) for chain in chains for n in chain):
             return
-        self.update_addresses(bindings())
+        one = refused_addresses({ip: chains}, self.catalogue, self.config.tenants)
+        with self._lock:
+            refusals = {t: dict(r) for t, r in self._refusals.items()}
+            for tenant, refused in one.items():
+                mine = refusals.setdefault(tenant, {})
+                mine.pop(ip, None)
+                mine.update(refused)
+            self._refusals = refusals
+        if self.guard is not None:
+            self.guard.set_refused(self._refused_keys())
+        if self.policy is not None and self._crm_addresses is not None \
+                and ip not in self._crm_addresses:
+            self._crm_addresses = self._crm_addresses | {ip}
+            set_crm_addresses(self._probes, self._crm_addresses)
 
-    def poll(self, bindings: Mapping[str, list[tuple[str, ...]]]) -> None:
-        """Each agent poll: refused addresses, and new cgroups now and then."""
+    def poll(self, bindings: Callable[[], Mapping[str, list[tuple[str, ...]]]]) -> None:
+        """Each agent poll: every REFRESH_EVERY_S, the refused and CRM addresses from
+        the whole DNS cache and the tenants of new cgroups."""
         if self.guard is None and self.policy is None:
             return
-        self.update_addresses(bindings)
-        if time.monotonic() - self._last_scan >= CGROUP_SCAN_EVERY_S:
+        if time.monotonic() - self._last_scan >= REFRESH_EVERY_S:
             self._last_scan = time.monotonic()
+            self.update_addresses(bindings())
             if self.guard is not None:
                 self._fill_guard(self.guard)
             refresh = getattr(self.policy, "refresh_cgroups", None)  # new cgroups' tenants
@@ -261,9 +276,8 @@ class Enforcement:
     def on_decision(self, d: EnforcementDecision) -> None:
         """A prompt error for a blocked client, then the records."""
         if d.action == "blocked" and d.proto == IPPROTO_TCP and d.sport:
-            self.destroyer.destroy(
-                d.proto, d.saddr, d.sport, d.daddr, d.dport,
-                other_netns=cgroup_netns(self.cgroup_mount, self.cgroup_path(d.cgroup_id)))
+            self.destroyer.destroy(d.proto, d.saddr, d.sport, d.daddr, d.dport,
+                                   other_netns=self._netns_of(d.cgroup_id))
         try:
             self.log.add(d)
         except Exception:  # noqa: BLE001 - the alert and the counter still go out
@@ -278,6 +292,10 @@ class Enforcement:
             self.counts = counts
             self._last_action[(d.tenant, vendor, instance)] = (d.action, d.ts)
         self.on_incident(self._incident(d))
+
+    def _netns_of(self, cgroup_id: int) -> Iterator[str]:
+        """The cgroup's namespaces, looked up only if the socket is not in ours."""
+        yield from cgroup_netns(self.cgroup_mount, self.cgroup_path(cgroup_id))
 
     def _incident(self, d: EnforcementDecision) -> Incident:
         minute = minute_of(d.ts)
@@ -324,6 +342,8 @@ class Enforcement:
         if self._probes is not None:
             self._apply_kernel_policy(config)
         self._sync_guard()
+        self._crm_addresses = None  # given to the kernel again, whatever apply() did
+        self.update_addresses(bindings)
 
     def state(self) -> dict[str, Any]:
         """For /readyz and doctor: off | dry-run | block, and what is loaded."""
