@@ -146,6 +146,7 @@ def test_a_statically_linked_client_is_probed_in_its_executable(lab, monitor, co
 def test_node_https_is_probed_where_its_openssl_lives(lab, monitor, collected):
     mon, _ = monitor
     own_openssl = exports_ssl_write(NODE)
+    reads_before = mon.counters["reads"]
     proc = start(lab, [NODE, str(CLIENTS / "node_client.js"), CRM_IP, SNI, body()])
     wait_probed(mon, proc.pid)
     # NodeSource's node: SSL_write in the executable; Debian's: in libssl.so.3
@@ -164,6 +165,9 @@ def test_node_https_is_probed_where_its_openssl_lives(lab, monitor, collected):
     assert f.evidence["pid"] == proc.pid
     # the system libssl is probed for every selected process before it maps it
     assert probed == sorted({LIBSSL, NODE} if own_openssl else {LIBSSL}), probed
+    # its SSL_read, found where its SSL_write is (the read ran before "sent")
+    assert collected.wait(lambda: [1] if mon.counters["reads"] > reads_before else []), \
+        dict(mon.counters)
     assert os.path.exists(NODE)
 
 
@@ -195,3 +199,29 @@ def test_an_unselected_executable_carrying_openssl_is_not_probed(lab, monitor, c
     post_and_finish(chosen)
     found = collected.finding("canary_token")
     assert [f.evidence["pid"] for f in found] == [chosen.pid]
+
+
+def test_the_read_side_is_probed_in_the_executable_too(lab, monitor, collected):
+    """SSL_read in the static client's own .symtab: its answer from the CRM is captured
+    through the same attach path as its writes."""
+    mon, _ = monitor
+    exe = build_static_client(lab["tmp"])
+    before = dict(mon.counters)
+    proc = start(lab, [str(exe), CRM_IP, SNI, body()])
+    wait_probed(mon, proc.pid)
+    wait_library(mon, proc.pid, str(exe))
+    assert mon.probes is not None
+    hooked = mon.probes.attached[str(exe), proc.pid]
+    post_and_finish(proc)
+
+    assert {"SSL_write", "SSL_read"} <= set(hooked), hooked
+    deadline = time.monotonic() + 5
+    while mon.counters["reads"] == before.get("reads", 0):
+        assert time.monotonic() < deadline, dict(mon.counters)
+        time.sleep(0.05)
+    # the crm_server's one answer, in one record, taken by the client's one SSL_read
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
+    time.sleep(0.2)  # let a (wrong) second read event arrive before counting
+    reads = mon.counters["reads"] - before.get("reads", 0)
+    read = mon.counters["captured_read_bytes"] - before.get("captured_read_bytes", 0)
+    assert (reads, read) == (1, len(answer))
