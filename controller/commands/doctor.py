@@ -23,6 +23,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,10 +374,12 @@ DEFAULT_CHECKS: tuple[Check, ...] = (
 )
 
 
-def check_enforcement(config: LeaktapConfig | None, state: object = None) -> CheckResult:
+def check_enforcement(config: LeaktapConfig | None, state: object = None,
+                      running: dict[str, Any] | None = None) -> CheckResult:
     """Enforcement as configured (off / dry-run tenants / block tenants) and as the
     kernel holds it: programs attached with no agent running are a crashed run's and
-    keep its last policy until the next start."""
+    keep its last policy until the next start. `running`: the agent's own account
+    (`enforcement` of its /readyz), when it answers."""
     from leaktap.controller.enforcement.host_state import HostEnforcement, host_enforcement
 
     name = "enforcement"
@@ -404,9 +407,40 @@ def check_enforcement(config: LeaktapConfig | None, state: object = None) -> Che
             impact="hosts matched only by those rules are judged by their address alone",
             fix="give those catalogue entries host patterns (no regex, whole-label globs)",
         )
-    running = f"agent pid {', '.join(map(str, host.agent_pids))}" if host.agent_pids else \
+    agent = f"agent pid {', '.join(map(str, host.agent_pids))}" if host.agent_pids else \
         "no agent running"
-    return CheckResult(name, Status.OK, f"{configured}; {running}; {kernel}")
+    if running is not None:
+        loaded = running.get("policy_loaded_at")
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(loaded)) if loaded else "-"
+        agent += (f" (its policy: block {', '.join(running.get('block_tenants', [])) or '-'}, "
+                  f"dry-run {', '.join(running.get('dry_run_tenants', [])) or '-'}, loaded {when})")
+        if (sorted(running.get("block_tenants", [])), sorted(
+                running.get("dry_run_tenants", []))) != (block, dry):
+            return CheckResult(
+                name, Status.WARN, f"{configured} in the file; {agent}",
+                impact="the running agent enforces another policy than the file",
+                fix="reload it: POST /v1/config/reload (admin) or kill -HUP the agent")
+    return CheckResult(name, Status.OK, f"{configured}; {agent}; {kernel}")
+
+
+def _running_enforcement(config: LeaktapConfig) -> dict[str, Any] | None:
+    """The running agent's enforcement state from its /readyz, or None."""
+    import json
+    import ssl
+    import urllib.request
+
+    token = next(iter(config.tokens.reader), None) or next(iter(config.tokens.admin), None)
+    if token is None:
+        return None
+    url = coverage_url(config).removesuffix("/v1/coverage") + "/readyz"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    context = ssl._create_unverified_context() if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(request, timeout=3, context=context) as response:
+            state = json.load(response).get("enforcement")
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
 
 
 def _unenforceable(config: LeaktapConfig) -> list[str]:
@@ -479,7 +513,9 @@ def main(
             results.extend(run_checks([functools.partial(
                 check_coverage, coverage_url(config), next(iter(config.tokens.reader), None))]))
     if args is not None:  # the CLI: what the kernel holds, and the config's modes
-        results.extend(run_checks([functools.partial(check_enforcement, config)]))
+        running = _running_enforcement(config) if config is not None else None
+        results.extend(run_checks([functools.partial(check_enforcement, config, None,
+                                                     running)]))
     return write_report(results, stream or sys.stdout)
 
 

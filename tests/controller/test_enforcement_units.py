@@ -152,6 +152,18 @@ def test_doctor_names_the_state_and_a_crashed_runs_programs() -> None:
     assert crashed.status is Status.WARN
     assert crashed.detail.startswith("no agent runs but 2 connect program(s)")
     assert "keep enforcing its last policy" in crashed.impact
+    # the running agent's own account (its /readyz): when it was loaded, and a stale one
+    host = HostEnforcement(2, ["eth9"], [4242])
+    same = check_enforcement(config, host, {"block_tenants": ["acme"],
+                                            "dry_run_tenants": ["globex"],
+                                            "policy_loaded_at": 86400.0})
+    assert (same.status, same.detail) == (
+        Status.OK, "block: acme; dry-run: globex; agent pid 4242 (its policy: block acme, "
+        "dry-run globex, loaded 1970-01-02 00:00:00 UTC); 2 connect program(s) on the cgroup "
+        "root, TC filters on eth9")
+    stale = check_enforcement(config, host, {"block_tenants": ["acme"], "dry_run_tenants": [],
+                                             "policy_loaded_at": 86400.0})
+    assert stale.status is Status.WARN and "kill -HUP" in stale.fix
     off = check_enforcement(None, HostEnforcement(0, [], []))
     assert (off.status, off.detail) == (
         Status.OK, "off (every tenant monitors); no agent running; 0 connect program(s) on "
