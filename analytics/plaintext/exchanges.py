@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 from leaktap.analytics.plaintext.decode import Bomb, DecodeLimits, StreamDecoder, content_codings
-from leaktap.analytics.plaintext.http import Message
+from leaktap.analytics.plaintext.http import Request
 
 
 class BodyCollector:
@@ -31,6 +31,7 @@ class BodyCollector:
     def __init__(self, headers: list[tuple[str, str]], cap: int, limits: DecodeLimits) -> None:
         self.cap = cap
         self.out = bytearray()
+        self._whole: bytes | None = None  # a body taken whole, undecoded: kept, not copied
         self.upto = 0  # body offset up to which raw bytes were taken
         self.truncated = False
         self.stopped: str | None = None  # why the rest is not kept
@@ -45,8 +46,27 @@ class BodyCollector:
             self.stopped = why
             self.truncated = True
 
+    @property
+    def data(self) -> bytes:
+        return self._whole if self._whole is not None else bytes(self.out)
+
+    @property
+    def held(self) -> int:
+        return len(self._whole) if self._whole is not None else len(self.out)
+
+    def drop(self) -> None:
+        """Forget the body (memory bound): it is cut."""
+        self._whole, self.out = None, bytearray()
+        self._stop("dropped")
+
     def feed(self, data: bytes | bytearray, start: int) -> None:
         """Body bytes [start, start + len(data)): a window (overlapping the last) or the rest."""
+        if (start == self.upto == 0 and isinstance(data, bytes) and not self.decoders
+                and self.stopped is None and len(data) <= self.cap):
+            self._whole, self.upto = data, len(data)  # the usual case: one piece, identity
+            return
+        if self._whole is not None:
+            self.out, self._whole = bytearray(self._whole), None
         if start > self.upto:
             self._stop("gap")
         skip = max(0, self.upto - start)
@@ -86,11 +106,13 @@ class PendingRequest:
     vendor: str | None  # None: not a CRM (paired only to keep the order)
     instance: str | None
     host: str | None
-    message: Message  # the request (its body_len grows until it is done)
+    request: Request
     body: BodyCollector
+    body_len: int = 0  # request body bytes written (set when it ends)
     expired: bool = False  # emitted without an answer; a placeholder now
     response: BodyCollector | None = None
     status: int | None = None
+    handed_over: bool = False  # emitted: its bodies are gone
 
 
 Emit = Callable[[PendingRequest], None]
@@ -107,8 +129,11 @@ class ExchangeBook:
     connections (the oldest is given up: emitted unanswered, counted)."""
 
     def __init__(self, timeout_s: float, pending_max: int = 256,
-                 connections_max: int = 8192, stats: Counter[str] | None = None) -> None:
+                 connections_max: int = 8192, stats: Counter[str] | None = None,
+                 body_bytes_max: int = 16 << 20) -> None:
         self.timeout_s = timeout_s
+        self.body_bytes_max = body_bytes_max  # request bodies held while their answers come
+        self.held_bytes = 0
         self.pending_max = pending_max
         self.connections_max = connections_max
         self._conns: OrderedDict[Hashable, _Connection] = OrderedDict()
@@ -128,7 +153,7 @@ class ExchangeBook:
                 self._give_up(old, emit)
         else:
             self._conns.move_to_end(conn)
-        request = pending.message.request
+        request = pending.request
         if request.protocol == "h2":
             old_p = c.by_stream.pop(request.stream_id, None)
             if old_p is not None:  # a stream id reused: the old one was never answered
@@ -144,6 +169,30 @@ class ExchangeBook:
             first = c.in_order.popleft()
             if not first.expired:
                 emit(first)
+
+    def hold(self, pending: PendingRequest) -> None:
+        """`pending`'s request body ended: its bytes count against body_bytes_max, and the
+        oldest bodies are dropped (the exchange goes without) past it."""
+        if pending.handed_over:
+            return
+        self.held_bytes += pending.body.held
+        if self.held_bytes <= self.body_bytes_max:
+            return
+        for c in self._conns.values():
+            for p in [*c.in_order, *c.by_stream.values()]:
+                if p.body.held:
+                    self.held_bytes -= p.body.held
+                    p.body.drop()
+                    self.stats["exchange_bodies_dropped"] += 1
+                if self.held_bytes <= self.body_bytes_max * 3 // 4:
+                    return
+
+    def release(self, pending: PendingRequest) -> None:
+        """`pending` was emitted: its bodies are dropped and no longer count."""
+        self.held_bytes = max(0, self.held_bytes - pending.body.held)
+        pending.handed_over = True
+        pending.body.drop()
+        pending.response = None
 
     def claim_next(self, conn: Hashable) -> PendingRequest | None:
         """The oldest HTTP/1.1 request of `conn` still owed an answer (it is taken)."""

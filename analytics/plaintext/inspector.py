@@ -306,6 +306,9 @@ class ContentInspector:
     def inspect(self, ctx: WriteContext, data: bytes, total_len: int,
                 offset: int = 0) -> Inspection:
         """Inspect bytes [offset, offset + len(data)) of a write of `total_len` bytes."""
+        if ctx.direction == FROM_CRM and not self.exchange_sinks:
+            self.stats["from_crm_bytes_not_paired"] += len(data)  # nobody wants the answers
+            return Inspection()
         key = (ctx.conn, ctx.direction)
         stream, evicted = self._stream(ctx)
         events = ParseEvents()
@@ -429,9 +432,14 @@ class ContentInspector:
                 msg.exchange.body.feed(window, start)
             self._body(ctx, where, stream, msg, window, start, policy, out)
         for msg in events.done:
+            body = bytes(msg.body)
             if msg.exchange is not None:
-                msg.exchange.body.feed(msg.body, msg.body_base)
-            self._body(ctx, where, stream, msg, bytes(msg.body), msg.body_base, policy, out)
+                pending = msg.exchange
+                pending.body.feed(body, msg.body_base)
+                pending.body_len = msg.body_len
+                msg.exchange = None  # the book holds it from here on
+                self.book.hold(pending)
+            self._body(ctx, where, stream, msg, body, msg.body_base, policy, out)
             msg.body = bytearray()
         for reason, nbytes in events.blind:
             self.stats[f"blind_{reason}"] += 1
@@ -446,13 +454,13 @@ class ContentInspector:
         """A request head: it waits in the book for its answer. A request to no CRM is
         booked too (an HTTP/1.1 answer is matched by its place in line), bodiless."""
         request = msg.request
-        if request.method in ("?", ""):
-            return
+        if request.method in ("?", "") or not self.exchange_sinks:
+            return  # nobody to hand the pairs to: no pairing at all
         cap = self.limits.exchange_body_bytes if where.crm_vendor else 0
         msg.exchange = PendingRequest(
             ts=ctx.ts, started=time.monotonic(), tenant=ctx.tenant, pid=ctx.pid, exe=ctx.exe,
             vendor=where.crm_vendor, instance=where.crm_instance,
-            host=stream.host or where.destination, message=msg,
+            host=stream.host or where.destination, request=request,
             body=BodyCollector(request.headers, cap, self.limits.decode))
         self.book.add(ctx.conn, msg.exchange, self._emit_unanswered)
 
@@ -460,7 +468,7 @@ class ContentInspector:
         """For an HTTP/1.1 response head: the request it answers (its method decides
         whether a body follows)."""
         pending = self.book.claim_next(conn)
-        return (pending.message.request.method, pending) if pending is not None else None
+        return (pending.request.method, pending) if pending is not None else None
 
     def _handle_responses(self, ctx: WriteContext, events: ParseEvents) -> None:
         for msg in events.heads:
@@ -479,7 +487,7 @@ class ContentInspector:
         for msg in events.done:
             pending = msg.exchange
             if pending is not None and pending.response is not None:
-                pending.response.feed(msg.body, msg.body_base)
+                pending.response.feed(bytes(msg.body), msg.body_base)
                 if not msg.complete:
                     pending.response.truncated = True
                 if pending.expired:
@@ -498,24 +506,26 @@ class ContentInspector:
         """Hand a CRM request and its answer (or none) to the sinks; bodies are
         dropped when this returns."""
         if pending.vendor is None:
+            self.book.release(pending)
             self.stats["exchanges_not_crm"] += 1
             return
-        request = pending.message.request
+        request = pending.request
         try:
-            request_bytes = int(request.header("content-length") or pending.message.body_len)
+            request_bytes = int(request.header("content-length") or pending.body_len)
         except ValueError:
-            request_bytes = pending.message.body_len
+            request_bytes = pending.body_len
         response = pending.response
         exchange = CrmExchange(
             ts=pending.ts, tenant=pending.tenant, pid=pending.pid, exe=pending.exe,
             vendor=pending.vendor, instance=pending.instance, host=pending.host,
             method=request.method, target=request.path,
-            request_body=bytes(pending.body.out), request_bytes=request_bytes,
+            request_body=pending.body.data, request_bytes=request_bytes,
             status=pending.status if response is not None else None,
-            response_body=bytes(response.out) if response is not None else b"",
+            response_body=response.data if response is not None else b"",
             response_bytes=response_bytes,
             response_truncated=response.truncated if response is not None else False,
         )
+        self.book.release(pending)
         self.stats["exchanges" if exchange.status is not None else "exchanges_unanswered"] += 1
         for sink in self.exchange_sinks:
             try:
