@@ -342,6 +342,8 @@ def check_coverage(url: str, token: str | None,
                    ) -> CheckResult:
     """The running agent's plaintext coverage (GET /v1/coverage), in one line: the
     processes that talked to a CRM in the last 24 h, and why some are not inspected."""
+    import urllib.error
+
     from leaktap.controller.plaintext.coverage import REASON_NOT_SELECTED, summarise
 
     name = "coverage"
@@ -349,6 +351,10 @@ def check_coverage(url: str, token: str | None,
         return CheckResult(name, Status.OK, "not read: the config names no reader token")
     try:
         report = fetch(url, token)
+    except urllib.error.HTTPError as e:  # an agent answered, but not with the report
+        return CheckResult(name, Status.WARN, f"the agent at {url} answered HTTP {e.code}",
+                           impact="coverage not read",
+                           fix="tokens.reader must hold a token the running agent accepts")
     except (OSError, ValueError, KeyError) as e:
         return CheckResult(name, Status.OK, f"no running agent answered at {url} ({e})")
     line = summarise(report)

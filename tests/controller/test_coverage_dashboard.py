@@ -78,3 +78,25 @@ def test_coverage_panel_lists_the_report(session: Session) -> None:
     ]
     assert (count, empty_hidden) == ("1 of 3 inspected", True)
     assert session.errors == []
+
+
+def test_doctor_reads_the_running_agents_report_over_http(tmp_path: Any) -> None:
+    from leaktap.controller.commands.doctor import Status, check_coverage
+
+    store = Store(tmp_path / "lt.db")
+    alerts = AlertManager(store.path, [], AlertsSettings())
+    agent = AgentView(store, alerts, LiveDetection(parse_config(CONFIG), store, print))
+    agent.coverage = FixedReport()  # type: ignore[attr-defined]
+    try:
+        with serve(agent) as url:
+            result = check_coverage(f"{url}/v1/coverage", READER)
+            refused = check_coverage(f"{url}/v1/coverage", "not-a-reader-token-at-all")
+    finally:
+        alerts.close()
+        store.close()
+    assert (result.status, result.detail) == (
+        Status.WARN, "1 of 3 process(es) talking to CRMs inspected (1 JSSE: Java's own TLS, "
+        "no native library to probe; 1 exited before the probe attached)")
+    assert result.fix == "GET /v1/coverage gives each process's reason"
+    assert (refused.status, refused.detail) == (
+        Status.WARN, f"the agent at {url}/v1/coverage answered HTTP 401")
