@@ -88,12 +88,6 @@ int lt_go_write_nofd(struct pt_regs *ctx)
 	return ssl_write_common(ctx->ax, (const void *)ctx->bx, ctx->cx);
 }
 
-/* @n bytes read into @buf on @conn: not emitted until the read direction exists */
-static __always_inline int go_read_capture(__u64 conn, const void *buf, __u64 n)
-{
-	return 0;
-}
-
 /* crypto/tls.(*Conn).Read, after its stack check: remember b for the return */
 int lt_go_read(struct pt_regs *ctx)
 {
@@ -125,5 +119,6 @@ int lt_go_read_ret(struct pt_regs *ctx)
 	lt_go_reads.delete(&key);
 	if (n <= 0 || (__u64)n > c.cap)
 		return 0;
-	return go_read_capture(c.conn, (const void *)c.buf, (__u64)n);
+	/* the from_crm direction, through the read side's capture (ssl_uprobe.bpf.c) */
+	return ssl_read_capture(c.conn, (const void *)c.buf, (__u64)n);
 }

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from leaktap.analytics.plaintext.crm_calls import CrmExchange
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import LeaktapConfig, parse_config
 from leaktap.controller.plaintext import golang
@@ -189,3 +190,37 @@ def test_go_binary_rebuilt_in_place_is_probed_at_its_new_addresses(lab, monitor,
         finish(p)
         (f,) = collected.finding("canary_token")
         assert f.evidence["pid"] == p.pid, version
+
+
+class Exchanges:
+    """An inspector exchange sink: the request/response pairs of the from_crm side."""
+
+    def __init__(self) -> None:
+        self.got: list[CrmExchange] = []
+
+    def on_exchange(self, exchange: CrmExchange) -> None:
+        self.got.append(exchange)
+
+
+def test_go_client_reads_are_its_from_crm_stream(lab, monitor, collected, go_clients):
+    """What tls.Conn.Read returned (taken at Read's RETs, matched by goroutine) is the
+    connection's from_crm stream: each request is paired with its 200 answer."""
+    mon, _ = monitor
+    sink = Exchanges()
+    mon.inspector.exchange_sinks.append(sink)
+    before = mon.stats()
+    try:
+        p = start_client(lab, go_clients["stripped"], json.dumps({"Body": "no canary"}), count=2)
+        wait_go_probed(mon, p.pid, collected)
+        finish(p, count=2)
+        assert collected.wait(lambda: [e for e in sink.got if e.pid == p.pid][1:]), sink.got
+    finally:
+        mon.inspector.exchange_sinks.remove(sink)
+    after = mon.stats()
+    mine = [e for e in sink.got if e.pid == p.pid]
+    assert [(e.method, e.status, e.response_body) for e in mine] == [("POST", 200, b"ok")] * 2
+    assert {(e.tenant, e.vendor) for e in mine} == {("acme", "salesforce")}
+    # two answers, each "HTTP/1.1 200 OK" + headers + "ok", counted as read bytes
+    read = after["plaintext_captured_read_bytes"] - before.get("plaintext_captured_read_bytes", 0)
+    assert read > 2 * len("HTTP/1.1 200 OK\r\n\r\nok")
+    assert after["ssl_loss_go_unmatched"] == before["ssl_loss_go_unmatched"]
