@@ -33,6 +33,7 @@ from leaktap.controller.plaintext.libraries import SslLibraryFinder
 from leaktap.controller.plaintext.owners import Endpoints, SocketOwners
 from leaktap.controller.plaintext.procs import PROC, ProcessSelector, read_process
 from leaktap.controller.plaintext.tls_class import TLS_CLASSES, UNKNOWN, TlsClassifier
+from leaktap.controller.series import OTHER, SeriesCap
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ RETENTION_S = 24 * 3600
 PROCESSES_MAX = 4096
 CONNECTIONS_MAX = 65536
 DESTINATIONS_MAX = 32  # per process
+# tenant label values of the bytes-by-coverage metric (a tenant may be named by an
+# SNI pattern, so by the watched side); later ones count under `other`
+TENANT_SERIES_MAX = 1000
 REFRESH_S = 2.0
 # a connection whose owner was not found in this many scans is reported ownerless
 OWNER_TRIES = 2
@@ -128,6 +132,7 @@ class CoverageTracker:
             OrderedDict())
         # bytes to CRMs by (tenant, inspected), since start
         self.bytes_by_coverage: Counter[tuple[str, bool]] = Counter()
+        self.tenant_series: SeriesCap[str] = SeriesCap(TENANT_SERIES_MAX)
         self.counters: Counter[str] = Counter()
         self._stop = threading.Event()
         self._wake = threading.Event()  # a tracked process exec'd or mapped a file
@@ -163,7 +168,7 @@ class CoverageTracker:
                 conn.pending_bytes += bytes_out
             else:
                 owner.last_seen = now
-                self.bytes_by_coverage[owner.tenant, owner.inspected] += bytes_out
+                self._count(owner, bytes_out)
 
     # -- refreshing ---------------------------------------------------------------
 
@@ -201,10 +206,11 @@ class CoverageTracker:
         The /proc and ELF reading runs outside the lock: `observe` (the agent's poll)
         never waits for it (a 100 MB executable's first reading takes ~0.3 s)."""
         with self._lock:
-            wanted = {k for k, c in self._connections.items() if c.owner is None}
+            # in arrival order: who is listed (and labelled) first does not vary
+            wanted = [k for k, c in self._connections.items() if c.owner is None]
             listed = [k for k, e in self._processes.items()
                       if e.alive and isinstance(k, tuple)]
-        found = self.owners.find(wanted)
+        found = self.owners.find(set(wanted))
         owners = {pid: (pid, _start_time(self.proc, pid)) for pid in set(found.values())}
         verdicts = {key: self._assess(*key) for key in {*listed, *owners.values()}}
         with self._lock:
@@ -263,8 +269,13 @@ class CoverageTracker:
                 entry.destinations[conn.destination] = None
             else:
                 self.counters["destinations_dropped"] += 1
-        self.bytes_by_coverage[entry.tenant, entry.inspected] += conn.pending_bytes
+        self._count(entry, conn.pending_bytes)
         conn.pending_bytes = 0
+
+    def _count(self, entry: ProcessCoverage, nbytes: int) -> None:
+        if nbytes:
+            tenant = entry.tenant if self.tenant_series.admits(entry.tenant) else OTHER
+            self.bytes_by_coverage[tenant, entry.inspected] += nbytes
 
     def _assess(self, pid: int, start: int | None) -> _Verdict | None:
         """A live process's TLS stack and whether the monitor probes it; None when

@@ -222,6 +222,7 @@ def test_tracker_finds_owners_by_socket_and_judges_them(running):
 def test_tracker_is_bounded_and_counts_evictions(monkeypatch):
     monkeypatch.setattr(coverage, "CONNECTIONS_MAX", 5)
     monkeypatch.setattr(coverage, "PROCESSES_MAX", 2)
+    monkeypatch.setattr(coverage, "TENANT_SERIES_MAX", 2)
     tracker = coverage.CoverageTracker(None)
     for i in range(8):
         tracker.observe(4, ("198.18.0.1", 40000 + i), ("198.18.0.2", 443), "salesforce", "a",
@@ -231,6 +232,10 @@ def test_tracker_is_bounded_and_counts_evictions(monkeypatch):
     stats = tracker.stats()
     assert (stats["coverage_connections"], stats["coverage_connections_evicted"]) == (5, 3)
     assert (stats["coverage_processes"], stats["coverage_processes_evicted"]) == (2, 3)
+    # the 5 ownerless connections' bytes: two tenants keep their label, the rest fold
+    assert tracker.bytes_by_coverage == {("t3", False): 10, ("t4", False): 10,
+                                         ("other", False): 30}
+    assert tracker.tenant_series.folded == 3
 
 
 # ---- leaktap doctor's line ------------------------------------------------------------

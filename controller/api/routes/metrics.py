@@ -61,7 +61,9 @@ class _AgentCollector:
         for metric, cap in (("leaktap_egress_bytes", getattr(a, "egress_series", None)),
                             ("leaktap_cgroup_egress_bytes", getattr(accounting, "cap", None)),
                             ("leaktap_enforcement_decisions",
-                             getattr(getattr(a, "enforcement", None), "series", None))):
+                             getattr(getattr(a, "enforcement", None), "series", None)),
+                            ("leaktap_crm_egress_bytes_by_coverage",
+                             getattr(getattr(a, "coverage", None), "tenant_series", None))):
             if cap is not None:
                 folded.add_metric([metric], cap.folded)
         yield folded
