@@ -87,7 +87,8 @@ class StreamingDetector:
         self._index: dict[SeriesKey, int] = {}
         self._free: list[int] = []  # slots to reuse
         self._freed: list[int] = []  # slots freed or reused since they were last cleared
-        self._last_seen: list[int] = []  # per slot: minute of its last row
+        # per slot: minute of its last row (set when the minute closes, off the per-row path)
+        self._last_seen = np.zeros(capacity, dtype=np.int64)
         self._cap = capacity
         self._total_of = np.zeros(capacity, dtype=np.int64)
         self._tenant_first = np.zeros(capacity, dtype=np.int64)  # per series: tenant first seen
@@ -131,7 +132,6 @@ class StreamingDetector:
         if index is None:
             self._new_rows.append(bucket)
             return raised
-        self._last_seen[index] = ts
         self._rows_idx.append(index)
         self._rows_out.append(bucket[4])
         self._rows_in.append(bucket[5])
@@ -203,6 +203,7 @@ class StreamingDetector:
         self._total_of = np.concatenate([self._total_of, np.zeros(extra, dtype=np.int64)])
         self._tenant_first = np.concatenate([self._tenant_first, np.zeros(extra, dtype=np.int64)])
         self._unsanctioned = np.concatenate([self._unsanctioned, np.zeros(extra, dtype=bool)])
+        self._last_seen = np.concatenate([self._last_seen, np.zeros(extra, dtype=np.int64)])
         self._volume.grow(cap)
         self._history.grow(cap)
         self._cap = cap
@@ -220,7 +221,7 @@ class StreamingDetector:
                 self._grow()
             index = len(self._keys)
             self._keys.append(key)
-            self._last_seen.append(ts)
+            self._last_seen[index] = ts
         self._index[key] = index
         self._tenant_series.setdefault(key[0], []).append(index)
         self._tenant_first[index] = tenant_first
@@ -289,12 +290,15 @@ class StreamingDetector:
             self._drop(victim, CAPACITY)
 
     def _least_recent(self, ts: int) -> int | None:
-        """The destination whose last row is the oldest, among those with none at ts. The
-        order is sorted once per minute; a slot dropped or active since is skipped."""
+        """The destination whose last row is the oldest, among those with none at ts (all
+        rows of known series are in: new series are admitted at the close). The order is
+        sorted once per minute; a slot dropped or reused since is skipped."""
         if self._victims_ts != ts:
             n = len(self._keys)
-            last = np.asarray(self._last_seen, dtype=np.int64)
-            candidates = np.flatnonzero((self._total_of[:n] >= 0) & (last < ts))
+            last = self._last_seen[:n]
+            active = np.zeros(n, dtype=bool)
+            active[np.asarray(self._rows_idx, dtype=np.int64)] = True
+            candidates = np.flatnonzero((self._total_of[:n] >= 0) & (last < ts) & ~active)
             order = candidates[np.argsort(last[candidates], kind="stable")]
             self._victims = order[::-1].tolist()
             self._victims_ts = ts
@@ -307,7 +311,7 @@ class StreamingDetector:
     def _drop_idle(self, ts: int) -> None:
         """Drop destinations without a row for longer than series_idle_days (hourly)."""
         n = len(self._keys)
-        last = np.asarray(self._last_seen, dtype=np.int64)
+        last = self._last_seen[:n]
         idle = (self._total_of[:n] >= 0) & (last < ts - self.settings.series_idle_seconds)
         for index in np.flatnonzero(idle).tolist():
             self._drop(index, IDLE)
@@ -392,6 +396,7 @@ class StreamingDetector:
             out = np.asarray(self._rows_out, dtype=np.float64)
             inb = np.asarray(self._rows_in, dtype=np.float64)
             self.rows_seen += len(idx)
+            self._last_seen[idx] = ts
             totals = self._total_of[idx]
             x: np.ndarray = np.bincount(idx, out, n) + np.bincount(totals, out, n)
             y: np.ndarray = np.bincount(idx, inb, n) + np.bincount(totals, inb, n)

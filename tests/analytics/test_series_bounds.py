@@ -152,3 +152,16 @@ def test_a_flood_beyond_the_cap_in_one_minute_is_refused_and_counted() -> None:
     detector.advance(MONDAY + 120)
     assert detector.evicted == {"idle": 0, "capacity": 2}
     assert {k[2] for k in detector._index if k[2]} == {"x2", "x3", "y0", "y1"}  # noqa: SLF001
+
+
+def test_a_series_with_traffic_in_the_minute_is_not_evicted_whatever_the_row_order() -> None:
+    detector = StreamingDetector(DetectionSettings(warmup_days=0), max_series=3)
+    for instance in ("a", "b"):
+        detector.observe(Bucket(MONDAY, "acme", "salesforce", instance, 1000, 10))
+    # the next minute's new series comes before a's row (the agent feeds rows sorted by
+    # name): a and b were both last active a minute ago, but a is active in this one
+    detector.observe(Bucket(MONDAY + 60, "acme", "salesforce", "0-new", 1000, 10))
+    detector.observe(Bucket(MONDAY + 60, "acme", "salesforce", "a", 1000, 10))
+    detector.advance(MONDAY + 120)
+    assert {k[2] for k in detector._index if k[2]} == {"0-new", "a"}  # noqa: SLF001
+    assert detector.evicted == {"idle": 0, "capacity": 1}
