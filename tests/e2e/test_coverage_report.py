@@ -6,10 +6,13 @@ TLS server posing as Salesforce while real clients hold a connection open to it:
   openssl-static, inspected (its own SSL_write probed);
 - the same Python client in a cgroup no rule selects: inspected false, "not selected";
 - a JSSE client run from source by the distribution's JDK (`java Client.java`),
-  selected: java, inspected false (JSSE is Java code, no native TLS library).
+  selected: java, inspected false (JSSE is Java code, no native TLS library);
+- Node.js's https, selected: openssl-static where node carries its own OpenSSL
+  (NodeSource's, this image's), openssl-shared where it links libssl.so.3 (Debian's);
+  inspected either way.
 
 Each process is found from its connection's socket, and GET /v1/coverage lists
-exactly these four, with their executables, tenants and destination; /metrics
+exactly these five, with their executables, tenants and destination; /metrics
 splits the bytes to the CRM by `inspected`.
 """
 
@@ -31,7 +34,13 @@ from leaktap.controller.api.main import create_app
 from leaktap.controller.config import parse_config
 from leaktap.controller.plaintext import coverage, tls_class
 from leaktap.controller.storage import Store
-from tests.e2e.test_plaintext_executables import CLIENTS, build_static_client
+from tests.e2e.test_plaintext_executables import (
+    CLIENTS,
+    LIBSSL,
+    NODE,
+    build_static_client,
+    exports_ssl_write,
+)
 from tests.e2e.test_plaintext_tls import crm_tls_lab, in_cgroup, wait_probed
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -110,8 +119,9 @@ def test_coverage_lists_each_crm_client_with_its_tls_and_inspection(lab, tmp_pat
         static = start(lab, SELECTED, [str(static_exe), *args])
         free = start(lab, FREE, [sys.executable, "-c", PYTHON_CLIENT, *args])
         java = start(lab, SELECTED, ["java", str(CLIENTS / "Client.java"), *args])
-        procs = [python, static, free, java]
-        for p in (python, static, java):
+        node = start(lab, SELECTED, [NODE, str(CLIENTS / "node_client.js"), *args])
+        procs = [python, static, free, java, node]
+        for p in (python, static, java, node):
             wait_probed(agent.plaintext, p.pid)
         for p in procs:
             post(p)
@@ -134,6 +144,8 @@ def test_coverage_lists_each_crm_client_with_its_tls_and_inspection(lab, tmp_pat
     assert SECRET not in got.text and SECRET not in metrics
     listed = {e["pid"]: e for e in got.json()["processes"]}
     python_exe = os.path.realpath(sys.executable)
+    node_tls = tls_class.OPENSSL_STATIC if exports_ssl_write(NODE) else tls_class.OPENSSL_SHARED
+    assert os.path.exists(LIBSSL)
     java_exe = os.path.realpath("/usr/bin/java")
 
     def expect(p: subprocess.Popen[bytes], exe: str, comm: str, tls: str, inspected: bool,
@@ -150,13 +162,16 @@ def test_coverage_lists_each_crm_client_with_its_tls_and_inspection(lab, tmp_pat
         free.pid: expect(free, python_exe, Path(sys.executable).name[:15],
                          tls_class.OPENSSL_SHARED, False, coverage.REASON_NOT_SELECTED),
         java.pid: expect(java, java_exe, "java", tls_class.JAVA, False, tls_class.REASON_JSSE),
+        node.pid: expect(node, NODE, "node", node_tls, True, coverage.REASON_INSPECTED),
     }, got.json()
     series = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
               for line in metrics.splitlines() if line.startswith("leaktap_c")}
     inspected = series['leaktap_crm_egress_bytes_by_coverage_total{inspected="true",tenant="acme"}']
     unseen = series['leaktap_crm_egress_bytes_by_coverage_total{inspected="false",tenant="acme"}']
     assert inspected > 2 * len(body) and unseen > 2 * len(body)
-    assert series['leaktap_coverage_processes{inspected="true",tls="openssl-shared"}'] == 1
+    assert series['leaktap_coverage_processes{inspected="true",tls="openssl-shared"}'] == (
+        1 if node_tls == tls_class.OPENSSL_STATIC else 2)
     assert series['leaktap_coverage_processes{inspected="false",tls="openssl-shared"}'] == 1
-    assert series['leaktap_coverage_processes{inspected="true",tls="openssl-static"}'] == 1
+    assert series['leaktap_coverage_processes{inspected="true",tls="openssl-static"}'] == (
+        2 if node_tls == tls_class.OPENSSL_STATIC else 1)
     assert series['leaktap_coverage_processes{inspected="false",tls="java"}'] == 1
