@@ -198,6 +198,28 @@ def _hole(msg: Message, n: int, out: ParseEvents) -> None:
 _REQUEST_AT_LINE = re.compile(
     rb"((?:GET|POST|PUT|PATCH|DELETE|HEAD|OPTIONS|TRACE|CONNECT|PROPFIND|MKCOL) "
     rb"[^\s]+ HTTP/1\.[01]\r\n)")
+_VERSION_AT = b" HTTP/1."
+_METHOD_MAX = len(b"PROPFIND")
+
+
+def find_request_line(buf: bytes | bytearray) -> re.Match[bytes] | None:
+    """_REQUEST_AT_LINE.search(buf), found from its literal " HTTP/1." instead of trying
+    the method alternation at every byte (~50 us per 4 KiB of an opaque stream).
+
+    A match ends at the first " HTTP/1." it contains; its target is the space-free run
+    before it, so it starts within _METHOD_MAX bytes of the last space before that."""
+    at = buf.find(_VERSION_AT)
+    while at >= 0:
+        space = buf.rfind(b" ", 0, at)
+        if space >= 0:
+            m = _REQUEST_AT_LINE.search(buf, max(0, space - _METHOD_MAX),
+                                        at + len(_VERSION_AT) + 3)
+            if m is not None:
+                return m
+        at = buf.find(_VERSION_AT, at + 1)
+    return None
+
+
 _H1_HEAD, _H1_BODY, _H1_CHUNK_SIZE, _H1_CHUNK_DATA, _H1_CHUNK_END, _H1_TRAILER, _H1_RESYNC = (
     range(7))
 CHUNK_LINE_MAX = 1024
@@ -344,7 +366,7 @@ class Http1Stream:
             self._done(out)
             return True
         # resynchronising: the next request line at a line start
-        m = _REQUEST_AT_LINE.search(buf)
+        m = find_request_line(buf)
         if m is not None:
             if m.start(1):
                 out.raw.append(bytes(buf[: m.start(1)]))

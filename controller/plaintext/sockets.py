@@ -3,7 +3,10 @@
 /proc/<pid>/fd/<fd> names the socket inode; /proc/<pid>/net/tcp{,6} (the
 process's own network namespace) lists inode and endpoints. The tables are
 re-read only when an inode is missing from the cached copy, at most every
-REFRESH_MIN_S per namespace.
+REFRESH_MIN_S per namespace. A socket missing from a table read after it was
+asked for is not TCP (an AF_UNIX pair, a socket of another namespace): it is
+remembered as such for NOT_TCP_TTL_S, so its every write does not re-read the
+tables (reading a busy host's /proc/net/tcp takes milliseconds).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ logger = logging.getLogger(__name__)
 PROC = Path("/proc")
 REFRESH_MIN_S = 0.05
 CACHE_MAX = 16384
+NOT_TCP_TTL_S = 10.0  # bounds the cost of one misjudged socket; inodes are not reused so soon
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +69,10 @@ class SocketResolver:
         self._proc = proc
         self._tables: dict[str, tuple[float, dict[int, SocketEnds]]] = {}
         self._by_inode: OrderedDict[int, SocketEnds] = OrderedDict()
+        self._not_tcp: OrderedDict[int, float] = OrderedDict()  # inode -> when found so
         self.lookups = 0
         self.misses = 0
+        self.table_reads = 0
 
     def resolve(self, pid: int, fd: int) -> SocketEnds | None:
         if fd < 0:
@@ -84,6 +90,12 @@ class SocketResolver:
         ends = self._by_inode.get(inode)
         if ends is not None:
             return ends
+        seen_not_tcp = self._not_tcp.get(inode)
+        if seen_not_tcp is not None:
+            if time.monotonic() - seen_not_tcp < NOT_TCP_TTL_S:
+                self.misses += 1
+                return None
+            del self._not_tcp[inode]
         ends = self._lookup(pid, inode)
         if ends is None:
             self.misses += 1
@@ -105,10 +117,18 @@ class SocketResolver:
         if cached is not None and now - cached[0] < REFRESH_MIN_S:
             return None
         table: dict[int, SocketEnds] = {}
+        read = False
         for name in ("tcp", "tcp6"):
             try:
                 table.update(parse_tcp_table(Path(f"{self._proc}/{pid}/net/{name}").read_text()))
             except OSError:
                 continue
+            read = True
+        self.table_reads += 1
         self._tables[netns] = (now, table)
-        return table.get(inode)
+        ends = table.get(inode)
+        if ends is None and read:  # read after the write that named it: not a TCP socket
+            self._not_tcp[inode] = now
+            if len(self._not_tcp) > CACHE_MAX:
+                self._not_tcp.popitem(last=False)
+        return ends
