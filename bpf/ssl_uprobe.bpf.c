@@ -37,6 +37,8 @@ BPF_TABLE("percpu_array", __u32, __u64, lt_ssl_stats, LT_SSL_STAT_MAX);
 /* Events are built here (too large for the 512-byte stack); see ssl_emit. */
 BPF_TABLE("percpu_array", __u32, struct lt_ssl_event, lt_ssl_scratch, 1);
 BPF_TABLE("percpu_array", __u32, struct lt_ssl_plan, lt_ssl_plan, 1);
+/* when this CPU last woke the controller for chunks (see ssl_emit) */
+BPF_TABLE("percpu_array", __u32, __u64, lt_ssl_wake, 1);
 /* exec/mmap notices per process and second (struct lt_rate window) */
 BPF_TABLE("lru_hash", __u32, struct lt_rate, lt_ssl_rate, LT_SSL_PROCS_MAX);
 /* plaintext chunks per process: token bucket; LRU eviction refills a bucket */
@@ -56,6 +58,13 @@ BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
 #define LT_PROT_EXEC 0x4
 #define LT_MAP_ANONYMOUS 0x20
 #define LT_NSEC_PER_SEC 1000000000ULL
+/* Chunks wake the controller at most this often per CPU: one wakeup (two
+ * context switches and a poll) per event cost the writer more than the
+ * probe itself at thousands of events/s. The ring holds about 250 full
+ * chunks, 10 ms of 25,000 chunks/s. */
+#ifndef LT_SSL_WAKE_NS
+#define LT_SSL_WAKE_NS 10000000ULL
+#endif
 /* Depth of a process's chunk bucket: one second of LT_SSL_EVENTS_PER_SEC.
  * Not bounded by the ring buffer: a tiny write costs a whole token, and a
  * request written a byte at a time must fit (a full ring is counted and
@@ -243,13 +252,25 @@ static __always_inline struct lt_ssl_event *ssl_event_init(__u32 kind, __u64 ssl
 static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
 {
 	__u32 len = e->cap_len;
+	__u32 zero = 0;
+	__u64 *woke = NULL;
+	__u64 flags = BPF_RB_FORCE_WAKEUP;
 
 	if (len > LT_SSL_SNAP)
 		len = LT_SSL_SNAP;
-	if (lt_ssl_events.ringbuf_output(e, LT_SSL_EVENT_HDR_SIZE + len, 0) != 0) {
+	/* chunks wake the controller at most every LT_SSL_WAKE_NS per CPU (it drains
+	 * the rest at its next wakeup or poll timeout); notices wake it at once */
+	if (e->kind == LT_SSL_EV_WRITE || e->kind == LT_SSL_EV_READ) {
+		woke = lt_ssl_wake.lookup(&zero);
+		if (woke && e->ts_ns - *woke < LT_SSL_WAKE_NS)
+			flags = BPF_RB_NO_WAKEUP;
+	}
+	if (lt_ssl_events.ringbuf_output(e, LT_SSL_EVENT_HDR_SIZE + len, flags) != 0) {
 		ssl_stat_inc(loss);
 		return -1;
 	}
+	if (woke && flags == BPF_RB_FORCE_WAKEUP)
+		*woke = e->ts_ns;
 	return 0;
 }
 
@@ -294,7 +315,8 @@ static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __
 		return 0;
 	}
 	ssl_stat_add(dir == LT_SSL_DIR_READ ? LT_SSL_CNT_BYTES_READ : LT_SSL_CNT_BYTES_WRITTEN, len);
-	key.dir = dir;  /* lt_ssl_lost keeps each direction's losses apart */
+	if (dir != LT_SSL_DIR_WRITE)  /* a write's key stays as zeroed: no store */
+		key.dir = dir;  /* lt_ssl_lost keeps each direction's losses apart */
 
 	__u64 needed = (len + LT_SSL_SNAP - 1) / LT_SSL_SNAP;
 	__u32 want = needed > LT_SSL_CHUNKS_MAX ? LT_SSL_CHUNKS_MAX : (__u32)needed;

@@ -267,3 +267,29 @@ def test_http2_interim_head_then_final_and_an_unanswered_stream():
     ins.forget(CONN)
     assert [(e.target, e.status, e.request_body) for e in sink.got] == [
         ("/api/data/v9.2/s1", 201, b'{"a":1}'), ("/api/data/v9.2/s3", None, b'{"a":1}')]
+
+
+def test_request_bodies_awaiting_answers_are_bounded_oldest_dropped_first():
+    ins, sink = make()
+    ins.book.body_bytes_max = 10_000
+    body = b'{"Name": "' + b"x" * 3000 + b'"}'
+    post = get("/services/data/v59.0/sobjects/Account", "POST",
+               f"Content-Length: {len(body)}\r\n") + body
+    for _ in range(5):
+        write(ins, post)
+    assert ins.book.held_bytes <= 10_000
+    assert ins.stats["exchange_bodies_dropped"] >= 2
+    read(ins, response(b"{}", "201 Created") * 5)
+    got = [e.request_body for e in sink.got]
+    # the oldest bodies went first; each exchange still says how long its body was
+    assert got[0] == b"" and got[-1] == body
+    assert {e.request_bytes for e in sink.got} == {len(body)}
+    assert ins.book.held_bytes == 0
+
+
+def test_without_a_sink_nothing_is_paired_nor_parsed():
+    ins = ContentInspector(HASHER)
+    write(ins, get("/x"))
+    read(ins, response(BODY))
+    assert len(ins.book) == 0 and ins.streams.peek((CONN, FROM_CRM)) is None
+    assert ins.stats["from_crm_bytes_not_paired"] == len(response(BODY))
