@@ -42,6 +42,8 @@
 #define LT_DNS_BOTH_WAYS 0
 #endif
 
+#include "lt_enforce.h"
+
 /* Sequence comparisons modulo 2^32 (RFC 1982) */
 static __always_inline int seq_before(__u32 a, __u32 b)
 {
@@ -336,6 +338,119 @@ static __always_inline void hello_capture(LT_CTX *ctx, struct lt_pkt *p, struct 
 	st->segs++;
 }
 
+/* lt_handle's verdict: pass, drop, or read the hello's name in the tail
+ * program (lt_hello_read.h; TC egress), which gives the final verdict */
+#define LT_PASS 0
+#define LT_DROP 1
+#define LT_READ 2
+/* 1: read server names in the kernel (the includer has the tail program) */
+#ifndef LT_READ_NAMES
+#define LT_READ_NAMES 0
+#endif
+
+/**
+ * hello_job - leave the tail program a job about this packet (per-CPU)
+ * @kind: enum lt_hello_job_kind; @arg: message length (LT_JOB_WHOLE) or
+ * reason (LT_JOB_NAMELESS); @seq: the hello's first sequence
+ * Returns LT_READ, or LT_PASS when there is no scratch.
+ */
+static __always_inline int hello_job(struct lt_pkt *p, __u32 kind, __u32 arg, __u32 seq,
+				     __u32 uid, __u32 ifindex)
+{
+	__u32 zero = 0;
+	struct lt_sni_scratch *s = lt_sni_scratch.lookup(&zero);
+
+	if (!LT_READ_NAMES || !s)
+		return LT_PASS;
+	struct lt_hello_job *j = &s->job;
+	__builtin_memcpy(&j->key, &p->key, sizeof(j->key));
+	j->kind = kind;
+	j->arg = arg;
+	j->payload_off = p->payload_off;
+	j->payload_len = p->payload_len;
+	j->seq = seq;
+	j->uid = uid;
+	j->ifindex = ifindex;
+	j->tcp_flags = p->tcp_flags;
+	return LT_READ;
+}
+
+/**
+ * hello_buf_start - the first segment of a hello longer than its segment:
+ * buffer its handshake message when the kernel can read it (one record of
+ * at most LT_HELLO_BUF bytes); @start, @rec, @msg as in tls_probe
+ * Returns the enum lt_hello_sni state of the follow.
+ */
+static __always_inline __u8 hello_buf_start(LT_CTX *ctx, struct lt_pkt *p, int start, __u32 rec,
+					    __u32 msg)
+{
+	__u32 zero = 0;
+
+	if (!LT_READ_NAMES || start != 2)
+		return LT_HS_SNI_NONE; /* a cut header: maybe no hello at all, see tls_probe */
+	if (msg > rec) {
+		stat_inc(LT_SNI_GIVEUP_RECORDS); /* the message continues in another record */
+		return LT_HS_SNI_GAVE_UP;
+	}
+	if (msg > LT_HELLO_BUF) {
+		stat_inc(LT_SNI_GIVEUP_TOO_LONG);
+		return LT_HS_SNI_GAVE_UP;
+	}
+	struct lt_sni_scratch *s = lt_sni_scratch.lookup(&zero);
+	if (!s)
+		return LT_HS_SNI_GAVE_UP;
+	__u32 n = p->payload_len - TLS_REC_HDR_LEN;
+	if (n > msg)
+		n = msg;
+	s->buf.msg_len = msg;
+	s->buf.got = n;
+	if (sni_load(ctx, p->payload_off + TLS_REC_HDR_LEN, s->buf.msg, 0, n))
+		return LT_HS_SNI_GAVE_UP;
+	if (lt_hello_bufs.update(&p->key, &s->buf)) {
+		stat_inc(LT_SNI_GIVEUP_GAP);
+		return LT_HS_SNI_GAVE_UP;
+	}
+	return LT_HS_SNI_BUFFERING;
+}
+
+/**
+ * hello_buf_more - add a continuation segment to a buffered hello
+ * Returns LT_READ on the segment that completes it (or that loses it: then
+ * judged by address), else LT_PASS.
+ */
+static __always_inline int hello_buf_more(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_state *st,
+					  __u32 uid, __u32 ifindex)
+{
+	struct lt_hello_buf *b = lt_hello_bufs.lookup(&p->key);
+
+	if (!b) {
+		stat_inc(LT_SNI_GIVEUP_GAP); /* another CPU finished or restarted it */
+		st->sni = LT_HS_SNI_GAVE_UP;
+		return LT_PASS;
+	}
+	__u32 rel = p->seq - st->start_seq; /* stream offset of payload[0] in the hello */
+	__u32 want = TLS_REC_HDR_LEN + b->got;
+	__u32 end = TLS_REC_HDR_LEN + b->msg_len;
+	__u32 seg_end = rel + p->payload_len;
+	if (seg_end > end)
+		seg_end = end;
+	if (seg_end <= want)
+		return LT_PASS; /* bytes already buffered (a retransmission) */
+	if (want < rel || sni_load(ctx, p->payload_off + (want - rel), b->msg, b->got,
+				   seg_end - want)) {
+		if (want < rel)
+			stat_inc(LT_SNI_GIVEUP_GAP);
+		lt_hello_bufs.delete(&p->key);
+		st->sni = LT_HS_SNI_GAVE_UP;
+		return hello_job(p, LT_JOB_NAMELESS, LT_RSN_ADDRESS, st->start_seq, uid, ifindex);
+	}
+	b->got += seg_end - want;
+	if (b->got < b->msg_len)
+		return LT_PASS;
+	st->sni = LT_HS_SNI_DONE; /* the tail program reads and deletes the buffer */
+	return hello_job(p, LT_JOB_BUFFERED, 0, st->start_seq, uid, ifindex);
+}
+
 /**
  * hello_start - does this segment open a ClientHello?
  * Returns 2 for a whole hello header in one record (@h filled), 1 for a
@@ -357,9 +472,11 @@ static __always_inline int hello_start(LT_CTX *ctx, struct lt_pkt *p, __u8 *h)
  * and, for a hello longer than this segment, follow its continuation
  * segments until the handshake message is complete
  */
-static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
-				      __u32 ifindex)
+static __always_inline int tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
+				     __u32 ifindex)
 {
+	int verdict = LT_PASS;
+
 	__u8 h[TLS_HELLO_HDR_LEN] = {};
 	int start = hello_start(ctx, p, h);
 	__u32 rec = ((__u32)h[3] << 8) | h[4];
@@ -394,59 +511,75 @@ static __always_inline void tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_f
 			if (whole) {
 				if (st)
 					lt_hello.delete(&p->key);
-				return;
+				return hello_job(p, LT_JOB_WHOLE, msg, p->seq, v->uid, ifindex);
 			}
 		}
+		init.sni = hello_buf_start(ctx, p, start, rec, msg);
 		/* BPF_ANY: a retransmitted first segment restarts the follow */
 		if (lt_hello.update(&p->key, &init)) {
 			stat_inc(LT_LOSS_HELLO_PENDING);
 			if (init.walk != LT_HW_END) /* not captured yet: at least this segment */
 				emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, p->payload_len, LT_SNAP,
 					     LT_HELLO_CHUNKS, v->uid, ifindex);
-			return;
+			if (init.sni == LT_HS_SNI_BUFFERING)
+				lt_hello_bufs.delete(&p->key);
+			return 0;
 		}
 		if (init.walk == LT_HW_END)
-			return;
+			return 0; /* captured (and buffered, for the kernel's reading) */
 		st = lt_hello.lookup(&p->key);
 	} else if (st && (seq_before(p->seq, st->start_seq) || !seq_before(p->seq, st->end_seq))) {
-		return; /* before the hello (plaintext) or after it */
+		return 0; /* before the hello (plaintext) or after it */
 	}
 	if (!st)
-		return;
+		return 0;
 	if (hello_walk(ctx, p, st)) {
+		if (st->sni == LT_HS_SNI_BUFFERING)
+			lt_hello_bufs.delete(&p->key);
 		lt_hello.delete(&p->key); /* not a ClientHello after all */
-		return;
+		return 0;
 	}
-	if (seq_before(p->seq, st->end_seq))
+	if (seq_before(p->seq, st->end_seq)) {
+		if (st->sni == LT_HS_SNI_BUFFERING)
+			verdict = hello_buf_more(ctx, p, st, v->uid, ifindex);
 		hello_capture(ctx, p, st, v->uid, ifindex);
-	if (!seq_before(st->next_seq, st->end_seq)) {
-		lt_hello.delete(&p->key);
-	} else if (st->segs >= LT_HELLO_SEGS_MAX) {
-		/* a blind follow ends here by design; its give-up is already counted */
-		if (st->walk != LT_HW_BLIND)
+	}
+	if (!seq_before(st->next_seq, st->end_seq) || st->segs >= LT_HELLO_SEGS_MAX) {
+		/* a blind follow ends at the bound by design; its give-up is already counted */
+		if (seq_before(st->next_seq, st->end_seq) && st->walk != LT_HW_BLIND)
 			stat_inc(LT_LOSS_HELLO_SEGS);
+		if (st->sni == LT_HS_SNI_BUFFERING) {
+			stat_inc(LT_SNI_GIVEUP_GAP);
+			lt_hello_bufs.delete(&p->key);
+		} else if (LT_READ_NAMES && st->sni == LT_HS_SNI_NONE && st->walk == LT_HW_END) {
+			stat_inc(LT_SNI_GIVEUP_RECORDS); /* a hello after all, its header was cut */
+		}
 		lt_hello.delete(&p->key);
 	}
+	return verdict;
 }
 
 /**
  * quic_probe - capture a datagram that starts with a QUIC long header
  * carrying an Initial packet (v1, v2) or an unknown version
  */
-static __always_inline void quic_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
-				       __u32 ifindex)
+static __always_inline int quic_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_flow_val *v,
+				      __u32 ifindex)
 {
 	__u8 h[5] = {};
 
 	if (p->payload_len < LT_QUIC_MIN_DATAGRAM || LT_LOAD_BYTES(ctx, p->payload_off, h, sizeof(h)))
-		return;
+		return 0;
 	if ((h[0] & QUIC_LONG_FORM) != QUIC_LONG_FORM)
-		return;
+		return 0;
 	__u32 version = ((__u32)h[1] << 24) | ((__u32)h[2] << 16) | ((__u32)h[3] << 8) | h[4];
 	__u32 type = (h[0] >> 4) & 3;
 	if (version == 0 || (version == QUIC_V1 && type != 0) || (version == QUIC_V2 && type != 1))
-		return;
+		return 0;
 	emit_payload(ctx, p, LT_EV_QUIC_INITIAL, 0, p->payload_len, LT_SNAP, 1, v->uid, ifindex);
+	/* its name is encrypted: a block tenant's Initial to a CRM address is
+	 * refused so the client falls back to TCP, where the hello is judged */
+	return LT_ENFORCE ? hello_job(p, LT_JOB_NAMELESS, LT_RSN_QUIC, 0, v->uid, ifindex) : LT_PASS;
 }
 
 /**
@@ -479,8 +612,10 @@ static __always_inline void dns_sample(LT_CTX *ctx, struct lt_pkt *p, struct lt_
  * lt_handle - account one packet and sample what is worth parsing
  * @dir: enum lt_dir; @probe_tls: look for ClientHello / QUIC Initial starts
  * (off on TC ingress, where hellos are clients of local servers)
+ * Returns LT_DROP when enforcement drops the packet (TC egress only),
+ * LT_READ when the tail program is to read the hello's name, else LT_PASS.
  */
-static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, __u32 pkt_len,
+static __always_inline int lt_handle(LT_CTX *ctx, void *data, void *data_end, __u32 pkt_len,
 				      __u32 segs, __u64 cgroup_id, __u32 dir, int probe_tls,
 				      __u32 ifindex)
 {
@@ -506,7 +641,7 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 		struct lt_flow_val *last = lt_flows.lookup(&p.key);
 		if (last && last->last_sig == p.sig) {
 			stat_inc(LT_CNT_DUPLICATE);
-			return;
+			return 0;
 		}
 	}
 #endif
@@ -517,27 +652,31 @@ static __always_inline void lt_handle(LT_CTX *ctx, void *data, void *data_end, _
 		stat_inc(-err);
 		/* IP without ports (fragments, ICMP, ...) is still a flow */
 		if (err != -LT_PARSE_FRAGMENT && err != -LT_PARSE_OTHER_L4)
-			return;
+			return 0;
 		p.payload_len = 0;
 	}
 
 	struct lt_flow_val *v = flow_account(ctx, &p, pkt_len, segs);
+	/* a blocked flow stays blocked: nothing after its hello leaves */
+	if (LT_ENFORCE && dir == LT_DIR_EGRESS && !err && enf_blocked(&p))
+		return LT_DROP;
 	if (!v || p.payload_len == 0)
-		return;
+		return 0;
 
 	/* DNS is never gated by the probe budget: user space learns an answer only
 	 * when it matches a query this host sent, so it needs both halves */
 	if (p.key.sport == DNS_PORT || p.key.dport == DNS_PORT) {
 		dns_sample(ctx, &p, v, dir, ifindex);
-		return;
+		return 0;
 	}
 	if (!probe_tls || v->probe_segs >= LT_PROBE_SEGS + LT_HELLO_SEGS_MAX)
-		return;
+		return 0;
 	v->probe_segs++;
 	if (p.key.proto == IPPROTO_TCP)
-		tls_probe(ctx, &p, v, ifindex);
-	else if (p.key.proto == IPPROTO_UDP && v->probe_segs <= LT_PROBE_SEGS)
-		quic_probe(ctx, &p, v, ifindex);
+		return tls_probe(ctx, &p, v, ifindex);
+	if (p.key.proto == IPPROTO_UDP && v->probe_segs <= LT_PROBE_SEGS)
+		return quic_probe(ctx, &p, v, ifindex);
+	return 0;
 }
 
 #endif /* __LT_FLOW_H */

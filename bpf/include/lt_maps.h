@@ -38,4 +38,32 @@ BPF_TABLE("percpu_array", __u32, struct lt_rate, lt_rate, 1);
 BPF_TABLE("percpu_array", __u32, struct lt_event, lt_scratch, 1);
 BPF_RINGBUF_OUTPUT(lt_events, LT_RINGBUF_PAGES);
 
+/* ---- server name and enforcement (issue 12): never pinned. The policy is
+ * written by the controller (controller/enforcement/kernel_policy.py) at each
+ * start and reload; the programs of a crashed run keep theirs. ---- */
+BPF_TABLE("percpu_array", __u32, struct lt_sni_scratch, lt_sni_scratch, 1);
+/* split hellos being buffered; allocated on use (most flows never need one) */
+BPF_F_TABLE("hash", struct lt_flow_key, struct lt_hello_buf, lt_hello_bufs, LT_HELLO_BUFS_MAX,
+	    BPF_F_NO_PREALLOC);
+/* kernel-read names, drained in batches (the ring keeps split and QUIC hellos) */
+BPF_F_TABLE("hash", struct lt_flow_key, struct lt_name_rec, lt_names, LT_NAMES_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_TABLE("array", __u32, struct lt_tenant_policy, lt_tenant_pol, LT_TENANTS_MAX);
+BPF_TABLE("hash", __u64, struct lt_tenant_ref, lt_ten_cg, LT_POLICY_CGROUPS_MAX);
+BPF_TABLE("hash", __u32, __u32, lt_ten_uid, LT_POLICY_UIDS_MAX);
+BPF_F_TABLE("lpm_trie", struct lt_cidr4_key, __u32, lt_ten_v4, LT_POLICY_CIDRS_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_F_TABLE("lpm_trie", struct lt_cidr6_key, __u32, lt_ten_v6, LT_POLICY_CIDRS_MAX,
+	    BPF_F_NO_PREALLOC);
+BPF_TABLE("hash", struct lt_name_key, struct lt_crm_name, lt_crm_names, LT_POLICY_NAMES_MAX);
+BPF_TABLE("hash", struct lt_allow_key, __u32, lt_allow, LT_POLICY_ALLOW_MAX);
+BPF_TABLE("hash", struct lt_addr_key, __u32, lt_crm_addrs, LT_CRM_ADDRS_MAX);
+BPF_TABLE("lru_hash", struct lt_flow_key, struct lt_blocked_flow, lt_blocked, LT_BLOCKED_MAX);
+/* [0]: 1 while lt_blocked may hold a flow (set by the kernel on a block,
+ * cleared by the controller once it is empty): data packets look up lt_blocked
+ * only then */
+BPF_TABLE("array", __u32, __u32, lt_blocked_on, 1);
+/* per-(tenant, action) decisions: index tenant * 2 + action - 1 (monotonic) */
+BPF_TABLE("percpu_array", __u32, __u64, lt_decisions, LT_TENANTS_MAX * 2);
+
 #endif /* __LT_MAPS_H */

@@ -31,20 +31,41 @@ static __always_inline int tc_pull_headers(struct __sk_buff *skb, __u32 len, voi
 	return 0;
 }
 
-#include "lt_flow.h"
+/* the egress verdict (lt_enforce.h): the packet's socket gives its cgroups */
+#ifndef LT_ENFORCE
+#define LT_ENFORCE 1
+#endif
+#define LT_ANCESTOR_CGROUP(ctx, level) bpf_skb_ancestor_cgroup_id(ctx, level)
+
+/* server names are read in the tail program lt_tc_hello (lt_hello_read.h) */
+#define LT_READ_NAMES 1
+
+#include "lt_hello_read.h"
+
+/* the tail programs (LT_PROG_HELLO, LT_PROG_NAME), put there by the loader;
+ * pinned with the counting maps: a prog array empties when its last user
+ * reference goes, and a crashed controller's pinned programs keep reading */
+LT_TABLE("prog", int, int, lt_progs, 2);
 
 /**
  * tc_handle - account an skb seen by a TC hook
  * Bytes are skb->len (what the interface counters count, GSO super-packets
  * included); packets are max(gso_segs, 1), the segments on the wire.
+ * Returns 1 when enforcement drops the skb.
  */
-static __always_inline void tc_handle(struct __sk_buff *skb, __u32 dir, __u64 cgroup_id,
-				      int probe_tls)
+static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir, __u64 cgroup_id,
+				     int probe_tls)
 {
 	__u32 segs = skb->gso_segs ? skb->gso_segs : 1;
 
-	lt_handle(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, segs,
+	int verdict = lt_handle(skb, (void *)(long)skb->data, (void *)(long)skb->data_end, skb->len, segs,
 		  cgroup_id, dir, probe_tls, skb->ifindex);
+	if (verdict == LT_READ) {
+		lt_progs.call(skb, LT_PROG_HELLO);
+		stat_inc(LT_LOSS_SNI_TAIL); /* the tail program is missing */
+		return LT_PASS;
+	}
+	return verdict;
 }
 
 #endif /* __LT_TC_H */

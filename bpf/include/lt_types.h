@@ -179,6 +179,20 @@ enum lt_stat {
 	LT_CNT_DUPLICATE,         /* mirror-port copies of the previous packet, not counted */
 	LT_CNT_DNS_ANS_OUT,       /* DNS answers leaving the host (TC egress): never learned */
 	LT_CNT_DNS_QRY_IN,        /* DNS queries arriving (TC ingress, a local server): not sampled */
+	/* server name read in the kernel (lt_sni.h), once per hello that completes */
+	LT_CNT_SNI_NAMED,         /* a valid host_name read */
+	LT_CNT_SNI_NO_NAME,       /* a valid hello without a (valid) host_name: user space agrees */
+	LT_SNI_MALFORMED,         /* not a ClientHello the user-space parser accepts */
+	LT_SNI_GIVEUP_TOO_LONG,     /* hello longer than LT_HELLO_BUF: not read in the kernel */
+	LT_SNI_GIVEUP_LIMIT,        /* more extensions or list entries than the loop bounds */
+	LT_SNI_GIVEUP_RECORDS,      /* hello spread over several records: not read in the kernel */
+	LT_SNI_GIVEUP_GAP,          /* split hello with a hole or no buffer room: not read */
+	LT_SNI_GIVEUP_NAMES_FULL,   /* lt_names full: the name goes by the ring (the hello event) */
+	LT_LOSS_SNI_TAIL,         /* the tail program could not be called: hello not read */
+	/* enforcement (lt_enforce.h) */
+	LT_CNT_ENF_BLOCKED_PKT,   /* later packets of a blocked flow dropped */
+	LT_LOSS_ENF_EVENT,        /* a decision not reported on the ring (still enforced) */
+	LT_LOSS_ENF_BLOCK_INSERT, /* a blocked flow not remembered (its hello still dropped) */
 	LT_STAT_MAX,
 };
 
@@ -187,6 +201,7 @@ enum lt_event_kind {
 	LT_EV_TLS_HELLO = 1,      /* TCP payload of a TLS handshake start or continuation */
 	LT_EV_QUIC_INITIAL = 2,   /* UDP datagram starting with a QUIC long header */
 	LT_EV_DNS = 3,            /* DNS message to or from port 53 (UDP or TCP), see lt_flow.h */
+	LT_EV_ENFORCE = 4,        /* struct lt_decision: a block / would-block verdict */
 };
 
 /* lt_flow_val.flags bits */
@@ -241,6 +256,14 @@ enum lt_hello_walk {
 	LT_HW_BLIND = 2,          /* walk given up (counted): capture up to the bounds */
 };
 
+/* Reading a followed hello's server name (lt_hello_state.sni). */
+enum lt_hello_sni {
+	LT_HS_SNI_NONE = 0,       /* not read yet: a cut header (counted once the walk ends) */
+	LT_HS_SNI_BUFFERING = 1,  /* its handshake message is collected in lt_hello_bufs */
+	LT_HS_SNI_DONE = 2,       /* read and judged on the segment that completed it */
+	LT_HS_SNI_GAVE_UP = 3,    /* not read; the give-up is counted */
+};
+
 /* A ClientHello being followed across segments (global, not per CPU). The
  * kernel walks the TLS record headers and the handshake header as they pass,
  * a byte at a time where a segment or record boundary cuts one, so the end is
@@ -260,7 +283,7 @@ struct lt_hello_state {
 	__u8 hdr_got;             /* bytes of the current record header read (5: in its body) */
 	__u8 hs_got;              /* bytes of the handshake header read (4: length known) */
 	__u8 walk;                /* enum lt_hello_walk */
-	__u8 pad;
+	__u8 sni;                 /* enum lt_hello_sni: reading the server name */
 };
 
 /* Events rate limit state, per CPU. */
@@ -293,6 +316,235 @@ struct lt_event {
 };
 
 #define LT_EVENT_HDR_SIZE __builtin_offsetof(struct lt_event, payload)
+
+/* ---- server name in the kernel and enforcement (issue 12) ---- */
+
+/* A hello the kernel reads the server name of: handshake message bytes
+ * buffered per CPU (single segment) or per flow (split over segments). Real
+ * clients send 0.5-2 KiB (post-quantum key shares included); a longer one is
+ * counted (LT_SNI_GIVEUP_TOO_LONG) and judged by address. Power of two. */
+#define LT_HELLO_BUF 4096
+/* Bytes copied per load into a hello buffer (the buffer has this much slack). */
+#define LT_HELLO_COPY 1024
+/* A host name (253) + its trailing dot + padding: map keys are the name bytes,
+ * zero-padded to this size (never a hash: the sender picks the names). */
+#define LT_NAME_MAX 256
+/* Loop bounds of the name parser; a hello beyond them is counted (LT_SNI_GIVEUP_LIMIT). */
+#define LT_SNI_EXT_MAX 64
+#define LT_SNI_LIST_MAX 16
+/* Split hellos whose bytes are being buffered (one record over several segments). */
+#ifndef LT_HELLO_BUFS_MAX
+#define LT_HELLO_BUFS_MAX 1024
+#endif
+#define LT_HELLO_BUFS_MAX_FLOOR 1
+#define LT_HELLO_BUFS_MAX_CEIL 65536
+/* Tenants (index + 1 in the config's list; 0: none) and policy sizes. */
+#define LT_TENANTS_MAX 256
+#define LT_POLICY_NAMES_MAX 65536
+#define LT_POLICY_ALLOW_MAX 65536
+#define LT_POLICY_CGROUPS_MAX 16384
+#define LT_POLICY_UIDS_MAX 4096
+#define LT_POLICY_CIDRS_MAX 4096
+#define LT_CRM_ADDRS_MAX 65536
+/* Flows whose hello was blocked: every later egress packet is dropped. LRU. */
+#define LT_BLOCKED_MAX 16384
+/* cgroup nesting levels searched for a tenant's ancestor cgroup */
+#define LT_CGROUP_LEVELS 16
+
+#if LT_OUT_OF_RANGE(LT_HELLO_BUFS_MAX, LT_HELLO_BUFS_MAX_FLOOR, LT_HELLO_BUFS_MAX_CEIL)
+#error "LT_HELLO_BUFS_MAX out of range"
+#endif
+
+/* Tenant enforcement mode (tenants[].enforce). */
+enum lt_enf_mode {
+	LT_ENF_MONITOR = 0,
+	LT_ENF_DRY_RUN = 1,
+	LT_ENF_BLOCK = 2,
+};
+
+/* lt_tenant_policy.flags: the enforcement config's edge cases */
+enum lt_enf_flag {
+	LT_EF_QUIC_BLOCK = 1,     /* enforcement.quic: block */
+	LT_EF_ECH_BLOCK = 2,      /* enforcement.ech: block */
+	LT_EF_SHARED_BLOCK = 4,   /* enforcement.shared_hosts: block */
+};
+
+/* lt_decision.action; lt_decisions index is tenant * 2 + action - 1 */
+enum lt_enf_action {
+	LT_ACT_BLOCKED = 1,
+	LT_ACT_WOULD_BLOCK = 2,
+};
+
+/* lt_decision.reason */
+enum lt_enf_reason {
+	LT_RSN_INSTANCE = 0,      /* a CRM instance outside the allow list */
+	LT_RSN_SHARED = 1,        /* a shared vendor host (enforcement.shared_hosts: block) */
+	LT_RSN_QUIC = 2,          /* a QUIC Initial to a CRM address */
+	LT_RSN_ECH = 3,           /* an Encrypted Client Hello to a CRM address */
+	LT_RSN_ADDRESS = 4,       /* no readable name, to a CRM address */
+};
+
+/* What the kernel's name parser found (lt_sni.h, lt_name_rec.outcome). */
+enum lt_sni_outcome {
+	LT_SNI_NAMED = 0,         /* a valid host_name */
+	LT_SNI_NONE = 1,          /* a valid hello without a valid host_name */
+	LT_SNI_BAD = 2,           /* a hello the user-space parser rejects */
+	LT_SNI_LIMIT = 3,         /* beyond the parser's loop bounds: undecided */
+};
+
+/* Kernel-read server names, drained in batches by the controller (not the
+ * ring): one per flow whose single-segment or split hello was read. */
+#ifndef LT_NAMES_MAX
+#define LT_NAMES_MAX 65536
+#endif
+#define LT_NAMES_MAX_FLOOR 16
+#define LT_NAMES_MAX_CEIL 4194304
+#if LT_OUT_OF_RANGE(LT_NAMES_MAX, LT_NAMES_MAX_FLOOR, LT_NAMES_MAX_CEIL)
+#error "LT_NAMES_MAX out of range"
+#endif
+
+/* Value of lt_names (key: the hello's lt_flow_key). */
+struct lt_name_rec {
+	__u64 ts_ns;
+	__u32 uid;
+	__u32 ifindex;
+	__u32 seq;                /* TCP sequence of the hello's first byte */
+	__u16 name_len;           /* 0: no name (see outcome) */
+	__u8 outcome;             /* enum lt_sni_outcome */
+	__u8 ech;                 /* the hello carries encrypted_client_hello */
+	__u8 name[LT_NAME_MAX];
+};
+
+/* lt_crm_name.kind */
+enum lt_name_kind {
+	LT_NK_NOT_CRM = 0,        /* an excluded name (www.zendesk.com): untouched */
+	LT_NK_INSTANCE = 1,       /* names a CRM instance */
+	LT_NK_SHARED = 2,         /* a shared vendor host */
+};
+
+/* Key of lt_crm_names: a whole host name, or ".<suffix>" of an
+ * {instance}.<suffix> template, zero-padded. */
+struct lt_name_key {
+	__u8 name[LT_NAME_MAX];
+};
+
+struct lt_crm_name {
+	__u32 vendor;             /* KernelPolicy's vendor index, from 1 */
+	__u32 kind;               /* enum lt_name_kind */
+};
+
+/* Key of lt_allow: (tenant, vendor, host name); name all zero = every
+ * instance of the vendor ("vendor:*"). */
+struct lt_allow_key {
+	__u32 tenant;
+	__u32 vendor;
+	__u8 name[LT_NAME_MAX];
+};
+
+/* Value of lt_tenant_pol (index: tenant); entry 0 is global: mode != 0 when
+ * any tenant enforces (the hello path looks no further otherwise). */
+struct lt_tenant_policy {
+	__u32 mode;               /* enum lt_enf_mode */
+	__u32 flags;              /* enum lt_enf_flag bits */
+};
+
+/* Value of lt_ten_cg (key: cgroup id). */
+struct lt_tenant_ref {
+	__u32 tenant;
+	__u32 subtree;            /* 1: the tenant's glob covers every descendant cgroup */
+};
+
+/* Keys of the source-CIDR tries (prefixlen counts the address bits). */
+struct lt_cidr4_key {
+	__u32 prefixlen;
+	__u8 addr[4];
+};
+
+struct lt_cidr6_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+/* Key of lt_crm_addrs: an address the DNS cache or catalogue names a CRM's. */
+struct lt_addr_key {
+	__u32 family;             /* 4 or 6 */
+	__u32 addr[4];            /* as in lt_flow_key */
+};
+
+/* Value of lt_blocked (key: lt_flow_key of the blocked flow). */
+struct lt_blocked_flow {
+	__u64 ts_ns;
+	__u32 tenant;
+	__u32 reason;
+};
+
+/* Value of lt_hello_bufs: a split hello's handshake message as it arrives. */
+struct lt_hello_buf {
+	__u32 msg_len;            /* handshake message length, header included */
+	__u32 got;                /* contiguous bytes of it buffered */
+	__u8 msg[LT_HELLO_BUF + LT_HELLO_COPY];
+};
+
+/* A block or would-block verdict, sent on lt_events (kind LT_EV_ENFORCE).
+ * The first 20 bytes are laid out as in struct lt_event, so the consumer
+ * tells the kinds apart at the same offset. */
+struct lt_decision {
+	__u64 ts_ns;
+	__u64 cgroup_id;
+	__u32 kind;               /* LT_EV_ENFORCE */
+	__u32 ifindex;
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 family;
+	__u8 proto;
+	__u8 action;              /* enum lt_enf_action */
+	__u8 reason;              /* enum lt_enf_reason */
+	__u32 tenant;
+	__u32 vendor;             /* 0: not a CRM name (ECH, QUIC, address) */
+	__u32 uid;
+	__u16 name_len;           /* bytes of name[]: the server name, lower case */
+	__u16 inst_len;           /* leading bytes of name[] that are the instance label */
+	__u8 name[LT_NAME_MAX];
+};
+
+/* What the tail program (lt_tc_hello) is to do with the packet that called it. */
+enum lt_hello_job_kind {
+	LT_JOB_WHOLE = 1,         /* read the hello in this segment (arg: message length) */
+	LT_JOB_BUFFERED = 2,      /* read the hello completed in lt_hello_bufs */
+	LT_JOB_NAMELESS = 3,      /* judge by address (arg: enum lt_enf_reason) */
+};
+
+/* A job handed from the TC egress program to its tail program (per CPU). */
+struct lt_hello_job {
+	struct lt_flow_key key;
+	__u32 kind;               /* enum lt_hello_job_kind */
+	__u32 arg;
+	__u32 payload_off;
+	__u32 payload_len;
+	__u32 seq;                /* the hello's first sequence */
+	__u32 uid;
+	__u32 ifindex;
+	__u32 tcp_flags;
+};
+
+/* Per-CPU scratch of the hello path: the handshake message being read and
+ * the keys built from its name (all too large for the stack). */
+struct lt_sni_scratch {
+	struct lt_hello_job job;
+	struct lt_hello_buf buf;  /* a single-segment hello, or a split one's first part */
+	struct lt_allow_key akey; /* akey.name: the parsed name, zero-padded */
+	struct lt_allow_key wkey; /* (tenant, vendor, zero): the vendor wildcard */
+	struct lt_name_key nkey;
+	struct lt_decision dec;
+	struct lt_name_rec rec;
+	__u32 name_len;
+	__u32 ech;                /* the hello carries encrypted_client_hello */
+	__u32 outcome;            /* enum lt_sni_outcome of the hello read (between tail programs) */
+	__u32 name_off;           /* the host_name entry sni_parse found: offset in the message */
+	__u32 name_raw;           /* and its length as sent */
+};
 
 /* ---- TLS plaintext (ssl_uprobe.bpf.c): its own object, maps and counters ---- */
 

@@ -54,6 +54,9 @@ PROGRAMS = {
 }
 # cgroup/connect programs are verified for their attach type (enum bpf_attach_type)
 CGROUP_ATTACH_TYPES = {"connect4": 10, "connect6": 11}  # BPF_CGROUP_INET{4,6}_CONNECT
+# tail programs put in the prog array lt_progs at their index (bpf/include/lt_hello_read.h):
+# the hello's server name is read and judged there, outside the egress program's budget
+TAIL_PROGRAMS = {"tc": ("lt_tc_hello", "lt_tc_name")}
 # clsact parents (TC_H_CLSACT:TC_H_MIN_EGRESS / INGRESS) and our filter slot:
 # a fixed priority and handle let a restart find and replace a crashed run's filter.
 TC_PARENT = {"egress": 0xFFFFFFF3, "ingress": 0xFFFFFFF2}
@@ -261,8 +264,22 @@ def compile_in_process(mode: str, options: KernelOptions) -> Probes:
         except Exception as e:
             probes.close()
             raise ProbeLoadError(f"loading {name} from {', '.join(files)}: {e}") from e
+    _load_tail_programs(probes, prog_type)
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return probes
+
+
+def _load_tail_programs(probes: Probes, prog_type: int) -> None:
+    """Load TAIL_PROGRAMS and put each at its index of lt_progs (the map keeps them)."""
+    names = TAIL_PROGRAMS.get(probes.mode, ())
+    for index, name in enumerate(names):
+        try:
+            fn = probes.bpf.load_func(name.encode(), prog_type)
+            table = probes.table("lt_progs")
+            table[table.Key(index)] = table.Leaf(fn.fd)
+        except Exception as e:
+            probes.close()
+            raise ProbeLoadError(f"loading tail program {name}: {e}") from e
 
 
 def describe_tables(bpf: Any) -> dict[str, dict[str, Any]]:

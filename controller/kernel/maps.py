@@ -113,6 +113,24 @@ def _merge_cpus(key: Any, per_cpu: Any, now_ns: int) -> FlowCounters | None:
 
 _NO_KEY = FlowKey(0, 0, 0, 0, "", "", 0, 0)
 
+# enum lt_sni_outcome -> name
+SNI_OUTCOMES = {0: "named", 1: "no_name", 2: "malformed", 3: "limit"}
+
+
+@dataclass(frozen=True, slots=True)
+class KernelName:
+    """The kernel's reading of one flow's ClientHello (lt_names): the server name when
+    `outcome` is "named"; the same name, or none, as controller/protocols/tls.py reads."""
+
+    key: FlowKey
+    name: str | None
+    outcome: str  # named | no_name | malformed | limit
+    ech: bool
+    uid: int
+    seq: int  # TCP sequence of the hello's first byte
+    ts_ns: int
+    ifindex: int
+
 
 class MapReader:
     """Reads one loaded program set's maps (see bpf/include/lt_maps.h)."""
@@ -123,6 +141,8 @@ class MapReader:
         self._totals = probes.table("lt_totals")
         self._cgtot = probes.table("lt_cgtot")
         self._hello = probes.table("lt_hello")
+        self._hello_bufs = probes.table("lt_hello_bufs")
+        self._names = probes.table("lt_names")
         self._stat_names = abi.stat_names()
         self._keys: dict[bytes, FlowKey] = {}
 
@@ -147,6 +167,23 @@ class MapReader:
             keys[raw] = flow_key
             merged.key = flow_key
             out.append(merged)
+        return out
+
+    def drain_names(self) -> list[KernelName]:
+        """Take every server name the kernel read since the last drain (batched)."""
+        out = []
+        for key, rec in self._names.items_lookup_and_delete_batch():
+            n = int(rec.name_len)
+            out.append(KernelName(
+                key=key_from_ctypes(key),
+                name=bytes(rec.name[:n]).decode("ascii") if n else None,
+                outcome=SNI_OUTCOMES.get(int(rec.outcome), f"unknown_{rec.outcome}"),
+                ech=bool(rec.ech),
+                uid=int(rec.uid),
+                seq=int(rec.seq),
+                ts_ns=int(rec.ts_ns),
+                ifindex=int(rec.ifindex),
+            ))
         return out
 
     def stats(self) -> dict[str, int]:
@@ -195,8 +232,9 @@ class MapReader:
         cutoff = time.monotonic_ns() - max_age_ns
         stale = [k for k, v in self._hello.items() if v.created_ns < cutoff]
         for k in stale:
-            try:
-                del self._hello[k]
-            except KeyError:
-                pass  # completed meanwhile
+            for table in (self._hello, self._hello_bufs):  # a buffered hello's bytes too
+                try:
+                    del table[k]
+                except KeyError:
+                    pass  # completed meanwhile
         return len(stale)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from leaktap.controller.kernel import testrun
 from leaktap.controller.kernel.loader import KernelOptions, Probes, load
-from leaktap.controller.kernel.maps import FlowCounters, MapReader
+from leaktap.controller.kernel.maps import FlowCounters, KernelName, MapReader
 from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 
 DEFAULT = KernelOptions(flows_max=4096)
@@ -52,6 +52,7 @@ class Outcome:
     stats: Counter[str]
     totals: dict[int, tuple[int, int]]  # direction -> (bytes, packets)
     cgroups: dict[int, tuple[int, int]] = field(default_factory=dict)  # only changed ones
+    names: list[KernelName] = field(default_factory=list)  # server names read in the kernel
 
     def changed(self) -> dict[str, int]:
         """The counters that moved, e.g. {"cnt_flow_new": 1}."""
@@ -98,6 +99,8 @@ class Harness:
         kernel.drainer.poll()
         kernel.received.clear()
         self.probes.table("lt_hello").clear()
+        self.probes.table("lt_hello_bufs").clear()
+        self.reader.drain_names()
         rate = self.probes.table("lt_rate")
         rate[rate.Key(0)] = rate.Leaf()
         self._stats = self.reader.stats()
@@ -127,6 +130,7 @@ class Harness:
         samples = list(self.kernel.received)
         self.kernel.received.clear()
         flows = self.reader.drain_flows()
+        names = self.reader.drain_names()
         stats, totals, cgroups = (
             self.reader.stats(), self.reader.totals(), self.reader.cgroup_totals()
         )
@@ -143,6 +147,7 @@ class Harness:
                 for cg, (b, p) in cgroups.items()
                 if (b, p) != self._cgroups.get(cg, (0, 0))
             },
+            names=names,
         )
         self._stats, self._totals, self._cgroups = stats, totals, cgroups
         return out

@@ -54,7 +54,24 @@ def current_layouts(probes: Any, ssl: Any) -> dict[str, dict[str, Any]]:
         "lt_volume": layout(probes.table("lt_cgtot").sLeaf),
         "lt_hello_state": layout(probes.table("lt_hello").Leaf),
         "lt_event": layout(probes.table("lt_scratch").sLeaf),
+        # issue 12: kernel-read names and the enforcement policy
+        "lt_name_rec": layout(probes.table("lt_names").Leaf),
+        "lt_decision": layout(field_type(probes.table("lt_sni_scratch").sLeaf, "dec")),
+        "lt_allow_key": layout(probes.table("lt_allow").Key),
+        "lt_name_key": layout(probes.table("lt_crm_names").Key),
+        "lt_crm_name": layout(probes.table("lt_crm_names").Leaf),
+        "lt_tenant_policy": layout(probes.table("lt_tenant_pol").Leaf),
+        "lt_tenant_ref": layout(probes.table("lt_ten_cg").Leaf),
+        "lt_cidr4_key": layout(probes.table("lt_ten_v4").Key),
+        "lt_cidr6_key": layout(probes.table("lt_ten_v6").Key),
+        "lt_addr_key": layout(probes.table("lt_crm_addrs").Key),
+        "lt_blocked_flow": layout(probes.table("lt_blocked").Leaf),
     }
+
+
+def field_type(cls: Any, name: str) -> Any:
+    """The ctypes class of a struct member (a struct no map holds by itself)."""
+    return next(f[1] for f in cls._fields_ if f[0] == name)
 
 
 def layout_differences(golden: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -72,7 +72,7 @@ def send_split(tc, hello: bytes, sizes: list[int], sport: int, isn: int = 5000) 
 def test_hello_in_one_segment_is_one_sample_with_exact_bytes(tc):
     out = tc.run(tcp4(HELLO, sport=42001, dport=443, seq=123456))
 
-    assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_hello": 1}
+    assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_hello": 1, "cnt_sni_named": 1}
     [s] = out.samples
     assert s.kind == "tls_hello"
     assert s.data == HELLO
@@ -175,7 +175,7 @@ def test_hello_larger_than_one_event_is_chunked_within_one_skb(tc):
     ]
     assert all(s.payload_len == size for s in out.samples)
     assert stitch(out.samples) == hello
-    assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_hello": 2}
+    assert out.changed() == {"cnt_flow_new": 1, "cnt_ev_hello": 2, "cnt_sni_named": 1}
 
 
 def test_5k_hello_in_a_large_skb_and_a_continuation_is_covered_by_chunks(tc):

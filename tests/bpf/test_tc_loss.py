@@ -42,7 +42,7 @@ def test_one_page_ring_flood_counts_every_lost_hello(tc_tiny_ring, caplog):
     # the delivered ones are the first ones: the ring filled, then every later one failed
     assert [s.sport for s in out.samples] == [44000 + i for i in range(delivered)]
     assert out.changed() == {"cnt_flow_new": sent, "cnt_ev_hello": delivered,
-                             "loss_ringbuf_full": lost}
+                             "loss_ringbuf_full": lost, "cnt_sni_named": sent}
     # the controller's loss monitor turns the rise into one WARNING with a remedy
     with caplog.at_level(logging.WARNING, logger="leaktap.controller.kernel.loss"):
         assert monitor.check(tc_tiny_ring.reader.stats()) == {"loss_ringbuf_full": lost}
@@ -68,7 +68,8 @@ def test_rate_limit_delivers_the_budget_then_counts_the_rest(tc_rate3):
     out = tc_rate3.run(frames)
 
     assert [s.sport for s in out.samples] == [44200, 44201, 44202]
-    assert out.changed() == {"cnt_flow_new": 10, "cnt_ev_hello": 3, "loss_rate_limited": 7}
+    assert out.changed() == {"cnt_flow_new": 10, "cnt_ev_hello": 3, "loss_rate_limited": 7,
+                             "cnt_sni_named": 10}
 
 
 def test_rate_limit_covers_every_event_kind(tc_rate3):

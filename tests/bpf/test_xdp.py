@@ -76,7 +76,9 @@ def _normalized(out: Outcome) -> dict[str, Any]:
     )
     samples = [(s.kind, s.src, s.dst, s.sport, s.dport, s.seq, s.payload_off, s.data)
                for s in out.samples]
-    return {"flows": flows, "samples": samples, "stats": out.changed(),
+    # server names are read in the kernel on TC egress only (lt_tc.h's tail programs)
+    stats = {k: v for k, v in out.changed().items() if "sni_" not in k}
+    return {"flows": flows, "samples": samples, "stats": stats,
             "bytes": sum(b for b, _ in out.totals.values())}
 
 
