@@ -29,14 +29,16 @@ def go_env(tmp: Path) -> dict[str, str]:
             "HOME": str(tmp)}
 
 
-def build(source: Path, out: Path, ldflags: str = "", extra: tuple[Path, ...] = ()) -> Path:
+def build(source: Path, out: Path, ldflags: str = "", extra: tuple[Path, ...] = (),
+          cgo: bool = True) -> Path:
     """`go build` a main.go (and `extra` files of package main) into `out`, with
-    `-ldflags` when given."""
+    `-ldflags` when given; cgo=False links it fully statically (CGO_ENABLED=0)."""
     argv = [go_binary(), "build", "-o", str(out)]
     if ldflags:
         argv.append(f"-ldflags={ldflags}")
     result = subprocess.run([*argv, str(source), *map(str, extra)], cwd=source.parent,
-                            env=go_env(out.parent), capture_output=True, text=True, timeout=300)
+                            env={**go_env(out.parent), "CGO_ENABLED": "1" if cgo else "0"},
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 

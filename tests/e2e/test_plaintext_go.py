@@ -1,10 +1,11 @@
 """Go crypto/tls plaintext end to end (issue 13.1): a Go connector built from source
-here with the distribution's toolchain (tests/e2e/go_client), normally and with
-`-ldflags="-s -w"`, posts a canary over TLS from a tenant cgroup to a local TLS
+here with the distribution's toolchain (tests/e2e/go_client), normally, with
+`-ldflags="-s -w"` and fully static (CGO_ENABLED=0), posts a canary over TLS from a tenant cgroup to a local TLS
 server posing as a CRM; the monitor finds crypto/tls.(*Conn).Write in the
 binary's own function table, probes it and raises `canary_token` within 5 s,
 joined to the CRM connection's socket. A Go binary whose tables are gone is
-reported with its reason ("go without symbol tables"), not probed by guess.
+reported with its reason ("go without symbol tables"), not probed by guess; one
+rebuilt in place is probed at its new addresses; its reads are its from_crm stream.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ def go_clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("goclient")
     plain = build(GO_CLIENT, tmp / "go_client")
     stripped = build(GO_CLIENT, tmp / "go_client_sw", STRIPPED)
+    # as in a scratch container image: no libc, no dynamic section at all
+    static = build(GO_CLIENT, tmp / "go_client_static", STRIPPED, cgo=False)
     # the runtime finds its table through moduledata, not the section name: the
     # program still runs, but nothing names its functions any more
     hidden = tmp / "go_client_hidden"
@@ -66,7 +69,8 @@ def go_clients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copy(GO_CLIENT, shift / "main.go")
     (shift / "extra.go").write_text(SHIFT_TLS)
     rebuilt = build(shift / "main.go", shift / "go_client", extra=(shift / "extra.go",))
-    return {"plain": plain, "stripped": stripped, "hidden": hidden, "rebuilt": rebuilt}
+    return {"plain": plain, "stripped": stripped, "static": static, "hidden": hidden,
+            "rebuilt": rebuilt}
 
 
 # linked in, these packages move crypto/tls to other addresses: a rebuilt connector
@@ -135,7 +139,7 @@ def finish(p: subprocess.Popen[bytes], count: int = 1) -> list[str]:
     return lines
 
 
-@pytest.mark.parametrize("build_kind", ["plain", "stripped"])
+@pytest.mark.parametrize("build_kind", ["plain", "stripped", "static"])
 def test_go_client_canary_over_tls(lab, monitor, collected, go_clients, build_kind):
     mon, _ = monitor
     joined = mon.counters["joined_writes"]
@@ -146,7 +150,7 @@ def test_go_client_canary_over_tls(lab, monitor, collected, go_clients, build_ki
     (f,) = collected.finding("canary_token")
     assert f.tenant == "acme" and f.crm_vendor == "salesforce"
     assert f.evidence["canary_record"] == "Account/001GOLANG"
-    assert f.evidence["pid"] == p.pid and f.evidence["comm"] == go_clients[build_kind].name
+    assert f.evidence["pid"] == p.pid and f.evidence["comm"] == go_clients[build_kind].name[:15]
     # the socket came from the Conn (net.TCPConn -> netFD -> Sysfd): joined to the flow
     assert mon.counters["joined_writes"] > joined
     assert [c.destination for c in mon.coverage.values() if c.pid == p.pid] == [f"{CRM_IP}:443"]
