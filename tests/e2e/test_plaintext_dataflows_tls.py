@@ -4,8 +4,10 @@ JSON bodies of known record counts (tests/e2e/crm_api_server.py, the calls of
 tests/analytics/crm_fixtures.py). The monitor's uprobes see the requests
 written and the responses read, pair them, and the data-flow map must count
 exactly the requests and records per (vendor, instance, object, operation,
-direction); a 403 is an attempted transfer (refused), a request the server
-never answers one too (unanswered); nothing of the bodies is kept.
+direction), read back from GET /v1/dataflows (a real SQLite store and uvicorn);
+a 403 is an attempted transfer in /v1/audit (refused), a request the server
+never answers one too (unanswered); nothing of the bodies is kept, in the
+database or the answers.
 
 Clients: `requests` (HTTP/1.1, keep-alive; gzip and chunked answers),
 `http.client` (HTTP/1.1, identity), httpx (HTTP/2).
@@ -25,13 +27,17 @@ from typing import Any
 
 import pytest
 
+from leaktap.analytics.alert_settings import AlertsSettings
+from leaktap.analytics.alerts import AlertManager
 from leaktap.analytics.plaintext import crm_api
-from leaktap.analytics.plaintext.dataflows import DataFlowMap, ExchangeAudit
+from leaktap.analytics.plaintext.dataflows import DataFlowMap, DataFlowSettings
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.commands.doctor import find_cgroup2_mount
 from leaktap.controller.config import parse_config
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
+from leaktap.controller.storage import Store
 from tests.analytics.crm_fixtures import FIXTURES, SECRETS, Call
+from tests.controller.test_api_dataflows import AgentView, get, serve
 from tests.e2e.crm_api_server import REFUSED_TARGET, SILENT_TARGET
 from tests.e2e.test_plaintext_tls import in_cgroup, py, wait_probed
 from tests.netlab import make_cert, veth_lab
@@ -158,8 +164,12 @@ def test_each_vendors_calls_are_counted_per_object_with_refused_and_unanswered_o
     config = parse_config(CONFIG)
     config = config.model_copy(update={"storage": config.storage.model_copy(
         update={"path": str(lab["tmp"] / "lt.db")})})
-    audits: list[ExchangeAudit] = []
-    flows = DataFlowMap(on_audit=audits.append)
+    store = Store(lab["tmp"] / "flows.db")
+    alerts = AlertManager(store.path, [], AlertsSettings())
+    flows = DataFlowMap(DataFlowSettings(flush_interval_s=3600), on_finding=alerts.record,
+                        on_audits=lambda calls: store.add_audit_calls(
+                            [a.as_dict() for a in calls]),
+                        write=store.put_dataflows)
     mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
                            lambda f: None, lambda a: None, system_library=LIBSSL)
     mon.inspector.exchange_sinks.append(flows)
@@ -183,18 +193,29 @@ def test_each_vendors_calls_are_counted_per_object_with_refused_and_unanswered_o
         mon.stop()
     assert flows.stats["exchanges"] == calls, (dict(flows.stats), stats)
     assert stats["ssl_cnt_bytes_read"] == stats["ssl_cnt_bytes_read_captured"] > 0
-    rows = [r for r in flows.rows() if r["tenant"] == "acme"]
-    got = {(r["crm_vendor"], r["crm_instance"], r["object"], r["operation"], r["direction"]): {
-        k: r[k] for k in ("requests", "records", "status_2xx", "status_4xx", "status_none")}
-        for r in rows}
+    try:
+        with serve(AgentView(store, alerts, flows)) as url:
+            r = get(url, "/v1/dataflows", tenant="acme")
+            a = get(url, "/v1/audit", tenant="acme", attempted="true")
+        assert r.status_code == a.status_code == 200
+        rows, attempts = r.json()["dataflows"], a.json()["calls"]
+        kept = b"".join(Path(f"{store.path}{ext}").read_bytes()
+                        for ext in ("", "-wal") if Path(f"{store.path}{ext}").exists())
+    finally:
+        alerts.close()
+        store.close()
+    got = {(r["crm_vendor"], r["crm_instance"] or "", r["object"], r["operation"],
+            r["direction"]): {"requests": r["requests"], "records": r["records"],
+                              **{f"status_{c}": r["outcomes"][c] for c in ("2xx", "4xx", "none")}}
+           for r in rows}
     assert got == expected_flows()
     assert {r["exe"] for r in rows} == {os.path.realpath(sys.executable)}
     assert all(r["records_unknown"] == 0 for r in rows)
     # the 403s and the unanswered call are attempted transfers
-    assert sorted((a.status or 0, a.outcome, a.path) for a in audits) == [
+    assert sorted((c["status"] or 0, c["outcome"], c["path"]) for c in attempts) == [
         (0, "unanswered", "/services/data/v59.0/sobjects/Lead/{id}"),
         (403, "refused", "/services/data/v59.0/query?q"),
         (403, "refused", "/services/data/v59.0/sobjects/Opportunity/{id}")]
-    # nothing of the bodies or query values is kept
-    kept = json.dumps(rows) + json.dumps([a.as_dict() for a in audits])
-    assert not [s for s in SECRETS if s in kept]
+    # nothing of the bodies or query values is kept, or served
+    served = (r.text + a.text).encode()
+    assert not [x for x in SECRETS if x.encode() in kept or x.encode() in served]
