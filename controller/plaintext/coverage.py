@@ -127,6 +127,7 @@ class CoverageTracker:
         self._selector: ProcessSelector | None = (
             monitor.selector if monitor is not None else None)
         self._lock = threading.Lock()
+        self._refreshing = threading.Lock()  # one refresh at a time (thread, tests, API)
         self._connections: OrderedDict[Endpoints, _Connection] = OrderedDict()
         self._processes: OrderedDict[tuple[int, int | None] | str, ProcessCoverage] = (
             OrderedDict())
@@ -205,6 +206,10 @@ class CoverageTracker:
         """Find new connections' owners, re-judge live processes, expire old entries.
         The /proc and ELF reading runs outside the lock: `observe` (the agent's poll)
         never waits for it (a 100 MB executable's first reading takes ~0.3 s)."""
+        with self._refreshing:
+            self._refresh()
+
+    def _refresh(self) -> None:
         with self._lock:
             # in arrival order: who is listed (and labelled) first does not vary
             wanted = [k for k, c in self._connections.items() if c.owner is None]

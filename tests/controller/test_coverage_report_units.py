@@ -202,6 +202,10 @@ def test_tracker_finds_owners_by_socket_and_judges_them(running):
     }
     assert tracker.bytes_by_coverage == {("acme", True): 700, ("acme", False): 300,
                                          ("globex", False): 50}
+    # the monitor's exec/mmap notice of a listed process wakes the refresh; others not
+    tracker.touch(other.pid)
+    tracker.touch(os.getpid())
+    assert tracker.stats()["coverage_process_changes"] == 1 and tracker._wake.is_set()
     assert tracker.processes_by_class()["openssl-shared", True] == 1
     assert tracker.summary() == ("1 of 3 process(es) talking to CRMs inspected "
                                  "(1 not selected; 1 exited before the probe attached)")
