@@ -552,8 +552,9 @@ class PlaintextMonitor:
         assert self.probes is not None
         if timeout_ms:
             self.probes.bpf.ring_buffer_poll(timeout_ms)
-        else:
-            self.probes.bpf.ring_buffer_consume()
+        # chunks sent without a wakeup (ssl_emit batches them) are read by a consume:
+        # a poll that timed out reads nothing
+        self.probes.bpf.ring_buffer_consume()
         self.last_drain_monotonic = time.monotonic()
 
     def _drain_loop(self) -> None:
