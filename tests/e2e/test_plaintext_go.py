@@ -1,11 +1,12 @@
 """Go crypto/tls plaintext end to end (issue 13.1): a Go connector built from source
 here with the distribution's toolchain (tests/e2e/go_client), normally, with
-`-ldflags="-s -w"` and fully static (CGO_ENABLED=0), posts a canary over TLS from a tenant cgroup to a local TLS
-server posing as a CRM; the monitor finds crypto/tls.(*Conn).Write in the
-binary's own function table, probes it and raises `canary_token` within 5 s,
-joined to the CRM connection's socket. A Go binary whose tables are gone is
-reported with its reason ("go without symbol tables"), not probed by guess; one
-rebuilt in place is probed at its new addresses; its reads are its from_crm stream.
+`-ldflags="-s -w"` and fully static (CGO_ENABLED=0), posts a canary over TLS from
+a tenant cgroup to a local TLS server posing as a CRM; the monitor finds
+crypto/tls.(*Conn).Write in the binary's own function table, probes it and
+raises `canary_token` within 5 s, joined to the CRM connection's socket. A Go
+binary whose tables are gone is reported with its reason ("go without symbol
+tables"), not probed by guess; one rebuilt in place is probed at its new
+addresses; its reads are its from_crm stream.
 """
 
 from __future__ import annotations
