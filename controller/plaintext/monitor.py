@@ -17,7 +17,10 @@ MAPS_RESCAN_S for libssl copies loaded later (dlopen). A TLS library is any
 file mapped executable that defines SSL_write/SSL_write_ex, whatever its
 name; the sys_exit_mmap tracepoint reports new executable mappings (of
 probed processes, or of every process with `select: all`) so a library
-loaded later is probed at once, not on the next rescan.
+loaded later is probed at once, not on the next rescan. A selected process
+whose executable is a Go program is probed in it (golang.py: crypto/tls's
+Write and Read from the binary's own tables; ssl_go.bpf.c); one whose tables
+are gone is kept in `go_processes` with its reason for the coverage report.
 
 Coverage: the kernel sends each write in chunks with their offsets and adds
 every byte it could not deliver to lt_ssl_lost (per connection and reason),
