@@ -19,6 +19,7 @@ from leaktap.controller.kernel import abi
 from leaktap.controller.kernel.maps import format_addr
 
 logger = logging.getLogger(__name__)
+_ENFORCE_KIND = abi.enums()["lt_event_kind"]["LT_EV_ENFORCE"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,11 @@ class RingDrainer:
         self.handler = handler
         self.received = 0
         self.undecodable = 0
+        # enforcement verdicts (struct lt_decision, kind LT_EV_ENFORCE) go here raw,
+        # decoded by controller/enforcement/kernel_policy.KernelPolicy.decode_decision
+        self.on_enforcement: Callable[[bytes], None] | None = None
+        self.enforcement_received = 0
+        self.enforcement_dropped = 0  # no on_enforcement set
         table.open_ring_buffer(self._on_event)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -102,6 +108,10 @@ class RingDrainer:
 
     def _on_event(self, _ctx: Any, data: int, size: int) -> int:
         raw = ctypes.string_at(data, size)
+        # the kind sits at offset 16 in every record (struct lt_event, struct lt_decision)
+        if size >= 20 and int.from_bytes(raw[16:20], "little") == _ENFORCE_KIND:
+            self._on_decision(raw)
+            return 0
         try:
             sample = self._decoder.decode(raw)
         except ValueError as e:
@@ -114,6 +124,16 @@ class RingDrainer:
         except Exception:  # noqa: BLE001 - one bad sample must not stop the drain
             logger.exception("handling a %s sample", sample.kind)
         return 0
+
+    def _on_decision(self, raw: bytes) -> None:
+        self.enforcement_received += 1
+        if self.on_enforcement is None:
+            self.enforcement_dropped += 1
+            return
+        try:
+            self.on_enforcement(raw)
+        except Exception:  # noqa: BLE001 - one bad decision must not stop the drain
+            logger.exception("handling an enforcement decision")
 
     def poll(self, timeout_ms: int = 0) -> None:
         """Consume what is in the ring now (timeout 0) or wait up to timeout_ms."""
