@@ -15,11 +15,19 @@ both its value key (bytes 0-8) and its first-word key (bytes 8-16).
 
 A write is tokenised once per decoded view: its words (JSON values, form fields,
 CSV cells and free text all reduce to words), digit runs of phone numbers, and the
-n-grams that start at a word known to start a multi-word value. Tokens already
-seen are answered from a cache keyed by Python's per-process `hash()` of the
-token (the token itself is not kept); only new tokens are hashed with the key,
-and a bit filter over all keys (32 bits per key) answers "no" for most of them
-before any binary search in the sorted keys.
+n-grams that start at a word known to start a multi-word value. Hashing every token
+with BLAKE2s (~1 us each, hundreds per 4 KiB, most of them new: names, e-mails)
+would cost more than the rest of inspection, so a prefilter answers first, for all
+tokens of a view at once: each token's first 16 bytes (zero-padded) are encrypted
+with AES-128 in one ECB call (a keyed permutation, under a second subkey) and
+probed in a bit filter that the set's builder filled from the same blocks of every
+token a lookup can hit (values and first words). The filter never says no to a set
+token, so no value becomes unfindable; it passes ~0.5% of other tokens, which are
+then hashed with BLAKE2s and searched in the sorted keys. The tokens are found with
+bytes.translate and numpy over the whole view, never one Python object per token,
+and nothing is cached between writes: a token seen for the first time costs what a
+recurring one does. Sets built before the prefilter load without it (every token
+is then hashed, counted as fingerprint_tokens_unfiltered): build them again.
 A set matches when a write holds `min_matches` of its distinct values, or two
 columns of one of its rows. Values shared by more than COMMON_VALUE_ROWS rows are
 dropped at build time: they cannot tell one record from another.
@@ -28,8 +36,8 @@ dropped at build time: they cannot tell one record from another.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import re
+import threading
 import unicodedata
 from array import array
 from collections import Counter
@@ -40,33 +48,45 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from leaktap.analytics.allowlist import allows
 from leaktap.analytics.plaintext.redact import KeyedHasher
 
 KEY_LABEL = b"leaktap fingerprints v1"
+PREFILTER_LABEL = b"leaktap fingerprints prefilter v1"
 DIGEST_BYTES = 16
+BLOCK = 16  # a token's prefilter block: its first 16 bytes, zero-padded (one AES block)
 NGRAM_MAX = 16  # words of a value that free text can match (longer values are skipped)
 MIN_VALUE_CHARS = 3
 COMMON_VALUE_ROWS = 10  # a value in more rows than this is not evidence of a record
 PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 7, 15  # E.164 allows at most 15 digits
-CACHE_MAX = 1 << 18  # token hashes remembered as "in no set" (then cleared), ~16 MB
-POS_CACHE_MAX = 1 << 16  # ... and as "in a set" (first words, values), ~10 MB
-FILTER_BITS_PER_KEY = 32  # ~3% of tokens not in any set pass the filter to the search
+# two bits per token in one 32-bit word of the filter: ~0.5% of other tokens pass
+PREFILTER_BITS_PER_KEY = 32
 GRAMS_MAX = 4096  # n-grams tried per view (a word repeated very often is bounded)
+GRAMS_HASHED = 8  # up to this many n-grams are hashed at once, more go through the prefilter
+BUILD_BLOCKS = 1 << 16  # prefilter blocks encrypted at once while a set is built
 
 U64 = npt.NDArray[np.uint64]
+Positions = npt.NDArray[np.intp]
 _WORD = re.compile(r"[^\W_]+")
 _PHONE_VALUE = re.compile(r"\+?[\d\s().\-/]+")
-# ASCII fast path: lower case and keep letters and digits, everything else separates
+# Tokens are runs between separators in one buffer: the words, then (when the view has
+# enough digits) the phone texts. Separators are "+" and, in a phone text, space.
+_SEP = 0x2B  # "+"; a byte <= it separates (digits and letters are above)
+_SEP_BYTE = np.uint8(_SEP)
+# ASCII words: lower case, letters and digits kept, everything else separates
 _WORD_TABLE = bytes(
-    (c + 32) if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122) else 32
+    (c + 32) if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122) else _SEP
     for c in range(256))
-# phone runs: punctuation inside a number is deleted, anything else separates
-_PHONE_PUNCT = b" ()-.+/"
-_PHONE_PUNCT_NO_SPACE = b"()-.+/"
-_NOT_DIGITS = bytes(c for c in range(256) if not 48 <= c <= 57)
-_PHONE_TABLE = bytes(c if 48 <= c <= 57 else 32 for c in range(256))
+# phone runs: punctuation inside a number is deleted, spaces are kept (a separator, or
+# deleted in the text's second copy: "+1 555 010 2345"), anything else separates
+_PHONE_PUNCT = b"()-.+/"
+_PHONE_TABLE = bytes(c if (48 <= c <= 57 or c == 32) else _SEP for c in range(256))
+_TAIL = bytes([_SEP]) * (2 * BLOCK)  # ends the last run; 16-byte reads stay in the buffer
+# row n: the mask of a block that keeps the first n bytes of a run (n <= 16)
+_BLOCK_MASKS = np.array([[(1 << (8 * min(n, 8))) - 1, (1 << (8 * max(n - 8, 0))) - 1]
+                         for n in range(BLOCK + 1)], "<u8").view(f"V{BLOCK}").ravel()
 
 
 def normalise(value: str) -> tuple[bytes, int] | None:
@@ -86,22 +106,80 @@ def normalise(value: str) -> tuple[bytes, int] | None:
     return token, len(words)
 
 
-def tokenise(data: bytes) -> tuple[list[bytes], list[bytes]]:
-    """(words in order, phone candidates "+digits") of one decoded view."""
+def block(token: bytes) -> bytes:
+    """A token's prefilter block: its first 16 bytes (a phone candidate's digits),
+    zero-padded; what `Tokens.blocks` reads from the run buffer."""
+    if token[:1] == b"+":
+        token = token[1:]
+    return token[:BLOCK].ljust(BLOCK, b"\0")
+
+
+@dataclass(slots=True)
+class Tokens:
+    """The runs of one decoded view's buffer: run i is buf[starts[i] + 1:starts[i] +
+    1 + lens[i]] (starts[i] is the separator in front of it). The runs before offset
+    `words_end` are the view's words, in order; the rest are digit runs, whose token
+    is "+digits" (phone candidates when 7 to 15 digits long)."""
+
+    buf: bytes
+    starts: Positions
+    lens: Positions
+    words_end: int
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def is_word(self, i: int) -> bool:
+        return int(self.starts[i]) < self.words_end
+
+    def token(self, i: int) -> bytes | None:
+        """Run i as a token (None: a digit run too short or too long to be a phone)."""
+        start, n = int(self.starts[i]) + 1, int(self.lens[i])
+        if start <= self.words_end:
+            return self.buf[start:start + n]
+        if PHONE_DIGITS_MIN <= n <= PHONE_DIGITS_MAX:
+            return b"+" + self.buf[start:start + n]
+        return None
+
+    def blocks(self) -> npt.NDArray[np.uint64]:
+        """Every run's prefilter block (two little-endian words each, in one array): one
+        gather of the 16 bytes at each run (unaligned), masked to the run's length."""
+        buf = self.buf
+        n = np.minimum(self.lens, BLOCK)
+        reads = np.ndarray((len(buf) - BLOCK - 1,), dtype=f"V{BLOCK}", buffer=buf, offset=1,
+                           strides=(1,))
+        out: npt.NDArray[np.uint64] = reads[self.starts].view("<u8")
+        out &= _BLOCK_MASKS[n].view("<u8")
+        return out
+
+
+def tokenise_view(data: bytes) -> Tokens:
+    """The words and digit runs of one decoded view."""
     if data.isascii():
         text = data
-        words = data.translate(_WORD_TABLE).split()
+        words = data.translate(_WORD_TABLE)
     else:
         s = unicodedata.normalize("NFKC", data.decode("utf-8", "replace")).casefold()
-        words = [w.encode() for w in _WORD.findall(s)]
+        words = "+".join(_WORD.findall(s)).encode()
         text = s.encode()
-    if len(text.translate(None, _NOT_DIGITS)) < PHONE_DIGITS_MIN:
-        return words, []  # too few digits for any phone number (cheap: memchr-like)
-    # spaces inside a number are deleted ("+1 555 010 2345"), and also kept as
-    # separators, so a number followed by another ("555-010-2345 2 days") is found too
-    runs = text.translate(_PHONE_TABLE, _PHONE_PUNCT).split()
-    runs += text.translate(_PHONE_TABLE, _PHONE_PUNCT_NO_SPACE).split()
-    phones = [b"+" + run for run in runs if PHONE_DIGITS_MIN <= len(run) <= PHONE_DIGITS_MAX]
+    phones = text.translate(_PHONE_TABLE, _PHONE_PUNCT)
+    buf = b"".join((b"+", words, b"+", phones.translate(None, b" "), b"+", phones, _TAIL))
+    sep = np.less_equal(np.frombuffer(buf, np.uint8), _SEP_BYTE)
+    edges = (sep[1:] != sep[:-1]).nonzero()[0]  # a run's separator, its last byte, ...
+    starts = edges[0::2]
+    # the words end at offset len(words) + 1, a separator: a word's run starts before it
+    return Tokens(buf, starts, edges[1::2] - starts, len(words) + 1)
+
+
+def tokenise(data: bytes) -> tuple[list[bytes], list[bytes]]:
+    """(words in order, phone candidates "+digits") of one decoded view."""
+    t = tokenise_view(data)
+    words: list[bytes] = []
+    phones: list[bytes] = []
+    for i in range(len(t)):
+        token = t.token(i)
+        if token is not None:
+            (words if t.is_word(i) else phones).append(token)
     return words, phones
 
 
@@ -111,13 +189,16 @@ def fingerprint_key(hasher: KeyedHasher) -> bytes:
 
 
 class ValueHasher:
-    """The keyed 16-byte digest of a normalised token (see the module docstring)."""
+    """The keyed 16-byte digest of a normalised token (see the module docstring), and
+    the prefilter keys of token blocks."""
 
     def __init__(self, key: bytes) -> None:
         if len(key) < 16:
             raise ValueError("the fingerprint key must be at least 16 bytes")
         self._digest = partial(hashlib.blake2s, key=key[:32], digest_size=DIGEST_BYTES)
         self.key_id = hashlib.blake2s(b"key id", key=key[:32], digest_size=8).hexdigest()
+        self._prefilter_key = self.digest(PREFILTER_LABEL)
+        self._local = threading.local()  # a cipher context is not shared between threads
 
     def digest(self, token: bytes) -> bytes:
         return self._digest(token).digest()
@@ -128,29 +209,46 @@ class ValueHasher:
     def first_key(self, word: bytes) -> int:
         return int.from_bytes(self.digest(word)[8:], "little")
 
+    def prefilter_keys(self, blocks: Any) -> U64:
+        """The 64-bit prefilter key of each 16-byte block (bytes or a buffer), in order:
+        the first half of its AES-128 encryption under the prefilter subkey."""
+        cipher: CipherContext | None = getattr(self._local, "cipher", None)
+        if cipher is None:
+            cipher = self._local.cipher = Cipher(algorithms.AES(self._prefilter_key),
+                                                 modes.ECB()).encryptor()
+        return np.frombuffer(cipher.update(blocks), dtype="<u8")[0::2]
+
 
 @dataclass(slots=True)
 class SetArrays:
-    """One set's hashes: value keys sorted with their row and column, and the
-    first-word keys of multi-word values with a bit mask of their word counts."""
+    """One set's hashes: value keys sorted with their row and column, the first-word
+    keys of multi-word values with a bit mask of their word counts, and the prefilter
+    keys of every token a lookup can hit (None: a set built before the prefilter)."""
 
     keys: U64
     rows: npt.NDArray[np.uint32]
     cols: npt.NDArray[np.uint8]
     first_keys: U64
     first_masks: npt.NDArray[np.uint32]
+    prefilter_keys: U64 | None = None
 
     def as_dict(self) -> dict[str, np.ndarray[Any, Any]]:
-        return {"keys": self.keys, "rows": self.rows, "cols": self.cols,
-                "first_keys": self.first_keys, "first_masks": self.first_masks}
+        out: dict[str, np.ndarray[Any, Any]] = {
+            "keys": self.keys, "rows": self.rows, "cols": self.cols,
+            "first_keys": self.first_keys, "first_masks": self.first_masks}
+        if self.prefilter_keys is not None:
+            out["prefilter_keys"] = self.prefilter_keys
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, np.ndarray[Any, Any]]) -> SetArrays:
+        pre = d.get("prefilter_keys")
         return cls(d["keys"].astype(np.uint64, copy=False),
                    d["rows"].astype(np.uint32, copy=False),
                    d["cols"].astype(np.uint8, copy=False),
                    d["first_keys"].astype(np.uint64, copy=False),
-                   d["first_masks"].astype(np.uint32, copy=False))
+                   d["first_masks"].astype(np.uint32, copy=False),
+                   pre.astype(np.uint64, copy=False) if pre is not None else None)
 
     @property
     def nbytes(self) -> int:
@@ -166,7 +264,8 @@ class BuildStats:
 
 
 class SetBuilder:
-    """Feeds rows in, gives SetArrays out; holds hashes only."""
+    """Feeds rows in, gives SetArrays out; holds hashes only (and, until they are
+    encrypted in a batch, the prefilter blocks of at most BUILD_BLOCKS tokens)."""
 
     def __init__(self, hasher: ValueHasher, columns: Sequence[str]) -> None:
         if not 1 <= len(columns) <= 255:
@@ -179,6 +278,8 @@ class SetBuilder:
         self._cols = array("B")
         self._first_keys = array("Q")
         self._first_masks = array("I")
+        self._blocks: list[bytes] = []
+        self._prefilter_keys: list[U64] = []
 
     def add_row(self, values: Sequence[str | None]) -> None:
         row = self.stats.rows
@@ -199,10 +300,19 @@ class SetBuilder:
             self._keys.append(int.from_bytes(digest(token)[:8], "little"))
             self._rows.append(row)
             self._cols.append(col)
+            self._blocks.append(block(token))
             if nwords >= 2:
                 first = token.split(b" ", 1)[0]
                 self._first_keys.append(int.from_bytes(digest(first)[8:], "little"))
                 self._first_masks.append(1 << nwords)
+                self._blocks.append(block(first))
+        if len(self._blocks) >= BUILD_BLOCKS:
+            self._encrypt_blocks()
+
+    def _encrypt_blocks(self) -> None:
+        if self._blocks:
+            self._prefilter_keys.append(self.hasher.prefilter_keys(b"".join(self._blocks)))
+            self._blocks = []
 
     def finish(self) -> SetArrays:
         keys = np.frombuffer(self._keys, dtype=np.uint64)
@@ -226,8 +336,12 @@ class SetBuilder:
         first_keys, inverse = np.unique(fk, return_inverse=True)
         first_masks = np.zeros(len(first_keys), dtype=np.uint32)
         np.bitwise_or.at(first_masks, inverse, fm)
+        self._encrypt_blocks()
+        prefilter = np.unique(np.concatenate(self._prefilter_keys) if self._prefilter_keys
+                              else np.zeros(0, np.uint64))
+        self._prefilter_keys = []
         return SetArrays(np.ascontiguousarray(keys), np.ascontiguousarray(rows),
-                         np.ascontiguousarray(cols), first_keys, first_masks)
+                         np.ascontiguousarray(cols), first_keys, first_masks, prefilter)
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,55 +398,82 @@ class FingerprintIndex:
             self.first_keys = parts[0].first_keys if parts else np.zeros(0, np.uint64)
             self.first_masks = parts[0].first_masks if parts else np.zeros(0, np.uint32)
 
-        self.filter = self._filter(self.keys, self.first_keys)
-
-    @staticmethod
-    def _filter(*tables: U64) -> npt.NDArray[np.uint8]:
-        """A one-probe bit filter over every key: a binary search in millions of keys
-        costs ~20 cache misses, the filter one, and answers "no" for ~97% of tokens."""
-        total = sum(len(t) for t in tables)
-        bits = 1 << max(16, min(30, (FILTER_BITS_PER_KEY * total).bit_length()))
-        out = np.zeros(bits >> 3, dtype=np.uint8)
-        mask = np.uint64(bits - 1)
-        for table in tables:
-            at = table & mask
-            np.bitwise_or.at(out, (at >> np.uint64(3)).astype(np.intp),
-                             (np.uint8(1) << (at & np.uint64(7)).astype(np.uint8)))
-        return out
-
-    def may_hold(self, probe: U64) -> npt.NDArray[np.bool_]:
-        at = probe & np.uint64(len(self.filter) * 8 - 1)
-        byte = self.filter[(at >> np.uint64(3)).astype(np.intp)]
-        return ((byte >> (at & np.uint64(7)).astype(np.uint8)) & 1).astype(bool)
+        # element reads as Python ints, for the few tokens a write looks up
+        self._keys_view = self.keys.data
+        self._first_keys_view = self.first_keys.data
+        self._first_masks_view = self.first_masks.data
+        pre = [a.prefilter_keys for a in parts]
+        # every set must have its prefilter keys: one without them could not answer "no"
+        self.prefilter = (Prefilter([k for k in pre if k is not None])
+                          if parts and all(k is not None for k in pre) else None)
 
     @property
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.set_ids.nbytes + self.rows.nbytes + self.cols.nbytes
-                   + self.first_keys.nbytes + self.first_masks.nbytes + self.filter.nbytes)
+                   + self.first_keys.nbytes + self.first_masks.nbytes
+                   + (self.prefilter.nbytes if self.prefilter is not None else 0))
+
+    def lookup(self, digests: bytes) -> tuple[list[int], list[int]]:
+        """For the 16-byte digests of tokens (value key, first-word key): the value keys
+        found, and the first-word mask of each token (0: not a first word)."""
+        pairs = np.frombuffer(digests, dtype="<u8")
+        values, firsts = pairs[0::2], pairs[1::2]
+        keys, first_keys = self._keys_view, self._first_keys_view
+        found = [v for v, at in zip(values.tolist(), np.searchsorted(self.keys, values).tolist(),
+                                    strict=True) if at < len(keys) and keys[at] == v]
+        masks = [self._first_masks_view[at] if at < len(first_keys) and first_keys[at] == f
+                 else 0 for f, at in zip(firsts.tolist(),
+                                         np.searchsorted(self.first_keys, firsts).tolist(),
+                                         strict=True)]
+        return found, masks
+
+
+class Prefilter:
+    """A bit filter over prefilter keys: two bits in one 32-bit word per key (one
+    memory read a probe), PREFILTER_BITS_PER_KEY bits a key: ~0.5% of other keys pass."""
+
+    # the two (distinct) bits of a key in its word, from its low 10 bits
+    _PAIRS = np.array([(1 << (j & 31)) | (1 << ((j & 31) + 1 + (j >> 5) % 31) % 32)
+                       for j in range(1024)], np.uint32)
+
+    def __init__(self, tables: Sequence[U64]) -> None:
+        keys = np.unique(np.concatenate(tables)) if tables else np.zeros(0, np.uint64)
+        size = max(1 << 10, min(1 << 28, 1 << (
+            len(keys) * PREFILTER_BITS_PER_KEY // 32 - 1).bit_length()))
+        self.shift = np.uint64(64 - (size.bit_length() - 1))
+        self.words = np.zeros(size, np.uint32)
+        if len(keys):
+            np.bitwise_or.at(self.words, self._at(keys), self._pair(keys))
+        self.keys = len(keys)
+
+    def _at(self, keys: U64) -> Positions:
+        return (keys >> self.shift).view(np.intp)  # < 2**30: the view is the same number
+
+    @classmethod
+    def _pair(cls, keys: U64) -> npt.NDArray[np.uint32]:
+        return cls._PAIRS[(keys & np.uint64(1023)).view(np.intp)]
+
+    def passes(self, keys: U64) -> Positions:
+        """Positions of the keys that may be in the filter (every key put in it is)."""
+        pair = self._pair(keys)
+        return np.flatnonzero((self.words[self._at(keys)] & pair) == pair)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.words.nbytes)
 
 
 def _lengths(mask: int) -> tuple[int, ...]:
     return tuple(n for n in range(2, NGRAM_MAX + 1) if mask >> n & 1)
 
 
-class _Loaded:
-    """An index with the token caches answered from it: swapped together, so a scan
-    in progress while the sets change never caches an old answer for the new sets."""
-
-    def __init__(self, index: FingerprintIndex) -> None:
-        self.index = index
-        self.neg: set[int] = set()  # hash() of tokens in no set
-        self.pos: dict[int, tuple[int | None, int]] = {}  # hash() -> (value key, mask)
-        self.pos_keys: set[int] = set()
-
-
 class FingerprintMatcher:
     """Finds loaded sets in decoded views; `replace` swaps the index (another thread
-    may call it: the scan in progress keeps the index it started with)."""
+    may call it: a scan in progress keeps the index it started with)."""
 
     def __init__(self, key: bytes) -> None:
         self.hasher = ValueHasher(key)
-        self._loaded = _Loaded(FingerprintIndex())
+        self._index = FingerprintIndex()
         # tenant -> allow list ("vendor:instance"): a set's owner writing to these is home
         self.allow: Mapping[str, Collection[str]] = {}
         self.stats: Counter[str] = Counter()
@@ -340,14 +481,14 @@ class FingerprintMatcher:
 
     @property
     def index(self) -> FingerprintIndex:
-        return self._loaded.index
+        return self._index
 
     @property
     def active(self) -> bool:
-        return bool(self._loaded.index.sets)
+        return bool(self._index.sets)
 
     def replace(self, index: FingerprintIndex) -> None:
-        self._loaded = _Loaded(index)
+        self._index = index
 
     def sanctioned(self, owner: str, vendor: str | None, instance: str | None) -> bool:
         """The destination is a CRM instance the set's owner is allowed: data going home."""
@@ -357,106 +498,83 @@ class FingerprintMatcher:
 
     # -- tokens to keys ------------------------------------------------------------
 
-    def _classify(self, loaded: _Loaded,
-                  tokens: list[bytes]) -> list[tuple[bytes, int | None, int]]:
-        """(token, value key if the token is a value, first-word mask) of the tokens
-        that are in some set; each new token hashed once, then cached by hash()."""
-        tokens = list(set(tokens))  # bytes keep their hash: dedup first, make ints once
-        hashes = list(map(hash, tokens))
-        seen = set(hashes)
-        unknown = seen - loaded.neg
-        if unknown:
-            unknown = unknown - loaded.pos_keys  # set - set walks the smaller side
-        wanted = seen & loaded.pos_keys
-        if not unknown and not wanted:
-            return []  # the common case: every token known to be in no set
-        if unknown:
-            fresh = dict(itertools.compress(zip(hashes, tokens, strict=True),
-                                            map(unknown.__contains__, hashes)))
-            self._learn(loaded, list(fresh.values()), list(fresh))
-            wanted = seen & loaded.pos_keys
-        pos = loaded.pos
-        hits = dict(itertools.compress(zip(hashes, tokens, strict=True),
-                                       map(wanted.__contains__, hashes)))
-        return [(t, *pos[h]) for h, t in hits.items()]
+    def _passed(self, index: FingerprintIndex, blocks: Any, n: int) -> list[int]:
+        """Positions of the n blocks the prefilter lets through (all without one)."""
+        self.stats["fingerprint_tokens"] += n
+        if index.prefilter is None:
+            self.stats["fingerprint_tokens_unfiltered"] += n
+            return list(range(n))
+        passed: list[int] = index.prefilter.passes(self.hasher.prefilter_keys(blocks)).tolist()
+        self.stats["fingerprint_tokens_passed"] += len(passed)
+        return passed
 
-    def _learn(self, loaded: _Loaded, tokens: list[bytes], hashes: list[int]) -> None:
+    def _lookup(self, index: FingerprintIndex,
+                tokens: Sequence[bytes]) -> tuple[list[int], list[int]]:
         self.stats["fingerprint_tokens_hashed"] += len(tokens)
-        index = loaded.index
-        # value key and first-word key of token i at 2i and 2i+1: one filter pass for all
-        keys = np.frombuffer(b"".join(map(self.hasher.digest, tokens)), dtype="<u8")
-        found: dict[int, tuple[int | None, int]] = {}
-        for j in np.flatnonzero(index.may_hold(keys)).tolist():  # the filter's few "maybe"s
-            key = keys[j]
-            i, first = j >> 1, j & 1
-            table = index.first_keys if first else index.keys
-            at = int(np.searchsorted(table, key))
-            if at == len(table) or table[at] != key:
-                continue
-            value, mask = found.get(i, (None, 0))
-            if first:
-                mask = int(index.first_masks[at])
-            else:
-                value = int(key)
-            found[i] = (value, mask)
-        if len(loaded.neg) + len(hashes) > CACHE_MAX:
-            loaded.neg = set()
-            self.stats["fingerprint_cache_resets"] += 1
-        loaded.neg.update(hashes if not found else
-                          (h for i, h in enumerate(hashes) if i not in found))
-        if len(loaded.pos) > POS_CACHE_MAX:
-            loaded.pos, loaded.pos_keys = {}, set()
-            self.stats["fingerprint_cache_resets"] += 1
-        for i, entry in found.items():
-            loaded.pos[hashes[i]] = entry
-            loaded.pos_keys.add(hashes[i])
+        return index.lookup(b"".join(map(self.hasher.digest, tokens)))
 
-    def _grams(self, words: list[bytes], firsts: list[tuple[bytes, int]]) -> list[bytes]:
-        grams: list[bytes] = []
-        total = len(words)
-        join = b" ".join
-        for word, mask in firsts:
-            lengths = self._lengths.get(mask)
-            if lengths is None:
-                lengths = self._lengths[mask] = _lengths(mask)
-            at = -1
-            while len(grams) < GRAMS_MAX:
-                try:
-                    at = words.index(word, at + 1)
-                except ValueError:
-                    break
-                grams.extend(join(words[at:at + n]) for n in lengths if at + n <= total)
-        if len(grams) >= GRAMS_MAX:
-            self.stats["fingerprint_grams_capped"] += 1
-        return grams
-
-    def value_keys(self, data: bytes, loaded: _Loaded | None = None) -> set[int]:
+    def value_keys(self, data: bytes, index: FingerprintIndex | None = None) -> set[int]:
         """Keys of the set values found in one decoded view."""
-        loaded = loaded or self._loaded
-        words, phones = tokenise(data)
-        found: set[int] = set()
-        firsts: list[tuple[bytes, int]] = []
-        for token, value, mask in self._classify(loaded, words + phones):
-            if value is not None:
-                found.add(value)
-            if mask:
-                firsts.append((token, mask))
-        if firsts:
-            grams = self._grams(words, firsts)
-            found.update(v for _, v, _ in self._classify(loaded, grams) if v is not None)
+        index = self._index if index is None else index
+        tokens = tokenise_view(data)
+        if not len(tokens):
+            return set()
+        at: dict[bytes, list[int]] = {}  # distinct tokens let through -> their positions
+        for i in self._passed(index, tokens.blocks().data.cast("B"), len(tokens)):
+            token = tokens.token(i)
+            if token is not None:
+                at.setdefault(token, []).append(i)
+        if not at:
+            return set()
+        distinct = list(at)
+        values, masks = self._lookup(index, distinct)
+        found = set(values)
+        grams: list[bytes] = []
+        for token, mask in zip(distinct, masks, strict=True):
+            if mask and len(grams) < GRAMS_MAX:
+                grams += self._grams(tokens, at[token], mask)
+        if grams:
+            if len(grams) >= GRAMS_MAX:
+                self.stats["fingerprint_grams_capped"] += 1
+            grams = list(set(grams[:GRAMS_MAX]))
+            if len(grams) > GRAMS_HASHED:
+                grams = [grams[i] for i in
+                         self._passed(index, b"".join(map(block, grams)), len(grams))]
+            if grams:
+                found.update(self._lookup(index, grams)[0])
         return found
+
+    def _grams(self, tokens: Tokens, positions: list[int], mask: int) -> list[bytes]:
+        """The n-grams of words that start at `positions`, n the lengths in `mask`."""
+        lengths = self._lengths.get(mask)
+        if lengths is None:
+            lengths = self._lengths[mask] = _lengths(mask)
+        grams: list[bytes] = []
+        join = b" ".join
+        for at in positions:
+            if not tokens.is_word(at):
+                break  # the digit runs come after the words
+            following: list[bytes] = []
+            for k in range(at, min(at + lengths[-1], len(tokens))):
+                word = tokens.token(k)
+                if word is None or not tokens.is_word(k):
+                    break
+                following.append(word)
+            grams.extend(join(following[:n]) for n in lengths if n <= len(following))
+            if len(grams) >= GRAMS_MAX:
+                break
+        return grams
 
     # -- keys to sets ----------------------------------------------------------------
 
     def scan(self, views: Iterable[bytes]) -> list[SetMatch]:
         """Per set: what the views of one message held (sets with no value left out)."""
-        loaded = self._loaded
-        index = loaded.index
+        index = self._index
         if not index.sets:
             return []
         keys: set[int] = set()
         for data in views:
-            keys |= self.value_keys(data, loaded)
+            keys |= self.value_keys(data, index)
         if not keys:
             return []
         probe = np.fromiter(sorted(keys), dtype=np.uint64, count=len(keys))

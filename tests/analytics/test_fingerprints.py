@@ -11,6 +11,7 @@ import pytest
 from leaktap.analytics.plaintext.fingerprints import (
     COMMON_VALUE_ROWS,
     FingerprintIndex,
+    SetArrays,
     SetBuilder,
     SetInfo,
     ValueHasher,
@@ -57,13 +58,17 @@ def records() -> list[dict[str, str]]:
     return list(contacts(SET_ROWS, seed=15))
 
 
-def _index(records: list[dict[str, str]], tenant: str = "acme",
-           min_matches: int = 3) -> FingerprintIndex:
+def _arrays(records: list[dict[str, str]]) -> SetArrays:
     builder = SetBuilder(ValueHasher(fingerprint_key(KeyedHasher(SECRET))), COLUMNS)
     for r in records:
         builder.add_row([r[c] for c in COLUMNS])
+    return builder.finish()
+
+
+def _index(records: list[dict[str, str]], tenant: str = "acme",
+           min_matches: int = 3) -> FingerprintIndex:
     return FingerprintIndex([(SetInfo(tenant, "contacts", COLUMNS, min_matches),
-                              builder.finish())], generation=1)
+                              _arrays(records))], generation=1)
 
 
 @pytest.fixture(scope="module")
@@ -177,27 +182,60 @@ def test_no_false_match_on_5000_realistic_writes_not_in_the_set(
     assert partial < 50  # single shared values only, and rarely
 
 
-def test_cached_tokens_are_not_hashed_again_and_still_match(
+def test_prefilter_hashes_few_tokens_of_new_writes_and_never_hides_a_value(
         index: FingerprintIndex, records: list[dict[str, str]]) -> None:
     insp = _inspector(index)
     matcher = insp.fingerprints
-    body = as_paragraph(records[400:403])
-    first = matcher.scan([body])
-    hashed = matcher.stats["fingerprint_tokens_hashed"]
-    assert hashed > 0
-    again = matcher.scan([body])
-    assert matcher.stats["fingerprint_tokens_hashed"] == hashed
-    assert [(m.values, m.rows) for m in again] == [(m.values, m.rows) for m in first] == [(9, 3)]
+    assert index.prefilter is not None
+    rng = random.Random(5)
+    exclude = _exclusions(records)
+    for _ in range(200):  # every token of these writes is new: names, e-mails, phones
+        matcher.scan([realistic_write(rng, exclude=exclude)])
+    tokens, hashed = (matcher.stats["fingerprint_tokens"],
+                      matcher.stats["fingerprint_tokens_hashed"])
+    assert tokens > 200 * 500 and hashed < tokens // 100  # < 1% go on to BLAKE2s
+    assert matcher.stats["fingerprint_tokens_unfiltered"] == 0
+    # every value of the set passes (JSON, CSV, free text), whatever came before
+    for form in (as_json, as_paragraph, lambda r: as_csv(r, list(COLUMNS))):
+        for start in range(0, SET_ROWS, SET_ROWS // 40):
+            found = matcher.scan([form(records[start:start + 3])])
+            assert [(m.values, m.rows_several) for m in found] == [(9, 3)], start
 
 
-def test_a_scan_running_while_the_sets_change_does_not_fill_the_new_caches(
+def test_set_built_before_the_prefilter_still_matches_every_token_hashed(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    from dataclasses import replace as dc_replace
+
+    sets = [(info, dc_replace(arrays, prefilter_keys=None)) for info, arrays in
+            [(index.sets[0], _arrays(records))]]
+    legacy = FingerprintIndex(sets, generation=3)
+    assert legacy.prefilter is None
+    matcher = _inspector(legacy).fingerprints
+    found = matcher.scan([as_json(records[40:43])])
+    assert [(m.values, m.rows) for m in found] == [(9, 3)]
+    assert matcher.stats["fingerprint_tokens_unfiltered"] == matcher.stats["fingerprint_tokens"]
+
+
+def test_a_scan_running_while_the_sets_change_keeps_the_index_it_started_with(
         index: FingerprintIndex, records: list[dict[str, str]]) -> None:
     matcher = _inspector(index).fingerprints
-    old = matcher._loaded
+    old = matcher.index
     matcher.replace(_index(records[:10], tenant="globex"))
     assert len(matcher.value_keys(as_json(records[500:503]), old)) == 9  # the old sets
-    assert not matcher._loaded.neg and not matcher._loaded.pos
+    assert matcher.value_keys(as_json(records[500:503])) == set()
     assert [m.info.tenant for m in matcher.scan([as_json(records[:3])])] == ["globex"]
+
+
+def test_tokens_are_the_words_digit_runs_and_phone_candidates_in_order() -> None:
+    from leaktap.analytics.plaintext.fingerprints import tokenise
+
+    words, phones = tokenise("Jane O'Neil: +1 (555) 010-2345, ＪＯＳÉ x".encode())
+    assert words == [b"jane", b"o", b"neil", b"1", b"555", b"010", b"2345", "josé".encode(),
+                     b"x"]
+    # spaces deleted, then spaces separating: "555" alone is too short to be a phone
+    assert phones == [b"+15550102345", b"+0102345"]
+    words, phones = tokenise(b"1-555-010-2345 2 days")
+    assert phones == [b"+155501023452", b"+15550102345"] and b"days" in words
 
 
 @pytest.mark.parametrize("text", [
