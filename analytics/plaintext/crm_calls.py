@@ -31,6 +31,9 @@ class CrmExchange:
     response_body: bytes      # content-decoded response body, bounded (may be cut)
     response_bytes: int       # response body length on the wire
     response_truncated: bool  # response_body is shorter than the decoded body
+    # classes the inspector named in the request body (names only): a tenant's own
+    # fingerprinted records going to its sanctioned instance, "fingerprint:acme/contacts"
+    data_classes: frozenset[str] = frozenset()
 
 
 class ExchangeSink(Protocol):

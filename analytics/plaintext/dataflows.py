@@ -6,7 +6,9 @@ CRM call to (`on_exchange`). Each call is parsed by the vendor's REST grammar
 and the classes of data in its fields named (crm_data_classes), then added to
 the totals of (tenant, exe, vendor, instance, object, operation, direction):
 requests, records, bytes, outcomes by status class, first/last seen, data
-classes and up to TEMPLATES_MAX path templates. Totals are held in memory and
+classes (plus those the inspector named in the request: "fingerprint:<owner>/<set>"
+when a tenant writes its own fingerprinted records to its sanctioned instance) and up
+to TEMPLATES_MAX path templates. Totals are held in memory and
 written to the store in batches (`flush`, from the agent's poll), never one row
 write per call; nothing of a body, a field value or a query-string value is kept.
 
@@ -355,6 +357,8 @@ class DataFlowMap:
             totals.templates.append(call.template)
         if sclass != "2xx":
             return  # nothing transferred (refused, failed, unanswered): outcomes say so
+        if x.data_classes and (call.write or single):
+            totals.data_classes |= x.data_classes  # named by the inspector, every call
         count: crm_records.Count = crm_records.UNKNOWN
         doc: Any = request_doc if call.write else response_doc
         if call.records is not None:  # counted by the grammar (composite bodies, job calls)

@@ -113,6 +113,8 @@ class PendingRequest:
     response: BodyCollector | None = None
     status: int | None = None
     handed_over: bool = False  # emitted: its bodies are gone
+    # classes of data the inspector named in the request, e.g. "fingerprint:acme/contacts"
+    data_classes: set[str] = field(default_factory=set)
 
 
 Emit = Callable[[PendingRequest], None]

@@ -433,13 +433,15 @@ class ContentInspector:
             self._body(ctx, where, stream, msg, window, start, policy, out)
         for msg in events.done:
             body = bytes(msg.body)
-            if msg.exchange is not None:
-                pending = msg.exchange
+            pending = msg.exchange
+            if pending is not None:
                 pending.body.feed(body, msg.body_base)
                 pending.body_len = msg.body_len
+            # the detectors may name classes of data in the exchange (records going home)
+            self._body(ctx, where, stream, msg, body, msg.body_base, policy, out)
+            if pending is not None:
                 msg.exchange = None  # the book holds it from here on
                 self.book.hold(pending)
-            self._body(ctx, where, stream, msg, body, msg.body_base, policy, out)
             msg.body = bytearray()
         for reason, nbytes in events.blind:
             self.stats[f"blind_{reason}"] += 1
@@ -524,6 +526,7 @@ class ContentInspector:
             response_body=response.data if response is not None else b"",
             response_bytes=response_bytes,
             response_truncated=response.truncated if response is not None else False,
+            data_classes=frozenset(pending.data_classes),
         )
         self.book.release(pending)
         self.stats["exchanges" if exchange.status is not None else "exchanges_unanswered"] += 1
@@ -783,6 +786,8 @@ class ContentInspector:
             msg.reported.add(f"fp:{owner}/{name}")
             if self.fingerprints.sanctioned(owner, where.crm_vendor, where.crm_instance):
                 self.stats["fingerprint_home_writes"] += 1  # the owner's own instance
+                if msg.exchange is not None:  # the data-flow map records it, by name
+                    msg.exchange.data_classes.add(f"fingerprint:{owner}/{name}")
                 continue
             dest = where.destination or "an unknown host"
             out.findings.append(self._finding(

@@ -315,3 +315,43 @@ def test_two_tenants_sets_loaded_together_are_told_apart(
     # globex's own rows going to globex's instance are home; acme's are not
     found = _write(insp, "globex", "globex", both)
     assert [f.evidence["owner_tenant"] for f in found] == ["acme"]
+
+
+def test_owner_writing_its_records_home_is_recorded_in_the_data_flow_classes(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    from leaktap.analytics.plaintext.dataflows import DataFlowMap
+    from leaktap.analytics.plaintext.inspector import FROM_CRM
+
+    insp = _inspector(index)
+    flows = DataFlowMap()
+    insp.exchange_sinks.append(flows)
+    r = records[900]
+    body = json.dumps({"LastName": r["name"], "Email": r["email"], "Phone": r["phone"]}).encode()
+    answer = b'{"id": "003000000000001AAA", "success": true, "errors": []}'
+    findings = []
+    for conn, instance in ((9001, "acme"), (9002, "globex")):
+        host = f"{instance}.my.salesforce.com"
+        out = WriteContext(conn=conn, tenant="acme", crm_vendor="salesforce",
+                           crm_instance=instance, destination=host, pid=7, comm="crm-sync",
+                           exe="/usr/bin/crm-sync")
+        request = (f"POST /services/data/v59.0/sobjects/Contact HTTP/1.1\r\nHost: {host}\r\n"
+                   f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                   ).encode() + body
+        response = (f"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(answer)}\r\n\r\n").encode() + answer
+        findings += insp.inspect(out, request, len(request)).findings
+        back = WriteContext(conn=conn, tenant="acme", crm_vendor="salesforce",
+                            crm_instance=instance, destination=host, pid=7, comm="crm-sync",
+                            exe="/usr/bin/crm-sync", direction=FROM_CRM)
+        insp.inspect(back, response, len(response))
+    # home: no alert, the set named among the flow's classes; elsewhere: critical, not named
+    assert [(f.kind, f.crm_instance) for f in findings] == [("proprietary_data", "globex")]
+    assert insp.stats["fingerprint_home_writes"] == 1
+    rows = {row["crm_instance"]: row for row in flows.rows()}
+    assert sorted(rows) == ["acme", "globex"]
+    home = rows["acme"]
+    assert (home["object"], home["direction"], home["requests"], home["records"]) == (
+        "Contact", "to_crm", 1, 1)
+    assert home["data_classes"] == ["email", "fingerprint:acme/contacts", "phone"]
+    assert rows["globex"]["data_classes"] == ["email", "phone"]
+    assert r["email"] not in repr(flows.rows()) and r["name"] not in repr(flows.rows())
