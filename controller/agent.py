@@ -387,6 +387,8 @@ class Agent:
 
         `final`: the last poll before stopping attributes everything, waiting for nothing."""
         flows = self.reader.drain_flows()
+        # server names the kernel read (issue 12): in batches, after the flows they name
+        kernel_names = self.reader.drain_names()
         stats = self.reader.stats()
         totals = self.reader.totals()
         cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
@@ -398,6 +400,8 @@ class Agent:
             egress = dict(self.egress_by_destination)
             minute = minute_of(now)
             pending, self._unnamed = self._unnamed, []
+            for kernel_name in kernel_names:
+                self.attributor.on_kernel_name(kernel_name)
             for counters in flows:
                 self._resume(counters, now)
                 conv = self.table.add(counters)

@@ -28,7 +28,7 @@ from leaktap.controller.attribution.flows import (
 )
 from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
-from leaktap.controller.kernel.maps import FlowKey
+from leaktap.controller.kernel.maps import FlowKey, KernelName
 from leaktap.controller.kernel.ringbuf import Sample
 from leaktap.controller.protocols.quic import QuicHelloAssembler
 from leaktap.controller.protocols.tls import ClientHello, HelloReassembler
@@ -147,6 +147,16 @@ class Attributor:
             return
         if hello is not None:
             self._hello_by_conv.setdefault(cid, hello)
+
+    def on_kernel_name(self, name: KernelName) -> None:
+        """A server name the kernel read from a flow's ClientHello (drained in batches
+        from lt_names, issue 12): names the conversation as the hello's event would."""
+        self.samples["kernel_name"] = self.samples.get("kernel_name", 0) + 1
+        if name.outcome != "named" or name.name is None:
+            return  # no valid name: the hello's ring event carries what was sent
+        cid = conversation_id(name.key)
+        self._hello_by_conv.setdefault(
+            cid, ClientHello(name.name, name.ech, (), 0, (), name.name))
 
     def resume(self, conv: Conversation, names: Names) -> None:
         """Name a conversation that was open before this start as the previous run did

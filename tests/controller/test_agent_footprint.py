@@ -12,7 +12,7 @@ from leaktap.controller import agent as agent_module
 from leaktap.controller.agent import Agent
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import parse_config
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName
 from leaktap.controller.storage import Store
 
 
@@ -35,6 +35,9 @@ class _Flows:
     def drain_flows(self) -> list[FlowCounters]:
         now = time.monotonic_ns()
         return [FlowCounters(k, 100, 1, now - 1000, now, 0, 0) for k in self.keys]
+
+    def drain_names(self) -> list[KernelName]:
+        return []
 
     def stats(self) -> dict[str, int]:
         return {}
