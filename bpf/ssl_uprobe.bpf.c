@@ -130,19 +130,22 @@ static __always_inline int ssl_rate_allowed(__u32 tgid)
 
 /**
  * ssl_budget_take - take up to @want chunks from @tgid's token bucket
+ * @floor: tokens this caller must leave in the bucket (a constant: 0 for
+ *         writes; reads leave half of it, so a process reading a lot cannot
+ *         starve the inspection of what it sends)
  * Returns the chunks granted (0..@want). The bucket refills at
  * LT_SSL_EVENTS_PER_SEC per second up to LT_SSL_BURST; refill_ns
  * advances by whole tokens only, so no fraction is lost between calls.
  * Tokens are taken atomically; racing refills may grant a few extra.
  */
-static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
+static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want, __s64 floor)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct lt_ssl_budget *b = lt_ssl_budget.lookup(&tgid);
 	__s64 before;
 
 	if (!b) {
-		__s64 grant = want < LT_SSL_BURST ? want : LT_SSL_BURST;
+		__s64 grant = want < LT_SSL_BURST - floor ? want : LT_SSL_BURST - floor;
 		struct lt_ssl_budget fresh = { .refill_ns = now, .tokens = LT_SSL_BURST - grant };
 
 		lt_ssl_budget.update(&tgid, &fresh);
@@ -164,9 +167,9 @@ static __always_inline __u32 ssl_budget_take(__u32 tgid, __u32 want)
 		}
 	}
 	/* the flooding path: a plain read, no atomic, when the bucket is empty */
-	if (b->tokens <= 0)
+	if (b->tokens <= floor)
 		return 0;
-	before = __sync_fetch_and_add(&b->tokens, -(__s64)want);
+	before = __sync_fetch_and_add(&b->tokens, -(__s64)want) - floor;
 	if (before >= (__s64)want)
 		return want;
 	/* give back what could not be granted */
@@ -320,7 +323,8 @@ static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __
 
 	__u64 needed = (len + LT_SSL_SNAP - 1) / LT_SSL_SNAP;
 	__u32 want = needed > LT_SSL_CHUNKS_MAX ? LT_SSL_CHUNKS_MAX : (__u32)needed;
-	__u32 take = ssl_budget_take(key.tgid, want);
+	__u32 take = ssl_budget_take(key.tgid, want,
+				     dir == LT_SSL_DIR_READ ? LT_SSL_BURST / 2 : 0);
 
 	if (take < want)
 		ssl_stat_add(LT_SSL_LOSS_RATE_LIMITED, want - take);
