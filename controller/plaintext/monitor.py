@@ -508,6 +508,8 @@ class PlaintextMonitor:
             self.go_processes.move_to_end(pid)
             if len(self.go_processes) > PROCESSES_MAX:
                 self.go_processes.popitem(last=False)
+        else:
+            self.go_processes.pop(pid, None)  # exec'd something else, or a reused pid
         return lib
 
     def _unprobe(self, pid: int, why: str) -> None:
