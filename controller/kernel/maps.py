@@ -172,11 +172,23 @@ class MapReader:
     def drain_names(self) -> list[KernelName]:
         """Take every server name the kernel read since the last drain (batched)."""
         out = []
+        addrs: dict[tuple[int, bytes], str] = {}  # a node talks from and to few addresses
+
+        def addr(family: int, words: Any) -> str:
+            raw = (family, bytes(words))
+            text = addrs.get(raw)
+            if text is None:
+                text = addrs[raw] = sys.intern(format_addr(family, words))
+            return text
+
         for key, rec in self._names.items_lookup_and_delete_batch():
             n = int(rec.name_len)
+            family = int(key.family)
             out.append(KernelName(
-                key=key_from_ctypes(key),
-                name=bytes(rec.name[:n]).decode("ascii") if n else None,
+                key=FlowKey(int(key.cgroup_id), family, int(key.proto), int(key.dir),
+                            addr(family, key.saddr), addr(family, key.daddr),
+                            int(key.sport), int(key.dport)),
+                name=bytes(rec.name)[:n].decode("ascii") if n else None,
                 outcome=SNI_OUTCOMES.get(int(rec.outcome), f"unknown_{rec.outcome}"),
                 ech=bool(rec.ech),
                 uid=int(rec.uid),
