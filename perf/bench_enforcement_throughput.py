@@ -32,7 +32,11 @@ from typing import Any
 from leaktap.controller.attribution.catalogue import CrmCatalogue
 from leaktap.controller.config import parse_config
 from leaktap.controller.enforcement.connect_guard import ConnectGuard
-from leaktap.controller.enforcement.kernel_policy import KernelPolicy, set_crm_addresses
+from leaktap.controller.enforcement.kernel_policy import (
+    KernelPolicy,
+    cgroup_dirs,
+    set_crm_addresses,
+)
 from leaktap.controller.kernel import loader
 from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 
@@ -85,11 +89,12 @@ def iperf(cgroup: Path, seconds: int) -> float:
     return float(out["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
-def apply_policy(probes: Any, text: str) -> bool:
+def apply_policy(probes: Any, text: str, mount: Path) -> bool:
     """The TC verdict's policy for `text`; False when this build has no hello verdict."""
     config = parse_config(text)
     try:
-        KernelPolicy.from_config(config, CrmCatalogue(config.catalogue)).apply(probes)
+        KernelPolicy.from_config(config, CrmCatalogue(config.catalogue)).apply(
+            probes, dict(cgroup_dirs(mount)))
         set_crm_addresses(probes, {PEER_ADDR})  # the server poses as a CRM address
     except NotImplementedError:
         return False
@@ -118,7 +123,7 @@ def main() -> int:
                 break
             time.sleep(0.1)
         probes = loader.load("tc")
-        hello_verdict = apply_policy(probes, OFF)
+        hello_verdict = apply_policy(probes, OFF, mount)
         loader.attach_tc(probes, HOST_IF)
         guard = ConnectGuard(mount, lambda e: None)
         guard.load(str(loader.PIN_ROOT))
@@ -127,7 +132,7 @@ def main() -> int:
             order = ["off", "on"] if rnd % 2 == 0 else ["on", "off"]
             for label in order:
                 if label == "on":
-                    apply_policy(probes, ON)
+                    apply_policy(probes, ON, mount)
                     guard.set_tenants({cgroup.stat().st_ino: (1, "block")}, {})
                     guard.attach()
                 try:
@@ -137,7 +142,7 @@ def main() -> int:
                         guard.close()
                         guard = ConnectGuard(mount, lambda e: None)
                         guard.load(str(loader.PIN_ROOT))
-                        apply_policy(probes, OFF)
+                        apply_policy(probes, OFF, mount)
     finally:
         if guard is not None:
             guard.close()

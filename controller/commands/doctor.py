@@ -381,11 +381,13 @@ DEFAULT_CHECKS: tuple[Check, ...] = (
 
 
 def check_enforcement(config: LeaktapConfig | None, state: object = None,
-                      running: dict[str, Any] | None = None) -> CheckResult:
+                      running: dict[str, Any] | None = None,
+                      unenforceable: list[str] | None = None) -> CheckResult:
     """Enforcement as configured (off / dry-run tenants / block tenants) and as the
     kernel holds it: programs attached with no agent running are a crashed run's and
     keep its last policy until the next start. `running`: the agent's own account
-    (`enforcement` of its /readyz), when it answers."""
+    (`enforcement` of its /readyz), when it answers; `unenforceable`: the catalogue
+    rules the kernel cannot recognise (None: compiled from the config here)."""
     from leaktap.controller.enforcement.host_state import HostEnforcement, host_enforcement
 
     name = "enforcement"
@@ -405,14 +407,8 @@ def check_enforcement(config: LeaktapConfig | None, state: object = None,
             impact="a crashed run's programs keep enforcing its last policy (and counting)",
             fix="start leaktap (it replaces them); stopping it cleanly removes them (fail open)",
         )
-    problems = _unenforceable(config) if config is not None and (block or dry) else []
-    if problems:
-        return CheckResult(
-            name, Status.WARN, f"{configured}; {len(problems)} catalogue rule(s) the kernel "
-            f"cannot enforce: {'; '.join(problems[:5])}",
-            impact="hosts matched only by those rules are judged by their address alone",
-            fix="give those catalogue entries host patterns (no regex, whole-label globs)",
-        )
+    if unenforceable is None:
+        unenforceable = _unenforceable(config) if config is not None and (block or dry) else []
     agent = f"agent pid {', '.join(map(str, host.agent_pids))}" if host.agent_pids else \
         "no agent running"
     if running is not None:
@@ -426,6 +422,15 @@ def check_enforcement(config: LeaktapConfig | None, state: object = None,
                 name, Status.WARN, f"{configured} in the file; {agent}",
                 impact="the running agent enforces another policy than the file",
                 fix="reload it: POST /v1/config/reload (admin) or kill -HUP the agent")
+    if unenforceable:
+        return CheckResult(
+            name, Status.WARN, f"{configured}; {agent}; {len(unenforceable)} catalogue "
+            f"rule(s) the kernel cannot recognise: {', '.join(unenforceable)}",
+            impact="a hello naming a host only they match passes the kernel; its address is "
+            "still refused at connect once DNS names it",
+            fix="add host-pattern catalogue entries for the instances to block "
+            "(GET /readyz lists the rules)",
+        )
     return CheckResult(name, Status.OK, f"{configured}; {agent}; {kernel}")
 
 
@@ -457,7 +462,7 @@ def _unenforceable(config: LeaktapConfig) -> list[str]:
         policy = KernelPolicy.from_config(config, CrmCatalogue(config.catalogue))
     except NotImplementedError:
         return []
-    return [str(r) for r in getattr(policy, "unenforceable_rules", [])]
+    return [f"{r.vendor} ({r.source})" for r in policy.unenforceable_rules]
 
 
 def run_checks(checks: Sequence[Check] = DEFAULT_CHECKS) -> list[CheckResult]:

@@ -35,6 +35,7 @@ from leaktap.controller.enforcement.decision_log import DecisionLog
 from leaktap.controller.enforcement.kernel_policy import (
     EnforcementDecision,
     KernelPolicy,
+    expire_blocked,
     set_crm_addresses,
 )
 from leaktap.controller.enforcement.refusals import (
@@ -58,6 +59,9 @@ ACTION_MEMORY_S = 3600.0
 # new cgroups are mapped to tenants this often (children of mapped ones are at once), and
 # the refused addresses recomputed from the whole DNS cache (expired answers drop out)
 REFRESH_EVERY_S = 5.0
+# a blocked flow is forgotten by the kernel this long after its hello (its socket is
+# destroyed at once; a retransmitted hello after that is judged, and refused, anew)
+BLOCKED_FLOW_MAX_AGE_S = 30.0
 OBSERVED = "observed"
 
 DecisionKey = tuple[str, str, str, str]
@@ -125,7 +129,9 @@ class Enforcement:
     def _apply_kernel_policy(self, config: LeaktapConfig) -> None:
         try:
             policy = KernelPolicy.from_config(config, CrmCatalogue(config.catalogue))
-            policy.apply(self._probes)
+            # the cgroup ids and paths of the real cgroup2 mount (hybrid hosts: not /sys/fs/cgroup)
+            policy.apply(self._probes, dict(_cgroup_dirs(self.cgroup_mount))
+                         if self.cgroup_mount is not None else {})
         except NotImplementedError:
             self.policy_error = "the kernel's hello verdict is not available in this build"
             logger.warning("enforcement: %s (connect-time refusal only)", self.policy_error)
@@ -244,14 +250,16 @@ class Enforcement:
         the whole DNS cache and the tenants of new cgroups."""
         if self.guard is None and self.policy is None:
             return
+        if self.policy is not None:
+            expire_blocked(self._probes, BLOCKED_FLOW_MAX_AGE_S)
         if time.monotonic() - self._last_scan >= REFRESH_EVERY_S:
             self._last_scan = time.monotonic()
             self.update_addresses(bindings())
             if self.guard is not None:
                 self._fill_guard(self.guard)
-            refresh = getattr(self.policy, "refresh_cgroups", None)  # new cgroups' tenants
-            if refresh is not None and self.cgroup_mount is not None:
-                refresh(self._probes, dict(_cgroup_dirs(self.cgroup_mount)))
+            if self.policy is not None and self.cgroup_mount is not None:
+                # new cgroups' tenants (children of matched ones are covered in the kernel)
+                self.policy.refresh_cgroups(self._probes, dict(_cgroup_dirs(self.cgroup_mount)))
 
     # -- decisions ------------------------------------------------------------------
 

@@ -144,7 +144,7 @@ def test_doctor_names_the_state_and_a_crashed_runs_programs() -> None:
     from leaktap.controller.enforcement.host_state import HostEnforcement
 
     config = parse_config(CONFIG)
-    running = check_enforcement(config, HostEnforcement(2, ["eth9"], [4242]))
+    running = check_enforcement(config, HostEnforcement(2, ["eth9"], [4242]), None, [])
     assert (running.status, running.detail) == (
         Status.OK, "block: acme; dry-run: globex; agent pid 4242; 2 connect program(s) on "
         "the cgroup root, TC filters on eth9")
@@ -156,14 +156,20 @@ def test_doctor_names_the_state_and_a_crashed_runs_programs() -> None:
     host = HostEnforcement(2, ["eth9"], [4242])
     same = check_enforcement(config, host, {"block_tenants": ["acme"],
                                             "dry_run_tenants": ["globex"],
-                                            "policy_loaded_at": 86400.0})
+                                            "policy_loaded_at": 86400.0}, [])
     assert (same.status, same.detail) == (
         Status.OK, "block: acme; dry-run: globex; agent pid 4242 (its policy: block acme, "
         "dry-run globex, loaded 1970-01-02 00:00:00 UTC); 2 connect program(s) on the cgroup "
         "root, TC filters on eth9")
     stale = check_enforcement(config, host, {"block_tenants": ["acme"], "dry_run_tenants": [],
-                                             "policy_loaded_at": 86400.0})
+                                             "policy_loaded_at": 86400.0}, [])
     assert stale.status is Status.WARN and "kill -HUP" in stale.fix
+    # the shipped catalogue's regex rules: named, the impact said
+    shipped = check_enforcement(config, host)
+    assert shipped.status is Status.WARN
+    assert "catalogue rule(s) the kernel cannot recognise: salesforce (crm_catalogue.yaml: " \
+        "rules[3])" in shipped.detail
+    assert "refused at connect" in shipped.impact
     off = check_enforcement(None, HostEnforcement(0, [], []))
     assert (off.status, off.detail) == (
         Status.OK, "off (every tenant monitors); no agent running; 0 connect program(s) on "

@@ -316,14 +316,79 @@ def test_enforcement_block_dry_run_monitor_reload(tmp_path: Path) -> None:
     assert sorted(decisions) == [
         'leaktap_enforcement_decisions_total{action="blocked",crm_instance="globex",'
         'tenant="blk",vendor="salesforce"} 1.0',
+        # dry-run decides twice, as block would have: at connect, then on the hello
+        'leaktap_enforcement_decisions_total{action="would_block",crm_instance="globex",'
+        'tenant="dry",vendor="salesforce"} 2.0',
+    ]
+    enforced = sorted((t["tenant"], t["outcome"], t["dst"], t["dport"], t["id"] is None,
+                       t["enforcement_reason"])
+                      for t in audit if t["outcome"] in ("blocked", "would_block"))
+    assert enforced == [("blk", "blocked", GLOBEX, 443, True, "address"),
+                        ("dry", "would_block", GLOBEX, 443, False, "unsanctioned_instance"),
+                        ("dry", "would_block", GLOBEX, 443, True, "address")]
+
+
+def test_hello_naming_an_unsanctioned_instance_is_dropped(tmp_path: Path) -> None:
+    """The hello verdict (kernel side of issue 12): blk connects to acme's address, which
+    is not refused, naming globex in its ClientHello."""
+    config_path = tmp_path / "leaktap.yaml"
+    config_path.write_text(config_text('"salesforce:acme"'))
+    store = Store(tmp_path / "lt.db")
+    try:
+        with tenant_cgroups() as cg, crm_lab(tmp_path) as (lab, log):
+            agent = Agent(load_config(config_path), [lab.host_if], store, pin=False)
+            agent.start()
+            try:
+                client = TestClient(create_app(agent, [], [TOKEN], manage=False))
+                auth = {"Authorization": f"Bearer {TOKEN}"}
+                ready = wait_for(lambda: (r := client.get("/readyz", headers=auth)).status_code
+                                 == 200 and r.json())
+                assert ready["enforcement"]["hello_verdict"] is True, ready
+                sanctioned = run_client(cg["blk"], ACME_NAME, addr=ACME)
+                assert sanctioned["result"] == "ok"
+                blocked = run_client(cg["blk"], GLOBEX_NAME, addr=ACME)
+                assert blocked["result"] == "errno 103"  # ECONNABORTED: socket destroyed
+                assert blocked["elapsed_s"] < 2.0
+                dry = run_client(cg["dry"], GLOBEX_NAME, addr=ACME)
+                assert dry["result"] == "ok"
+                alerts = wait_for(lambda: (a := alerts_by_tenant(agent)).keys() >= {
+                    "blk", "dry"} and a)
+                metrics = client.get("/metrics", headers=auth).text
+                audit = client.get("/v1/audit", headers=auth).json()["transfers"]
+                destroyed = agent.enforcement.state()["sockets_destroyed"] \
+                    if agent.enforcement else 0
+                # the reload puts globex in blk's allow list: the next hello goes through
+                agent.config_path = str(config_path)
+                config_path.write_text(config_text('"salesforce:acme", "salesforce:globex"'))
+                assert client.post("/v1/config/reload", headers=auth).status_code == 200
+                assert run_client(cg["blk"], GLOBEX_NAME, addr=ACME)["result"] == "ok"
+            finally:
+                agent.stop()
+        served = server_log(log)
+    finally:
+        store.close()
+    # the server got the sanctioned upload byte-exact and nothing of the blocked one
+    by_sni = {(a, sni): n for a, sni, n in served}
+    assert by_sni[(ACME, ACME_NAME)] == UPLOAD + 8
+    # blk's blocked hello never reached it (or reached it with no application byte)
+    assert sorted(n for a, sni, n in served if sni == GLOBEX_NAME) in (
+        [UPLOAD + 8, UPLOAD + 8], [0, UPLOAD + 8, UPLOAD + 8])
+    assert destroyed == 1
+    assert {t: (a["instance"], a["action"], a["reason"]) for t, a in alerts.items()} == {
+        "blk": ("globex", "blocked", "unsanctioned_instance"),
+        "dry": ("globex", "would_block", "unsanctioned_instance")}
+    decisions = sorted(ln for ln in metrics.splitlines()
+                       if ln.startswith("leaktap_enforcement_decisions_total{"))
+    assert decisions == [
+        'leaktap_enforcement_decisions_total{action="blocked",crm_instance="globex",'
+        'tenant="blk",vendor="salesforce"} 1.0',
         'leaktap_enforcement_decisions_total{action="would_block",crm_instance="globex",'
         'tenant="dry",vendor="salesforce"} 1.0',
     ]
-    enforced = sorted((t["tenant"], t["outcome"], t["dst"], t["dport"], t["id"],
-                       t["enforcement_reason"])
+    enforced = sorted((t["tenant"], t["outcome"], t["dst"], t["dport"], t["sni"])
                       for t in audit if t["outcome"] in ("blocked", "would_block"))
-    assert enforced == [("blk", "blocked", GLOBEX, 443, None, "address"),
-                        ("dry", "would_block", GLOBEX, 443, None, "address")]
+    assert enforced == [("blk", "blocked", ACME, 443, GLOBEX_NAME),
+                        ("dry", "would_block", ACME, 443, GLOBEX_NAME)]
 
 
 def _free_port() -> int:
