@@ -139,9 +139,13 @@ class Enforcement:
         self.policy = policy
         self.policy_error = None
         self.policy_loaded_at = time.time()
-        self.unenforceable_rules = [str(r) for r in getattr(policy, "unenforceable_rules", [])]
-        for rule in self.unenforceable_rules:
-            logger.warning("enforcement: catalogue rule not enforceable in the kernel: %s", rule)
+        self.unenforceable_rules = [str(r) for r in policy.unenforceable_rules]
+        if self.unenforceable_rules:  # one line; /readyz and doctor list them
+            logger.warning("enforcement: %d catalogue rule(s) the kernel cannot recognise "
+                           "(their hellos pass; addresses DNS names for them are still refused "
+                           "at connect): %s", len(self.unenforceable_rules),
+                           ", ".join(f"{r.vendor} ({r.source})"
+                                     for r in policy.unenforceable_rules))
 
     def _sync_guard(self) -> None:
         """Load the connect programs when a tenant starts enforcing, unload them when
