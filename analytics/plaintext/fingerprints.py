@@ -63,6 +63,7 @@ COMMON_VALUE_ROWS = 10  # a value in more rows than this is not evidence of a re
 PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 7, 15  # E.164 allows at most 15 digits
 # two bits per token in one 32-bit word of the filter: ~0.5% of other tokens pass
 PREFILTER_BITS_PER_KEY = 32
+PREFILTER_CHUNK = 1 << 18  # keys added to a prefilter at once while it is built
 GRAMS_MAX = 4096  # n-grams tried per view (a word repeated very often is bounded)
 GRAMS_HASHED = 8  # up to this many n-grams are hashed at once, more go through the prefilter
 BUILD_BLOCKS = 1 << 16  # prefilter blocks encrypted at once while a set is built
@@ -437,14 +438,24 @@ class Prefilter:
                        for j in range(1024)], np.uint32)
 
     def __init__(self, tables: Sequence[U64]) -> None:
-        keys = np.unique(np.concatenate(tables)) if tables else np.zeros(0, np.uint64)
+        total = sum(len(t) for t in tables)
         size = max(1 << 10, min(1 << 28, 1 << (
-            len(keys) * PREFILTER_BITS_PER_KEY // 32 - 1).bit_length()))
+            total * PREFILTER_BITS_PER_KEY // 32 - 1).bit_length()))
         self.shift = np.uint64(64 - (size.bit_length() - 1))
         self.words = np.zeros(size, np.uint32)
-        if len(keys):
-            np.bitwise_or.at(self.words, self._at(keys), self._pair(keys))
-        self.keys = len(keys)
+        for table in tables:  # in chunks: small temporaries, the loaded RSS stays low
+            for at in range(0, len(table), PREFILTER_CHUNK):
+                self._add(table[at:at + PREFILTER_CHUNK])
+        self.keys = total
+
+    def _add(self, keys: U64) -> None:
+        """OR each key's pair of bits into its word: sorted by word, pairs of one word
+        OR-ed together first (a fancy-index update keeps one of duplicate indices)."""
+        at = self._at(keys)
+        order = np.argsort(at, kind="stable")
+        at, pairs = at[order], self._pair(keys)[order]
+        first = np.flatnonzero(np.concatenate(([True], at[1:] != at[:-1])))
+        self.words[at[first]] |= np.bitwise_or.reduceat(pairs, first)
 
     def _at(self, keys: U64) -> Positions:
         return (keys >> self.shift).view(np.intp)  # < 2**30: the view is the same number
@@ -549,17 +560,14 @@ class FingerprintMatcher:
         lengths = self._lengths.get(mask)
         if lengths is None:
             lengths = self._lengths[mask] = _lengths(mask)
+        longest = lengths[-1]
+        buf, words_end, join = tokens.buf, tokens.words_end, b" ".join
         grams: list[bytes] = []
-        join = b" ".join
         for at in positions:
-            if not tokens.is_word(at):
-                break  # the digit runs come after the words
-            following: list[bytes] = []
-            for k in range(at, min(at + lengths[-1], len(tokens))):
-                word = tokens.token(k)
-                if word is None or not tokens.is_word(k):
-                    break
-                following.append(word)
+            # the words from `at` on (runs are in buffer order: words first, then digits)
+            following = [buf[start + 1:start + 1 + n] for start, n in zip(
+                tokens.starts[at:at + longest].tolist(), tokens.lens[at:at + longest].tolist(),
+                strict=True) if start < words_end]
             grams.extend(join(following[:n]) for n in lengths if n <= len(following))
             if len(grams) >= GRAMS_MAX:
                 break
