@@ -441,7 +441,7 @@ static __always_inline int hello_buf_more(LT_CTX *ctx, struct lt_pkt *p, struct 
 		if (want < rel)
 			stat_inc(LT_SNI_GIVEUP_GAP);
 		lt_hello_bufs.delete(&p->key);
-		st->sni = LT_HS_SNI_GAVE_UP;
+		st->sni = LT_HS_SNI_DONE; /* judged by address below: once */
 		return hello_job(p, LT_JOB_NAMELESS, LT_RSN_ADDRESS, st->start_seq, uid, ifindex);
 	}
 	b->got += seg_end - want;
@@ -551,8 +551,14 @@ static __always_inline int tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_fl
 		if (st->sni == LT_HS_SNI_BUFFERING) {
 			stat_inc(LT_SNI_GIVEUP_GAP);
 			lt_hello_bufs.delete(&p->key);
-		} else if (LT_READ_NAMES && st->sni == LT_HS_SNI_NONE && st->walk == LT_HW_END) {
-			stat_inc(LT_SNI_GIVEUP_RECORDS); /* a hello after all, its header was cut */
+		} else if (LT_READ_NAMES && st->walk == LT_HW_END &&
+			   (st->sni == LT_HS_SNI_NONE || st->sni == LT_HS_SNI_GAVE_UP)) {
+			if (st->sni == LT_HS_SNI_NONE) /* a hello after all, its header was cut */
+				stat_inc(LT_SNI_GIVEUP_RECORDS);
+			/* not read in the kernel: an enforcing tenant's is judged by address */
+			if (LT_ENFORCE && verdict == LT_PASS)
+				verdict = hello_job(p, LT_JOB_NAMELESS, LT_RSN_ADDRESS, st->start_seq,
+						    v->uid, ifindex);
 		}
 		lt_hello.delete(&p->key);
 	}

@@ -31,7 +31,7 @@ from leaktap.controller.enforcement.kernel_policy import (
 from leaktap.controller.kernel import testrun
 from tests.bpf.harness import Harness
 from tests.bpf.lt_frames import SERVER4, tcp4, tcp6, udp4
-from tests.controller.test_tls import MSS, make_hello
+from tests.controller.test_tls import MSS, make_hello, split_records
 
 pytestmark = pytest.mark.kernel
 
@@ -219,6 +219,22 @@ def test_split_hello_is_judged_on_the_segment_that_completes_it(enf: Enforced) -
     assert retvals == [TC_ACT_OK, TC_ACT_SHOT, TC_ACT_SHOT]
     assert [(d.reason, d.crm_instance) for d in decisions] == [
         ("unsanctioned_instance", "evil")]
+
+
+def test_hello_over_several_records_is_judged_by_address(enf: Enforced) -> None:
+    # the kernel does not read a hello spread over records: to a CRM address, an
+    # enforcing tenant's is decided there (never passed unjudged)
+    multi = split_records(make_hello(b"evil.my.salesforce.com", seed=3), [1, 3, 50, 7])
+    cut = len(multi) // 2
+    frames = [tcp4(multi[:cut], sport=sport, src=BLOCK_SRC, dst=dst, seq=1000)
+              for sport, dst in ((50120, CRM_ADDR), (50121, PLAIN_ADDR))]
+    frames += [tcp4(multi[cut:], sport=sport, src=BLOCK_SRC, dst=dst, seq=1000 + cut)
+               for sport, dst in ((50120, CRM_ADDR), (50121, PLAIN_ADDR))]
+
+    retvals, decisions, _ = enf.run(frames)
+
+    assert retvals == [TC_ACT_OK, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_OK]
+    assert [(d.reason, d.daddr, d.sport) for d in decisions] == [("address", CRM_ADDR, 50120)]
 
 
 def test_reload_lets_the_next_connection_through_and_keeps_flow_counts(enf: Enforced) -> None:
