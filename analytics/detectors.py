@@ -75,6 +75,22 @@ def _slot_pair(ts: int) -> tuple[int, int, int, float]:
     return slot, slot, (slot + 1) % HOURS_PER_WEEK, (minute - 30) / 60
 
 
+def _stronger(a: BankHits | None, b: BankHits | None) -> BankHits | None:
+    """Hits of two window banks, one per series: the one with the higher score."""
+    if a is None or b is None:
+        return a if b is None else b
+    index = np.union1d(a.index, b.index)
+    fields = ("window", "score", "z", "observed", "expected")
+    merged = {f: np.zeros(len(index), dtype=getattr(a, f).dtype) for f in fields}
+    merged["score"] = np.full(len(index), -np.inf)
+    for hits in (a, b):
+        at = np.searchsorted(index, hits.index)
+        better = hits.score > merged["score"][at]
+        for f in fields:
+            merged[f][at[better]] = getattr(hits, f)[better]
+    return BankHits(index=index, **merged)
+
+
 class _SlotCache:
     """Per half hour: the two slots interpolated between, with the level applied."""
 
@@ -112,6 +128,16 @@ class _SlotCache:
             gap_mean = np.log(fit.hour_mean_raw[s, :n] + floor) - fit.center[s, :n]
             batch_slot |= (gap_mean > skew) & (fit.weeks[s, :n] > 0)
         self.bank_floor = np.where(batch_slot, fit.envelope[slot, :n] + level, -np.inf)
+        # a slot whose hour carries 1.5x more than both neighbours' (a batch, even one long
+        # enough to be the hour's median minute): the minute centres step there, so the
+        # share-of-tenant test leaves these hours and their neighbours out
+        log_mean = np.log(fit.hour_mean_raw[:, :n] + floor)
+        peak = np.zeros(n, dtype=bool)
+        for s in (slot_a, slot, slot_b):
+            around = np.maximum(log_mean[(s - 1) % HOURS_PER_WEEK],
+                                log_mean[(s + 1) % HOURS_PER_WEEK])
+            peak |= (log_mean[s] - around > math.log(1.5)) & (fit.weeks[s, :n] > 0)
+        self.peak_slot = peak | batch_slot
         # the window bank learns from a week of history on, but tests only once the slot's
         # level noise is measured (two weeks: one week has no week-to-week spread)
         min_weeks = vol.scale_min_weeks
@@ -182,6 +208,15 @@ class VolumeScorer:
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, vol.scale_level_noise_share,
             ) if vol.scale_enabled else None
         )
+        # the share-of-tenant bank: the tenant's common swings cancel, so no level-noise floor
+        self.share_bank = (
+            ScaleBank(
+                vol.share_windows_minutes, vol.scale_alpha, capacity,
+                vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
+                vol.scale_suspect_fraction, vol.scale_freeze_minutes, 0.0,
+            ) if vol.scale_enabled and vol.share_enabled else None
+        )
+        self._share_min_ratio = np.full((len(vol.share_windows_minutes), 1), vol.share_min_ratio)
         self._bank_min_ratio = np.array([
             vol.scale_short_min_ratio if w <= 15 else vol.scale_min_ratio
             for w in sorted(vol.scale_windows_minutes)])[:, None]
@@ -216,9 +251,12 @@ class VolumeScorer:
             self._arrays[name] = (grown, fill)
             setattr(self, name, grown)
         self.fit = self._widened(self.fit, self._cap, capacity)
-        if self.bank is not None:
-            self.bank.grow(capacity)
+        for bank in self._banks():
+            bank.grow(capacity)
         self._cap = capacity
+
+    def _banks(self) -> list[ScaleBank]:
+        return [b for b in (self.bank, self.share_bank) if b is not None]
 
     @staticmethod
     def _widened(fit: SeasonalFit, n: int, capacity: int) -> SeasonalFit:
@@ -243,8 +281,8 @@ class VolumeScorer:
                 array[..., series] = fill
         for name in vars(self.fit):
             getattr(self.fit, name)[..., series] = getattr(self._empty_fit, name)
-        if self.bank is not None:
-            self.bank.clear(series)
+        for bank in self._banks():
+            bank.clear(series)
         self._cache = None
 
     def set_fit(self, fit: SeasonalFit, n: int) -> None:
@@ -289,8 +327,13 @@ class VolumeScorer:
 
     # -- the minute -----------------------------------------------------------
 
-    def score(self, ts: int, x: FloatArray, y: FloatArray, warm: BoolArray) -> VolumeAlarms | None:
-        """Score minute `ts` (bytes out x, in y per series), advance the state; None: calm."""
+    def score(
+        self, ts: int, x: FloatArray, y: FloatArray, warm: BoolArray,
+        total_of: IntArray | None = None,
+    ) -> VolumeAlarms | None:
+        """Score minute `ts` (bytes out x, in y per series), advance the state; None: calm.
+        `total_of`: per series, its tenant total's series (-1: a total or a free slot), for
+        the share-of-tenant bank; None: no share test."""
         vol, n = self.settings.volume, self.n
         floor = float(vol.floor_bytes_per_minute)
         cache, w = self._slots(ts)
@@ -376,7 +419,7 @@ class VolumeScorer:
             drip_score[where] = np.maximum(drip_score[where], dz[hit] / vol.drip_z)
             drip[where] = True
         ratio = self._score_ratio(x, y, cache, warm)
-        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm)
+        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm, total_of)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
 
@@ -460,8 +503,10 @@ class VolumeScorer:
     def _score_bank(
         self, x: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
         w: float, cache: _SlotCache, scorable: BoolArray, warm: BoolArray,
+        total_of: IntArray | None,
     ) -> BankHits | None:
-        """One minute of the window bank, on seasonal series only (cold ones have no fit)."""
+        """One minute of the window bank, on seasonal series only (cold ones have no fit),
+        and of the share-of-tenant bank on destinations (merged: the stronger window)."""
         if self.bank is None:
             return None
         vol, n = self.settings.volume, self.n
@@ -481,6 +526,43 @@ class VolumeScorer:
                               float(vol.min_excess_bytes), self._bank_min_ratio,
                               np.sqrt(cache.spread_level_sq) * inv_sigma)
         self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
+        if self.share_bank is None or total_of is None:
+            return hits
+        share_hits = self._score_share(x, log_x, center, inv_sigma, watched, mean,
+                                       cache, warm, total_of)
+        return _stronger(hits, share_hits)
+
+    def _score_share(
+        self, x: FloatArray, log_x: FloatArray, center: FloatArray, inv_sigma: FloatArray,
+        watched: BoolArray, mean: FloatArray, cache: _SlotCache, warm: BoolArray,
+        total_of: IntArray,
+    ) -> BankHits | None:
+        """A destination's log residual minus that of the rest of its tenant (the total less
+        this destination), in the destination's noise units: whatever moves the whole tenant
+        (the day's level, growth the fit missed) cancels, a drip to one destination does not."""
+        assert self.share_bank is not None
+        vol, n = self.settings.volume, self.n
+        floor = float(vol.floor_bytes_per_minute)
+        total = np.where(total_of >= 0, total_of, np.arange(n))
+        expected = np.maximum(np.exp(center) - floor, 0.0)
+        rest_x = x[total] - x
+        rest_e = expected[total] - expected
+        # a tenant's batch slots are left out: a batch to one destination is a seasonal shift
+        # in share that the minute centres (floored at a batch slot's usual maximum) miss
+        batch = np.bincount(total, weights=cache.peak_slot, minlength=n) > 0
+        share_watched = (
+            (total_of >= 0) & watched & watched[total] & ~batch[total]
+            & (rest_x > 0) & (rest_e > 0))
+        rest = np.log(np.maximum(rest_x, 0.0) + floor) - np.log(np.maximum(rest_e, 0.0) + floor)
+        share = np.clip((log_x - center - rest) * inv_sigma, vol.scale_clip_low,
+                        vol.scale_clip_high)
+        mature = cache.mature & cache.mature[total]
+        # the bytes gate and the evidence: the destination's own seasonal expectation (a
+        # share that rises because the rest of the tenant fell quiet is no exfiltration)
+        hits = self.share_bank.step(
+            self.minute_index, share, x, mean, cache.hour_mean, share_watched, warm & mature,
+            float(vol.min_excess_bytes), self._share_min_ratio, np.zeros(n))
+        self.suspect_hour[:n] |= self.share_bank.suspect_run[:n] > 0
         return hits
 
     def forget_recent(self, series: IntArray) -> None:
@@ -489,8 +571,8 @@ class VolumeScorer:
         self.seasonal_run[series] = 0
         self.cusum[series] = 0.0
         self.slow[series] = 0.0
-        if self.bank is not None:
-            self.bank.reset(series)
+        for bank in self._banks():
+            bank.reset(series)
 
     def _score_ratio(
         self, x: FloatArray, y: FloatArray, cache: _SlotCache, warm: BoolArray

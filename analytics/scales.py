@@ -25,6 +25,7 @@ sums plus the open block.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -101,6 +102,8 @@ class ScaleBank:
         self.scale = np.zeros((k, 0))
         self.learned = np.zeros((k, 0))
         self.suspect_run = np.zeros(0, dtype=np.int64)
+        # diagnostics only (perf/diagnose_subtle.py): called each minute with the bank's view
+        self.trace: Callable[[int, dict[str, np.ndarray]], None] | None = None
         self.grow(capacity)
 
     def grow(self, capacity: int) -> None:
@@ -206,6 +209,13 @@ class ScaleBank:
             crossed & (z >= self.h[:, None]) & warm & (sums[OUT] - sums[EXP] >= min_excess)
             & (sums[OUT] >= min_ratio * np.where(self._is_short, sums[EXP_WIDE], sums[EXP]))
         )
+        if self.trace is not None:
+            self.trace(minute_index, {
+                "z": z, "deviation": deviation, "scale": scale.copy(),
+                "floor": np.broadcast_to(self._level_share * level_noise, z.shape),
+                "tested": full & (learned >= self._min_learned), "out": sums[OUT],
+                "exp": sums[EXP], "exp_wide": sums[EXP_WIDE], "reference": reference,
+                "ref": ref.copy(), "warm": warm})
         if not hit.any():
             return None
         index = np.flatnonzero(hit.any(axis=0))

@@ -413,7 +413,7 @@ class StreamingDetector:
         minute = (ts // MINUTE) % MINUTES_PER_HOUR
         self._history.record_minute(minute, x, y)
         warm = self._tenant_first[:n] + self.settings.warmup_minutes * MINUTE <= ts
-        alarms = self._volume.score(ts, x, y, warm)
+        alarms = self._volume.score(ts, x, y, warm, self._total_of[:n])
         raised = self._on_volume(ts, alarms)
         raised += self._on_new_destinations(ts, x)
         raised += self._on_unsanctioned(ts, x)
