@@ -10,7 +10,7 @@ No kernel needed. Rows:
   speed        4 KiB HTTP/1.1 writes (contact records and a free-text note, none of
                them in the set) through ContentInspector, one core, CPU time of this
                thread, with the set loaded and without any set, in alternating rounds;
-               the first pass over the writes (every token new to the cache) is
+               the first pass over the writes (every token new to the process) is
                reported apart; target >= 10,000/s with the set.
   precision    BENCH_WRITES (100,000) realistic writes not in the set, min-matches 3:
                writes that would alert (target 0) and writes holding any single value.
