@@ -50,7 +50,7 @@ import os
 import re
 import struct
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -61,6 +61,7 @@ from leaktap.controller.attribution.catalogue import (
     normalize_hostname,
 )
 from leaktap.controller.config import LeaktapConfig, TenantConfig
+from leaktap.controller.enforcement.regex_names import NAMES_CAP, regex_names
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import abi
 
@@ -134,6 +135,29 @@ def _catalogue_rules(config: LeaktapConfig) -> list[tuple[str, Mapping[str, Any]
     return rules
 
 
+def _rule_hosts(rules: list[tuple[str, Mapping[str, Any]]],
+                unenforceable: list[UnenforceableRule]
+                ) -> Iterator[tuple[str, Mapping[str, Any], str]]:
+    """(source, rule, host template) in catalogue order; a regex rule gives the hosts
+    (or "{instance}.<suffix>" templates) it matches when they can be listed, and is
+    reported as unenforceable when they cannot."""
+    for source, rule in rules:
+        host = rule.get("host")
+        if host is not None:
+            yield source, rule, normalize_hostname(str(host))
+            continue
+        listed = regex_names(str(rule.get("regex")))
+        if listed is None:
+            unenforceable.append(UnenforceableRule(
+                source, str(rule.get("vendor")), str(rule.get("regex")),
+                f"a regex rule matching more than {NAMES_CAP} names or with constructs "
+                "that cannot be listed: its names are not recognised in the kernel"))
+            continue
+        group, names = listed
+        for name in names:
+            yield source, rule, ("{instance}" + name) if group else normalize_hostname(name)
+
+
 def _first_label_template(host: str) -> tuple[str, str] | None:
     """("instance" | "region", ".suffix") for "{instance}.<literal>"; None otherwise."""
     for placeholder in ("instance", "region"):
@@ -185,15 +209,8 @@ class KernelPolicy:
                 vendor_id[m.vendor], _KIND_SHARED if m.shared else _KIND_INSTANCE)
             names.setdefault(_name_bytes(host), value)
 
-        for source, rule in rules:
+        for source, rule, host in _rule_hosts(rules, unenforceable):
             vendor = str(rule.get("vendor"))
-            host = rule.get("host")
-            if host is None:
-                unenforceable.append(UnenforceableRule(
-                    source, vendor, str(rule.get("regex")),
-                    "a regex rule: its names are not recognised in the kernel"))
-                continue
-            host = normalize_hostname(str(host))
             shared = bool(rule.get("shared", False))
             template = _first_label_template(host)
             if template is not None:

@@ -271,9 +271,34 @@ def test_unenforceable_catalogue_rules_are_listed() -> None:
     policy = compile_policy(config())
 
     listed = [str(r) for r in policy.unenforceable_rules]
-    assert any("dynamics" in r and "regex" in r for r in listed)
+    # regexes too large to list (shared pod / regional hosts) are reported ...
     assert any("salesforce" in r and "(?P<region>" in r for r in listed)
+    assert sum("hubspot" in r for r in listed) == 2 and len(listed) == 3
+    # ... while Dynamics 365's instance regex and Zoho's hosts are listed as names
+    assert all("dynamics" not in r and "zoho" not in r for r in listed)
     assert all("{instance}.my.salesforce.com" not in r for r in listed)
+
+
+def test_regex_rules_listed_as_names_are_enforced(enf: Enforced) -> None:
+    """Dynamics 365 instances (`{instance}.(api.)crmN.dynamics.com`, a regex rule)
+    are judged in the kernel like template rules; its discovery host stays shared."""
+    cfg = config(shared_hosts="block")
+    cfg.tenants[0].allow.append("dynamics365:contoso")
+    enf.apply(cfg)
+    retvals, decisions, _ = enf.run([
+        hello(b"contoso.api.crm4.dynamics.com", sport=50040),
+        hello(b"contoso.crm.dynamics.com", sport=50041),
+        hello(b"fabrikam.crm11.dynamics.com", sport=50042),
+        hello(b"globaldisco.crm.dynamics.com", sport=50043),
+        hello(b"accounts.zoho.eu", sport=50044),
+    ])
+
+    assert retvals == [TC_ACT_OK, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_SHOT, TC_ACT_SHOT]
+    assert [(d.vendor, d.crm_instance, d.reason) for d in decisions] == [
+        ("dynamics365", "fabrikam", "unsanctioned_instance"),
+        ("dynamics365", None, "shared_host"),
+        ("zoho", None, "shared_host"),
+    ]
 
 
 def test_tenant_index_is_the_config_position_plus_one() -> None:
