@@ -32,12 +32,9 @@ from typing import Any
 from leaktap.controller.attribution.catalogue import CrmCatalogue
 from leaktap.controller.config import parse_config
 from leaktap.controller.enforcement.connect_guard import ConnectGuard
-from leaktap.controller.enforcement.kernel_policy import (
-    KernelPolicy,
-    cgroup_dirs,
-    set_crm_addresses,
-)
+from leaktap.controller.enforcement.kernel_policy import KernelPolicy, set_crm_addresses
 from leaktap.controller.kernel import loader
+from leaktap.controller.kernel.cgroups import cgroup_dirs
 from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 
 NS, HOST_IF, PEER_IF = "lt-enfp-b", "lt-enfp-h", "lt-enfp-p"

@@ -21,9 +21,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from leaktap.controller import loader, testrun  # noqa: E402
 from leaktap.controller.attribution.attributor import Attributor  # noqa: E402
 from leaktap.controller.config import LeaktapConfig  # noqa: E402
+from leaktap.controller.kernel import loader, testrun  # noqa: E402
 from leaktap.controller.kernel.maps import MapReader  # noqa: E402
 from leaktap.controller.kernel.ringbuf import RingDrainer  # noqa: E402
 from perf.bench_hello_parse import make_hello  # noqa: E402

@@ -19,7 +19,6 @@ policy in their maps until the next start replaces them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -46,6 +45,7 @@ from leaktap.controller.enforcement.refusals import (
     v4_mapped,
 )
 from leaktap.controller.enforcement.sock_destroy import SocketDestroyer, cgroup_netns
+from leaktap.controller.kernel.cgroups import cgroup_dirs
 from leaktap.controller.series import OTHER, SeriesCap
 from leaktap.controller.storage import minute_of
 
@@ -130,7 +130,7 @@ class Enforcement:
         try:
             policy = KernelPolicy.from_config(config, CrmCatalogue(config.catalogue))
             # the cgroup ids and paths of the real cgroup2 mount (hybrid hosts: not /sys/fs/cgroup)
-            policy.apply(self._probes, dict(_cgroup_dirs(self.cgroup_mount))
+            policy.apply(self._probes, dict(cgroup_dirs(self.cgroup_mount))
                          if self.cgroup_mount is not None else {})
         except NotImplementedError:
             self.policy_error = "the kernel's hello verdict is not available in this build"
@@ -192,7 +192,7 @@ class Enforcement:
             return cgroups, uids
         resolver = TenantResolver(self.config.tenants)
         claimed: set[str] = set()
-        for cgroup_id, path in _cgroup_dirs(self.cgroup_mount):
+        for cgroup_id, path in cgroup_dirs(self.cgroup_mount):
             tenant = resolver.resolve(cgroup_path=path)
             if tenant != UNASSIGNED:
                 cgroups[cgroup_id] = index[tenant]
@@ -263,7 +263,7 @@ class Enforcement:
                 self._fill_guard(self.guard)
             if self.policy is not None and self.cgroup_mount is not None:
                 # new cgroups' tenants (children of matched ones are covered in the kernel)
-                self.policy.refresh_cgroups(self._probes, dict(_cgroup_dirs(self.cgroup_mount)))
+                self.policy.refresh_cgroups(self._probes, dict(cgroup_dirs(self.cgroup_mount)))
 
     # -- decisions ------------------------------------------------------------------
 
@@ -384,19 +384,3 @@ def _compile_policy(config: LeaktapConfig) -> KernelPolicy | None:
         return None
 
 
-def _cgroup_dirs(mount: Path) -> list[tuple[int, str]]:
-    """(id, path relative to the mount) of every cgroup."""
-    out: list[tuple[int, str]] = []
-    stack = [str(mount)]
-    base = len(str(mount).rstrip("/"))
-    while stack:
-        path = stack.pop()
-        try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        out.append((entry.inode(), entry.path[base:]))
-                        stack.append(entry.path)
-        except OSError:
-            continue
-    return out

@@ -46,7 +46,6 @@ import ctypes
 import fnmatch
 import ipaddress
 import logging
-import os
 import re
 import struct
 import time
@@ -64,6 +63,8 @@ from leaktap.controller.config import LeaktapConfig, TenantConfig
 from leaktap.controller.enforcement.regex_names import NAMES_CAP, regex_names
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.cgroups import cgroup_dirs
+from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,8 @@ class KernelPolicy:
         before stale ones are deleted, and the global switch last (first when turning off).
         """
         if cgroups is None:
-            cgroups = dict(cgroup_dirs(CGROUP_MOUNT)) if self.cgroup_globs else {}
+            mount = find_cgroup2_mount() or CGROUP_MOUNT
+            cgroups = dict(cgroup_dirs(mount)) if self.cgroup_globs else {}
         self.cgroups = self.resolve_cgroups(cgroups)
         on = any(mode for mode, _ in self.modes.values())
         pol = tables.table("lt_tenant_pol")
@@ -394,27 +396,6 @@ def set_crm_addresses(tables: Any, addrs: Iterable[str]) -> None:
             wanted[(6, ipaddress.IPv6Address(f"::ffff:{ip}").packed)] = 1
     t = tables.table("lt_crm_addrs")
     _replace(t, wanted, _addr_key, lambda t, v: t.Leaf(v))
-
-
-def cgroup_dirs(mount: Path) -> list[tuple[int, str]]:
-    """(id, path relative to the mount) of every cgroup under a cgroup2 mount."""
-    try:
-        out = [(os.stat(mount).st_ino, "/")]
-    except OSError:
-        return []
-    base = len(str(mount).rstrip("/"))
-    stack = [str(mount)]
-    while stack:
-        path = stack.pop()
-        try:
-            with os.scandir(path) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        out.append((entry.inode(), entry.path[base:]))
-                        stack.append(entry.path)
-        except OSError:
-            continue  # removed while walking
-    return out
 
 
 # -- compilation helpers ----------------------------------------------------------

@@ -30,9 +30,14 @@ NO_CGROUP = 0  # packets counted without a socket cgroup (forwarded traffic)
 Totals = dict[int, tuple[int, int]]
 
 
-def cgroup_ids(mount: Path) -> set[int]:
-    """The ids (directory inodes) of every cgroup under a cgroup2 mount."""
-    ids = {os.stat(mount).st_ino}
+def cgroup_dirs(mount: Path) -> list[tuple[int, str]]:
+    """(id, path relative to the mount) of every cgroup under a cgroup2 mount, the
+    root as "/" (an id is the directory's inode); [] when the mount is unreadable."""
+    try:
+        out = [(os.stat(mount).st_ino, "/")]
+    except OSError:
+        return []
+    base = len(str(mount).rstrip("/"))
     stack = [str(mount)]
     while stack:
         path = stack.pop()
@@ -40,10 +45,18 @@ def cgroup_ids(mount: Path) -> set[int]:
             with os.scandir(path) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
-                        ids.add(entry.inode())
+                        out.append((entry.inode(), entry.path[base:]))
                         stack.append(entry.path)
         except OSError:
             continue  # removed while walking: it is gone
+    return out
+
+
+def cgroup_ids(mount: Path) -> set[int]:
+    """The ids (directory inodes) of every cgroup under a cgroup2 mount."""
+    ids = {cgroup_id for cgroup_id, _ in cgroup_dirs(mount)}
+    if not ids:
+        os.stat(mount)  # an unreadable mount is an error here, as it always was
     return ids
 
 
