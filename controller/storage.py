@@ -203,6 +203,28 @@ MIGRATIONS: list[str] = [
     ALTER TABLE audit_calls ADD COLUMN status INTEGER;  -- HTTP status; NULL: none seen
     ALTER TABLE audit_calls ADD COLUMN outcome TEXT;    -- refused | failed | unanswered
     """,
+    # 9: every enforcement decision (issue 12), written by controller/enforcement/decision_log
+    """
+    CREATE TABLE IF NOT EXISTS enforcement_decisions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts REAL NOT NULL,
+        tenant TEXT NOT NULL,
+        action TEXT NOT NULL,             -- blocked | would_block
+        reason TEXT NOT NULL,             -- unsanctioned_instance|shared_host|quic|ech|address
+        crm_vendor TEXT,
+        crm_instance TEXT,
+        host TEXT,
+        proto INTEGER NOT NULL,
+        src TEXT NOT NULL,                -- '' for a connect refused before it had a source
+        sport INTEGER NOT NULL,
+        dst TEXT NOT NULL,
+        dport INTEGER NOT NULL,
+        cgroup_id INTEGER NOT NULL
+    );
+    CREATE INDEX IF NOT EXISTS enforcement_decisions_ts ON enforcement_decisions (ts);
+    CREATE INDEX IF NOT EXISTS enforcement_decisions_flow
+        ON enforcement_decisions (src, sport, dst, dport);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,8 +1,8 @@
 """Every enforcement decision, kept for the audit (`/v1/audit`) in the agent's database.
 
-Its own table, created on first use (``CREATE TABLE IF NOT EXISTS``) through its
-own connection to the same SQLite file (WAL: the poll thread's writes and these
-do not block each other for long). A decision is written when it arrives, so a
+The `enforcement_decisions` table (schema migration 9 in controller/storage.py),
+through its own connection to the same SQLite file (WAL: the poll thread's writes
+and these do not block each other for long). A decision is written when it arrives, so a
 refused connect that never became a flow is still in the audit.
 """
 
@@ -15,27 +15,6 @@ from typing import Any
 
 from leaktap.controller.enforcement.kernel_policy import EnforcementDecision
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS enforcement_decisions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    ts REAL NOT NULL,
-    tenant TEXT NOT NULL,
-    action TEXT NOT NULL,             -- blocked | would_block
-    reason TEXT NOT NULL,             -- unsanctioned_instance | shared_host | quic | ech | address
-    crm_vendor TEXT,
-    crm_instance TEXT,
-    host TEXT,
-    proto INTEGER NOT NULL,
-    src TEXT NOT NULL,                -- '' for a connect refused before it had a source
-    sport INTEGER NOT NULL,
-    dst TEXT NOT NULL,
-    dport INTEGER NOT NULL,
-    cgroup_id INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS enforcement_decisions_ts ON enforcement_decisions (ts);
-CREATE INDEX IF NOT EXISTS enforcement_decisions_flow
-    ON enforcement_decisions (src, sport, dst, dport);
-"""
 FIELDS = ("ts", "tenant", "action", "reason", "crm_vendor", "crm_instance", "host", "proto",
           "src", "sport", "dst", "dport", "cgroup_id")
 
@@ -44,7 +23,6 @@ class DecisionLog:
     def __init__(self, path: str | Path) -> None:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
         self._lock = threading.Lock()
 
     def add(self, d: EnforcementDecision) -> None:
