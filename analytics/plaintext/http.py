@@ -220,25 +220,27 @@ def find_request_line(buf: bytes | bytearray) -> re.Match[bytes] | None:
     return None
 
 
-_H1_HEAD, _H1_BODY, _H1_CHUNK_SIZE, _H1_CHUNK_DATA, _H1_CHUNK_END, _H1_TRAILER, _H1_RESYNC = (
-    range(7))
+# HTTP/1.1 parser states; TO_CLOSE and OPAQUE occur on the response side only
+(H1_HEAD, H1_BODY, H1_CHUNK_SIZE, H1_CHUNK_DATA, H1_CHUNK_END, H1_TRAILER, H1_TO_CLOSE,
+ H1_OPAQUE, H1_RESYNC) = range(9)
 CHUNK_LINE_MAX = 1024
 
 
-class Http1Stream:
-    """HTTP/1.1 requests from one direction of one connection, fed in order.
+class Http1Framing:
+    """One direction of an HTTP/1.1 connection, fed in order: the message framing both
+    directions share (Content-Length and chunked bodies, trailers, gaps, windows).
 
-    Bodies follow Content-Length or chunked framing (de-chunked here). After a
-    gap inside a body of known length the parser stays in step; after any other
-    gap it looks for the next request line (and reports the resynchronisation).
-    """
+    Subclasses parse their heads (`_head`, which sets `msg` and the body framing),
+    find where to start again after a resynchronisation (`_resync_search`), and say
+    what bytes outside messages are worth (`_raw`)."""
+
+    HEAD_OVER_BOUND = "http1_head_over_bound"
+    RESYNC_AFTER_GAP = "http1_resync_after_gap"
 
     def __init__(self, limits: ParserLimits, in_sync: bool = True) -> None:
         self.limits = limits
         self.buf = bytearray()
-        self.state = _H1_HEAD if in_sync else _H1_RESYNC
-        # opaque until a request line is found (a stream joined mid-message, or not HTTP)
-        self.protocol = "http/1.1" if in_sync else "opaque"
+        self.state = H1_HEAD if in_sync else H1_RESYNC
         self.left = 0  # body or chunk bytes still to come
         self.msg: Message | None = None
 
@@ -250,76 +252,66 @@ class Http1Stream:
         return [self.msg] if self.msg is not None else []
 
     def feed(self, data: bytes, out: ParseEvents) -> None:
+        if self.state == H1_OPAQUE:
+            return
         self.buf += data
         while self.buf and self._step(out):
             pass
+
+    # -- what the two directions do differently ---------------------------------------
+
+    def _head(self, out: ParseEvents) -> bool:
+        raise NotImplementedError
+
+    def _resync_search(self, out: ParseEvents) -> bool:
+        raise NotImplementedError
+
+    def _raw(self, out: ParseEvents, data: bytes) -> None:
+        """Bytes that belong to no message (scanned raw on the request side)."""
+
+    # -- framing ------------------------------------------------------------------------
 
     def _done(self, out: ParseEvents, complete: bool = True) -> None:
         if self.msg is not None:
             self.msg.complete = complete and not self.msg.body_lost
             out.done.append(self.msg)
         self.msg = None
-        self.state = _H1_HEAD
+        if self.state != H1_OPAQUE:
+            self.state = H1_HEAD
 
     def _resync(self, out: ParseEvents, why: str, nbytes: int = 0) -> None:
         if self.msg is not None:
             self._done(out, complete=False)
         out.blind.append((why, nbytes))
-        if self.state == _H1_HEAD and self.buf:
-            # the head in front failed: look for a request line after its start
-            out.raw.append(bytes(self.buf[:1]))
+        if self.state == H1_HEAD and self.buf:
+            # the head in front failed: look for the next one after its start
+            self._raw(out, bytes(self.buf[:1]))
             del self.buf[:1]
-        self.state = _H1_RESYNC
+        self.state = H1_RESYNC
 
-    def _body(self, out: ParseEvents) -> int:
+    def _body(self, out: ParseEvents, take: int) -> None:
         assert self.msg is not None
-        take = min(self.left, len(self.buf))
         _start_body(self.msg, self.buf[:take], self.limits, out)
         del self.buf[:take]
-        self.left -= take
-        return take
 
     def _step(self, out: ParseEvents) -> bool:  # noqa: PLR0911 - one branch per state
         buf, st = self.buf, self.state
-        if st == _H1_HEAD:
-            while buf[:2] == b"\r\n":
-                del buf[:2]
-            if not buf:
-                return False
-            end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
-            if end < 0:
-                if len(buf) > self.limits.head_max_bytes:
-                    self._resync(out, "http1_head_over_bound", len(buf))
-                    return True
-                if len(buf) >= 16 and not looks_like_request_line(bytes(buf[:64])):
-                    self._resync(out, "http1_not_a_request")
-                    return True
-                return False
-            parsed = parse_request_head(bytes(buf[: end + 4]))
-            if parsed is None:
-                self._resync(out, "http1_not_a_request")
-                return True
-            request, _ = parsed
-            del buf[: end + 4]
-            self.msg = Message(request)
-            out.heads.append(self.msg)
-            self.protocol = "http/1.1"
-            length = _content_length(request)
-            if length is None:
-                self.state = _H1_CHUNK_SIZE if _chunked(request) else _H1_RESYNC
-                if self.state == _H1_RESYNC:  # a body of unknown length
-                    self._resync(out, "http1_unknown_length")
-            elif length == 0:
-                self._done(out)
-            else:
-                self.state, self.left = _H1_BODY, length
-            return True
-        if st == _H1_BODY:
-            self._body(out)
+        if st == H1_HEAD:
+            return self._head(out)
+        if st in (H1_BODY, H1_CHUNK_DATA):
+            take = min(self.left, len(buf))
+            self._body(out, take)
+            self.left -= take
             if self.left == 0:
-                self._done(out)
+                if st == H1_BODY:
+                    self._done(out)
+                else:
+                    self.state = H1_CHUNK_END
             return True
-        if st == _H1_CHUNK_SIZE:
+        if st == H1_TO_CLOSE:
+            self._body(out, len(buf))
+            return False
+        if st == H1_CHUNK_SIZE:
             end = buf.find(b"\r\n", 0, CHUNK_LINE_MAX)
             if end < 0:
                 if len(buf) > CHUNK_LINE_MAX:
@@ -333,25 +325,20 @@ class Http1Stream:
                 return True
             del buf[: end + 2]
             if size == 0:
-                self.state = _H1_TRAILER
+                self.state = H1_TRAILER
             else:
-                self.state, self.left = _H1_CHUNK_DATA, size
+                self.state, self.left = H1_CHUNK_DATA, size
             return True
-        if st == _H1_CHUNK_DATA:
-            self._body(out)
-            if self.left == 0:
-                self.state = _H1_CHUNK_END
-            return True
-        if st == _H1_CHUNK_END:
+        if st == H1_CHUNK_END:
             if len(buf) < 2:
                 return False
             if buf[:2] != b"\r\n":
                 self._resync(out, "http1_bad_chunk")
                 return True
             del buf[:2]
-            self.state = _H1_CHUNK_SIZE
+            self.state = H1_CHUNK_SIZE
             return True
-        if st == _H1_TRAILER:
+        if st == H1_TRAILER:
             if buf[:2] == b"\r\n":
                 del buf[:2]
                 self._done(out)
@@ -359,49 +346,47 @@ class Http1Stream:
             end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes)
             if end < 0:
                 if len(buf) > self.limits.head_max_bytes:
-                    self._resync(out, "http1_head_over_bound", len(buf))
+                    self._resync(out, self.HEAD_OVER_BOUND, len(buf))
                     return True
                 return False
             del buf[: end + 4]
             self._done(out)
             return True
-        # resynchronising: the next request line at a line start
-        m = find_request_line(buf)
-        if m is not None:
-            if m.start(1):
-                out.raw.append(bytes(buf[: m.start(1)]))
-            del buf[: m.start(1)]
-            self.state = _H1_HEAD
-            return True
-        keep = min(len(buf), self.limits.head_max_bytes // 8)
-        if len(buf) > keep:
-            out.raw.append(bytes(buf[: len(buf) - keep]))
-            del buf[: len(buf) - keep]
+        if st == H1_RESYNC:
+            return self._resync_search(out)
+        self.buf.clear()  # opaque: another protocol
         return False
 
     def gap(self, n: int, out: ParseEvents) -> None:
         """`n` bytes of the stream were not seen."""
-        if self.state in (_H1_BODY, _H1_CHUNK_DATA) and not self.buf and n <= self.left:
-            assert self.msg is not None
+        if self.state == H1_OPAQUE:
+            return
+        if self.msg is not None and not self.buf and (
+                self.state == H1_TO_CLOSE
+                or (self.state in (H1_BODY, H1_CHUNK_DATA) and n <= self.left)):
+            # a hole inside a body: the framing stays in step
             _hole(self.msg, n, out)
+            if self.state == H1_TO_CLOSE:
+                return
             self.left -= n
             if self.left == 0:
-                if self.state == _H1_BODY:
+                if self.state == H1_BODY:
                     self._done(out, complete=False)
                 else:
-                    self.state = _H1_CHUNK_END
+                    self.state = H1_CHUNK_END
             return
         if self.buf:
-            out.raw.append(bytes(self.buf))
+            self._raw(out, bytes(self.buf))
             self.buf.clear()
-        self._resync(out, "http1_resync_after_gap", n)
+        self._resync(out, self.RESYNC_AFTER_GAP, n)
 
     def flush(self, out: ParseEvents) -> None:
+        """The connection ended: only a body read to its close is complete."""
         if self.buf:
-            out.raw.append(bytes(self.buf))
+            self._raw(out, bytes(self.buf))
             self.buf.clear()
         if self.msg is not None:
-            self._done(out, complete=False)
+            self._done(out, complete=self.state == H1_TO_CLOSE)
 
     def spill(self, out: ParseEvents) -> int:
         if self.msg is None or len(self.msg.body) <= self.limits.overlap_bytes:
@@ -410,6 +395,74 @@ class Http1Stream:
         window_out(self.msg, self.limits.overlap_bytes, out)
         out.spilled += 1
         return before - len(self.msg.body)
+
+
+class Http1Stream(Http1Framing):
+    """HTTP/1.1 requests from one direction of one connection, fed in order.
+
+    Bodies follow Content-Length or chunked framing (de-chunked here). After a
+    gap inside a body of known length the parser stays in step; after any other
+    gap it looks for the next request line (and reports the resynchronisation).
+    """
+
+    def __init__(self, limits: ParserLimits, in_sync: bool = True) -> None:
+        super().__init__(limits, in_sync)
+        # opaque until a request line is found (a stream joined mid-message, or not HTTP)
+        self.protocol = "http/1.1" if in_sync else "opaque"
+
+    def _raw(self, out: ParseEvents, data: bytes) -> None:
+        out.raw.append(data)
+
+    def _head(self, out: ParseEvents) -> bool:
+        buf = self.buf
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        if not buf:
+            return False
+        end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
+        if end < 0:
+            if len(buf) > self.limits.head_max_bytes:
+                self._resync(out, "http1_head_over_bound", len(buf))
+                return True
+            if len(buf) >= 16 and not looks_like_request_line(bytes(buf[:64])):
+                self._resync(out, "http1_not_a_request")
+                return True
+            return False
+        parsed = parse_request_head(bytes(buf[: end + 4]))
+        if parsed is None:
+            self._resync(out, "http1_not_a_request")
+            return True
+        request, _ = parsed
+        del buf[: end + 4]
+        self.msg = Message(request)
+        out.heads.append(self.msg)
+        self.protocol = "http/1.1"
+        length = _content_length(request)
+        if length is None:
+            self.state = H1_CHUNK_SIZE if _chunked(request) else H1_RESYNC
+            if self.state == H1_RESYNC:  # a body of unknown length
+                self._resync(out, "http1_unknown_length")
+        elif length == 0:
+            self._done(out)
+        else:
+            self.state, self.left = H1_BODY, length
+        return True
+
+    def _resync_search(self, out: ParseEvents) -> bool:
+        """The next request line at a line start; bytes before it are raw."""
+        buf = self.buf
+        m = find_request_line(buf)
+        if m is not None:
+            if m.start(1):
+                out.raw.append(bytes(buf[: m.start(1)]))
+            del buf[: m.start(1)]
+            self.state = H1_HEAD
+            return True
+        keep = min(len(buf), self.limits.head_max_bytes // 8)
+        if len(buf) > keep:
+            out.raw.append(bytes(buf[: len(buf) - keep]))
+            del buf[: len(buf) - keep]
+        return False
 
 
 _F_HEAD, _F_PAD_LEN, _F_DATA, _F_PAD, _F_PAYLOAD, _F_SKIP, _F_BLIND = range(7)

@@ -26,16 +26,18 @@ from collections.abc import Callable
 from typing import Any
 
 from leaktap.analytics.plaintext.http import (
-    CHUNK_LINE_MAX,
+    H1_BODY,
+    H1_CHUNK_SIZE,
+    H1_HEAD,
+    H1_OPAQUE,
+    H1_TO_CLOSE,
     H2_FRAME_HEADER,
+    Http1Framing,
     Http2Stream,
     Message,
     ParseEvents,
     ParserLimits,
     Request,
-    _hole,
-    _start_body,
-    window_out,
 )
 
 # claim(): take the oldest unanswered request: its (method, pairing state), or None
@@ -45,8 +47,6 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3})(?: [^\r\n]*)?\r\n")
 _STATUS_AT_LINE = re.compile(rb"HTTP/1\.[01] \d{3}[ \r]")
 _STATUS_START = re.compile(rb"HTTP/1\.[01] \d{3}")
 H2_SETTINGS = 0x4
-(_R_HEAD, _R_BODY, _R_CHUNK_SIZE, _R_CHUNK_DATA, _R_CHUNK_END, _R_TRAILER, _R_TO_CLOSE,
- _R_OPAQUE, _R_RESYNC) = range(9)
 
 
 def parse_response_head(block: bytes, head_max: int) -> tuple[int, list[tuple[str, str]]] | None:
@@ -66,48 +66,16 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
     return next((v for k, v in headers if k == name), None)
 
 
-class Http1ResponseStream:
+class Http1ResponseStream(Http1Framing):
     """HTTP/1.1 responses from one connection, fed in order (see the module docstring)."""
 
     protocol = "http/1.1"
+    HEAD_OVER_BOUND = "http1_response_head_over_bound"
+    RESYNC_AFTER_GAP = "http1_response_resync_after_gap"
 
     def __init__(self, limits: ParserLimits, claim: Claim, in_sync: bool = True) -> None:
-        self.limits = limits
+        super().__init__(limits, in_sync)
         self.claim = claim
-        self.buf = bytearray()
-        self.state = _R_HEAD if in_sync else _R_RESYNC
-        self.left = 0
-        self.msg: Message | None = None
-
-    @property
-    def buffered(self) -> int:
-        return len(self.buf) + (len(self.msg.body) if self.msg is not None else 0)
-
-    def open_messages(self) -> list[Message]:
-        return [self.msg] if self.msg is not None else []
-
-    def feed(self, data: bytes, out: ParseEvents) -> None:
-        if self.state == _R_OPAQUE:
-            return
-        self.buf += data
-        while self.buf and self._step(out):
-            pass
-
-    def _done(self, out: ParseEvents, complete: bool = True) -> None:
-        if self.msg is not None:
-            self.msg.complete = complete and not self.msg.body_lost
-            out.done.append(self.msg)
-        self.msg = None
-        if self.state != _R_OPAQUE:
-            self.state = _R_HEAD
-
-    def _resync(self, out: ParseEvents, why: str, nbytes: int = 0) -> None:
-        if self.msg is not None:
-            self._done(out, complete=False)
-        out.blind.append((why, nbytes))
-        if self.state == _R_HEAD and self.buf:
-            del self.buf[:1]  # the head in front failed: look after its start
-        self.state = _R_RESYNC
 
     def _head(self, out: ParseEvents) -> bool:
         buf = self.buf
@@ -138,18 +106,18 @@ class Http1ResponseStream:
                                  exchange=exchange)
         out.heads.append(msg)
         if status == 101 or (method == "CONNECT" and 200 <= status < 300):
-            self.state = _R_OPAQUE  # another protocol from here on
+            self.state = H1_OPAQUE  # another protocol from here on
             self._done(out)
             return False
         if method == "HEAD" or status in (204, 304):
             self._done(out)
             return True
         if (_header(headers, "transfer-encoding") or "").lower().endswith("chunked"):
-            self.state = _R_CHUNK_SIZE
+            self.state = H1_CHUNK_SIZE
             return True
         value = _header(headers, "content-length")
         if value is None:
-            self.state = _R_TO_CLOSE
+            self.state = H1_TO_CLOSE
             return True
         try:
             length = int(value)
@@ -160,117 +128,20 @@ class Http1ResponseStream:
         elif length == 0:
             self._done(out)
         else:
-            self.state, self.left = _R_BODY, length
+            self.state, self.left = H1_BODY, length
         return True
 
-    def _body(self, out: ParseEvents, take: int) -> None:
-        assert self.msg is not None
-        _start_body(self.msg, self.buf[:take], self.limits, out)
-        del self.buf[:take]
-
-    def _step(self, out: ParseEvents) -> bool:  # noqa: PLR0911 - one branch per state
-        buf, st = self.buf, self.state
-        if st == _R_HEAD:
-            return self._head(out)
-        if st in (_R_BODY, _R_CHUNK_DATA):
-            take = min(self.left, len(buf))
-            self._body(out, take)
-            self.left -= take
-            if self.left == 0:
-                if st == _R_BODY:
-                    self._done(out)
-                else:
-                    self.state = _R_CHUNK_END
+    def _resync_search(self, out: ParseEvents) -> bool:
+        """The next status line at a line start."""
+        buf = self.buf
+        m = _STATUS_AT_LINE.search(buf)
+        if m is not None:
+            del buf[: m.start()]
+            self.state = H1_HEAD
             return True
-        if st == _R_TO_CLOSE:
-            self._body(out, len(buf))
-            return False
-        if st == _R_CHUNK_SIZE:
-            end = buf.find(b"\r\n", 0, CHUNK_LINE_MAX)
-            if end < 0:
-                if len(buf) > CHUNK_LINE_MAX:
-                    self._resync(out, "http1_bad_chunk")
-                    return True
-                return False
-            try:
-                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                self._resync(out, "http1_bad_chunk")
-                return True
-            del buf[: end + 2]
-            if size == 0:
-                self.state = _R_TRAILER
-            else:
-                self.state, self.left = _R_CHUNK_DATA, size
-            return True
-        if st == _R_CHUNK_END:
-            if len(buf) < 2:
-                return False
-            if buf[:2] != b"\r\n":
-                self._resync(out, "http1_bad_chunk")
-                return True
-            del buf[:2]
-            self.state = _R_CHUNK_SIZE
-            return True
-        if st == _R_TRAILER:
-            if buf[:2] == b"\r\n":
-                del buf[:2]
-                self._done(out)
-                return True
-            end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes)
-            if end < 0:
-                if len(buf) > self.limits.head_max_bytes:
-                    self._resync(out, "http1_response_head_over_bound", len(buf))
-                    return True
-                return False
-            del buf[: end + 4]
-            self._done(out)
-            return True
-        if st == _R_RESYNC:
-            m = _STATUS_AT_LINE.search(buf)
-            if m is not None:
-                del buf[: m.start()]
-                self.state = _R_HEAD
-                return True
-            keep = min(len(buf), 16)
-            del buf[: len(buf) - keep]
-            return False
-        self.buf.clear()  # opaque
+        keep = min(len(buf), 16)
+        del buf[: len(buf) - keep]
         return False
-
-    def gap(self, n: int, out: ParseEvents) -> None:
-        """`n` bytes of the stream were not seen."""
-        if self.state == _R_OPAQUE:
-            return
-        if self.msg is not None and not self.buf and (
-                self.state == _R_TO_CLOSE
-                or (self.state in (_R_BODY, _R_CHUNK_DATA) and n <= self.left)):
-            _hole(self.msg, n, out)
-            if self.state == _R_TO_CLOSE:
-                return
-            self.left -= n
-            if self.left == 0:
-                if self.state == _R_BODY:
-                    self._done(out, complete=False)
-                else:
-                    self.state = _R_CHUNK_END
-            return
-        self.buf.clear()
-        self._resync(out, "http1_response_resync_after_gap", n)
-
-    def flush(self, out: ParseEvents) -> None:
-        """The connection ended: a body read to its close is complete."""
-        self.buf.clear()
-        if self.msg is not None:
-            self._done(out, complete=self.state == _R_TO_CLOSE)
-
-    def spill(self, out: ParseEvents) -> int:
-        if self.msg is None or len(self.msg.body) <= self.limits.overlap_bytes:
-            return 0
-        before = len(self.msg.body)
-        window_out(self.msg, self.limits.overlap_bytes, out)
-        out.spilled += 1
-        return before - len(self.msg.body)
 
 
 def _starts_h2_server(data: bytes) -> bool:

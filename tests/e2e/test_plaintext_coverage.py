@@ -25,9 +25,16 @@ from typing import Any
 import pytest
 
 from leaktap.controller.attribution.attributor import Attributor
-from leaktap.controller.config import LeaktapConfig, parse_config
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
-from tests.e2e.test_plaintext_tls import Collected, crm_tls_lab, in_cgroup, py, wait_probed
+from tests.e2e.test_plaintext_tls import (
+    Collected,
+    crm_tls_lab,
+    in_cgroup,
+    lab_config,
+    py,
+    running_monitor,
+    wait_probed,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 
@@ -135,23 +142,10 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield where
 
 
-def make_config(lab: dict[str, Any], text: str, db: str) -> LeaktapConfig:
-    cfg = parse_config(text)
-    storage = cfg.storage.model_copy(update={"path": str(lab["tmp"] / db)})
-    return cfg.model_copy(update={"storage": storage})
-
-
 @pytest.fixture(scope="module")
 def monitor(lab: dict[str, Any]) -> Iterator[tuple[PlaintextMonitor, Collected]]:
-    config = make_config(lab, CONFIG, "lt.db")
-    got = Collected()
-    mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
-                           got.findings.append, got.audits.append, system_library=LIBSSL)
-    mon.start()
-    try:
-        yield mon, got
-    finally:
-        mon.stop()
+    with running_monitor(lab, lab_config(lab, CONFIG)) as running:
+        yield running
 
 
 @pytest.fixture
@@ -235,7 +229,7 @@ def test_a_renamed_libssl_copy_is_probed_by_its_symbols(lab, monitor, collected)
 def test_select_all_probes_a_dlopened_copy_before_its_first_write(lab, tmp_path):
     # the client runs in a cgroup the module's monitor does not select, so that
     # only this monitor's probe can be the one the client waits for
-    config = make_config(lab, CONFIG.replace(
+    config = lab_config(lab, CONFIG.replace(
         f'select: {{cgroups: ["/{CGROUP}*"]}}', "select: all").replace(
         f'cgroup: "/{CGROUP}*"', 'cgroup: "/lt-cov-*"'), "all.db")
     got = Collected()

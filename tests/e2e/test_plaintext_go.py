@@ -22,11 +22,15 @@ from typing import Any
 import pytest
 
 from leaktap.analytics.plaintext.crm_calls import CrmExchange
-from leaktap.controller.attribution.attributor import Attributor
-from leaktap.controller.config import LeaktapConfig, parse_config
 from leaktap.controller.plaintext import golang
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
-from tests.e2e.test_plaintext_tls import Collected, crm_tls_lab, in_cgroup
+from tests.e2e.test_plaintext_tls import (
+    Collected,
+    crm_tls_lab,
+    in_cgroup,
+    lab_config,
+    running_monitor,
+)
 from tests.golang_build import GO_CLIENT, STRIPPED, build
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -97,17 +101,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def monitor(lab: dict[str, Any]) -> Iterator[tuple[PlaintextMonitor, Collected]]:
-    cfg = parse_config(CONFIG)
-    config: LeaktapConfig = cfg.model_copy(update={"storage": cfg.storage.model_copy(
-        update={"path": str(lab["tmp"] / "lt.db")})})
-    got = Collected()
-    mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
-                           got.findings.append, got.audits.append, system_library=LIBSSL)
-    mon.start()
-    try:
-        yield mon, got
-    finally:
-        mon.stop()
+    with running_monitor(lab, lab_config(lab, CONFIG)) as running:
+        yield running
 
 
 @pytest.fixture

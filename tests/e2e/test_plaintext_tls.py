@@ -24,7 +24,7 @@ from leaktap.analytics.alerts import Finding
 from leaktap.analytics.plaintext.inspector import BulkAudit
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.commands.doctor import find_cgroup2_mount
-from leaktap.controller.config import LeaktapConfig, parse_config
+from leaktap.controller.config import LeaktapConfig, parse_config, with_database
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
 from tests.netlab import make_cert, veth_lab
 
@@ -142,25 +142,35 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield where
 
 
-@pytest.fixture(scope="module")
-def config(lab: dict[str, Any]) -> LeaktapConfig:
-    cfg = parse_config(CONFIG)
-    storage = cfg.storage.model_copy(update={"path": str(lab["tmp"] / "lt.db")})
-    return cfg.model_copy(update={"storage": storage})
+def lab_config(lab: dict[str, Any], text: str, db: str = "lt.db") -> LeaktapConfig:
+    """A test's configuration, its database (and the key beside it) in the lab's folder."""
+    return with_database(parse_config(text), lab["tmp"] / db)
 
 
-@pytest.fixture(scope="module")
-def monitor(lab: dict[str, Any], config: LeaktapConfig) -> Iterator[tuple[PlaintextMonitor,
-                                                                          Collected]]:
+@contextlib.contextmanager
+def running_monitor(lab: dict[str, Any], config: LeaktapConfig
+                    ) -> Iterator[tuple[PlaintextMonitor, Collected]]:
+    """A started PlaintextMonitor whose findings and audits are collected."""
     got = Collected()
-    attributor = Attributor(config, cgroup_mount=lab["mount"])
-    mon = PlaintextMonitor(config, attributor, got.findings.append, got.audits.append,
-                           system_library=LIBSSL)
+    mon = PlaintextMonitor(config, Attributor(config, cgroup_mount=lab["mount"]),
+                           got.findings.append, got.audits.append, system_library=LIBSSL)
     mon.start()
     try:
         yield mon, got
     finally:
         mon.stop()
+
+
+@pytest.fixture(scope="module")
+def config(lab: dict[str, Any]) -> LeaktapConfig:
+    return lab_config(lab, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def monitor(lab: dict[str, Any], config: LeaktapConfig) -> Iterator[tuple[PlaintextMonitor,
+                                                                          Collected]]:
+    with running_monitor(lab, config) as running:
+        yield running
 
 
 @pytest.fixture
