@@ -33,6 +33,19 @@ REMEDIES = {
         "or an earlier event lost); it is still captured up to kernel.hello_segments_max"
     ),
     "loss_load_bytes": "packet payload unreadable; report this with the kernel version",
+    "loss_sni_tail": (
+        "the server-name tail program could not be called (not loaded, or the tail-call "
+        "limit): those hellos are named from the ring event only; restart the agent"
+    ),
+    "loss_enf_event": (
+        "an enforcement decision was not reported (ring full): it was still enforced, "
+        "but its alert, audit row and socket destruction are missing; raise "
+        "kernel.ringbuf_pages"
+    ),
+    "loss_enf_block_insert": (
+        "a blocked flow could not be remembered (lt_blocked full): its hello was dropped, "
+        "but later packets of that flow may pass; raise LT_BLOCKED_MAX"
+    ),
 }
 
 

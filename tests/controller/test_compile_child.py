@@ -31,7 +31,10 @@ from tests.netlab import veth_lab
 pytestmark = pytest.mark.kernel
 
 ROOT = loader.BPFFS / "leaktap-test-child"
-COUNTING_MAPS = {"lt_flows", "lt_cgtot", "lt_totals", "lt_stats", "lt_hello"}
+COUNTING_MAPS = {"lt_flows", "lt_cgtot", "lt_totals", "lt_stats", "lt_hello",
+                 # the tail-call array: pinned so that the tail programs outlive the
+                 # compile child (a prog array is emptied when its last user reference goes)
+                 "lt_progs"}
 TOKEN = "reader-token-0123456789"
 FRAME = bytes(Ether() / IP(src="198.18.21.9", dst="198.18.21.10")
               / TCP(sport=40005, dport=443, flags="PA") / Raw(b"c" * 60))

@@ -94,16 +94,18 @@ def test_continuation_keeps_row_names_and_totals(tmp_path: Path) -> None:
         # packets older than the row's first: not this row's conversation
         ({"nbytes": 500, "first_ago_s": 10.0}, {}, "started_before_row"),
         # the row went quiet longer than the idle window before these packets
+        # (seconds before the test runs, not before the suite was collected)
         ({"nbytes": 500, "first_ago_s": 1.0},
-         {"first_seen": time.time() - 2 * IDLE_S, "last_seen": time.time() - IDLE_S - 5},
-         "idle"),
+         {"first_seen": -2 * IDLE_S, "last_seen": -IDLE_S - 5}, "idle"),
     ],
 )
 def test_other_traffic_on_the_5_tuple_starts_afresh(
     tmp_path: Path, counters_args: dict[str, Any], row_changes: dict[str, Any], reason: str
 ) -> None:
     now = time.time()
-    rows = _stored(tmp_path, [_row(now, **row_changes)], now - 2 * IDLE_S)
+    changes = {k: now + v for k, v in row_changes.items()}  # times relative to now
+    rows = _stored(tmp_path, [_row(now, **changes)], now - 2 * IDLE_S)
+    assert len(rows) == 1
     resumable = ResumableFlows(rows, IDLE_S)
     assert resumable.claim(_egress(**counters_args), now) is None
     assert resumable.counts[reason] == 1 and resumable.counts["resumed"] == 0
