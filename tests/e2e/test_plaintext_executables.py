@@ -24,6 +24,7 @@ import pytest
 
 from leaktap.controller.plaintext.monitor import PlaintextMonitor
 from tests.e2e.test_plaintext_tls import (
+    LIBSSL,
     Collected,
     crm_tls_lab,
     in_cgroup,
@@ -37,7 +38,6 @@ pytestmark = [pytest.mark.kernel, pytest.mark.netns]
 REPO = Path(__file__).resolve().parents[2]
 CLIENTS = Path(__file__).resolve().parent / "tls_clients"
 HOST_IP, CRM_IP = "198.18.113.1", "198.18.113.2"
-LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
 NODE = "/usr/bin/node"
 SNI = "acme.my.salesforce.com"
 CANARY = "CANARY-EXE-5d41c0b7e2"
