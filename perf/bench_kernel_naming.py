@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import sys
 import threading
 import time
@@ -24,30 +23,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from leaktap.controller.attribution.attributor import Attributor  # noqa: E402
 from leaktap.controller.config import LeaktapConfig  # noqa: E402
-from leaktap.controller.kernel import loader, testrun  # noqa: E402
+from leaktap.controller.kernel import loader  # noqa: E402
 from leaktap.controller.kernel.maps import MapReader  # noqa: E402
 from leaktap.controller.kernel.ringbuf import RingDrainer  # noqa: E402
 from perf.bench_hello_parse import make_hello  # noqa: E402
-
-RATE = int(os.environ.get("BENCH_RATE", "50000"))
-SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
-
-
-def _checksum(data: bytes) -> int:
-    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    s = (s >> 16) + (s & 0xFFFF)
-    return ~(s + (s >> 16)) & 0xFFFF
-
-
-def hello_frame(record: bytes) -> bytearray:
-    """Ethernet/IPv4/TCP frame carrying one hello; ports patched per flow."""
-    tcp = struct.pack("!HHIIBBHHH", 40000, 443, 1000, 0, 5 << 4, 0x18, 64240, 0, 0)
-    total = 20 + len(tcp) + len(record)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 1, 0, 64, 6, 0,
-                     bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2]))
-    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
-    eth = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
-    return bytearray(eth + ip + tcp + record)
+from perf.bench_ringbuf_delivery import (  # noqa: E402
+    RATE,
+    hello_frame,
+    push_new_flows,
+)
 
 
 def run(record: bytes) -> dict[str, object]:
@@ -80,28 +64,7 @@ def run(record: bytes) -> dict[str, object]:
         poller = threading.Thread(target=poll, daemon=True)
         poller.start()
         before = reader.stats()
-        frame = hello_frame(record)
-        fd = probes.fd("egress")
-        n = int(RATE * SECONDS)
-        start = time.monotonic()
-        child = os.fork()
-        if child == 0:  # the producer: inherits the program fd
-            code = 0
-            try:
-                for i in range(n):
-                    struct.pack_into("!H", frame, 34, 1024 + i % 60000)
-                    frame[29] = 1 + (i // 60000) % 250
-                    testrun.run_frame(fd, bytes(frame))
-                    ahead = start + (i + 1) / RATE - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
-            except BaseException:  # noqa: BLE001 - report through the exit code
-                code = 1
-            os._exit(code)
-        _, status = os.waitpid(child, 0)
-        if status != 0:
-            raise RuntimeError(f"producer failed with status {status}")
-        elapsed = time.monotonic() - start
+        n, elapsed = push_new_flows(probes.fd("egress"), hello_frame(record))
         time.sleep(0.5)
         stop.set()
         poller.join()

@@ -50,6 +50,33 @@ def hello_frame(record: bytes) -> bytearray:
     return bytearray(eth + ip + tcp + record)
 
 
+def push_new_flows(fd: int, frame: bytearray, rate: int = RATE,
+                   seconds: float = SECONDS) -> tuple[int, float]:
+    """Run `frame` through the program `fd` as rate*seconds new flows (source port and
+    address varied), paced, from a forked producer (it inherits the fd) so that the
+    consumer in this process has a core: (frames pushed, seconds it took)."""
+    n = int(rate * seconds)
+    start = time.monotonic()
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            for i in range(n):
+                struct.pack_into("!H", frame, 34, 1024 + i % 60000)
+                frame[29] = 1 + (i // 60000) % 250
+                testrun.run_frame(fd, bytes(frame))
+                ahead = start + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+        except BaseException:  # noqa: BLE001 - report through the exit code
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if status != 0:
+        raise RuntimeError(f"producer failed with status {status}")
+    return n, time.monotonic() - start
+
+
 def run(ring_pages: int, record: bytes) -> dict[str, float]:
     probes = loader.load("tc", loader.KernelOptions(ringbuf_pages=ring_pages))
     try:
@@ -66,29 +93,7 @@ def run(ring_pages: int, record: bytes) -> dict[str, float]:
         flows_thread = threading.Thread(target=drain_flows, daemon=True)
         flows_thread.start()
         before = reader.stats()
-        frame = hello_frame(record)
-        fd = probes.fd("egress")
-        n = int(RATE * SECONDS)
-        start = time.monotonic()
-        child = os.fork()
-        if child == 0:  # the producer: inherits the program fd
-            code = 0
-            try:
-                for i in range(n):
-                    # a new flow each time: source port and address vary
-                    struct.pack_into("!H", frame, 34, 1024 + i % 60000)
-                    frame[29] = 1 + (i // 60000) % 250
-                    testrun.run_frame(fd, bytes(frame))
-                    ahead = start + (i + 1) / RATE - time.monotonic()
-                    if ahead > 0:
-                        time.sleep(ahead)
-            except BaseException:  # noqa: BLE001 - report through the exit code
-                code = 1
-            os._exit(code)
-        _, status = os.waitpid(child, 0)
-        if status != 0:
-            raise RuntimeError(f"producer failed with status {status}")
-        elapsed = time.monotonic() - start
+        n, elapsed = push_new_flows(probes.fd("egress"), hello_frame(record))
         time.sleep(0.5)
         stop.set()
         drainer.stop()
