@@ -5,10 +5,7 @@ body, field value, record id or query-string value in the database or the answer
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +17,11 @@ import pytest
 from leaktap.analytics.alert_settings import AlertsSettings
 from leaktap.analytics.alerts import AlertManager
 from leaktap.analytics.plaintext.dataflows import DataFlowMap, DataFlowSettings
-from leaktap.controller.agent import api_server
 from leaktap.controller.api.main import create_app
 from leaktap.controller.storage import Store
 from tests.analytics.crm_fixtures import ALL_CALLS, SECRETS, T0, exchange
+from tests.controller.test_dashboard import ADMIN, READER, serve
 
-READER = "reader-token-0123456789"
-ADMIN = "admin-token-0123456789ab"
 ACME_ROUNDS = 3  # every fixture call made this many times by acme
 
 
@@ -35,31 +30,6 @@ class AgentView:
 
     def __init__(self, store: Store, alerts: AlertManager, dataflows: DataFlowMap) -> None:
         self.store, self.alerts, self.dataflows = store, alerts, dataflows
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def serve(agent: AgentView) -> Iterator[str]:
-    app = create_app(agent, readers=[READER], admins=[ADMIN], manage=False)
-    port = _free_port()
-    srv = api_server(app, "127.0.0.1", port, None)
-    srv.config.lifespan = "off"
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not srv.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ lab namespace: `python -m tests.e2e.crm_api_server CERT KEY HOST PORT`.
 from __future__ import annotations
 
 import gzip
-import socket
 import ssl
-import sys
 import threading
 
 from tests.analytics.crm_fixtures import ALL_CALLS
+from tests.e2e.crm_server import serve_forever
 
 REFUSED_TARGET = "/services/data/v59.0/sobjects/Opportunity/006XX0000001AAAAA1"
 REFUSED_BODY = b'[{"message":"insufficient access rights","errorCode":"INSUFFICIENT_ACCESS"}]'
@@ -117,25 +116,8 @@ def _h2(tls: ssl.SSLSocket) -> None:
         tls.sendall(conn.data_to_send())
 
 
-def _serve(ctx: ssl.SSLContext, raw: socket.socket) -> None:
-    try:
-        with ctx.wrap_socket(raw, server_side=True) as tls:
-            (_h2 if tls.selected_alpn_protocol() == "h2" else _h1)(tls)
-    except Exception:  # noqa: BLE001 - a client gone or a protocol error: drop the connection
-        pass
-
-
 def main() -> None:
-    cert, key, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
-    srv = socket.create_server((host, port), backlog=64)
-    sys.stdout.write("ready\n")
-    sys.stdout.flush()
-    while True:
-        raw, _ = srv.accept()
-        threading.Thread(target=_serve, args=(ctx, raw), daemon=True).start()
+    serve_forever(_h1, _h2)
 
 
 if __name__ == "__main__":

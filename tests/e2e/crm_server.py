@@ -12,6 +12,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections.abc import Callable
 
 
 def _h1(tls: ssl.SSLSocket) -> None:
@@ -69,17 +70,20 @@ def _h2(tls: ssl.SSLSocket) -> None:
         tls.sendall(conn.data_to_send())
 
 
-def _serve(ctx: ssl.SSLContext, raw: socket.socket) -> None:
+Handler = Callable[[ssl.SSLSocket], None]
+
+
+def _serve(ctx: ssl.SSLContext, raw: socket.socket, h1: Handler, h2_: Handler) -> None:
     try:
         with ctx.wrap_socket(raw, server_side=True) as tls:
-            (_h2 if tls.selected_alpn_protocol() == "h2" else _h1)(tls)
-    except (ssl.SSLError, OSError, ValueError):
-        pass
-    except Exception:  # noqa: BLE001 - h2 protocol errors: drop the connection
+            (h2_ if tls.selected_alpn_protocol() == "h2" else h1)(tls)
+    except Exception:  # noqa: BLE001 - a client gone or a protocol error: drop the connection
         pass
 
 
-def main() -> None:
+def serve_forever(h1: Handler, h2_: Handler) -> None:
+    """argv CERT KEY HOST PORT: accept TLS (ALPN h2, http/1.1) and give each connection
+    to the handler of its protocol, in a thread; "ready" on stdout once listening."""
     cert, key, host, port = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert, key)
@@ -89,7 +93,11 @@ def main() -> None:
     sys.stdout.flush()
     while True:
         raw, _ = srv.accept()
-        threading.Thread(target=_serve, args=(ctx, raw), daemon=True).start()
+        threading.Thread(target=_serve, args=(ctx, raw, h1, h2_), daemon=True).start()
+
+
+def main() -> None:
+    serve_forever(_h1, _h2)
 
 
 if __name__ == "__main__":
