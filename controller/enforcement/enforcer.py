@@ -170,9 +170,16 @@ class Enforcement:
             self.policy_loaded_at = time.time()
 
     def _fill_guard(self, guard: ConnectGuard) -> None:
-        guard.set_tenants(*self._tenant_maps())
+        guard.set_tenants(*self._tenant_maps(self._cgroup_dirs()))
         guard.set_refused(self._refused_keys())
         self._last_scan = time.monotonic()
+
+    def _cgroup_dirs(self) -> list[tuple[int, str]]:
+        """The cgroups, when a tenant map needs them (a walk of the whole hierarchy)."""
+        if self.cgroup_mount is None or (
+                self.policy is None and not any(t.match.cgroup for t in self.config.tenants)):
+            return []
+        return cgroup_dirs(self.cgroup_mount)
 
     # -- tenants and addresses in the connect programs' maps -----------------------
 
@@ -180,7 +187,7 @@ class Enforcement:
         return {t.name: (i + 1, t.enforce) for i, t in enumerate(self.config.tenants)}
 
     def _tenant_maps(
-        self,
+        self, dirs: list[tuple[int, str]],
     ) -> tuple[dict[int, tuple[int, str]], dict[int, tuple[int, str]]]:
         index = self._tenant_index()
         uids: dict[int, tuple[int, str]] = {}
@@ -192,7 +199,7 @@ class Enforcement:
             return cgroups, uids
         resolver = TenantResolver(self.config.tenants)
         claimed: set[str] = set()
-        for cgroup_id, path in cgroup_dirs(self.cgroup_mount):
+        for cgroup_id, path in dirs:
             tenant = resolver.resolve(cgroup_path=path)
             if tenant != UNASSIGNED:
                 cgroups[cgroup_id] = index[tenant]
@@ -258,12 +265,13 @@ class Enforcement:
             expire_blocked(self._probes, BLOCKED_FLOW_MAX_AGE_S)
         if time.monotonic() - self._last_scan >= REFRESH_EVERY_S:
             self._last_scan = time.monotonic()
-            self.update_addresses(bindings())
+            self.update_addresses(bindings())  # the refused addresses, into the guard too
+            dirs = self._cgroup_dirs()  # one walk for both programs' tenant maps
             if self.guard is not None:
-                self._fill_guard(self.guard)
+                self.guard.set_tenants(*self._tenant_maps(dirs))
             if self.policy is not None and self.cgroup_mount is not None:
                 # new cgroups' tenants (children of matched ones are covered in the kernel)
-                self.policy.refresh_cgroups(self._probes, dict(cgroup_dirs(self.cgroup_mount)))
+                self.policy.refresh_cgroups(self._probes, dict(dirs))
 
     # -- decisions ------------------------------------------------------------------
 
