@@ -238,7 +238,7 @@ class Enforcement:
     def on_dns_learned(self, ip: str, chains: list[tuple[str, ...]]) -> None:
         """A DNS answer arrived (`chains`: every live name chain of its address): judge
         that address at once, the client connects right after the answer."""
-        if (self.guard is None and self.policy is None) or not any(
+        if not self._enforcing or not any(
                 self.catalogue.lookup(n) for chain in chains for n in chain):
             return
         one = refused_addresses({ip: chains}, self.catalogue, self.config.tenants)
@@ -263,7 +263,9 @@ class Enforcement:
             return
         if self.policy is not None:
             expire_blocked(self._probes, BLOCKED_FLOW_MAX_AGE_S)
-        if time.monotonic() - self._last_scan >= REFRESH_EVERY_S:
+        # addresses and cgroups only matter to tenants that enforce (a reload that
+        # turns enforcement on pushes them at once)
+        if self._enforcing and time.monotonic() - self._last_scan >= REFRESH_EVERY_S:
             self._last_scan = time.monotonic()
             self.update_addresses(bindings())  # the refused addresses, into the guard too
             dirs = self._cgroup_dirs()  # one walk for both programs' tenant maps
@@ -272,6 +274,11 @@ class Enforcement:
             if self.policy is not None and self.cgroup_mount is not None:
                 # new cgroups' tenants (children of matched ones are covered in the kernel)
                 self.policy.refresh_cgroups(self._probes, dict(dirs))
+
+    @property
+    def _enforcing(self) -> bool:
+        return (self.guard is not None or self.policy is not None) and bool(
+            enforcing_tenants(self.config))
 
     # -- decisions ------------------------------------------------------------------
 
