@@ -25,13 +25,29 @@ class DecisionLog:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._lock = threading.Lock()
 
-    def add(self, d: EnforcementDecision) -> None:
+    def add(self, d: EnforcementDecision) -> int:
+        """Record a decision; returns its row id."""
         row = (d.ts, d.tenant, d.action, d.reason, d.vendor, d.crm_instance, d.host, d.proto,
                d.saddr, d.sport, d.daddr, d.dport, d.cgroup_id)
         with self._lock:
-            self._db.execute(
+            cur = self._db.execute(
                 f"INSERT INTO enforcement_decisions ({', '.join(FIELDS)}) "
                 f"VALUES ({', '.join('?' * len(FIELDS))})", row)
+            return int(cur.lastrowid or 0)
+
+    def fold(self, record_id: int, d: EnforcementDecision) -> None:
+        """A second report of the connection recorded as `record_id` (see dry_run_pairs):
+        the record is the connect-time decision, on the connection's own addresses (the
+        hello's; the connect report has no source yet)."""
+        with self._lock:
+            self._db.execute(
+                "UPDATE enforcement_decisions SET reason = 'address', "
+                "src = CASE WHEN sport = 0 THEN ? ELSE src END, "
+                "dst = CASE WHEN sport = 0 THEN ? ELSE dst END, "
+                "sport = CASE WHEN sport = 0 THEN ? ELSE sport END, "
+                "host = COALESCE(host, ?), crm_vendor = COALESCE(crm_vendor, ?), "
+                "crm_instance = COALESCE(crm_instance, ?) WHERE id = ?",
+                (d.saddr, d.daddr, d.sport, d.host, d.vendor, d.crm_instance, record_id))
 
     def recent(self, tenant: str | None = None, since: float | None = None,
                limit: int = 1000) -> list[dict[str, Any]]:

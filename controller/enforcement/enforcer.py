@@ -31,6 +31,7 @@ from leaktap.controller.attribution.tenants import UNASSIGNED, TenantResolver
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.enforcement.connect_guard import ConnectEvent, ConnectGuard
 from leaktap.controller.enforcement.decision_log import DecisionLog
+from leaktap.controller.enforcement.dry_run_pairs import DryRunPairs
 from leaktap.controller.enforcement.kernel_policy import (
     EnforcementDecision,
     KernelPolicy,
@@ -102,6 +103,8 @@ class Enforcement:
         self.series: SeriesCap[DecisionKey] = SeriesCap(DECISION_SERIES_MAX)
         self._last_action: dict[tuple[str, str, str], tuple[str, float]] = {}
         self._refusals: dict[str, dict[str, Refusal]] = {}
+        self._dry_runs = DryRunPairs()  # dry-run reports waiting for their partner
+        self._dry_run_lock = threading.Lock()
         self._crm_addresses: frozenset[str] | None = None  # as last given to the kernel
         self._last_scan = 0.0
         self._lock = threading.Lock()
@@ -305,10 +308,11 @@ class Enforcement:
         if d.action == "blocked" and d.proto == IPPROTO_TCP and d.sport:
             self.destroyer.destroy(d.proto, d.saddr, d.sport, d.daddr, d.dport,
                                    other_netns=self._netns_of(d.cgroup_id))
-        try:
-            self.log.add(d)
-        except Exception:  # noqa: BLE001 - the alert and the counter still go out
-            logger.exception("recording an enforcement decision")
+        if d.action == "would_block":
+            if not self._record_dry_run(d):
+                return  # the connection's other report: counted and alerted with it
+        else:
+            self._record(d)
         vendor, instance = d.vendor or "", d.crm_instance or ""
         key: DecisionKey = (d.tenant, vendor, instance, d.action)
         with self._lock:
@@ -319,6 +323,31 @@ class Enforcement:
             self.counts = counts
             self._last_action[(d.tenant, vendor, instance)] = (d.action, d.ts)
         self.on_incident(self._incident(d))
+
+    def _record(self, d: EnforcementDecision) -> int:
+        """The audit row (its id; 0 when it could not be written)."""
+        try:
+            return self.log.add(d)
+        except Exception:  # noqa: BLE001 - the alert and the counter still go out
+            logger.exception("recording an enforcement decision")
+            return 0
+
+    def _record_dry_run(self, d: EnforcementDecision) -> bool:
+        """One decision per dry-run connection, as block would record (dry_run_pairs.py):
+        False when `d` completes a connection already recorded. Both rings' threads come
+        here, so the match and the record are one step."""
+        with self._dry_run_lock:
+            earlier = self._dry_runs.partner(d)
+            if earlier is None:
+                record_id = self._record(d)
+                if record_id:
+                    self._dry_runs.wait(d, record_id)
+                return True
+        try:
+            self.log.fold(earlier, d)
+        except Exception:  # noqa: BLE001 - the earlier record stands as it is
+            logger.exception("recording an enforcement decision")
+        return False
 
     def _netns_of(self, cgroup_id: int) -> Iterator[str]:
         """The cgroup's namespaces, looked up only if the socket is not in ours."""

@@ -7,7 +7,8 @@ each server counts the application bytes it receives per connection).
 
 - connect-time refusal: once DNS named .3 only for globex, the block tenant's
   connect() fails with EPERM before a SYN leaves (the globex server sees no
-  connection), the dry-run tenant's upload completes and is recorded as would_block,
+  connection), the dry-run tenant's upload completes and is recorded as one would_block
+  (the connect-time decision, its hello's report folded in),
   the monitor tenant's completes and pages as observed;
 - the hello verdict: the block tenant connects to acme's address (.2, shared with
   nothing refused) naming globex in its ClientHello: the server receives no
@@ -316,16 +317,15 @@ def test_enforcement_block_dry_run_monitor_reload(tmp_path: Path) -> None:
     assert sorted(decisions) == [
         'leaktap_enforcement_decisions_total{action="blocked",crm_instance="globex",'
         'tenant="blk",vendor="salesforce"} 1.0',
-        # dry-run decides twice, as block would have: at connect, then on the hello
+        # dry-run decides once, as block did: at connect (its hello's report is folded in)
         'leaktap_enforcement_decisions_total{action="would_block",crm_instance="globex",'
-        'tenant="dry",vendor="salesforce"} 2.0',
+        'tenant="dry",vendor="salesforce"} 1.0',
     ]
     enforced = sorted((t["tenant"], t["outcome"], t["dst"], t["dport"], t["id"] is None,
                        t["enforcement_reason"])
                       for t in audit if t["outcome"] in ("blocked", "would_block"))
     assert enforced == [("blk", "blocked", GLOBEX, 443, True, "address"),
-                        ("dry", "would_block", GLOBEX, 443, False, "unsanctioned_instance"),
-                        ("dry", "would_block", GLOBEX, 443, True, "address")]
+                        ("dry", "would_block", GLOBEX, 443, False, "address")]
 
 
 def test_hello_naming_an_unsanctioned_instance_is_dropped(tmp_path: Path) -> None:
