@@ -236,6 +236,8 @@ class Http1Framing:
 
     HEAD_OVER_BOUND = "http1_head_over_bound"
     RESYNC_AFTER_GAP = "http1_resync_after_gap"
+    NOT_A_HEAD = "http1_not_a_request"
+    SNIFF_BYTES = 16  # this much of a head without its end is enough to tell it is none
 
     def __init__(self, limits: ParserLimits, in_sync: bool = True) -> None:
         self.limits = limits
@@ -263,6 +265,9 @@ class Http1Framing:
     def _head(self, out: ParseEvents) -> bool:
         raise NotImplementedError
 
+    def _starts_like_head(self, buf: bytearray) -> bool:
+        raise NotImplementedError
+
     def _resync_search(self, out: ParseEvents) -> bool:
         raise NotImplementedError
 
@@ -270,6 +275,26 @@ class Http1Framing:
         """Bytes that belong to no message (scanned raw on the request side)."""
 
     # -- framing ------------------------------------------------------------------------
+
+    def _head_bytes(self, out: ParseEvents) -> bytes | bool:
+        """The complete head in front of the buffer (left there: `_head` removes it once
+        it parses), or what `_step` returns instead: True after a resynchronisation (a
+        head over the bound, or bytes that start no head), False to wait for more."""
+        buf = self.buf
+        while buf[:2] == b"\r\n":
+            del buf[:2]
+        if not buf:
+            return False
+        end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
+        if end >= 0:
+            return bytes(buf[: end + 4])
+        if len(buf) > self.limits.head_max_bytes:
+            self._resync(out, self.HEAD_OVER_BOUND, len(buf))
+            return True
+        if len(buf) >= self.SNIFF_BYTES and not self._starts_like_head(buf):
+            self._resync(out, self.NOT_A_HEAD)
+            return True
+        return False
 
     def _done(self, out: ParseEvents, complete: bool = True) -> None:
         if self.msg is not None:
@@ -413,27 +438,19 @@ class Http1Stream(Http1Framing):
     def _raw(self, out: ParseEvents, data: bytes) -> None:
         out.raw.append(data)
 
+    def _starts_like_head(self, buf: bytearray) -> bool:
+        return looks_like_request_line(bytes(buf[:64]))
+
     def _head(self, out: ParseEvents) -> bool:
-        buf = self.buf
-        while buf[:2] == b"\r\n":
-            del buf[:2]
-        if not buf:
-            return False
-        end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
-        if end < 0:
-            if len(buf) > self.limits.head_max_bytes:
-                self._resync(out, "http1_head_over_bound", len(buf))
-                return True
-            if len(buf) >= 16 and not looks_like_request_line(bytes(buf[:64])):
-                self._resync(out, "http1_not_a_request")
-                return True
-            return False
-        parsed = parse_request_head(bytes(buf[: end + 4]))
+        head = self._head_bytes(out)
+        if not isinstance(head, bytes):
+            return head
+        parsed = parse_request_head(head)
         if parsed is None:
-            self._resync(out, "http1_not_a_request")
+            self._resync(out, self.NOT_A_HEAD)
             return True
         request, _ = parsed
-        del buf[: end + 4]
+        del self.buf[: len(head)]
         self.msg = Message(request)
         out.heads.append(self.msg)
         self.protocol = "http/1.1"

@@ -72,31 +72,25 @@ class Http1ResponseStream(Http1Framing):
     protocol = "http/1.1"
     HEAD_OVER_BOUND = "http1_response_head_over_bound"
     RESYNC_AFTER_GAP = "http1_response_resync_after_gap"
+    NOT_A_HEAD = "http1_not_a_response"
+    SNIFF_BYTES = 12  # "HTTP/1.1 200"
 
     def __init__(self, limits: ParserLimits, claim: Claim, in_sync: bool = True) -> None:
         super().__init__(limits, in_sync)
         self.claim = claim
 
+    def _starts_like_head(self, buf: bytearray) -> bool:
+        return _STATUS_START.match(buf) is not None
+
     def _head(self, out: ParseEvents) -> bool:
-        buf = self.buf
-        while buf[:2] == b"\r\n":
-            del buf[:2]
-        if not buf:
-            return False
-        end = buf.find(b"\r\n\r\n", 0, self.limits.head_max_bytes + 4)
-        if end < 0:
-            if len(buf) > self.limits.head_max_bytes:
-                self._resync(out, "http1_response_head_over_bound", len(buf))
-                return True
-            if len(buf) >= 12 and _STATUS_START.match(buf) is None:
-                self._resync(out, "http1_not_a_response")
-                return True
-            return False
-        parsed = parse_response_head(bytes(buf[: end + 4]), self.limits.head_max_bytes)
+        head = self._head_bytes(out)
+        if not isinstance(head, bytes):
+            return head
+        parsed = parse_response_head(head, self.limits.head_max_bytes)
         if parsed is None:
-            self._resync(out, "http1_not_a_response")
+            self._resync(out, self.NOT_A_HEAD)
             return True
-        del buf[: end + 4]
+        del self.buf[: len(head)]
         status, headers = parsed
         if 100 <= status < 200 and status != 101:
             return True  # interim (100-continue, 103): the final head answers the request
