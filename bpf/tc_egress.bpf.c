@@ -28,6 +28,7 @@ int lt_tc_hello(struct __sk_buff *skb)
 	if (verdict == LT_READ) {
 		lt_progs.call(skb, LT_PROG_NAME);
 		stat_inc(LT_LOSS_SNI_TAIL);
+		hello_unread_to_ring(skb);
 		return TC_ACT_OK;
 	}
 	return verdict == LT_DROP ? TC_ACT_SHOT : TC_ACT_OK;

@@ -347,6 +347,13 @@ static __always_inline void hello_capture(LT_CTX *ctx, struct lt_pkt *p, struct 
 #ifndef LT_READ_NAMES
 #define LT_READ_NAMES 0
 #endif
+/* 1: the ring also carries the single-segment hellos the kernel names (the
+ * path before issue 12's naming at line rate; benchmarks compare the two).
+ * 0: such a hello reaches user space only as its lt_names record; the tail
+ * program sends it to the ring when it is not named there. */
+#ifndef LT_RING_NAMED
+#define LT_RING_NAMED 0
+#endif
 
 /**
  * hello_job - leave the tail program a job about this packet (per-CPU)
@@ -507,6 +514,13 @@ static __always_inline int tls_probe(LT_CTX *ctx, struct lt_pkt *p, struct lt_fl
 		if (start == 2 && msg <= rec) {
 			init.end_seq = p->seq + TLS_REC_HDR_LEN + msg;
 			init.walk = LT_HW_END;
+			if (whole && !LT_RING_NAMED) {
+				/* the tail program names it, or sends it to the ring */
+				if (st)
+					lt_hello.delete(&p->key);
+				if (hello_job(p, LT_JOB_WHOLE, msg, p->seq, v->uid, ifindex) == LT_READ)
+					return LT_READ;
+			}
 			hello_capture(ctx, p, &init, v->uid, ifindex);
 			if (whole) {
 				if (st)

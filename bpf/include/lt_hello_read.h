@@ -19,8 +19,8 @@
  * hello_name_record - leave the kernel's reading of a hello for the
  * controller's batch drain (lt_names)
  */
-static __always_inline void hello_name_record(struct lt_pkt *p, struct lt_sni_scratch *s,
-					      int outcome, __u32 seq, __u32 uid, __u32 ifindex)
+static __always_inline int hello_name_record(struct lt_pkt *p, struct lt_sni_scratch *s,
+					     int outcome, __u32 seq, __u32 uid, __u32 ifindex)
 {
 	struct lt_name_rec *r = &s->rec;
 
@@ -32,8 +32,25 @@ static __always_inline void hello_name_record(struct lt_pkt *p, struct lt_sni_sc
 	r->outcome = outcome;
 	r->ech = s->ech;
 	__builtin_memcpy(r->name, s->akey.name, LT_NAME_MAX);
-	if (lt_names.update(&p->key, r))
+	if (lt_names.update(&p->key, r)) {
 		stat_inc(LT_SNI_GIVEUP_NAMES_FULL);
+		return -1;
+	}
+	return 0;
+}
+
+/**
+ * hello_to_ring - send the single-segment hello of a job to the ring, for
+ * user space to name: the egress program left it out (LT_RING_NAMED 0) and
+ * the kernel did not name it, or its name found no room in lt_names
+ */
+static __always_inline void hello_to_ring(LT_CTX *ctx, struct lt_pkt *p, struct lt_hello_job *j)
+{
+	if (LT_RING_NAMED || j->kind != LT_JOB_WHOLE)
+		return; /* captured by the egress program */
+	stat_inc(LT_CNT_SNI_TO_RING);
+	emit_payload(ctx, p, LT_EV_TLS_HELLO, 0, TLS_REC_HDR_LEN + j->arg, LT_SNAP,
+		     LT_HELLO_CHUNKS, j->uid, j->ifindex);
 }
 
 /* indexes of lt_progs */
@@ -50,6 +67,22 @@ static __always_inline void hello_job_pkt(struct lt_hello_job *j, struct lt_pkt 
 	p->payload_len = j->payload_len;
 	p->seq = j->seq;
 	p->tcp_flags = j->tcp_flags;
+}
+
+/**
+ * hello_unread_to_ring - a tail call failed: the job's hello still goes to
+ * the ring (its failure is counted by the caller as LT_LOSS_SNI_TAIL)
+ */
+static __always_inline void hello_unread_to_ring(LT_CTX *ctx)
+{
+	__u32 zero = 0;
+	struct lt_sni_scratch *s = lt_sni_scratch.lookup(&zero);
+
+	if (!s)
+		return;
+	struct lt_pkt p = {};
+	hello_job_pkt(&s->job, &p);
+	hello_to_ring(ctx, &p, &s->job);
 }
 
 /**
@@ -92,10 +125,13 @@ static __always_inline int hello_read_job(LT_CTX *ctx)
 	if (kind == LT_JOB_WHOLE) {
 		if (s->job.arg > LT_HELLO_BUF) {
 			stat_inc(LT_SNI_GIVEUP_TOO_LONG);
+			hello_to_ring(ctx, &p, &s->job);
 			return enf_nameless(ctx, &p, LT_RSN_ADDRESS, uid, ifindex);
 		}
-		if (sni_load(ctx, p.payload_off + TLS_REC_HDR_LEN, s->buf.msg, 0, s->job.arg))
+		if (sni_load(ctx, p.payload_off + TLS_REC_HDR_LEN, s->buf.msg, 0, s->job.arg)) {
+			hello_to_ring(ctx, &p, &s->job);
 			return enf_nameless(ctx, &p, LT_RSN_ADDRESS, uid, ifindex);
+		}
 	}
 	__u8 *m = hello_message(s, &p, &n);
 	if (!m) {
@@ -137,7 +173,10 @@ static __always_inline int hello_name_job(LT_CTX *ctx)
 	if (m && s->job.kind == LT_JOB_BUFFERED)
 		lt_hello_bufs.delete(&p.key);
 	sni_count(outcome);
-	hello_name_record(&p, s, outcome, s->job.seq, uid, ifindex);
+	/* user space names what the kernel did not (an invalid name is still
+	 * reported as sent), and a name lt_names had no room for */
+	if (hello_name_record(&p, s, outcome, s->job.seq, uid, ifindex) || outcome != LT_SNI_NAMED)
+		hello_to_ring(ctx, &p, &s->job);
 	return enf_hello(ctx, &p, s, outcome, uid, ifindex);
 }
 

@@ -63,6 +63,7 @@ static __always_inline int tc_handle(struct __sk_buff *skb, __u32 dir, __u64 cgr
 	if (verdict == LT_READ) {
 		lt_progs.call(skb, LT_PROG_HELLO);
 		stat_inc(LT_LOSS_SNI_TAIL); /* the tail program is missing */
+		hello_unread_to_ring(skb);
 		return LT_PASS;
 	}
 	return verdict;

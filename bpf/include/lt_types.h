@@ -189,6 +189,9 @@ enum lt_stat {
 	LT_SNI_GIVEUP_GAP,          /* split hello with a hole or no buffer room: not read */
 	LT_SNI_GIVEUP_NAMES_FULL,   /* lt_names full: the name goes by the ring (the hello event) */
 	LT_LOSS_SNI_TAIL,         /* the tail program could not be called: hello not read */
+	LT_CNT_SNI_TO_RING,       /* single-segment hellos sent to the ring because the kernel
+				   * did not name them (or lt_names was full); the named ones
+				   * reach user space only through lt_names */
 	/* enforcement (lt_enforce.h) */
 	LT_CNT_ENF_BLOCKED_PKT,   /* later packets of a blocked flow dropped */
 	LT_LOSS_ENF_EVENT,        /* a decision not reported on the ring (still enforced) */

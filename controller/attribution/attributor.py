@@ -26,6 +26,7 @@ from leaktap.controller.attribution.flows import (
     ConversationId,
     conversation_id,
 )
+from leaktap.controller.attribution.kernel_names import KernelNames
 from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
 from leaktap.controller.kernel.maps import FlowKey, KernelName
@@ -113,6 +114,7 @@ class Attributor:
         self.tenants = TenantResolver(config.tenants)
         self.hellos = HelloReassembler()
         self.quic = QuicHelloAssembler()
+        self.kernel_names = KernelNames()
         self.dns = DnsCache(
             query_window_s=config.dns.query_window_s, pending_max=config.dns.pending_max,
             clients=config.inside if config.mode == "xdp" else (),
@@ -152,11 +154,13 @@ class Attributor:
         """A server name the kernel read from a flow's ClientHello (drained in batches
         from lt_names, issue 12): names the conversation as the hello's event would."""
         self.samples["kernel_name"] = self.samples.get("kernel_name", 0) + 1
-        if name.outcome != "named" or name.name is None:
+        hello = self.kernel_names.hello(name)
+        if hello is None:
             return  # no valid name: the hello's ring event carries what was sent
-        cid = conversation_id(name.key)
-        self._hello_by_conv.setdefault(
-            cid, ClientHello(name.name, name.ech, (), 0, (), name.name))
+        k = name.key  # conversation_id, inlined: this runs for every new TLS flow
+        a, b = (k.src, k.sport), (k.dst, k.dport)
+        cid = (k.family, k.proto, a, b) if a <= b else (k.family, k.proto, b, a)
+        self._hello_by_conv.setdefault(cid, hello)
 
     def resume(self, conv: Conversation, names: Names) -> None:
         """Name a conversation that was open before this start as the previous run did

@@ -17,12 +17,15 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # stage -> the Attributor attribute whose `.stats` dataclass it exports
-STAGES = {"tls_reassembly": "hellos", "quic": "quic", "dns_cache": "dns"}
+STAGES = {"tls_reassembly": "hellos", "quic": "quic", "dns_cache": "dns",
+          "kernel_names": "kernel_names"}
 
 # fields that count normal outcomes, not losses
 OUTCOMES = {
     "tls_reassembly": frozenset({"completed", "ignored"}),  # ignored: after completion
     "quic": frozenset({"completed", "gquic", "ignored"}),
+    # no_name: a hello without a server name, as user space reads it too
+    "kernel_names": frozenset({"named", "no_name"}),
     # expired: the TTL passed; queries*: the pending-query table's bookkeeping;
     # trusted_unmatched: learned without a query where that is configured;
     # dns_sni_mismatch: a finding (a hello contradicted the DNS name), nothing lost
@@ -58,6 +61,16 @@ REMEDIES = {
         "expired": "QUIC ClientHello not completed within its age limit: Initials lost in the "
                    "kernel (see the kernel losses)",
     },
+    "kernel_names": {
+        "malformed": "hellos the kernel found malformed went to the ring instead of being "
+                     "named in the kernel; user space reports what was sent (see "
+                     "tls_reassembly); benign unless it grows",
+        "limit": "hellos with more extensions or list entries than the kernel's loops walk "
+                 "(LT_SNI_EXT_MAX, LT_SNI_LIST_MAX) went to the ring for user space to name; "
+                 "raise those bounds if this grows",
+        "unknown_outcome": "the kernel program is newer than this controller: restart the "
+                           "agent so both come from one build",
+    },
     "dns_cache": {
         "evictions": "more addresses than the DNS cache holds: SNI-less flows to evicted "
                      "addresses lose their names; raise the cache's max_entries",
@@ -87,6 +100,8 @@ DEFAULT_REMEDY = {
     "tls_reassembly": "ClientHellos given up: those flows have no SNI; "
                       "see controller/protocols/tls.py",
     "quic": "QUIC Initials given up: those flows have no SNI; see controller/protocols/quic.py",
+    "kernel_names": "hellos the kernel did not name went to the ring; see "
+                    "controller/attribution/kernel_names.py",
     "dns_cache": "DNS answers not used for names: SNI-less flows to those addresses stay "
                  "unnamed; see controller/attribution/dns_cache.py",
 }

@@ -43,6 +43,9 @@ POLL_EVERY = 32
 REPLAY_OPTIONS = loader.KernelOptions(
     flows_max=1 << 16, ringbuf_pages=1 << 10, events_per_sec=1 << 24, hello_pending_max=1 << 14,
     dns_both_ways=True,
+    # offline, no flood to outrun: names come from the hello bytes, as sent (an invalid
+    # name is reported too), through the same reassembler as the agent's split hellos
+    ring_named_hellos=True,
 )
 PROGRESS_EVERY_S = 2.0
 

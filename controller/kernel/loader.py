@@ -124,6 +124,9 @@ class KernelOptions:
     # sample DNS queries and answers whatever the hook's direction (replay: a capture's
     # both directions go through one program); XDP always does
     dns_both_ways: bool = False
+    # the ring also carries the single-segment hellos the kernel names (the path before
+    # issue 12's naming at line rate: perf/bench_kernel_naming.py compares the two)
+    ring_named_hellos: bool = False
     pin: bool = False  # pin the counting maps under <pin_root>/<abi>
     pin_root: str = str(PIN_ROOT)
 
@@ -138,6 +141,7 @@ class KernelOptions:
             *(f"-D{name}={getattr(self, option):d}" for option, name in KERNEL_LIMITS.items()),
             f"-DLT_DEDUP={int(self.dedup):d}",
             f"-DLT_DNS_BOTH_WAYS={int(self.dns_both_ways):d}",
+            f"-DLT_RING_NAMED={int(self.ring_named_hellos):d}",
         ]
 
 

@@ -281,17 +281,36 @@ class PinnedTable(MutableMapping[Any, Any]):
         """Every (key, value), each taken out of the map atomically with its read."""
         return self._batches(libbpf().bpf_map_lookup_and_delete_batch)
 
+    def lookup_and_delete_chunks(self, entries: int) -> Iterator[tuple[memoryview, memoryview,
+                                                                        int]]:
+        """Every entry taken out of the map (atomically with its read), `entries` per
+        syscall, as raw chunks: (keys, values, count), the first `count` keys and values
+        packed back to back. For drains that parse bytes in bulk instead of building
+        ctypes objects per entry; the buffers are reused by the next chunk."""
+        for keys, values, count in self._chunks(
+                libbpf().bpf_map_lookup_and_delete_batch, entries, reuse=True):
+            yield memoryview(keys).cast("B"), memoryview(values).cast("B"), count
+
     def _batches(self, call: Callable[..., int]) -> Iterator[tuple[Any, Any]]:
+        # fresh arrays per batch: what the caller keeps of one stays valid
+        for keys, values, count in self._chunks(call, BATCH_ENTRIES, reuse=False):
+            for i in range(count):
+                yield keys[i], values[i]
+
+    def _chunks(self, call: Callable[..., int], entries: int,
+                reuse: bool) -> Iterator[tuple[Any, Any, int]]:
         # the batch cursor is a bucket number for hash maps, a key for arrays
         token_size = max(8, ctypes.sizeof(self.Key))
         in_batch = ctypes.create_string_buffer(token_size)
         out_batch = ctypes.create_string_buffer(token_size)
-        chunk = min(BATCH_ENTRIES, max(1, self.max_entries))
+        chunk = min(entries, max(1, self.max_entries))
         first = True
+        keys: Any = None
+        values: Any = None
         while True:
-            # fresh arrays per batch: what the caller keeps of one stays valid
-            keys = (self.Key * chunk)()
-            values = (self.Leaf * chunk)()
+            if not reuse or keys is None or len(keys) != chunk:
+                keys = (self.Key * chunk)()
+                values = (self.Leaf * chunk)()
             count = ctypes.c_uint32(chunk)
             rc = call(self.map_fd, None if first else in_batch, out_batch, keys, values,
                       ctypes.byref(count), None)
@@ -301,8 +320,7 @@ class PinnedTable(MutableMapping[Any, Any]):
                 continue
             if err not in (0, errno.ENOENT):
                 raise OSError(err, f"batch read of {self.name}: {os.strerror(err)}")
-            for i in range(count.value):
-                yield keys[i], values[i]
+            yield keys, values, count.value
             if err == errno.ENOENT:
                 return
             ctypes.memmove(in_batch, out_batch, token_size)

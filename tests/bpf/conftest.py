@@ -11,6 +11,7 @@ from leaktap.controller.kernel.loader import KernelOptions
 from tests.bpf.harness import (
     DEFAULT,
     RATE_3,
+    RING_NAMED,
     TINY_CGROUPS,
     TINY_FLOWS,
     TINY_PENDING,
@@ -55,6 +56,12 @@ def _harness(kernels: Callable[[KernelOptions], Kernel], options: KernelOptions)
 def tc(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Harness:
     """The default build (flows_max=4096)."""
     return _harness(kernels, DEFAULT)
+
+
+@pytest.fixture
+def tc_ring(kernels: Callable[[KernelOptions], Kernel], pinned_cpu: int) -> Harness:
+    """A build whose ring also carries the hellos the kernel names (ring capture tests)."""
+    return _harness(kernels, RING_NAMED)
 
 
 @pytest.fixture

@@ -20,9 +20,12 @@ from leaktap.controller.kernel.maps import FlowCounters, KernelName, MapReader
 from leaktap.controller.kernel.ringbuf import RingDrainer, Sample
 
 DEFAULT = KernelOptions(flows_max=4096)
-TINY_RING = KernelOptions(flows_max=4096, ringbuf_pages=1)
+# the ring also carries the single-segment hellos the kernel names: for tests of the
+# ring capture itself (bytes, chunks, losses), which the default build leaves to lt_names
+RING_NAMED = KernelOptions(flows_max=4096, ring_named_hellos=True)
+TINY_RING = KernelOptions(flows_max=4096, ringbuf_pages=1, ring_named_hellos=True)
 TINY_FLOWS = KernelOptions(flows_max=16)
-RATE_3 = KernelOptions(flows_max=4096, events_per_sec=3)
+RATE_3 = KernelOptions(flows_max=4096, events_per_sec=3, ring_named_hellos=True)
 TINY_PENDING = KernelOptions(flows_max=4096, hello_pending_max=4)
 TINY_CGROUPS = KernelOptions(flows_max=4096, cgroups_max=2)
 

@@ -16,6 +16,7 @@ from leaktap.controller.kernel import abi
 from leaktap.controller.kernel.ringbuf import Sample
 from leaktap.controller.kernel.testrun import MAX_FRAME
 from leaktap.controller.protocols.tls import HelloReassembler, parse_client_hello
+from tests.bpf.harness import Harness
 from tests.bpf.lt_frames import (
     CLIENT4,
     CLIENT6,
@@ -30,6 +31,14 @@ from tests.bpf.lt_frames import (
 )
 
 pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def tc(tc_ring: Harness) -> Harness:
+    """Capture tests read the hello bytes from the ring: the build whose ring also
+    carries the single-segment hellos the kernel names (tests/bpf/test_tc_hello_names.py
+    covers the default build, which leaves those to lt_names)."""
+    return tc_ring
 
 FF = abi.flow_flags()
 LIMITS = abi.defines()

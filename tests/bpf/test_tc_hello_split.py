@@ -22,6 +22,14 @@ from tests.bpf.lt_frames import SNI, client_hello, segments, tcp4, tcp6
 
 pytestmark = pytest.mark.kernel
 
+
+@pytest.fixture
+def tc(tc_ring: Harness) -> Harness:
+    """Capture tests read the hello bytes from the ring: the build whose ring also
+    carries the single-segment hellos the kernel names (tests/bpf/test_tc_hello_names.py
+    covers the default build, which leaves those to lt_names)."""
+    return tc_ring
+
 LIMITS = abi.defines()
 SEGS_MAX = LIMITS["LT_HELLO_SEGS_MAX"]
 SEQ_MOD = 1 << 32
