@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib
 import ipaddress
 import logging
+import os
 import secrets
 import signal
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from leaktap.analytics.alerts import AlertManager, SinkRoute
 from leaktap.analytics.incidents import UNSANCTIONED_DESTINATION
@@ -33,6 +37,7 @@ from leaktap.controller.attribution.flows import (
     ConversationTable,
     conversation_id,
 )
+from leaktap.controller.attribution.live import LiveConversations, NameSets, TrackedAttributor
 from leaktap.controller.attribution.losses import UserspaceLossMonitor
 from leaktap.controller.attribution.resume import ResumableFlows
 from leaktap.controller.attribution.tenants import TenantResolver
@@ -49,6 +54,7 @@ from leaktap.controller.enforcement.enforcer import Enforcement
 from leaktap.controller.errors import ConfigError
 from leaktap.controller.kernel import loader
 from leaktap.controller.kernel.cgroups import CgroupAccounting, CgroupReaper, cgroup_ids
+from leaktap.controller.kernel.flow_batch import FlowBatch, FlowDrain
 from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from leaktap.controller.kernel.loss import LossMonitor
 from leaktap.controller.kernel.maps import FlowCounters, MapReader
@@ -72,7 +78,15 @@ HELLO_MAX_AGE_S = 10.0
 NAMING_WAIT_POLLS = 2
 # flow rows written per transaction (bounds a poll's transient memory, see _write)
 FLOW_WRITE_CHUNK = 2048
+# flow rows whose counters a poll of the poll loop refreshes, least recently written
+# first (new and renamed rows are always written): 100,000 busy conversations cost
+# ~0.3 s of SQLite a second otherwise; an explicit or final poll writes every row
+FLOW_ROW_UPDATES_PER_POLL = 20_000
 IPPROTO_TCP = 6
+# "columns" (numpy, controller/attribution/live.py) or "objects" (the earlier drain,
+# one ConversationTable object per conversation: kept for perf/bench_agent_memory's
+# before/after)
+FLOW_DRAIN_ENV = "LT_FLOW_DRAIN"
 
 
 def default_route_interface(route_file: Path = Path("/proc/net/route")) -> str:
@@ -100,7 +114,15 @@ class Agent:
         self.store = store
         self.interfaces = interfaces
         self.pin = pin
-        self.table = ConversationTable(inside=config.inside if config.mode == "xdp" else None)
+        inside = config.inside if config.mode == "xdp" else None
+        self.columnar = os.environ.get(FLOW_DRAIN_ENV, "columns") != "objects"
+        self.table: Any = LiveConversations(inside) if self.columnar else ConversationTable(
+            inside)
+        self.flow_drain: FlowDrain | None = None  # set at start (columns)
+        self.name_sets = NameSets()
+        # rows of conversations waiting for a server name: (slot, sent by a, bytes, packets,
+        # polls waited)
+        self._unnamed_rows: list[tuple[int, bool, int, int, int]] = []
         self.lock = threading.Lock()
         self.loss = LossMonitor()
         self.userspace_loss = UserspaceLossMonitor()
@@ -166,13 +188,17 @@ class Agent:
         # runs after the detach, before the close: counts since the last poll are kept
         self._exit.callback(self._final_poll)
         self.reader = MapReader(self.probes)
+        if self.columnar:
+            self.flow_drain = FlowDrain(self.probes.table("lt_flows"), _front_cache(self.probes))
         cgroup_mount = find_cgroup2_mount()
-        self.attributor = Attributor(self.config, cgroup_mount=cgroup_mount)
+        self.attributor = (TrackedAttributor if self.columnar else Attributor)(
+            self.config, cgroup_mount=cgroup_mount)
         if cgroup_mount is not None:
             self.cgroup_accounting = CgroupAccounting(
                 CgroupReaper(lambda: cgroup_ids(cgroup_mount)))
         self.drainer = RingDrainer(self.probes, self._on_sample)
         self._start_enforcement(cgroup_mount)
+        self._track_dns_learning()
         self.resumable = ResumableFlows(
             self.store.live_flows(time.time() - CONVERSATION_IDLE_S), CONVERSATION_IDLE_S)
         self._start_plaintext()
@@ -262,6 +288,8 @@ class Agent:
             self.config = config
             self.config_tenant_names = {t.name for t in config.tenants}
             self.attributor.tenants = TenantResolver(config.tenants)
+            if self.columnar:
+                self.table.forget_names()
         if self.detection is not None:
             self.detection.set_allow({t.name: frozenset(t.allow) for t in config.tenants})
         if self.fingerprints is not None:
@@ -368,7 +396,7 @@ class Agent:
     def _poll_loop(self) -> None:
         while not self._stop.wait(POLL_INTERVAL_S):
             try:
-                self.poll_once()
+                self.poll_once(row_budget=FLOW_ROW_UPDATES_PER_POLL)
             except Exception:  # noqa: BLE001 - keep polling; the error is logged
                 logger.exception("polling the kernel maps")
             _return_freed_heap()
@@ -382,10 +410,14 @@ class Agent:
     def _all_totals(totals: dict[int, tuple[int, int]]) -> int:
         return sum(b for b, _ in totals.values())
 
-    def poll_once(self, final: bool = False) -> None:
+    def poll_once(self, final: bool = False, row_budget: int | None = None) -> None:
         """Drain the flow map into conversations, minute buckets and the database.
 
-        `final`: the last poll before stopping attributes everything, waiting for nothing."""
+        `final`: the last poll before stopping attributes everything, waiting for nothing.
+        `row_budget`: flow rows whose counters are refreshed at most (None: all)."""
+        if self.columnar:
+            self._poll_columns(final, row_budget)
+            return
         flows = self.reader.drain_flows()
         # server names the kernel read (issue 12): in batches, after the flows they name
         kernel_names = self.reader.drain_names()
@@ -443,6 +475,11 @@ class Agent:
             self.egress_by_destination = egress
         self._write(buckets, list(touched.values()))
         del flows, touched, pending  # a poll of 100,000 flows: free them before scoring
+        self._finish_poll(buckets, stats, now)
+
+    def _finish_poll(self, buckets: dict[BucketKey, Volume], stats: dict[str, int],
+                     now: float) -> None:
+        """What follows the flow drain: scoring, expiry, losses, enforcement, pruning."""
         if self.detection is not None:
             self.detection.add(buckets, now)
         if self.plaintext is not None:
@@ -469,12 +506,262 @@ class Agent:
         if now - self._last_prune > PRUNE_EVERY_S:
             self._last_prune = now
             self.store.prune(now)
+            if self.columnar:
+                with self.lock:
+                    self.name_sets.compact(self.table.cols["names_id"],
+                                           self.table.cols["row_names_id"])
             if self.dataflows is not None:
                 self.dataflows.prune(now - self.store.retention_s)
             if self.enforcement is not None:
                 self.enforcement.log.prune(now - self.store.retention_s)
             if self.alerts is not None:
                 self.alerts.prune(now - self.store.retention_s)
+
+    # -- the columnar flow drain (issue 16.5) -------------------------------------
+
+    def _track_dns_learning(self) -> None:
+        """Conversations with an address DNS just named are named again (TrackedAttributor)."""
+        tracked = getattr(self.attributor, "dns_learned", None)
+        if tracked is None:
+            return
+        dns = self.attributor.dns
+        previous = dns.on_learn
+
+        def learned(ip: str, names: tuple[str, ...]) -> None:
+            tracked(ip)
+            if previous is not None:
+                previous(ip, names)
+
+        dns.on_learn = learned
+
+    def _poll_columns(self, final: bool, row_budget: int | None) -> None:
+        """poll_once with the flow map drained into columns (LiveConversations): objects
+        are made only for new conversations, those waiting for a name and those whose
+        names may have changed; everything else is folded in with array operations."""
+        batch = self.flow_drain.drain() if self.flow_drain is not None else (
+            FlowBatch.from_counters(self.reader.drain_flows()))
+        kernel_names = self.reader.drain_names()
+        stats = self.reader.stats()
+        totals = self.reader.totals()
+        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
+                                                self.reader.remove_cgroups)
+        now = time.time()
+        table: LiveConversations = self.table
+        buckets: dict[BucketKey, Volume] = {}
+        with self.lock:
+            egress = dict(self.egress_by_destination)
+            minute = minute_of(now)
+            for kernel_name in kernel_names:
+                self.attributor.on_kernel_name(kernel_name)
+            slots, sent_by_a, created = table.locate(batch)
+            if self.resumable:
+                for i in created:
+                    self._resume_slot(int(slots[i]), batch.counters(i), now)
+            changed = table.accumulate(batch, slots, sent_by_a)
+            self.attributed_bytes += int(batch.tx_bytes.sum())
+            self._rename(changed)
+            named = table.cols["named"][slots]
+            waiting = np.flatnonzero(~named)
+            pending = self._unnamed_rows + list(zip(
+                slots[waiting].tolist(), sent_by_a[waiting].tolist(),
+                batch.tx_bytes[waiting].tolist(), batch.tx_packets[waiting].tolist(),
+                [0] * len(waiting), strict=True))
+            self._unnamed_rows = []
+            self._attribute_named(batch, np.flatnonzero(named), slots, sent_by_a, minute,
+                                  buckets, egress)
+            self._attribute_pending(pending, final, minute, buckets, egress)
+            self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
+            self.egress_by_destination = egress
+        del batch, slots, sent_by_a, pending  # a poll of 100,000 flows: free before writing
+        self._write_columns(buckets, row_budget)
+        self._finish_poll(buckets, stats, now)
+
+    def _resume_slot(self, slot: int, counters: FlowCounters, now: float) -> None:
+        """_resume for a conversation the columns have just opened."""
+        claimed = self.resumable.claim(counters, now)
+        if claimed is None:
+            return
+        conv, names = claimed
+        self.table.store(slot, conv)
+        self.attributor.resume(conv, names)
+        name_id = self.name_sets.intern(names, conv.oriented(prefer_local=True)[1][0])
+        self.table.cols["names_id"][slot] = self.table.cols["row_names_id"][slot] = name_id
+
+    def _rename(self, changed: Any) -> None:
+        """Name again the named conversations whose names may have changed: their owner or
+        orientation (`changed`), a hello or plaintext refinement, a DNS answer for them."""
+        table: LiveConversations = self.table
+        names_id = table.cols["names_id"]
+        names_id[changed] = -1
+        take = getattr(self.attributor, "take_renamed", None)
+        if take is not None:
+            cids, addrs = take()
+            for cid in cids:
+                slot = table.slot_of(cid)
+                if slot is not None:
+                    names_id[slot] = -1
+            if addrs:
+                names_id[table.slots_with_addresses(addrs)] = -1
+        n = table.size
+        stale = np.flatnonzero(table.cols["live"][:n] & table.cols["named"][:n]
+                               & (names_id[:n] < 0))
+        for slot in stale.tolist():
+            conv = table.conversation(slot)
+            names = self.attributor.names(conv)
+            names_id[slot] = self.name_sets.intern(names, conv.oriented(prefer_local=True)[1][0])
+
+    def _attribute_named(self, batch: FlowBatch, rows: Any, slots: Any, sent_by_a: Any,
+                         minute: int, buckets: dict[BucketKey, Volume],
+                         egress: dict[tuple[str, str, str], tuple[int, int]]) -> None:
+        """The rows of named conversations, summed per (names, direction) in arrays."""
+        if not len(rows):
+            return
+        table: LiveConversations = self.table
+        row_slots = slots[rows]
+        ids = table.cols["names_id"][row_slots].astype(np.int64)
+        outbound = table.outbound(row_slots, sent_by_a[rows])
+        groups, inverse = np.unique(ids * 2 + outbound, return_inverse=True)
+        nbytes = np.zeros(len(groups), np.uint64)
+        npackets = np.zeros(len(groups), np.uint64)
+        np.add.at(nbytes, inverse, batch.tx_bytes[rows])
+        np.add.at(npackets, inverse, batch.tx_packets[rows])
+        items = self.name_sets.items
+        for group, b, p in zip(groups.tolist(), nbytes.tolist(), npackets.tolist(), strict=True):
+            names, destination = items[group >> 1]
+            self._add_volume(buckets, egress, minute, names, destination, bool(group & 1), b, p)
+        if self.coverage is None:
+            return
+        crm = np.array([bool(items[i][0].crm_vendor) for i in range(len(items))], bool)
+        observed = np.flatnonzero(crm[ids] & outbound & (batch.tx_bytes[rows] > 0))
+        local_a = table.local_a(row_slots[observed])
+        for at, is_a in zip(observed.tolist(), local_a.tolist(), strict=True):
+            slot = int(row_slots[at])
+            end_a, end_b = table.ends(slot)
+            local, far = (end_a, end_b) if is_a else (end_b, end_a)
+            names = items[int(ids[at])][0]
+            self.coverage.observe(int(table.cols["family"][slot]), local, far, names.crm_vendor,
+                                  names.crm_instance, names.tenant, names.cgroup,
+                                  int(batch.tx_bytes[rows[at]]))
+
+    def _attribute_pending(self, pending: list[tuple[int, bool, int, int, int]], final: bool,
+                           minute: int, buckets: dict[BucketKey, Volume],
+                           egress: dict[tuple[str, str, str], tuple[int, int]]) -> None:
+        """Rows of conversations not named yet: named now, or after their hello."""
+        table: LiveConversations = self.table
+        live, named, names_id = (table.cols[c] for c in ("live", "named", "names_id"))
+        for slot, sent_by_a, nbytes, npackets, polls in pending:
+            if not live[slot]:
+                continue
+            conv = table.conversation(slot)
+            names = self.attributor.names(conv)
+            if not final and polls < NAMING_WAIT_POLLS and self._awaiting_hello(conv, names):
+                # its server name is a poll away: attributing by DNS now could
+                # name another instance behind the same address
+                self._unnamed_rows.append((slot, sent_by_a, nbytes, npackets, polls + 1))
+                continue
+            named[slot] = True
+            local, (remote, _), _, _ = conv.oriented(prefer_local=True)
+            name_id = names_id[slot] = self.name_sets.intern(names, remote)
+            destination = self.name_sets.items[name_id][1]
+            outbound = (conv.a if sent_by_a else conv.b) == local
+            self._add_volume(buckets, egress, minute, names, destination, outbound, nbytes,
+                             npackets)
+            if outbound and names.crm_vendor and self.coverage is not None and nbytes:
+                far = conv.b if local == conv.a else conv.a
+                self.coverage.observe(conv.family, local, far, names.crm_vendor,
+                                      names.crm_instance, names.tenant, names.cgroup, nbytes)
+
+    def _add_volume(self, buckets: dict[BucketKey, Volume],
+                    egress: dict[tuple[str, str, str], tuple[int, int]], minute: int,
+                    names: Any, destination: str, outbound: bool, nbytes: int,
+                    npackets: int) -> None:
+        vol = buckets.setdefault(BucketKey(minute, names.tenant, names.crm_vendor,
+                                           names.crm_instance, destination), Volume())
+        if not outbound:
+            vol.bytes_in += nbytes
+            vol.packets_in += npackets
+            return
+        vol.bytes_out += nbytes
+        vol.packets_out += npackets
+        dest = (names.tenant, names.crm_vendor or "", names.crm_instance or "")
+        if dest not in egress and not self.egress_series.admits(dest):
+            dest = OTHER_DESTINATION
+        b, p = egress.get(dest, (0, 0))
+        egress[dest] = (b + nbytes, p + npackets)
+
+    def _write_columns(self, buckets: dict[BucketKey, Volume], row_budget: int | None) -> None:
+        """The buckets, then the rows of new and renamed conversations in full, then the
+        counters of the other changed rows (at most `row_budget`, least recently written
+        first), FLOW_WRITE_CHUNK rows per transaction."""
+        table: LiveConversations = self.table
+        c = table.cols
+        with self.lock:
+            n = table.size
+            ids = c["names_id"][:n]
+            full = np.flatnonzero(c["live"][:n] & ((c["row_id"][:n] == 0) | (
+                (ids >= 0) & (ids != c["row_names_id"][:n])))).tolist()
+        for start in range(0, max(len(full), 1), FLOW_WRITE_CHUNK):
+            chunk = full[start : start + FLOW_WRITE_CHUNK]
+            with self.lock:
+                chunk = [s for s in chunk if c["live"][s]]
+                records = [self._slot_record(s) for s in chunk]
+            new_ids = self.store.write(buckets if start == 0 else {}, [r for r, _ in records])
+            with self.lock:
+                now_ns = time.monotonic_ns()
+                for slot, (rec, name_id) in zip(chunk, records, strict=True):
+                    if c["row_id"][slot] == 0:
+                        c["row_id"][slot] = new_ids.get(id(rec), 0)
+                    c["row_names_id"][slot] = name_id
+                    c["dirty"][slot], c["written_ns"][slot] = False, now_ns
+        with self.lock:
+            n = table.size
+            due = np.flatnonzero(c["live"][:n] & c["dirty"][:n] & (c["row_id"][:n] > 0))
+            if row_budget is not None and len(due) > row_budget:
+                due = due[np.argpartition(c["written_ns"][due], row_budget)[:row_budget]]
+        for start in range(0, len(due), FLOW_WRITE_CHUNK * 4):
+            with self.lock:
+                rows = self._counter_rows(due[start : start + FLOW_WRITE_CHUNK * 4])
+            self.store.update_flow_counters(rows)
+
+    def _slot_record(self, slot: int) -> tuple[dict[str, Any], int]:
+        """_record of a slot, with the names id its row will hold."""
+        conv = self.table.conversation(slot)
+        name_id = int(self.table.cols["names_id"][slot])
+        if name_id < 0:  # not named yet: the names known now
+            name_id = self.name_sets.intern(self.attributor.names(conv),
+                                            conv.oriented(prefer_local=True)[1][0])
+        return self._record(conv, self.name_sets.items[name_id][0]), name_id
+
+    def _counter_rows(self, slots: Any) -> list[tuple[Any, ...]]:
+        """Store.FLOW_COUNTER_FIELDS and the row id of each slot, oriented from this host;
+        the slots count as written."""
+        table: LiveConversations = self.table
+        c = table.cols
+        out_side = np.where(table.local_a(slots), 0, 1)
+        in_side = 1 - out_side
+        first = c["first"][slots].astype(np.float64)
+        first[first == 0] = np.inf
+        earliest = first.min(axis=1)
+        last = c["last"][slots].max(axis=1).astype(np.float64)
+        now_ns, now = time.monotonic_ns(), time.time()
+
+        def epoch(ns: Any) -> list[float]:
+            # kernel timestamps are CLOCK_MONOTONIC (_epoch); 0 (never) stays 0
+            values: list[float] = np.where(np.isfinite(ns) & (ns > 0),
+                                           now - (now_ns - ns) / 1e9, 0.0).tolist()
+            return values
+
+        uid = c["uid"][slots, out_side]
+        rows = list(zip(
+            c["bytes"][slots, out_side].tolist(), c["packets"][slots, out_side].tolist(),
+            c["bytes"][slots, in_side].tolist(), c["packets"][slots, in_side].tolist(),
+            epoch(earliest), epoch(last),
+            c["flags"][slots, out_side].tolist(), c["flags"][slots, in_side].tolist(),
+            [None if u == NO_UID else u for u in uid.tolist()],
+            c["row_id"][slots].tolist(), strict=True))
+        c["dirty"][slots] = False
+        c["written_ns"][slots] = now_ns
+        return rows
 
     def _write(self, buckets: dict[BucketKey, Volume], touched: list[Conversation]) -> None:
         """Store the buckets and the touched conversations' rows, FLOW_WRITE_CHUNK rows per
@@ -499,10 +786,11 @@ class Agent:
             self.table.adopt(conv)
             self.attributor.resume(conv, names)
 
-    def _record(self, conv: Conversation) -> dict[str, Any]:
-        """A conversation as a flow row, oriented from this host."""
+    def _record(self, conv: Conversation, names: Any = None) -> dict[str, Any]:
+        """A conversation as a flow row, oriented from this host (named now, or `names`)."""
         (src, sport), (dst, dport), o, i = conv.oriented(prefer_local=True)
-        names = self.attributor.names(conv)
+        if names is None:
+            names = self.attributor.names(conv)
         first = min(x for x in (o.first_seen_ns, i.first_seen_ns) if x) if (
             o.first_seen_ns or i.first_seen_ns) else 0
         return {
@@ -578,6 +866,17 @@ def reload_summary(old: LeaktapConfig, new: LeaktapConfig) -> dict[str, Any]:
         "enforcement_changed": old.enforcement != new.enforcement,
         "restart_required": ignored,  # other keys are read at start only
     }
+
+
+def _front_cache(probes: Any) -> Any:
+    """The drain of the kernel's front cache of established flows, when the programs
+    have one (lt_fcache): the columnar drain takes it with lt_flows."""
+    try:
+        probes.table("lt_fcache")
+    except KeyError:
+        return None
+    module = importlib.import_module("leaktap.controller.kernel.front_cache")
+    return module.FrontCache(probes)
 
 
 def _reload_logged(agent: Agent) -> None:

@@ -390,6 +390,22 @@ class Store:
                 raise
         return new_ids
 
+    FLOW_COUNTER_FIELDS = ("bytes_out", "packets_out", "bytes_in", "packets_in", "first_seen",
+                           "last_seen", "flags_out", "flags_in", "uid")
+
+    def update_flow_counters(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """Refresh the counters of existing flow rows, one transaction: tuples of
+        FLOW_COUNTER_FIELDS then the row id (the agent's poll; names unchanged)."""
+        sets = ", ".join(f"{f}=?" for f in self.FLOW_COUNTER_FIELDS)
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.executemany(f"UPDATE flows SET {sets} WHERE id=?", rows)
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+
     AUDIT_CALL_FIELDS = (
         "ts", "tenant", "crm_vendor", "crm_instance", "destination", "operation", "action",
         "method", "path", "request_bytes", "allowed", "protocol", "pid", "comm",

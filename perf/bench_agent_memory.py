@@ -55,7 +55,7 @@ from typing import Any
 
 from leaktap.controller.kernel.loader import KernelOptions, load
 from leaktap.controller.kernel.maps import MapReader
-from leaktap.controller.kernel.testrun import _libbpf, run_frame
+from leaktap.controller.kernel.testrun import _libbpf, _TestRunOpts, run_frame
 
 logger = logging.getLogger("perf.bench_agent_memory")
 
@@ -219,13 +219,21 @@ def generate(prog_id: int, stop: Any, sent: Any) -> None:
     fd = lib.bpf_prog_get_fd_by_id(prog_id)
     if fd < 0:
         raise OSError(-fd, f"opening program id {prog_id}")
-    frames = [flow_frame(n) for n in range(FLOWS)]
+    # one options struct, the frame's buffer swapped in: run_frame's per-call setup
+    # would hold the generator below 100,000 runs a second on a shared CPU
+    buffers = [ctypes.create_string_buffer(flow_frame(n), 54) for n in range(FLOWS)]
+    addresses = [ctypes.addressof(b) for b in buffers]
+    opts = _TestRunOpts()
+    opts.sz, opts.data_size_in, opts.repeat = ctypes.sizeof(_TestRunOpts), 54, 1
+    test_run, ref = lib.bpf_prog_test_run_opts, ctypes.byref(opts)
     while not stop.is_set():
         t = time.monotonic()
-        for fr in frames:
-            run_frame(fd, fr)
+        for address in addresses:
+            opts.data_in = address
+            if test_run(fd, ref) != 0:
+                raise OSError(ctypes.get_errno(), "BPF_PROG_TEST_RUN failed")
         with sent.get_lock():
-            sent.value += len(frames)
+            sent.value += len(addresses)
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
 
 
@@ -249,20 +257,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_agent(compile_mode: str, workdir: str) -> dict[str, Any]:
+def run_agent(drain: str, compile_mode: str, workdir: str) -> dict[str, Any]:
     """One whole-agent run; returns its memory samples and drain rate."""
     port = free_port()
-    config = os.path.join(workdir, f"leaktap-{compile_mode}.yaml")
+    config = os.path.join(workdir, f"leaktap-{drain}-{compile_mode}.yaml")
     with open(config, "w") as f:
         f.write(f"interfaces: [{HOST_IF}]\n"
                 f"listen: 127.0.0.1:{port}\n"
                 f"tokens: {{reader: [{TOKEN}]}}\n"
-                f"storage: {{path: {workdir}/lt-{compile_mode}.db}}\n"
+                f"storage: {{path: {workdir}/lt-{drain}-{compile_mode}.db}}\n"
                 f"kernel: {{flows_max: {FLOWS_MAX * 2}, pin_root: {PIN_ROOT}}}\n")
-    env = dict(os.environ, LT_COMPILE=compile_mode)
+    env = dict(os.environ, LT_COMPILE=compile_mode, LT_FLOW_DRAIN=drain)
+    log = open(f"/tmp/lt-bench-mem-agent-{drain}-{compile_mode}.log", "w")  # noqa: SIM115
     agent = subprocess.Popen([sys.executable, "-m", "leaktap.controller.commands.cli", "-v", "run",
                               "--config", config], env=env, stdout=subprocess.DEVNULL,
-                             stderr=open(f"/tmp/lt-bench-mem-agent-{compile_mode}.log", "w"))
+                             stderr=log)
     ctx = multiprocessing.get_context("fork")
     stop, sent = ctx.Event(), ctx.Value("q", 0)
     gen = None
@@ -308,7 +317,7 @@ def run_agent(compile_mode: str, workdir: str) -> dict[str, Any]:
     new_flows = 'leaktap_kernel_events_total{reason="cnt_flow_new"}'
     drained = (last.get(new_flows, 0.0) - first.get(new_flows, 0.0)) / elapsed
     return {
-        "mode": compile_mode, "started": started, "samples": samples,
+        "mode": f"{drain}/{compile_mode}", "drain": drain, "started": started, "samples": samples,
         "drained_per_s": drained, "sent": sent.value, "mappings": mappings,
         "conversations": last.get("leaktap_conversations", 0.0),
         "generated_per_s": sent.value / max(time.monotonic() - gen_started, 1e-9),
@@ -318,10 +327,11 @@ def run_agent(compile_mode: str, workdir: str) -> dict[str, Any]:
 def whole_agent() -> bool:
     w = sys.stdout.write
     results = []
-    modes = os.environ.get("BENCH_COMPILE", "child,in-process").split(",")
+    runs = [r.split("/") for r in os.environ.get("BENCH_RUNS", "columns/child,objects/child")
+            .split(",")]
     with veth_lab(), tempfile.TemporaryDirectory(prefix="lt-bench-mem-") as workdir:
-        for mode in modes:
-            results.append(run_agent(mode, workdir))
+        for drain, compile_mode in runs:
+            results.append(run_agent(drain, compile_mode, workdir))
     w(f"\nwhole agent (`leaktap run`, API + detectors + drains, one veth), {FLOWS} flows "
       f"per second for {AGENT_SECONDS} s, then {SAMPLES} samples; {os.cpu_count()} CPUs\n")
     w(f"{'compile':11s} {'idle RSS':>8s} {'VmRSS':>7s} {'anon':>6s} {'file':>6s} "
