@@ -11,8 +11,10 @@
  *   LT_PULL_HEADERS(ctx, len, &data, &data_end)  make up to LT_PULL_LEN header
  *                              bytes linear and reload the pointers; 0 on success
  *
- * Overhead: on an established flow a data packet costs two array updates, one
- * LRU hash lookup and (egress) one per-cgroup hash lookup. Payload bytes are
+ * Overhead: a data packet of an established flow costs three array lookups
+ * (totals, the front cache entry and its bank, lt_fcache.h) and a key compare;
+ * other packets one LRU hash lookup and (egress) one per-cgroup hash lookup
+ * more (enf_blocked adds one array lookup, lt_enforce.h). Payload bytes are
  * touched only for the first LT_PROBE_SEGS payload packets of a flow entry,
  * while a multi-segment hello is being followed, and for port-53 messages.
  */
@@ -60,31 +62,40 @@ static __always_inline void volume_add(struct lt_volume *v, __u32 len, __u32 seg
 }
 
 /**
- * totals_account - count every packet, parsed or not, by direction and
- * (egress) by cgroup. These maps never evict, so LRU flow evictions never
- * lose volume: the controller reports totals - attributed as unattributed.
+ * totals_account - count every packet, parsed or not, by direction. With the
+ * per-cgroup totals (cgroup_account) these never evict, so LRU flow evictions
+ * never lose volume: the controller reports totals - attributed as unattributed.
  */
-static __always_inline void totals_account(__u32 dir, __u64 cgroup_id, __u32 len, __u32 segs)
+static __always_inline void totals_account(__u32 dir, __u32 len, __u32 segs)
 {
 	struct lt_volume *t = lt_totals.lookup(&dir);
 
 	if (t)
 		volume_add(t, len, segs);
-	if (dir != LT_DIR_EGRESS)
-		return;
+}
+
+/**
+ * cgroup_account - add egress volume to its cgroup's total (lt_cgtot)
+ */
+static __always_inline void cgroup_account(__u64 cgroup_id, __u64 bytes, __u64 packets)
+{
 	struct lt_volume *c = lt_cgtot.lookup(&cgroup_id);
+
 	if (c) {
-		volume_add(c, len, segs);
+		c->bytes += bytes;
+		c->packets += packets;
 		return;
 	}
-	struct lt_volume init = { .bytes = len, .packets = segs };
+	struct lt_volume init = { .bytes = bytes, .packets = packets };
 	if (lt_cgtot.insert(&cgroup_id, &init)) {
 		/* -EEXIST: another CPU raced us; this CPU's slot is ours to set */
 		c = lt_cgtot.lookup(&cgroup_id);
-		if (c)
-			volume_add(c, len, segs);
-		else
+		if (c) {
+			c->bytes += bytes;
+			c->packets += packets;
+		} else {
 			stat_inc(LT_LOSS_CGROUP_FULL);
+		}
 	}
 }
 
@@ -135,6 +146,8 @@ static __always_inline struct lt_flow_val *flow_account(LT_CTX *ctx, struct lt_p
 	}
 	return v;
 }
+
+#include "lt_fcache.h"
 
 /**
  * emit_payload - send payload bytes [@start, @end) to user space as events of
@@ -665,9 +678,16 @@ static __always_inline int lt_handle(LT_CTX *ctx, void *data, void *data_end, __
 		}
 	}
 #endif
-	totals_account(dir, cgroup_id, pkt_len, segs);
+	totals_account(dir, pkt_len, segs);
 	if (clamped)
 		stat_inc(LT_PARSE_LEN_CLAMPED);
+#if LT_FCACHE
+	/* an established flow's data packet: counted in its front cache entry */
+	if (!err && fcache_hit(&p, pkt_len, segs))
+		return LT_ENFORCE && dir == LT_DIR_EGRESS && enf_blocked(&p) ? LT_DROP : LT_PASS;
+#endif
+	if (dir == LT_DIR_EGRESS)
+		cgroup_account(cgroup_id, pkt_len, segs);
 	if (err) {
 		stat_inc(-err);
 		/* IP without ports (fragments, ICMP, ...) is still a flow */
@@ -680,6 +700,12 @@ static __always_inline int lt_handle(LT_CTX *ctx, void *data, void *data_end, __
 	/* a blocked flow stays blocked: nothing after its hello leaves */
 	if (LT_ENFORCE && dir == LT_DIR_EGRESS && !err && enf_blocked(&p))
 		return LT_DROP;
+#if LT_FCACHE
+	/* nothing left to look at in this flow's payload: later packets take the cache */
+	if (v && !err && p.key.sport != DNS_PORT && p.key.dport != DNS_PORT &&
+	    (!probe_tls || v->probe_segs >= LT_PROBE_SEGS + LT_HELLO_SEGS_MAX))
+		fcache_fill(&p, v);
+#endif
 	if (!v || p.payload_len == 0)
 		return 0;
 

@@ -22,8 +22,17 @@
 
 /* Per-flow counters, drained by the controller every second. */
 LT_TABLE("lru_percpu_hash", struct lt_flow_key, struct lt_flow_val, lt_flows, LT_FLOWS_MAX);
-/* Per-cgroup egress totals: never evicted, never reset (monotonic). */
+/* Per-cgroup egress totals: never evicted, never reset (monotonic). A cgroup's
+ * total is its lt_cgtot entry plus its lt_cgdrained entry (see lt_fcache.h). */
 LT_TABLE("percpu_hash", __u64, struct lt_volume, lt_cgtot, LT_CGROUPS_MAX);
+/* The front cache of established flows (struct lt_fcache_ent) and its bank
+ * generation (written by the drain only), pinned: undrained volume survives
+ * a restart. */
+LT_TABLE("percpu_array", __u32, struct lt_fcache_ent, lt_fcache, 2 * LT_FCACHE_SLOTS);
+LT_TABLE("array", __u32, __u64, lt_fgen, 1);
+/* Egress volume the drain took out of the front cache, by cgroup: written by
+ * user space only (monotonic, like lt_cgtot). */
+LT_TABLE("hash", __u64, struct lt_volume, lt_cgdrained, LT_CGROUPS_MAX);
 /* Totals by direction, every packet, parsed or not (monotonic). */
 LT_TABLE("percpu_array", __u32, struct lt_volume, lt_totals, LT_DIR_MAX);
 /* Loss, parse-reject and event counters, indexed by enum lt_stat. */

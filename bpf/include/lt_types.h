@@ -196,6 +196,8 @@ enum lt_stat {
 	LT_CNT_ENF_BLOCKED_PKT,   /* later packets of a blocked flow dropped */
 	LT_LOSS_ENF_EVENT,        /* a decision not reported on the ring (still enforced) */
 	LT_LOSS_ENF_BLOCK_INSERT, /* a blocked flow not remembered (its hello still dropped) */
+	/* front cache of established flows (lt_fcache.h) */
+	LT_CNT_FCACHE_FOLD,       /* entries folded into lt_flows: another flow took the slot */
 	LT_STAT_MAX,
 };
 
@@ -250,6 +252,26 @@ struct lt_flow_val {
 struct lt_volume {
 	__u64 bytes;
 	__u64 packets;
+};
+
+/* Front cache of established flows (lt_fcache.h): per CPU, two banks of
+ * LT_FCACHE_SLOTS entries, bank = lt_fgen[0] & 1. A packet of a flow whose
+ * entry is here is counted in the entry only (not in lt_flows nor lt_cgtot);
+ * the kernel folds an entry into lt_flows and lt_cgtot when another flow takes
+ * its slot, and the drain (controller/kernel/front_cache.py) flips the bank,
+ * waits for running programs, then takes the idle bank: every byte is in
+ * exactly one of lt_flows, lt_cgtot, an entry, or (drained egress) lt_cgdrained. */
+#define LT_FCACHE_BITS 8
+#define LT_FCACHE_SLOTS (1 << LT_FCACHE_BITS)
+
+/* Value of lt_fcache: one flow's volume since its entry was filled. */
+struct lt_fcache_ent {
+	struct lt_flow_key key;   /* all zero: empty */
+	__u64 bytes;              /* counted here only (not yet in lt_flows, lt_cgtot) */
+	__u64 packets;
+	__u64 first_seen_ns;      /* of the lt_flows slot it was filled from */
+	__u32 uid;                /* as in lt_flow_val */
+	__u32 flags;
 };
 
 /* How far the kernel knows a followed hello (lt_hello_state.walk). */

@@ -21,6 +21,7 @@ from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel import abi
+from leaktap.controller.kernel.front_cache import CachedFlow, FrontCache
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,27 @@ def _merge_cpus(key: Any, per_cpu: Any, now_ns: int) -> FlowCounters | None:
 
 _NO_KEY = FlowKey(0, 0, 0, 0, "", "", 0, 0)
 
+
+def _merge_cached(out: list[FlowCounters], cached: list[CachedFlow], keys: dict[bytes, FlowKey],
+                  previous: dict[bytes, FlowKey], now_ns: int) -> None:
+    """Add the front cache's flows to the drained ones (same key: one flow)."""
+    index = {c.key: c for c in out}
+    for f in cached:
+        raw = bytes(f.key)
+        flow_key = keys.get(raw) or previous.get(raw) or key_from_ctypes(f.key)
+        keys[raw] = flow_key
+        c = index.get(flow_key)
+        if c is None:
+            c = index[flow_key] = FlowCounters(flow_key, f.tx_bytes, f.tx_packets,
+                                               f.first_seen_ns, now_ns, f.uid, f.flags)
+            out.append(c)
+            continue
+        c.tx_bytes += f.tx_bytes
+        c.tx_packets += f.tx_packets
+        c.flags |= f.flags
+        if f.first_seen_ns and (not c.first_seen_ns or f.first_seen_ns < c.first_seen_ns):
+            c.first_seen_ns, c.uid = f.first_seen_ns, f.uid
+
 # enum lt_sni_outcome -> name
 SNI_OUTCOMES = {0: "named", 1: "no_name", 2: "malformed", 3: "limit"}
 _OUTCOME_NAMES = tuple(SNI_OUTCOMES[i] for i in range(len(SNI_OUTCOMES)))
@@ -194,6 +216,7 @@ class MapReader:
             raise ProbeLoadError("lt_flow_key changed size: update maps.py's formats")
         self._stat_names = abi.stat_names()
         self._keys: dict[bytes, FlowKey] = {}
+        self._front = FrontCache(probes)
 
     def drain_flows(self) -> list[FlowCounters]:
         """Atomically take every flow entry out of the map."""
@@ -216,6 +239,11 @@ class MapReader:
             keys[raw] = flow_key
             merged.key = flow_key
             out.append(merged)
+        # then the front cache (lt_fcache.h): flows whose entries were drained above
+        # come back fresh (probed again) after this flip
+        cached = self._front.drain()
+        if cached:
+            _merge_cached(out, cached, keys, previous, now_ns)
         return out
 
     def drain_names(self) -> list[KernelName]:
@@ -286,6 +314,9 @@ class MapReader:
             # BCC yields a scalar key from its ctypes key array as a plain int
             cgroup_id = int(getattr(key, "value", key))
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+        for cgroup_id, (b, p) in self._front.cgroup_totals().items():  # drained from the cache
+            b0, p0 = out.get(cgroup_id, (0, 0))
+            out[cgroup_id] = (b0 + b, p0 + p)
         return out
 
     def remove_cgroups(self, cgroup_ids: list[int]) -> dict[int, tuple[int, int]]:
@@ -302,6 +333,9 @@ class MapReader:
             except KeyError:
                 continue
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
+        for cgroup_id, (b, p) in self._front.remove_cgroups(cgroup_ids).items():
+            b0, p0 = out.get(cgroup_id, (0, 0))
+            out[cgroup_id] = (b0 + b, p0 + p)
         return out
 
     def expire_hellos(self, max_age_ns: int) -> int:

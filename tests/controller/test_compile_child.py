@@ -32,6 +32,8 @@ pytestmark = pytest.mark.kernel
 
 ROOT = loader.BPFFS / "leaktap-test-child"
 COUNTING_MAPS = {"lt_flows", "lt_cgtot", "lt_totals", "lt_stats", "lt_hello",
+                 # the front cache of established flows and the volume drained from it
+                 "lt_fcache", "lt_fgen", "lt_cgdrained",
                  # the tail-call array: pinned so that the tail programs outlive the
                  # compile child (a prog array is emptied when its last user reference goes)
                  "lt_progs"}
