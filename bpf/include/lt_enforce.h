@@ -20,7 +20,7 @@
  *
  * Only hello and QUIC Initial packets run the verdict; a data packet pays one
  * array lookup (lt_blocked_on), plus the lt_blocked lookup only while some
- * flow is blocked. Includers define LT_ENFORCE 1 and
+ * flow is blocked (in the front cache, lt_fcache.h: once per flow and block). Includers define LT_ENFORCE 1 and
  * LT_ANCESTOR_CGROUP(ctx, level) (TC egress: there is a socket).
  */
 #ifndef __LT_ENFORCE_H
@@ -146,6 +146,11 @@ static __always_inline int enf_decide(struct lt_pkt *p, struct lt_sni_scratch *s
 	struct lt_blocked_flow b = { .ts_ns = d->ts_ns, .tenant = tenant, .reason = reason };
 	if (lt_blocked.update(&p->key, &b))
 		stat_inc(LT_LOSS_ENF_BLOCK_INSERT);
+	/* after the insert: front cache entries checked before it look again */
+	__u32 one = 1;
+	__u64 *blocks = lt_fgen.lookup(&one);
+	if (blocks)
+		__sync_fetch_and_add(blocks, 1);
 	__u32 zero = 0;
 	__u32 *on = lt_blocked_on.lookup(&zero);
 	if (on && !*on)

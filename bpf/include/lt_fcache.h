@@ -20,8 +20,8 @@
  *    volume, adds their egress volume to lt_cgdrained and zeroes them.
  * A filled slot only ever takes packets without SYN/FIN/RST (its flags are
  * fixed) of a flow whose lt_flows slot on this CPU has no probe budget left,
- * and never DNS: those still need the full path. Blocked flows are still
- * looked up (enf_blocked) on every packet.
+ * and never DNS: those still need the full path. While some flow is blocked,
+ * an entry looks lt_blocked up once after each block (fcache_blocked).
  */
 #ifndef __LT_FCACHE_H
 #define __LT_FCACHE_H
@@ -67,18 +67,18 @@ static __always_inline struct lt_fcache_ent *fcache_entry(struct lt_pkt *p)
 
 /**
  * fcache_hit - count the packet in its flow's entry if it has one
- * Returns 1 when counted (the caller is done with the flow), else 0.
+ * Returns the entry when counted (the caller is done with the flow), else NULL.
  */
-static __always_inline int fcache_hit(struct lt_pkt *p, __u32 len, __u32 segs)
+static __always_inline struct lt_fcache_ent *fcache_hit(struct lt_pkt *p, __u32 len, __u32 segs)
 {
 	if (p->tcp_flags & (LT_TCP_SYN | LT_TCP_FIN | LT_TCP_RST))
-		return 0; /* they set flow flags */
+		return NULL; /* they set flow flags */
 	struct lt_fcache_ent *e = fcache_entry(p);
 	if (!e || !fcache_key_eq(&e->key, &p->key))
-		return 0;
+		return NULL;
 	e->bytes += len;
 	e->packets += segs;
-	return 1;
+	return e;
 }
 
 /**
@@ -129,6 +129,32 @@ static __always_inline void fcache_fill(struct lt_pkt *p, struct lt_flow_val *v)
 	e->first_seen_ns = v->first_seen_ns;
 	e->uid = v->uid;
 	e->flags = v->flags;
+	e->blk_seq = 0;
+}
+
+/**
+ * fcache_blocked - enf_blocked for a packet counted in entry @e: while flows are
+ * blocked, lt_blocked is looked up once per entry and block, not per packet
+ */
+static __always_inline int fcache_blocked(struct lt_fcache_ent *e, struct lt_pkt *p)
+{
+	__u32 zero = 0, one = 1;
+	__u32 *on = lt_blocked_on.lookup(&zero);
+
+	if (!LT_ENFORCE || !on || !*on)
+		return 0;
+	__u64 *blocks = lt_fgen.lookup(&one);
+	if (!blocks)
+		return enf_blocked(p);
+	/* read before the lookup: a block after it changes the count (enf_decide
+	 * counts after its insert), so this entry looks again */
+	__u64 seen = *(volatile __u64 *)blocks;
+	if (e->blk_seq == seen + 1)
+		return 0;
+	if (enf_blocked(p))
+		return 1;
+	e->blk_seq = seen + 1;
+	return 0;
 }
 
 #endif /* __LT_FCACHE_H */

@@ -683,8 +683,9 @@ static __always_inline int lt_handle(LT_CTX *ctx, void *data, void *data_end, __
 		stat_inc(LT_PARSE_LEN_CLAMPED);
 #if LT_FCACHE
 	/* an established flow's data packet: counted in its front cache entry */
-	if (!err && fcache_hit(&p, pkt_len, segs))
-		return LT_ENFORCE && dir == LT_DIR_EGRESS && enf_blocked(&p) ? LT_DROP : LT_PASS;
+	struct lt_fcache_ent *fc = err ? NULL : fcache_hit(&p, pkt_len, segs);
+	if (fc)
+		return dir == LT_DIR_EGRESS && fcache_blocked(fc, &p) ? LT_DROP : LT_PASS;
 #endif
 	if (dir == LT_DIR_EGRESS)
 		cgroup_account(cgroup_id, pkt_len, segs);

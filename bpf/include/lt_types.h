@@ -260,7 +260,8 @@ struct lt_volume {
  * the kernel folds an entry into lt_flows and lt_cgtot when another flow takes
  * its slot, and the drain (controller/kernel/front_cache.py) flips the bank,
  * waits for running programs, then takes the idle bank: every byte is in
- * exactly one of lt_flows, lt_cgtot, an entry, or (drained egress) lt_cgdrained. */
+ * exactly one of lt_flows, lt_cgtot, an entry, or (drained egress) lt_cgdrained.
+ * lt_fgen[1] counts the flows enforcement blocked (lt_enforce.h). */
 #define LT_FCACHE_BITS 8
 #define LT_FCACHE_SLOTS (1 << LT_FCACHE_BITS)
 
@@ -272,6 +273,9 @@ struct lt_fcache_ent {
 	__u64 first_seen_ns;      /* of the lt_flows slot it was filled from */
 	__u32 uid;                /* as in lt_flow_val */
 	__u32 flags;
+	__u64 blk_seq;            /* 1 + lt_fgen[1] when this flow was last found not blocked
+				   * (0: never looked up): lt_blocked is looked up again only
+				   * after another block */
 };
 
 /* How far the kernel knows a followed hello (lt_hello_state.walk). */

@@ -16,6 +16,14 @@ from leaktap.controller.kernel.hostfs import find_cgroup2_mount
 from leaktap.controller.kernel.maps import MapReader
 from tests.bpf.harness import Harness
 from tests.bpf.lt_frames import tcp4, tcp6
+from tests.bpf.test_tc_enforce import (  # noqa: F401  (enf: the fixture)
+    BLOCK_SRC,
+    TC_ACT_OK,
+    TC_ACT_SHOT,
+    Enforced,
+    enf,
+    hello,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -166,3 +174,24 @@ def test_a_restart_drains_the_cached_volume_of_the_pinned_maps(pin_root: Path) -
         assert reader.drain_flows() == []
     finally:
         second.close()
+
+
+def test_a_cached_flow_blocked_on_another_cpu_is_dropped_here(enf: Enforced) -> None:  # noqa: F811
+    cpus = sorted(range(os.cpu_count() or 1))
+    assert len(cpus) >= 2, "needs two CPUs: a flow cached on one, blocked on the other"
+    fd = enf.tc.probes.fd("egress")
+    flow = {"src": BLOCK_SRC, "sport": 50077}
+    data = tcp4(bytes(200), seq=9000, **flow)
+
+    # another flow blocked first: the switch is on, so cached packets look lt_blocked up
+    retvals, _, _ = enf.run([hello(b"Evil.My.Salesforce.com", src=BLOCK_SRC, sport=50078)])
+    assert retvals == [TC_ACT_SHOT]
+    os.sched_setaffinity(0, {cpus[0]})
+    assert {testrun.run_frame(fd, data).retval for _ in range(BUDGET + 10)} == {TC_ACT_OK}
+    assert cached_packets(enf.tc, 50077) == 9  # found not blocked once, then not again
+    os.sched_setaffinity(0, {cpus[1]})  # its lt_flows slot here is fresh: the hello is read
+    assert testrun.run_frame(fd, hello(b"Evil.My.Salesforce.com", **flow)).retval == TC_ACT_SHOT
+    os.sched_setaffinity(0, {cpus[0]})
+
+    assert testrun.run_frame(fd, data).retval == TC_ACT_SHOT  # in the cache, still dropped
+    assert cached_packets(enf.tc, 50077) == 10
