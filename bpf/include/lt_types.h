@@ -423,10 +423,12 @@ enum lt_sni_outcome {
 
 /* Kernel-read server names, drained in batches by the controller (not the
  * ring): one per flow whose single-segment or split hello was read. Sized for
- * two seconds of 50,000 new flows/s (a drain may take most of a poll); entries
- * are allocated on use (~330 B each), so an idle node pays nothing. */
+ * five seconds of 50,000 new flows/s: the agent drains names after the flows,
+ * and on a loaded 2-CPU node that flow drain alone took 0.9-2 s of a poll
+ * (perf/bench_kernel_naming.py); a full map sends the hello to the ring.
+ * Entries are allocated on use (~330 B each), so an idle node pays nothing. */
 #ifndef LT_NAMES_MAX
-#define LT_NAMES_MAX 131072
+#define LT_NAMES_MAX 262144
 #endif
 #define LT_NAMES_MAX_FLOOR 16
 #define LT_NAMES_MAX_CEIL 4194304

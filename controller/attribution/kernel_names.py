@@ -40,16 +40,17 @@ class KernelNames:
 
     def hello(self, reading: KernelName) -> ClientHello | None:
         """The hello a named reading stands for (shared per name), else None; counted."""
-        outcome = reading.outcome
-        if outcome == "named" and reading.name is not None:
+        return self.hello_of(reading.name, reading.outcome, reading.ech)
+
+    def hello_of(self, name: str | None, outcome: str, ech: bool) -> ClientHello | None:
+        """hello() of a reading's fields (the agent's batch path: no object per reading)."""
+        if outcome == "named" and name is not None:
             self.stats.named += 1
-            key = (reading.name, reading.ech)
-            hello = self._hellos.get(key)
+            hello = self._hellos.get((name, ech))
             if hello is None:
                 if len(self._hellos) >= _HELLOS_MAX:
                     self._hellos.clear()
-                hello = self._hellos[key] = ClientHello(
-                    reading.name, reading.ech, (), 0, (), reading.name)
+                hello = self._hellos[name, ech] = ClientHello(name, ech, (), 0, (), name)
             return hello
         if outcome == "no_name":
             self.stats.no_name += 1

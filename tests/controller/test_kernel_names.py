@@ -60,3 +60,23 @@ def test_flows_to_one_host_share_one_hello_stand_in() -> None:
     second = a.destination(4, ("198.18.0.1", 40001), ("198.19.0.2", 443))
     assert first[0] == second[0] == "acme.my.salesforce.com"
     assert len(a.kernel_names._hellos) == 1
+
+
+def test_a_drained_batch_names_as_one_reading_at_a_time_does() -> None:
+    rows = [(4, 6, "198.18.0.1", 40000 + i, "198.19.0.2", 443, name, outcome, False, 0, 0,
+             1000, 1, 2, 3)
+            for i, (name, outcome) in enumerate([("acme.my.salesforce.com", "named"),
+                                                 (None, "malformed"), (None, "no_name")])]
+    batch, single = Attributor(LeaktapConfig(), live=True), Attributor(LeaktapConfig(), live=True)
+
+    named = batch.on_kernel_names(rows)
+    for r in rows:
+        single.on_kernel_name(KernelName(FlowKey(0, 4, 6, 0, r[2], r[4], r[3], r[5]), r[6], r[7],
+                                         r[8], 1000, 1, 2, 3))
+
+    assert named == [(4, 6, ("198.18.0.1", 40000), ("198.19.0.2", 443))]
+    for port in (40000, 40001, 40002):
+        ends = (("198.18.0.1", port), ("198.19.0.2", 443))
+        assert batch.destination(4, *ends) == single.destination(4, *ends)
+    assert batch.kernel_names.stats == single.kernel_names.stats
+    assert batch.samples["kernel_name"] == 3

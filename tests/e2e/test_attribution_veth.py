@@ -89,6 +89,9 @@ def test_flows_attributed_by_cgroup_uid_cidr_and_dns(tmp_path: Path) -> None:
                 by_tenant = client.get("/v1/flows?tenant=acme", headers=auth).json()["flows"]
                 tenants = client.get("/v1/tenants", headers=auth).json()["tenants"]
                 volume = client.get("/v1/tenants/globex/volume", headers=auth).json()
+                metrics = client.get("/metrics", headers=auth).text
+                kernel_names = agent.attributor.kernel_names.stats
+                stats = dict(agent.stats)
             finally:
                 agent.stop()
     finally:
@@ -109,6 +112,14 @@ def test_flows_attributed_by_cgroup_uid_cidr_and_dns(tmp_path: Path) -> None:
     assert (initech["crm_vendor"], initech["crm_instance"]) == ("zendesk", "initech")
     assert initech["src"] == "198.18.30.11"
     assert [f["tenant"] for f in by_tenant] == ["acme"]
+    # issue 12: the two SNI hellos were named in the kernel (lt_names), not from the ring;
+    # the SNI-less one went to the ring, counted by reason
+    assert (kernel_names.named, kernel_names.no_name) == (2, 1)
+    assert (stats["cnt_sni_named"], stats["cnt_sni_no_name"], stats["cnt_sni_to_ring"]) == (
+        2, 1, 1)
+    assert 'leaktap_kernel_events_total{reason="cnt_sni_to_ring"} 1.0' in metrics
+    assert 'leaktap_userspace_dropped_total{reason="malformed",stage="kernel_names"} 0.0' in (
+        metrics)
     counted = sum(f["bytes_out"] for f in tls.values())
     assert 3 * UPLOAD < counted
     assert abs(counted - tx) <= 0.01 * tx, (counted, tx)
