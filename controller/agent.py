@@ -420,7 +420,7 @@ class Agent:
             return
         flows = self.reader.drain_flows()
         # server names the kernel read (issue 12): in batches, after the flows they name
-        kernel_names = self.reader.drain_names()
+        kernel_names = self.reader.drain_name_rows()
         stats = self.reader.stats()
         totals = self.reader.totals()
         cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
@@ -432,8 +432,7 @@ class Agent:
             egress = dict(self.egress_by_destination)
             minute = minute_of(now)
             pending, self._unnamed = self._unnamed, []
-            for kernel_name in kernel_names:
-                self.attributor.on_kernel_name(kernel_name)
+            self.attributor.on_kernel_names(kernel_names)
             for counters in flows:
                 self._resume(counters, now)
                 conv = self.table.add(counters)
@@ -540,7 +539,7 @@ class Agent:
         names may have changed; everything else is folded in with array operations."""
         batch = self.flow_drain.drain() if self.flow_drain is not None else (
             FlowBatch.from_counters(self.reader.drain_flows()))
-        kernel_names = self.reader.drain_names()
+        kernel_names = self.reader.drain_name_rows()
         stats = self.reader.stats()
         totals = self.reader.totals()
         cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
@@ -551,8 +550,7 @@ class Agent:
         with self.lock:
             egress = dict(self.egress_by_destination)
             minute = minute_of(now)
-            for kernel_name in kernel_names:
-                self.attributor.on_kernel_name(kernel_name)
+            self.attributor.on_kernel_names(kernel_names)
             slots, sent_by_a, created = table.locate(batch)
             if self.resumable:
                 for i in created:

@@ -35,7 +35,7 @@ from leaktap.controller.attribution.flows import (
 )
 from leaktap.controller.kernel.flow_batch import IDENT, U64_MAX, FlowBatch
 from leaktap.controller.kernel.flow_batch import addr_text as _addr_text
-from leaktap.controller.kernel.maps import KernelName
+from leaktap.controller.kernel.maps import KernelName, NameRow
 from leaktap.controller.kernel.ringbuf import Sample
 
 Array = npt.NDArray[Any]
@@ -442,6 +442,11 @@ class TrackedAttributor(Attributor):
     def on_kernel_name(self, name: KernelName) -> None:
         super().on_kernel_name(name)
         self.renamed.add(conversation_id(name.key))
+
+    def on_kernel_names(self, rows: list[NameRow]) -> list[ConversationId]:
+        named = super().on_kernel_names(rows)
+        self.renamed.update(named)
+        return named
 
     def refine_instance(self, family: int, local: tuple[str, int], remote: tuple[str, int],
                         vendor: str, instance: str, proto: int = 6) -> bool:

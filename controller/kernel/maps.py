@@ -174,6 +174,16 @@ class KernelName:
 NameRow = tuple[int, int, str, int, str, int, str | None, str, bool, int, int, int, int, int,
                 int]
 
+
+
+def name_row(name: KernelName) -> NameRow:
+    """A KernelName as the NameRow drain_name_rows gives for it (for readers that hold
+    objects, such as test doubles)."""
+    k = name.key
+    return (k.family, k.proto, k.src, k.sport, k.dst, k.dport, name.name, name.outcome,
+            name.ech, k.cgroup_id, k.dir, name.uid, name.seq, name.ts_ns, name.ifindex)
+
+
 # struct lt_flow_key and the head of struct lt_name_rec as bytes (the drain parses
 # lt_names chunks without a ctypes object per entry); checked against the types BCC
 # derived from the header when a MapReader opens the map

@@ -12,7 +12,7 @@ from leaktap.controller import agent as agent_module
 from leaktap.controller.agent import Agent
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import parse_config
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName, NameRow, name_row
 from leaktap.controller.storage import Store
 
 
@@ -38,6 +38,9 @@ class _Flows:
 
     def drain_names(self) -> list[KernelName]:
         return []
+
+    def drain_name_rows(self) -> list[NameRow]:
+        return [name_row(n) for n in self.drain_names()]
 
     def stats(self) -> dict[str, int]:
         return {}

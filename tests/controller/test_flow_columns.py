@@ -18,7 +18,7 @@ from leaktap.controller.attribution.flows import FF_SYN
 from leaktap.controller.attribution.live import LiveConversations, TrackedAttributor
 from leaktap.controller.config import parse_config
 from leaktap.controller.kernel.flow_batch import FlowBatch
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName, NameRow, name_row
 from leaktap.controller.storage import Store
 
 CONFIG = """
@@ -44,6 +44,9 @@ class _Script:
 
     def drain_names(self) -> list[KernelName]:
         return self.polls[self.at][1] if self.at < len(self.polls) else []
+
+    def drain_name_rows(self) -> list[NameRow]:
+        return [name_row(n) for n in self.drain_names()]
 
     def stats(self) -> dict[str, int]:
         return {}
