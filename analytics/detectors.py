@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
-SPIKE, BURST, DRIP, RATIO, WINDOW = "spike", "burst", "drip", "ratio", "window"
+SPIKE, BURST, DRIP, RATIO, WINDOW, BATCH = "spike", "burst", "drip", "ratio", "window", "batch"
 _SLOW_K = 0.25  # slow CUSUM, only used to date the start of a drip
 _LEVEL_LIMIT = 3.0  # the growth level never claims more than e^3 = 20x
 
@@ -138,6 +138,20 @@ class _SlotCache:
                                 log_mean[(s + 1) % HOURS_PER_WEEK])
             peak |= (log_mean[s] - around > math.log(1.5)) & (fit.weeks[s, :n] > 0)
         self.peak_slot = peak | batch_slot
+        # the weekly batch test (issue 18.3) on a slot that is a batch slot itself: its
+        # usual bytes above the ordinary traffic around it (the quieter neighbour's mean)
+        gap_self = np.log(fit.hour_mean_raw[slot, :n] + floor) - fit.center[slot, :n]
+        around_self = np.maximum(log_mean[(slot - 1) % HOURS_PER_WEEK],
+                                 log_mean[(slot + 1) % HOURS_PER_WEEK])
+        batch_self = ((gap_self > skew) | (log_mean[slot] - around_self > math.log(1.5))) & (
+            weeks[slot, :n] >= vol.scale_min_weeks)
+        grown = np.exp(level)
+        self.batch_base = np.minimum(fit.hour_mean_raw[(slot - 1) % HOURS_PER_WEEK, :n],
+                                     fit.hour_mean_raw[(slot + 1) % HOURS_PER_WEEK, :n]) * grown
+        self.batch_usual = MINUTES_PER_HOUR * np.maximum(
+            fit.hour_mean_raw[slot, :n] * grown - self.batch_base, 0.0)
+        self.batch_tested = batch_self & (self.batch_usual > 0) & vol.batch_enabled
+        self.batch_noise = MINUTES_PER_HOUR * self.batch_base * fit.sigma_level[slot, :n]
         # the window bank learns from a week of history on, but tests only once the slot's
         # level noise is measured (two weeks: one week has no week-to-week spread)
         min_weeks = vol.scale_min_weeks
@@ -175,6 +189,7 @@ class VolumeScorer:
     is_total: BoolArray
     alarm_hour: BoolArray
     suspect_hour: BoolArray  # the window bank suspected the series this hour
+    hour_sum: FloatArray  # bytes out since the open hour's start (the weekly batch test)
     ring_out: FloatArray  # (ring_len, series): bytes out of the last minutes
     ring_exp: FloatArray  # (ring_len, series): expected bytes of the same minutes
     ring_in: FloatArray  # (ratio window, series)
@@ -206,6 +221,7 @@ class VolumeScorer:
                 vol.scale_windows_minutes, vol.scale_alpha, capacity,
                 vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, vol.scale_level_noise_share,
+                vol.scale_record_margin, by_hour=vol.scale_by_hour,
             ) if vol.scale_enabled else None
         )
         # the share-of-tenant bank: the tenant's common swings cancel, so no level-noise floor
@@ -230,7 +246,7 @@ class VolumeScorer:
             "slow": ((), 0.0), "slow_start": ((), 0), "level": ((), 0.0),
             "cold_mean": ((), 0.0), "cold_init": ((), False), "first_minute": ((), 0),
             "seasonal_run": ((), 0), "is_total": ((), False), "alarm_hour": ((), False),
-            "suspect_hour": ((), False),
+            "suspect_hour": ((), False), "hour_sum": ((), 0.0),
             "ring_out": ((length,), 0.0), "ring_exp": ((length,), 0.0),
             "ring_in": ((self.ratio_window,), 0.0), "sums_out": ((k,), 0.0),
             "sums_exp": ((k,), 0.0), "ratio_out": ((), 0.0), "ratio_in": ((), 0.0),
@@ -419,7 +435,10 @@ class VolumeScorer:
             drip_score[where] = np.maximum(drip_score[where], dz[hit] / vol.drip_z)
             drip[where] = True
         ratio = self._score_ratio(x, y, cache, warm)
-        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm, total_of)
+        minute_of_hour = (ts // 60) % MINUTES_PER_HOUR
+        batch, batch_score, batch_expected = self._score_batch(x, minute_of_hour, cache, warm)
+        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm, total_of,
+                                (ts // 3600) % 24)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
 
@@ -433,7 +452,7 @@ class VolumeScorer:
             self.cold_init[cold] = True
         self.minute_index += 1
 
-        alarm = spike | burst
+        alarm = spike | burst | batch
         if drip is not None:
             alarm |= drip
         if ratio is not None:
@@ -450,6 +469,7 @@ class VolumeScorer:
         is_spike, is_burst = spike[index], burst[index]
         is_drip = drip[index] if drip is not None else np.zeros(count, dtype=bool)
         is_bank = in_bank[index]
+        is_batch = batch[index]
         ratio_at = ratio[index] if ratio is not None else np.zeros(count)
         # the window bank's view of each alarmed series (zero where it did not fire)
         bank_score, bank_window = np.zeros(count), np.ones(count, dtype=np.int64)
@@ -462,16 +482,18 @@ class VolumeScorer:
         burst_score = np.where(is_burst, cusum[index] / vol.burst_h, 0.0)
         d_score = drip_score[index] if drip_score is not None else np.zeros(count)
         # each series is told by the detector with the strongest evidence
-        scores = np.stack([spike_score, burst_score, d_score, bank_score, ratio_at])
+        scores = np.stack([spike_score, burst_score, d_score, bank_score, ratio_at,
+                           batch_score[index]])
         best = scores.argmax(axis=0)
-        names = (SPIKE, BURST, DRIP, WINDOW, RATIO)
+        names = (SPIKE, BURST, DRIP, WINDOW, RATIO, BATCH)
         detector = [names[b] for b in best.tolist()]
         run_start = self.run_start[index]
         window_start = ts - (bank_window - 1) * 60
         first_ts = np.where(
-            is_spike | is_burst, run_start,
+            best == 5, ts - minute_of_hour * 60,
+            np.where(is_spike | is_burst, run_start,
             np.where(is_drip, drip_first[index] if drip_first is not None else ts,
-                     np.where(is_bank, window_start, ts - (self.ratio_window - 1) * 60)),
+                     np.where(is_bank, window_start, ts - (self.ratio_window - 1) * 60))),
         )
         score = scores.max(axis=0)
         run = run_excess[index]
@@ -490,10 +512,16 @@ class VolumeScorer:
             judged = np.where(is_d, drip_window[index], judged)
             window_observed = np.where(is_d, drip_observed[index], window_observed)
             window_expected = np.where(is_d, drip_expected[index], window_expected)
+        # the batch test judges the hour so far against the slot's usual batch
+        is_b = best == 5
+        judged = np.where(is_b, minute_of_hour + 1, judged)
+        window_observed = np.where(is_b, self.hour_sum[index], window_observed)
+        window_expected = np.where(is_b, batch_expected[index], window_expected)
+        excess_bytes = np.where(is_b, self.hour_sum[index] - batch_expected[index], excess_bytes)
         slot = hour_of_week(ts // 3600)
         return VolumeAlarms(
             index=index, detector=detector, first_ts=first_ts.astype(np.int64), score=score,
-            active=(z[index] >= 1.0) | (ratio_at > 0) | is_bank, observed=x[index],
+            active=(z[index] >= 1.0) | (ratio_at > 0) | is_bank | is_batch, observed=x[index],
             expected=expected[index], excess=excess_bytes, z=z[index],
             seasonal=seasonal[index], weeks=self.fit.weeks[slot, index].astype(np.int64),
             level=self.level[index], window=judged.astype(np.int64),
@@ -503,7 +531,7 @@ class VolumeScorer:
     def _score_bank(
         self, x: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
         w: float, cache: _SlotCache, scorable: BoolArray, warm: BoolArray,
-        total_of: IntArray | None,
+        total_of: IntArray | None, hour_of_day: int,
     ) -> BankHits | None:
         """One minute of the window bank, on seasonal series only (cold ones have no fit),
         and of the share-of-tenant bank on destinations (merged: the stronger window)."""
@@ -521,10 +549,14 @@ class VolumeScorer:
         # counting them would move a window's mean with the share of idle minutes in it
         watched = watched & (x > 0)
         mean = np.maximum(cache.mean_a + w * cache.mean_d, 0.0)
-        hits = self.bank.step(self.minute_index, u, x, mean, cache.hour_mean, watched,
+        # the short windows' bytes must beat the neighbouring hours' mean only around a
+        # batch (its timing jitter): elsewhere that would hide a burst on a ramp-up hour
+        wide = np.where(cache.peak_slot, cache.hour_mean, mean)
+        hits = self.bank.step(self.minute_index, u, x, mean, wide, watched,
                               warm & cache.mature,
                               float(vol.min_excess_bytes), self._bank_min_ratio,
-                              np.sqrt(cache.spread_level_sq) * inv_sigma)
+                              np.sqrt(cache.spread_level_sq) * inv_sigma,
+                              hour_of_day=hour_of_day)
         self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
         if self.share_bank is None or total_of is None:
             return hits
@@ -564,6 +596,35 @@ class VolumeScorer:
             float(vol.min_excess_bytes), self._share_min_ratio, np.zeros(n))
         self.suspect_hour[:n] |= self.share_bank.suspect_run[:n] > 0
         return hits
+
+    def _score_batch(
+        self, x: FloatArray, minute_of_hour: int, cache: _SlotCache, warm: BoolArray,
+    ) -> tuple[BoolArray, FloatArray, FloatArray]:
+        """The weekly batch (issue 18.3): in a batch slot, the bytes of the hour so far above
+        the ordinary traffic around the batch, against the slot's usual batch. Returns the
+        series in alarm, their score (>= 1) and the bytes expected for the hour so far."""
+        vol, n = self.settings.volume, self.n
+        hour_sum = self.hour_sum[:n]
+        hour_sum += x
+        minutes = minute_of_hour + 1
+        base = cache.batch_base * minutes
+        excess = hour_sum - base
+        usual = cache.batch_usual
+        hit = (
+            cache.batch_tested & warm & (excess >= vol.batch_min_ratio * usual)
+            & (excess - usual >= vol.batch_z * cache.batch_noise)
+            & (excess - usual >= vol.min_excess_bytes)
+        )
+        score = np.where(hit, excess / np.maximum(vol.batch_min_ratio * usual, 1.0), 0.0)
+        return hit, score, base + usual
+
+    def suspected(self) -> BoolArray:
+        """Per series: a window of a bank is under suspicion this minute."""
+        n = self.n
+        out = np.zeros(n, dtype=bool)
+        for bank in self._banks():
+            out |= bank.suspect_run[:n] > 0
+        return out
 
     def forget_recent(self, series: IntArray) -> None:
         """After an episode: its minutes still fill the windows, so re-arm the windows only
@@ -622,6 +683,7 @@ class VolumeScorer:
         self.level[:n] = np.clip(level, -_LEVEL_LIMIT, _LEVEL_LIMIT)
         self.alarm_hour[:n] = False
         self.suspect_hour[:n] = False
+        self.hour_sum[:n] = 0.0
         self._cache = None
         newest = self.minute_index - 1
         for k, window in enumerate(self.windows):

@@ -42,6 +42,11 @@ U, OUT, EXP, COUNT, EXP_WIDE = range(5)  # rows of the summed quantities
 ROWS = 5
 MIN_LEARNED_MINUTES = 1440
 SUSPECT_WEIGHT = 0.25  # learning rate of the levels while a series is under suspicion
+RECORD_DAYS = 7  # days of the series' own record of window scores (before today)
+DAY_MINUTES = 1440
+HOURS_PER_DAY = 24
+HOUR_MIN_DAYS = 4  # days an hour-of-day scale learns before it is used
+HOUR_SHARE = 0.5  # an hour-of-day scale is never below this share of the all-day one
 
 
 def thresholds(windows: list[int], alpha: float) -> FloatArray:
@@ -70,7 +75,11 @@ class ScaleBank:
     def __init__(
         self, windows: list[int], alpha: float, capacity: int, ref_halflife: float,
         scale_halflife: float, suspect_fraction: float, freeze_limit: int, level_share: float,
+        record_margin: float = 0.0, record_days: int = RECORD_DAYS, by_hour: bool = False,
     ) -> None:
+        """`record_margin`: a window pages only above this multiple of the highest score it
+        reached on the `record_days` days before today (0: no such test). `by_hour`: each
+        window's scale is learned per hour of the day as well (see `_hour_scale`)."""
         self.windows = sorted(windows)
         self.short = [w for w in self.windows if w <= BLOCK]
         self.long = [w for w in self.windows if w > BLOCK]
@@ -100,8 +109,19 @@ class ScaleBank:
         self._is_short = (np.array(self.windows) <= BLOCK)[:, None]
         self.ref = np.zeros(0)
         self.scale = np.zeros((k, 0))
+        # per window and UTC hour of the day the window ends at: the scale learned on those
+        # windows alone, and how many minutes it has learned from
+        self.by_hour = by_hour
+        self.hour_scale = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
+        self.hour_learned = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
         self.learned = np.zeros((k, 0))
         self.suspect_run = np.zeros(0, dtype=np.int64)
+        # the series' own record: per window, the highest tested score of each of the last
+        # days (a ring, today's row included) and the highest of the days before today
+        self.record_margin = record_margin
+        self.day_max = np.full((k, record_days + 1, 0), -np.inf)
+        self.record = np.full((k, 0), -np.inf)
+        self._day = 0
         # diagnostics only (perf/diagnose_subtle.py): called each minute with the bank's view
         self.trace: Callable[[int, dict[str, np.ndarray]], None] | None = None
         self.grow(capacity)
@@ -117,7 +137,9 @@ class ScaleBank:
         self.short_sums, self.long_sums = wider(self.short_sums), wider(self.long_sums)
         self.open_block, self.ref = wider(self.open_block), wider(self.ref)
         self.scale = wider(self.scale, 1.0)
+        self.hour_scale, self.hour_learned = wider(self.hour_scale, 1.0), wider(self.hour_learned)
         self.learned, self.suspect_run = wider(self.learned), wider(self.suspect_run)
+        self.day_max, self.record = wider(self.day_max, -np.inf), wider(self.record, -np.inf)
         self._cap = capacity
 
     def clear(self, series: npt.NDArray[np.int64]) -> None:
@@ -126,6 +148,10 @@ class ScaleBank:
                       self.open_block, self.ref, self.learned, self.suspect_run):
             array[..., series] = 0
         self.scale[:, series] = 1.0
+        self.hour_scale[..., series] = 1.0
+        self.hour_learned[..., series] = 0.0
+        self.day_max[..., series] = -np.inf
+        self.record[:, series] = -np.inf
 
     def reset(self, series: npt.NDArray[np.int64]) -> None:
         """After an episode: no window may page again on the episode's own minutes."""
@@ -137,10 +163,43 @@ class ScaleBank:
         self.snap[:, series] = self.ref[series]
         self.suspect_run[series] = 0
 
+    def _update_record(
+        self, minute_index: int, z: FloatArray, tested: BoolArray, n: int,
+    ) -> FloatArray:
+        """Keep each window's highest tested score per day; return the bar a score must clear
+        by the series' own record: `record_margin` times the highest of the days before
+        today (today's excluded, so an attack building up does not raise its own bar)."""
+        if not self.record_margin:
+            return np.zeros((len(self.windows), 1))
+        day = minute_index // DAY_MINUTES
+        days = self.day_max.shape[1]
+        if day != self._day:
+            self._day = day
+            self.day_max[:, day % days, :] = -np.inf
+            others = np.delete(self.day_max, day % days, axis=1)
+            self.record = others.max(axis=1)
+        today = self.day_max[:, day % days, :n]
+        np.maximum(today, np.where(tested, z, -np.inf), out=today)
+        # bursts (the short windows) are judged on their scale alone: a week's record of
+        # minute-scale windows is set by single noisy minutes
+        return np.where(self._is_short, 0.0, self.record_margin * self.record[:, :n])
+
+    def _hour_scale(self, hour: int, scale: FloatArray, n: int) -> FloatArray:
+        """The scale of windows ending at this hour of the day: where a series' level steps
+        (its day boundary) windows across the step are far noisier than the rest, so one
+        scale per window would be too wide by day and too narrow across the step. Pooled
+        over the hour and its neighbours (root mean square), once each has learned on
+        HOUR_MIN_DAYS days; never below HOUR_SHARE of the window's scale over all hours."""
+        around = [(hour + d) % HOURS_PER_DAY for d in (-1, 0, 1)]
+        scales = self.hour_scale[:, around, :n]
+        pooled = np.sqrt((scales**2).mean(axis=1))
+        ready = self.hour_learned[:, around, :n].min(axis=1) >= HOUR_MIN_DAYS * 60
+        return np.where(ready, np.maximum(pooled, HOUR_SHARE * scale), scale)
+
     def step(
         self, minute_index: int, u: FloatArray, x: FloatArray, expected: FloatArray,
         expected_wide: FloatArray, scorable: BoolArray, warm: BoolArray, min_excess: float,
-        min_ratio: FloatArray, level_noise: FloatArray,
+        min_ratio: FloatArray, level_noise: FloatArray, hour_of_day: int = 0,
     ) -> BankHits | None:
         """`expected`: bytes of the minute by the seasonal fit; `expected_wide`: the same
         widened to the neighbouring hours (a batch's timing jitter), which the short windows'
@@ -171,7 +230,8 @@ class ScaleBank:
         full = seen >= 0.75 * minutes[:, None]
         deviation = sums[U] / np.maximum(seen, 1.0) - reference
         scale = self.scale[:, :n]
-        z = deviation / np.maximum(scale, self._level_share * level_noise)
+        used = self._hour_scale(hour_of_day, scale, n) if self.by_hour else scale
+        z = deviation / np.maximum(used, self._level_share * level_noise)
         learned = self.learned[:, :n]
         # a window is tested only once its scale has been learned on a day and two windows
         crossed = full & (learned >= self._min_learned) & (z >= self.suspect_h[:, None])
@@ -189,6 +249,14 @@ class ScaleBank:
         target = np.minimum(np.abs(deviation) * _MEAN_ABS_TO_SIGMA, 3.0 * scale)
         scale += rate * (target - scale)
         np.maximum(scale, self._scale_floor, out=scale)
+        if self.by_hour:
+            hour_scale = self.hour_scale[:, hour_of_day, :n]
+            hour_learned = self.hour_learned[:, hour_of_day, :n]
+            rate = np.maximum(1.0 / (hour_learned + 1.0), self._alpha_scale) * calm
+            target = np.minimum(np.abs(deviation) * _MEAN_ABS_TO_SIGMA, 3.0 * hour_scale)
+            hour_scale += rate * (target - hour_scale)
+            np.maximum(hour_scale, self._scale_floor, out=hour_scale)
+            hour_learned += calm
         learned += calm
         # the level is down-weighted, not frozen, under suspicion: a real change of level
         # (a refit, growth the fit did not know) is still followed, only more slowly
@@ -205,17 +273,19 @@ class ScaleBank:
             self.snap[(block + 1) % self.n_blocks, :n] = ref
             open_block[:] = 0.0
 
+        record = self._update_record(minute_index, z, full & (learned >= self._min_learned), n)
         hit = (
-            crossed & (z >= self.h[:, None]) & warm & (sums[OUT] - sums[EXP] >= min_excess)
+            crossed & (z >= self.h[:, None]) & (z >= record) & warm
+            & (sums[OUT] - sums[EXP] >= min_excess)
             & (sums[OUT] >= min_ratio * np.where(self._is_short, sums[EXP_WIDE], sums[EXP]))
         )
         if self.trace is not None:
             self.trace(minute_index, {
-                "z": z, "deviation": deviation, "scale": scale.copy(),
+                "z": z, "deviation": deviation, "scale": used.copy(),
                 "floor": np.broadcast_to(self._level_share * level_noise, z.shape),
                 "tested": full & (learned >= self._min_learned), "out": sums[OUT],
                 "exp": sums[EXP], "exp_wide": sums[EXP_WIDE], "reference": reference,
-                "ref": ref.copy(), "warm": warm})
+                "ref": ref.copy(), "warm": warm, "record": np.broadcast_to(record, z.shape)})
         if not hit.any():
             return None
         index = np.flatnonzero(hit.any(axis=0))

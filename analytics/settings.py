@@ -29,7 +29,7 @@ class VolumeSettings(_Frozen):
     # page within minutes, while shifts below burst_min_ratio are left to the drip windows.
     burst_min_ratio: Annotated[float, Field(ge=1, le=100)] = 2.0
     burst_k: Annotated[float, Field(ge=0, le=10)] = 0.25
-    burst_h: Annotated[float, Field(gt=0, le=100)] = 5.0
+    burst_h: Annotated[float, Field(gt=0, le=100)] = 7.0
     # One minute this far (same units as the CUSUM step) above the baseline pages at once.
     spike_z: Annotated[float, Field(gt=0, le=100)] = 8.0
     # The expected per-hour maximum of normal minutes sits about this many sigmas up;
@@ -48,7 +48,7 @@ class VolumeSettings(_Frozen):
     # on; with one week there is no week-to-week level noise to measure).
     scale_min_weeks: Annotated[int, Field(ge=1, le=12)] = 2
     scale_windows_minutes: list[Annotated[int, Field(ge=1, le=1440)]] = [
-        5, 15, 60, 180, 360, 720, 1440]
+        5, 15, 180, 360, 720, 1440]
     scale_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.0001
     # Half-life of the running level (today's level, growth the fit missed) and of the
     # learned noise scale of each window.
@@ -57,7 +57,7 @@ class VolumeSettings(_Frozen):
     # A series is under suspicion (level and scales frozen) once a window reaches this
     # fraction of its threshold, for at most scale_freeze_minutes.
     scale_suspect_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
-    scale_freeze_minutes: Annotated[int, Field(ge=0, le=10_080)] = 1440
+    scale_freeze_minutes: Annotated[int, Field(ge=0, le=10_080)] = 0
     # A minute's standardised residual is clipped to this range before entering windows.
     scale_clip_low: Annotated[float, Field(ge=-20, le=0)] = -3.0
     scale_clip_high: Annotated[float, Field(gt=0, le=50)] = 4.0
@@ -65,7 +65,14 @@ class VolumeSettings(_Frozen):
     # hour-to-hour level noise (day-to-day swings that a few weeks of learning may miss).
     # (Issue 18: the floor decides most missed drips, but lowering it to 0.6 doubled the
     # false alarms on fresh tuning seeds; the share-of-tenant bank below is the fix.)
-    scale_level_noise_share: Annotated[float, Field(ge=0, le=5)] = 1.0
+    scale_level_noise_share: Annotated[float, Field(ge=0, le=5)] = 0.0
+    # The series' own record (issue 18.1): a window pages only above this multiple of the
+    # highest score that window reached on the week before today, so a series whose window
+    # means have heavier tails than the learned scale says sets its own bar (0: off).
+    scale_record_margin: Annotated[float, Field(ge=0, le=10)] = 0.0
+    # Each window's noise scale learned per hour of the day too (issue 18.1): the windows
+    # across a series' day boundary (where its level steps) are far noisier than the rest.
+    scale_by_hour: bool = True
     # A window pages only if its bytes out are at least this multiple of the expected.
     scale_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.15
     # ... and windows of 15 minutes or less this multiple (bursts; minute noise is large).
@@ -81,6 +88,14 @@ class VolumeSettings(_Frozen):
     share_windows_minutes: list[Annotated[int, Field(ge=15, le=1440)]] = [60, 180, 360, 720]
     # A share window pages only if the destination's bytes are this multiple of expected.
     share_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.1
+    # The weekly batch (issue 18.3): during an hour-of-week slot that is a batch slot (its
+    # mean minute far above its median, two weeks of history), the bytes above the ordinary
+    # traffic around it (the quieter neighbouring slot's mean) are summed from the hour's
+    # start and compared with the same slot's usual batch: an incident once they reach
+    # batch_min_ratio times it and beat it by batch_z times the ordinary traffic's hourly noise.
+    batch_enabled: bool = True
+    batch_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.3
+    batch_z: Annotated[float, Field(ge=0, le=100)] = 3.0
     # Noise scales never go below these (log units).
     sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.12
     level_sigma_floor: Annotated[float, Field(gt=0, le=5)] = 0.08

@@ -415,6 +415,8 @@ class StreamingDetector:
         warm = self._tenant_first[:n] + self.settings.warmup_minutes * MINUTE <= ts
         alarms = self._volume.score(ts, x, y, warm, self._total_of[:n])
         raised = self._on_volume(ts, alarms)
+        if self._book.has_open:
+            self._hold_suspected(ts)
         raised += self._on_new_destinations(ts, x)
         raised += self._on_unsanctioned(ts, x)
         for key in self._book.expire(ts) if self._book.has_open else ():
@@ -529,6 +531,15 @@ class StreamingDetector:
             self._book.open(key, incident, gap)
             raised.append(incident)
         return raised
+
+    def _hold_suspected(self, ts: int) -> None:
+        """An open volume episode stays open while a window of one of its tenant's series is
+        still under suspicion (near its threshold, not past it): a drip whose first page came
+        from a short window is one episode, not a new page each time the alarms pause."""
+        for index in np.flatnonzero(self._volume.suspected()).tolist():
+            key = ("volume", self._keys[index][0])
+            if self._book.get(key) is not None:
+                self._book.extend(key, ts, False, 0.0)
 
     def _on_new_destinations(self, ts: int, x: np.ndarray) -> list[Incident]:
         raised: list[Incident] = []
