@@ -152,6 +152,8 @@ class _SlotCache:
             fit.hour_mean_raw[slot, :n] * grown - self.batch_base, 0.0)
         self.batch_tested = batch_self & (self.batch_usual > 0) & vol.batch_enabled
         self.batch_noise = MINUTES_PER_HOUR * self.batch_base * fit.sigma_level[slot, :n]
+        self.batch_index = np.flatnonzero(self.batch_tested)
+        self.any_peak = bool(self.peak_slot.any())
         # the window bank learns from a week of history on, but tests only once the slot's
         # level noise is measured (two weeks: one week has no week-to-week spread)
         min_weeks = vol.scale_min_weeks
@@ -551,7 +553,7 @@ class VolumeScorer:
         mean = np.maximum(cache.mean_a + w * cache.mean_d, 0.0)
         # the short windows' bytes must beat the neighbouring hours' mean only around a
         # batch (its timing jitter): elsewhere that would hide a burst on a ramp-up hour
-        wide = np.where(cache.peak_slot, cache.hour_mean, mean)
+        wide = np.where(cache.peak_slot, cache.hour_mean, mean) if cache.any_peak else mean
         hits = self.bank.step(self.minute_index, u, x, mean, wide, watched,
                               warm & cache.mature,
                               float(vol.min_excess_bytes), self._bank_min_ratio,
@@ -606,17 +608,21 @@ class VolumeScorer:
         vol, n = self.settings.volume, self.n
         hour_sum = self.hour_sum[:n]
         hour_sum += x
-        minutes = minute_of_hour + 1
-        base = cache.batch_base * minutes
-        excess = hour_sum - base
-        usual = cache.batch_usual
-        hit = (
-            cache.batch_tested & warm & (excess >= vol.batch_min_ratio * usual)
-            & (excess - usual >= vol.batch_z * cache.batch_noise)
+        hit, score, expected = np.zeros(n, dtype=bool), np.zeros(n), np.zeros(n)
+        at = cache.batch_index  # most hours of most series are no batch slot
+        if not len(at):
+            return hit, score, expected
+        base = cache.batch_base[at] * (minute_of_hour + 1)
+        excess = hour_sum[at] - base
+        usual = cache.batch_usual[at]
+        hit[at] = (
+            warm[at] & (excess >= vol.batch_min_ratio * usual)
+            & (excess - usual >= vol.batch_z * cache.batch_noise[at])
             & (excess - usual >= vol.min_excess_bytes)
         )
-        score = np.where(hit, excess / np.maximum(vol.batch_min_ratio * usual, 1.0), 0.0)
-        return hit, score, base + usual
+        score[at] = np.where(hit[at], excess / np.maximum(vol.batch_min_ratio * usual, 1.0), 0.0)
+        expected[at] = base + usual
+        return hit, score, expected
 
     def suspected(self) -> BoolArray:
         """Per series: a window of a bank is under suspicion this minute."""

@@ -114,6 +114,7 @@ class ScaleBank:
         self.by_hour = by_hour
         self.hour_scale = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
         self.hour_learned = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
+        self._pooled = np.zeros((k, 0))  # the scales in use, re-pooled every block
         self.learned = np.zeros((k, 0))
         self.suspect_run = np.zeros(0, dtype=np.int64)
         # the series' own record: per window, the highest tested score of each of the last
@@ -150,6 +151,7 @@ class ScaleBank:
         self.scale[:, series] = 1.0
         self.hour_scale[..., series] = 1.0
         self.hour_learned[..., series] = 0.0
+        self._pooled[:, series[series < self._pooled.shape[1]]] = 1.0
         self.day_max[..., series] = -np.inf
         self.record[:, series] = -np.inf
 
@@ -230,7 +232,13 @@ class ScaleBank:
         full = seen >= 0.75 * minutes[:, None]
         deviation = sums[U] / np.maximum(seen, 1.0) - reference
         scale = self.scale[:, :n]
-        used = self._hour_scale(hour_of_day, scale, n) if self.by_hour else scale
+        if self.by_hour:
+            # pooled once a block: the hour scales move slowly, and pooling costs a few copies
+            if pos == 0 or self._pooled.shape[1] != n:
+                self._pooled = self._hour_scale(hour_of_day, scale, n)
+            used = self._pooled
+        else:
+            used = scale
         z = deviation / np.maximum(used, self._level_share * level_noise)
         learned = self.learned[:, :n]
         # a window is tested only once its scale has been learned on a day and two windows
