@@ -23,11 +23,14 @@ with AES-128 in one ECB call (a keyed permutation, under a second subkey) and
 probed in a bit filter that the set's builder filled from the same blocks of every
 token a lookup can hit (values and first words). The filter never says no to a set
 token, so no value becomes unfindable; it passes ~0.5% of other tokens, which are
-then hashed with BLAKE2s and searched in the sorted keys. The tokens are found with
-bytes.translate and numpy over the whole view, never one Python object per token,
-and nothing is cached between writes: a token seen for the first time costs what a
-recurring one does. Sets built before the prefilter load without it (every token
-is then hashed, counted as fingerprint_tokens_unfiltered): build them again.
+then hashed with BLAKE2s and looked up one by one through a directory of the sorted
+keys (one cache line a lookup, not a binary search's twenty). The n-grams of a first
+word found go through the prefilter too (one AES call for all of them, probed one by
+one). The tokens are found with bytes.translate and numpy over the whole view, never
+one Python object per token, and nothing is cached between writes: a token seen for
+the first time costs what a recurring one does. Sets built before the prefilter load
+without it (every token is then hashed, counted as fingerprint_tokens_unfiltered):
+build them again.
 A set matches when a write holds `min_matches` of its distinct values, or two
 columns of one of its rows. Values shared by more than COMMON_VALUE_ROWS rows are
 dropped at build time: they cannot tell one record from another.
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 import threading
 import unicodedata
 from array import array
@@ -65,7 +69,8 @@ PHONE_DIGITS_MIN, PHONE_DIGITS_MAX = 7, 15  # E.164 allows at most 15 digits
 PREFILTER_BITS_PER_KEY = 32
 PREFILTER_CHUNK = 1 << 18  # keys added to a prefilter at once while it is built
 GRAMS_MAX = 4096  # n-grams tried per view (a word repeated very often is bounded)
-GRAMS_HASHED = 8  # up to this many n-grams are hashed at once, more go through the prefilter
+GRAM_SPAN = 16  # bytes a word of an n-gram takes, at first (more when it does not do)
+GRAMS_SCALAR = 64  # up to this many n-grams are probed one by one, more in one numpy pass
 BUILD_BLOCKS = 1 << 16  # prefilter blocks encrypted at once while a set is built
 
 U64 = npt.NDArray[np.uint64]
@@ -73,12 +78,15 @@ Positions = npt.NDArray[np.intp]
 _WORD = re.compile(r"[^\W_]+")
 _PHONE_VALUE = re.compile(r"\+?[\d\s().\-/]+")
 # Tokens are runs between separators in one buffer: the words, then (when the view has
-# enough digits) the phone texts. Separators are "+" and, in a phone text, space.
-_SEP = 0x2B  # "+"; a byte <= it separates (digits and letters are above)
+# enough digits) the phone texts. A byte <= "+" separates (digits and letters are
+# above): space between words (so that bytes.split() finds them), "+" elsewhere.
+_SEP = 0x2B  # "+"
 _SEP_BYTE = np.uint8(_SEP)
+_TWO_KEYS = struct.Struct("<QQ").unpack  # a digest: (value key, first-word key)
+_PHONE_MARK = ord("+")  # a phone candidate's token is "+" and its digits
 # ASCII words: lower case, letters and digits kept, everything else separates
 _WORD_TABLE = bytes(
-    (c + 32) if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122) else _SEP
+    (c + 32) if 65 <= c <= 90 else c if (48 <= c <= 57 or 97 <= c <= 122) else 0x20
     for c in range(256))
 # phone runs: punctuation inside a number is deleted, spaces are kept (a separator, or
 # deleted in the text's second copy: "+1 555 010 2345"), anything else separates
@@ -133,6 +141,7 @@ class Tokens:
     def is_word(self, i: int) -> bool:
         return int(self.starts[i]) < self.words_end
 
+
     def token(self, i: int) -> bytes | None:
         """Run i as a token (None: a digit run too short or too long to be a phone)."""
         start, n = int(self.starts[i]) + 1, int(self.lens[i])
@@ -142,15 +151,29 @@ class Tokens:
             return b"+" + self.buf[start:start + n]
         return None
 
+    def tokens(self, positions: list[int]) -> list[bytes | None]:
+        """`token` of each of these runs."""
+        buf, words_end, starts, lens = self.buf, self.words_end, self.starts, self.lens
+        out: list[bytes | None] = []
+        for i in positions:  # a few: one numpy scalar each costs less than a fancy index
+            start, n = starts.item(i) + 1, lens.item(i)
+            if start <= words_end:
+                out.append(buf[start:start + n])
+            elif PHONE_DIGITS_MIN <= n <= PHONE_DIGITS_MAX:
+                out.append(b"+" + buf[start:start + n])
+            else:
+                out.append(None)
+        return out
+
     def blocks(self) -> npt.NDArray[np.uint64]:
         """Every run's prefilter block (two little-endian words each, in one array): one
         gather of the 16 bytes at each run (unaligned), masked to the run's length."""
         buf = self.buf
-        n = np.minimum(self.lens, BLOCK)
         reads = np.ndarray((len(buf) - BLOCK - 1,), dtype=f"V{BLOCK}", buffer=buf, offset=1,
                            strides=(1,))
         out: npt.NDArray[np.uint64] = reads[self.starts].view("<u8")
-        out &= _BLOCK_MASKS[n].view("<u8")
+        # "clip": a run longer than a block takes the last mask (all 16 bytes)
+        out &= _BLOCK_MASKS.take(self.lens, mode="clip").view("<u8")
         return out
 
 
@@ -161,7 +184,7 @@ def tokenise_view(data: bytes) -> Tokens:
         words = data.translate(_WORD_TABLE)
     else:
         s = unicodedata.normalize("NFKC", data.decode("utf-8", "replace")).casefold()
-        words = "+".join(_WORD.findall(s)).encode()
+        words = " ".join(_WORD.findall(s)).encode()
         text = s.encode()
     phones = text.translate(_PHONE_TABLE, _PHONE_PUNCT)
     buf = b"".join((b"+", words, b"+", phones.translate(None, b" "), b"+", phones, _TAIL))
@@ -399,9 +422,9 @@ class FingerprintIndex:
             self.first_keys = parts[0].first_keys if parts else np.zeros(0, np.uint64)
             self.first_masks = parts[0].first_masks if parts else np.zeros(0, np.uint32)
 
-        # element reads as Python ints, for the few tokens a write looks up
-        self._keys_view = self.keys.data
-        self._first_keys_view = self.first_keys.data
+        # scalar lookups, for the few tokens of a write that pass the prefilter
+        self._values = KeyDirectory(self.keys)
+        self._firsts = KeyDirectory(self.first_keys)
         self._first_masks_view = self.first_masks.data
         pre = [a.prefilter_keys for a in parts]
         # every set must have its prefilter keys: one without them could not answer "no"
@@ -412,21 +435,55 @@ class FingerprintIndex:
     def nbytes(self) -> int:
         return int(self.keys.nbytes + self.set_ids.nbytes + self.rows.nbytes + self.cols.nbytes
                    + self.first_keys.nbytes + self.first_masks.nbytes
+                   + self._values.nbytes + self._firsts.nbytes
                    + (self.prefilter.nbytes if self.prefilter is not None else 0))
 
-    def lookup(self, digests: bytes) -> tuple[list[int], list[int]]:
-        """For the 16-byte digests of tokens (value key, first-word key): the value keys
-        found, and the first-word mask of each token (0: not a first word)."""
-        pairs = np.frombuffer(digests, dtype="<u8")
-        values, firsts = pairs[0::2], pairs[1::2]
-        keys, first_keys = self._keys_view, self._first_keys_view
-        found = [v for v, at in zip(values.tolist(), np.searchsorted(self.keys, values).tolist(),
-                                    strict=True) if at < len(keys) and keys[at] == v]
-        masks = [self._first_masks_view[at] if at < len(first_keys) and first_keys[at] == f
-                 else 0 for f, at in zip(firsts.tolist(),
-                                         np.searchsorted(self.first_keys, firsts).tolist(),
-                                         strict=True)]
-        return found, masks
+    def has_value(self, key: int) -> bool:
+        """A value key is in some set."""
+        return self._values.find(key) >= 0
+
+    def first_mask(self, key: int) -> int:
+        """The word counts (bit n: n words) of the values a first-word key starts; 0: none."""
+        at = self._firsts.find(key)
+        return self._first_masks_view[at] if at >= 0 else 0
+
+    def token(self, digest: bytes, word: bool) -> tuple[int | None, int]:
+        """For a token's digest: its value key if that is in some set (else None), and
+        the `first_mask` of its first-word key (always 0 for a phone candidate)."""
+        value, first = _TWO_KEYS(digest)
+        found = value if self._values.find(value) >= 0 else None
+        if not word:
+            return found, 0
+        at = self._firsts.find(first)
+        return found, self._first_masks_view[at] if at >= 0 else 0
+
+
+class KeyDirectory:
+    """Scalar lookups in a sorted array of 64-bit keys: a directory of bucket starts
+    (by the keys' top bits, two to four keys a bucket: 4 MB for 3M keys) sends each
+    lookup to the one cache line that holds its bucket, where a binary search over a
+    million-row set misses the caches some twenty times."""
+
+    def __init__(self, keys: U64) -> None:
+        bits = max(1, min(24, len(keys).bit_length() - 2))
+        self.shift = 64 - bits
+        bounds = np.arange(1 << bits, dtype=np.uint64) << np.uint64(self.shift)
+        self.starts = np.append(np.searchsorted(keys, bounds), len(keys)).astype(np.uint32)
+        self._starts = self.starts.data
+        self._keys = keys.data
+
+    def find(self, key: int) -> int:
+        """The position of `key` in the keys (the first, if it repeats), or -1."""
+        bucket = key >> self.shift
+        keys = self._keys
+        for at in range(self._starts[bucket], self._starts[bucket + 1]):
+            if keys[at] == key:
+                return at
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.starts.nbytes)
 
 
 class Prefilter:
@@ -447,6 +504,7 @@ class Prefilter:
             for at in range(0, len(table), PREFILTER_CHUNK):
                 self._add(table[at:at + PREFILTER_CHUNK])
         self.keys = total
+        self._words, self._pairs = self.words.data, self._PAIRS.data
 
     def _add(self, keys: U64) -> None:
         """OR each key's pair of bits into its word: sorted by word, pairs of one word
@@ -468,6 +526,12 @@ class Prefilter:
         """Positions of the keys that may be in the filter (every key put in it is)."""
         pair = self._pair(keys)
         return np.flatnonzero((self.words[self._at(keys)] & pair) == pair)
+
+    def passes_few(self, keys: Iterable[int]) -> list[int]:
+        """`passes` for a few keys (Python ints): no numpy call per key."""
+        words, pairs, shift = self._words, self._pairs, int(self.shift)
+        return [i for i, k in enumerate(keys)
+                if words[k >> shift] & pairs[k & 1023] == pairs[k & 1023]]
 
     @property
     def nbytes(self) -> int:
@@ -519,41 +583,50 @@ class FingerprintMatcher:
         self.stats["fingerprint_tokens_passed"] += len(passed)
         return passed
 
-    def _lookup(self, index: FingerprintIndex,
-                tokens: Sequence[bytes]) -> tuple[list[int], list[int]]:
-        self.stats["fingerprint_tokens_hashed"] += len(tokens)
-        return index.lookup(b"".join(map(self.hasher.digest, tokens)))
-
     def value_keys(self, data: bytes, index: FingerprintIndex | None = None) -> set[int]:
         """Keys of the set values found in one decoded view."""
         index = self._index if index is None else index
         tokens = tokenise_view(data)
         if not len(tokens):
             return set()
+        passed = self._passed(index, tokens.blocks().data.cast("B"), len(tokens))
+        if not passed:
+            return set()
         at: dict[bytes, list[int]] = {}  # distinct tokens let through -> their positions
-        for i in self._passed(index, tokens.blocks().data.cast("B"), len(tokens)):
-            token = tokens.token(i)
+        for i, token in zip(passed, tokens.tokens(passed), strict=True):
             if token is not None:
                 at.setdefault(token, []).append(i)
-        if not at:
-            return set()
-        distinct = list(at)
-        values, masks = self._lookup(index, distinct)
-        found = set(values)
+        self.stats["fingerprint_tokens_hashed"] += len(at)
+        found: set[int] = set()
         grams: list[bytes] = []
-        for token, mask in zip(distinct, masks, strict=True):
+        digest, lookup = self.hasher.digest, index.token
+        for token, positions in at.items():
+            # a phone candidate ("+digits") starts no multi-word value
+            value, mask = lookup(digest(token), token[0] != _PHONE_MARK)
+            if value is not None:
+                found.add(value)
             if mask and len(grams) < GRAMS_MAX:
-                grams += self._grams(tokens, at[token], mask)
+                grams += self._grams(tokens, positions, mask)
         if grams:
             if len(grams) >= GRAMS_MAX:
                 self.stats["fingerprint_grams_capped"] += 1
-            grams = list(set(grams[:GRAMS_MAX]))
-            if len(grams) > GRAMS_HASHED:
-                grams = [grams[i] for i in
-                         self._passed(index, b"".join(map(block, grams)), len(grams))]
-            if grams:
-                found.update(self._lookup(index, grams)[0])
+            found.update(self._gram_values(index, list(set(grams[:GRAMS_MAX]))))
         return found
+
+    def _gram_values(self, index: FingerprintIndex, grams: list[bytes]) -> list[int]:
+        """Keys of the set values among n-grams; the prefilter answers first (per n-gram,
+        most n-grams of a first word found are not a value: "jane" and the next words)."""
+        blocks = b"".join([g[:BLOCK].ljust(BLOCK, b"\0") for g in grams])  # `block` of words
+        if index.prefilter is not None and len(grams) <= GRAMS_SCALAR:
+            self.stats["fingerprint_tokens"] += len(grams)
+            passed = index.prefilter.passes_few(
+                self.hasher.prefilter_keys(blocks).tolist())
+            self.stats["fingerprint_tokens_passed"] += len(passed)
+        else:
+            passed = self._passed(index, blocks, len(grams))
+        self.stats["fingerprint_tokens_hashed"] += len(passed)
+        keys = [self.hasher.value_key(grams[i]) for i in passed]
+        return [k for k in keys if index.has_value(k)]
 
     def _grams(self, tokens: Tokens, positions: list[int], mask: int) -> list[bytes]:
         """The n-grams of words that start at `positions`, n the lengths in `mask`."""
@@ -563,12 +636,17 @@ class FingerprintMatcher:
         longest = lengths[-1]
         buf, words_end, join = tokens.buf, tokens.words_end, b" ".join
         grams: list[bytes] = []
-        for at in positions:
-            # the words from `at` on (runs are in buffer order: words first, then digits)
-            following = [buf[start + 1:start + 1 + n] for start, n in zip(
-                tokens.starts[at:at + longest].tolist(), tokens.lens[at:at + longest].tolist(),
-                strict=True) if start < words_end]
-            grams.extend(join(following[:n]) for n in lengths if n <= len(following))
+        for start in map(tokens.starts.item, positions):
+            # the words from this one on: a slice of the buffer split at its separators,
+            # longer until it holds `longest` words or reaches the last word
+            span = GRAM_SPAN * longest
+            while True:
+                end = min(start + 1 + span, words_end)
+                following = buf[start + 1:end].split()
+                if len(following) > longest or end == words_end:
+                    break
+                span *= 4
+            grams += [join(following[:n]) for n in lengths if n <= len(following)]
             if len(grams) >= GRAMS_MAX:
                 break
         return grams

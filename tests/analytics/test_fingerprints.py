@@ -355,3 +355,54 @@ def test_owner_writing_its_records_home_is_recorded_in_the_data_flow_classes(
     assert home["data_classes"] == ["email", "fingerprint:acme/contacts", "phone"]
     assert rows["globex"]["data_classes"] == ["email", "phone"]
     assert r["email"] not in repr(flows.rows()) and r["name"] not in repr(flows.rows())
+
+
+def test_key_directory_finds_every_key_and_only_those() -> None:
+    import numpy as np
+
+    from leaktap.analytics.plaintext.fingerprints import KeyDirectory
+
+    rng = np.random.default_rng(3)
+    keys = np.sort(np.concatenate([
+        rng.integers(0, 2**64, 5000, dtype=np.uint64, endpoint=False),
+        np.array([0, 1, 2**63, 2**64 - 1, 2**64 - 1], np.uint64)]))  # extremes, a repeat
+    directory = KeyDirectory(keys)
+    positions = [directory.find(k) for k in keys.tolist()]
+    assert all(keys[at] == k for at, k in zip(positions, keys.tolist(), strict=True))
+    assert positions[-1] == len(keys) - 2  # a repeated key: its first position
+    absent = rng.integers(0, 2**64, 2000, dtype=np.uint64, endpoint=False)
+    absent = absent[~np.isin(absent, keys)]
+    assert all(directory.find(k) == -1 for k in absent.tolist())
+    assert KeyDirectory(np.zeros(0, np.uint64)).find(12345) == -1
+
+
+def test_a_name_of_long_words_is_found_in_free_text() -> None:
+    # n-grams are read from a slice of the view that grows until it holds their words
+    long = {"name": "Maximilianopoulosandersson Bartholomewsworthingtonshire Xyz",
+            "email": "abc@example.org", "phone": "+1 (555) 010-7777"}
+    others = [{"name": f"Jo Ann{i}", "email": f"jo{i}@example.org",
+               "phone": f"+1 (555) 010-{i:04d}"} for i in range(3)]
+    insp = _inspector(_index([long, *others]))
+    text = (f"Met {long['name'].upper()} today, and Jo Ann1 and Jo Ann2; notes: "
+            + "filler " * 40).encode()
+    found = _write(insp, "globex", "globex", text, "text/plain")
+    assert [f.evidence["values_matched"] for f in found] == [3]
+
+
+def test_n_grams_of_first_words_found_go_through_the_prefilter(
+        index: FingerprintIndex, records: list[dict[str, str]]) -> None:
+    matcher = _inspector(index).fingerprints
+    stats = matcher.stats
+
+    def hashed(text: str) -> int:
+        before = stats["fingerprint_tokens_hashed"]
+        assert matcher.scan([json.dumps({"note": text}).encode()]) == []
+        return stats["fingerprint_tokens_hashed"] - before
+
+    names = [r["name"].split()[0] for r in records[:2000:20]]
+    extra = sum(hashed(f"spoke with {first} Qqzzyx about renewal pricing today")
+                - hashed("spoke with Qqzzyx about renewal pricing today") for first in names)
+    # the first name is hashed (it passes: a first word of the set); its n-grams
+    # ("first qqzzyx", "first qqzzyx about renewal") only if the prefilter lets them
+    # through (~0.5%); before, up to 8 n-grams of a view were hashed without asking it
+    assert len(names) <= extra <= len(names) * 1.1
