@@ -442,14 +442,10 @@ class FingerprintIndex:
         """A value key is in some set."""
         return self._values.find(key) >= 0
 
-    def first_mask(self, key: int) -> int:
-        """The word counts (bit n: n words) of the values a first-word key starts; 0: none."""
-        at = self._firsts.find(key)
-        return self._first_masks_view[at] if at >= 0 else 0
-
     def token(self, digest: bytes, word: bool) -> tuple[int | None, int]:
         """For a token's digest: its value key if that is in some set (else None), and
-        the `first_mask` of its first-word key (always 0 for a phone candidate)."""
+        the word counts (bit n: n words) of the values its first-word key starts (0:
+        none; always 0 for a phone candidate, which starts no multi-word value)."""
         value, first = _TWO_KEYS(digest)
         found = value if self._values.find(value) >= 0 else None
         if not word:
