@@ -191,6 +191,8 @@ def _conversation(tc: Harness, attributor: Attributor, sni: str, sport: int) -> 
                   tcp4(client_hello(sni), src=CLIENT4, dst=CRM_IP, sport=sport, dport=443)])
     for s in out.samples:
         attributor.on_sample(s)
+    for name in out.names:  # the kernel names a single-segment hello (issue 12)
+        attributor.on_kernel_name(name)
     table = ConversationTable()
     for counters in out.flows:
         conv = table.add(counters)
