@@ -37,6 +37,30 @@ REMEDIES = {
         "the server-name tail program could not be called (not loaded, or the tail-call "
         "limit): those hellos are named from the ring event only; restart the agent"
     ),
+    # server names the kernel could not read (issue 12): each such hello goes to the
+    # ring and user space names it there, unless the ring loses it too (loss_ringbuf_full)
+    "sni_giveup_names_full": (
+        "lt_names was full: the agent's poll fell behind the new TLS flows (see the poll "
+        "duration and the flow drain); those names went through the ring instead; raise "
+        "LT_NAMES_MAX if this recurs"
+    ),
+    "sni_giveup_too_long": (
+        f"a ClientHello longer than LT_HELLO_BUF ({abi.defines()['LT_HELLO_BUF']} B): named "
+        "by user space from the ring"
+    ),
+    "sni_giveup_limit": (
+        "a ClientHello with more extensions or list entries than the kernel's loops walk "
+        "(LT_SNI_EXT_MAX, LT_SNI_LIST_MAX): named by user space from the ring"
+    ),
+    "sni_giveup_records": (
+        "a ClientHello spread over several TLS records (an evasion of SNI inspection, or an "
+        "unusual client): named by user space from the ring; an enforcing tenant's is "
+        "judged by address"
+    ),
+    "sni_giveup_gap": (
+        "a split ClientHello with a hole, or no room in lt_hello_bufs: named by user space "
+        "from the ring; an enforcing tenant's is judged by address"
+    ),
     "loss_enf_event": (
         "an enforcement decision was not reported (ring full): it was still enforced, "
         "but its alert, audit row and socket destruction are missing; raise "
@@ -52,7 +76,8 @@ REMEDIES = {
 class LossMonitor:
     """Logs the increase of each loss counter since the previous check."""
 
-    def __init__(self, prefix: str = "loss_", remedies: dict[str, str] | None = None) -> None:
+    def __init__(self, prefix: str | tuple[str, ...] = ("loss_", "sni_giveup_"),
+                 remedies: dict[str, str] | None = None) -> None:
         self._last: dict[str, int] | None = None
         self._prefix = prefix
         self._remedies = REMEDIES if remedies is None else remedies

@@ -152,3 +152,18 @@ def test_rises_are_logged_with_their_remedy(caplog: pytest.LogCaptureFixture) ->
     assert rises[("dns_cache", "evictions")] == 1
     assert any("dns_cache/evictions" in m and "max_entries" in m for m in caplog.messages)
     assert monitor.check(attributor) == {}  # logged once per rise
+
+
+def test_names_the_kernel_handed_to_the_ring_are_in_stats_with_a_remedy(view: AgentView) -> None:
+    view.stats["sni_giveup_names_full"] = 3
+    view.attributor.kernel_names.stats.malformed = 2
+    client = TestClient(create_app(view, readers=[TOKEN], admins=[], manage=False))
+
+    stats = client.get("/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+
+    kernel = {e["reason"]: e for e in stats["losses"] if e["ring"] == "lt_names"}
+    assert kernel["sni_giveup_names_full"]["count"] == 3
+    assert "LT_NAMES_MAX" in kernel["sni_giveup_names_full"]["remedy"]
+    user = {e["reason"]: e for e in stats["losses"] if e.get("stage") == "kernel_names"}
+    assert user["malformed"]["count"] == 2 and "ring" in user["malformed"]["remedy"]
+    assert stats["userspace"]["kernel_names"]["named"] == 0

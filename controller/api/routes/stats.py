@@ -26,6 +26,10 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
          "count": value, "remedy": loss.REMEDIES.get(name)}
         for name, value in sorted(kernel.items()) if name.startswith("loss_")
     ] + [
+        # server names the kernel handed to the ring (issue 12): named there unless lost
+        {"ring": "lt_names", "reason": name, "count": value, "remedy": loss.REMEDIES.get(name)}
+        for name, value in sorted(kernel.items()) if name.startswith("sni_giveup_")
+    ] + [
         {"ring": "lt_ssl_events", "reason": name.removeprefix("ssl_loss_"), "count": value,
          "remedy": plaintext.REMEDIES.get(name)}
         for name, value in sorted(inspection.items()) if name.startswith("ssl_loss_")
