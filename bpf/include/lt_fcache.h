@@ -5,7 +5,7 @@
  *
  * Most packets belong to flows that are already counted and whose payload
  * probe budget is used up: all they change is bytes and packets. Their flow
- * key is looked up in a small per-CPU array slot (hashed from the key) instead
+ * key is looked up in a small array slot of its CPU (hashed from the key) instead
  * of the LRU flow hash and the per-cgroup hash, which cost ~70 of the ~85 ns
  * a data packet cost. Included by lt_flow.h (it uses its counting helpers).
  *
@@ -60,7 +60,11 @@ static __always_inline struct lt_fcache_ent *fcache_entry(struct lt_pkt *p)
 {
 	__u32 zero = 0;
 	__u64 *gen = lt_fgen.lookup(&zero);
-	__u32 slot = fcache_slot(&p->key, gen ? *gen : 0);
+	__u32 cpu = bpf_get_smp_processor_id();
+	if (cpu >= LT_NR_CPUS)
+		return NULL;
+	/* this CPU's region: only this CPU writes it while its bank is active */
+	__u32 slot = cpu * 2 * LT_FCACHE_SLOTS + fcache_slot(&p->key, gen ? *gen : 0);
 
 	return lt_fcache.lookup(&slot);
 }

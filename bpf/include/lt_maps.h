@@ -25,10 +25,12 @@ LT_TABLE("lru_percpu_hash", struct lt_flow_key, struct lt_flow_val, lt_flows, LT
 /* Per-cgroup egress totals: never evicted, never reset (monotonic). A cgroup's
  * total is its lt_cgtot entry plus its lt_cgdrained entry (see lt_fcache.h). */
 LT_TABLE("percpu_hash", __u64, struct lt_volume, lt_cgtot, LT_CGROUPS_MAX);
-/* The front cache of established flows (struct lt_fcache_ent) and [0] its
- * bank generation (written by the drain only), [1] the count of blocks (by the
+/* The front cache of established flows (struct lt_fcache_ent: CPU c's banks
+ * at c * 2 * LT_FCACHE_SLOTS; a plain array, so a CPU's entries are contiguous,
+ * where a per-CPU array's are separate allocations) and [0] its bank
+ * generation (written by the drain only), [1] the count of blocks (by the
  * kernel only), pinned: undrained volume survives a restart. */
-LT_TABLE("percpu_array", __u32, struct lt_fcache_ent, lt_fcache, 2 * LT_FCACHE_SLOTS);
+LT_TABLE("array", __u32, struct lt_fcache_ent, lt_fcache, LT_NR_CPUS * 2 * LT_FCACHE_SLOTS);
 LT_TABLE("array", __u32, __u64, lt_fgen, 2);
 /* Egress volume the drain took out of the front cache, by cgroup: written by
  * user space only (monotonic, like lt_cgtot). */

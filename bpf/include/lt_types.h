@@ -254,7 +254,7 @@ struct lt_volume {
 	__u64 packets;
 };
 
-/* Front cache of established flows (lt_fcache.h): per CPU, two banks of
+/* Front cache of established flows (lt_fcache.h): for each CPU, two banks of
  * LT_FCACHE_SLOTS entries, bank = lt_fgen[0] & 1. A packet of a flow whose
  * entry is here is counted in the entry only (not in lt_flows nor lt_cgtot);
  * the kernel folds an entry into lt_flows and lt_cgtot when another flow takes
@@ -264,6 +264,11 @@ struct lt_volume {
  * lt_fgen[1] counts the flows enforcement blocked (lt_enforce.h). */
 #define LT_FCACHE_BITS 8
 #define LT_FCACHE_SLOTS (1 << LT_FCACHE_BITS)
+/* CPUs with front cache slots: the loader passes the possible CPUs (a CPU
+ * beyond them has no cache, its packets take the flow map). */
+#ifndef LT_NR_CPUS
+#define LT_NR_CPUS 1
+#endif
 
 /* Value of lt_fcache: one flow's volume since its entry was filled. */
 struct lt_fcache_ent {

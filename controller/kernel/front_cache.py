@@ -1,7 +1,8 @@
 """Draining the kernel's front cache of established flows (bpf/include/lt_fcache.h).
 
-A data packet of an established flow is counted in a per-CPU cache entry, not in
-lt_flows nor lt_cgtot. The kernel writes only the bank lt_fgen[0] & 1 selects, so
+A data packet of an established flow is counted in a cache entry of its CPU's region
+of lt_fcache, not in lt_flows nor lt_cgtot. The kernel writes only the bank
+lt_fgen[0] & 1 selects, so
 the drain flips the generation, waits for an RCU grace period (every program that
 read the old generation has returned: TC and XDP programs run inside RCU read-side
 sections) and then owns the idle bank alone: it reads the entries, zeroes them, and
@@ -65,13 +66,13 @@ class FrontCache:
         self.flips = 0
 
     def _bank(self, bank: int) -> dict[int, Any]:
-        """{index: per-CPU entries} of the bank's filled slots."""
-        lo, hi = bank * self.slots, (bank + 1) * self.slots
+        """{index: entry} of the bank's filled slots, every CPU's region."""
         out = {}
-        for key, per_cpu in self._cache.items_lookup_batch():
+        for key, e in self._cache.items_lookup_batch():
             index = int(getattr(key, "value", key))
-            if lo <= index < hi and any(e.key.family for e in per_cpu):
-                out[index] = per_cpu
+            # CPU c's region: [c * 2 * slots, (c + 1) * 2 * slots), bank 1 its second half
+            if (index // self.slots) % 2 == bank and e.key.family:
+                out[index] = e
         return out
 
     def drain(self) -> list[CachedFlow]:
@@ -87,23 +88,22 @@ class FrontCache:
         for index in idle:
             self._cache[self._cache.Key(index)] = self._cache.Leaf()
         flows: dict[bytes, CachedFlow] = {}
-        for per_cpu in idle.values():
-            for e in per_cpu:
-                if not e.packets:
-                    continue
-                raw = bytes(e.key)
-                seen = flows.get(raw)
-                if seen is None:
-                    flows[raw] = CachedFlow(type(e.key).from_buffer_copy(raw), int(e.bytes),
-                                            int(e.packets), int(e.first_seen_ns), int(e.uid),
-                                            int(e.flags))
-                    continue
-                first, uid = seen.first_seen_ns, seen.uid
-                if e.first_seen_ns < first:
-                    first, uid = int(e.first_seen_ns), int(e.uid)
-                flows[raw] = CachedFlow(seen.key, seen.tx_bytes + int(e.bytes),
-                                        seen.tx_packets + int(e.packets), first, uid,
-                                        seen.flags | int(e.flags))
+        for e in idle.values():
+            if not e.packets:
+                continue
+            raw = bytes(e.key)
+            seen = flows.get(raw)
+            if seen is None:
+                flows[raw] = CachedFlow(type(e.key).from_buffer_copy(raw), int(e.bytes),
+                                        int(e.packets), int(e.first_seen_ns), int(e.uid),
+                                        int(e.flags))
+                continue
+            first, uid = seen.first_seen_ns, seen.uid
+            if e.first_seen_ns < first:  # the earliest CPU's entry, as lt_flows' drain
+                first, uid = int(e.first_seen_ns), int(e.uid)
+            flows[raw] = CachedFlow(seen.key, seen.tx_bytes + int(e.bytes),
+                                    seen.tx_packets + int(e.packets), first, uid,
+                                    seen.flags | int(e.flags))
         self._add_cgroups(flows.values())
         return list(flows.values())
 

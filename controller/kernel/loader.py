@@ -142,7 +142,14 @@ class KernelOptions:
             f"-DLT_DEDUP={int(self.dedup):d}",
             f"-DLT_DNS_BOTH_WAYS={int(self.dns_both_ways):d}",
             f"-DLT_RING_NAMED={int(self.ring_named_hellos):d}",
+            f"-DLT_NR_CPUS={_possible_cpus():d}",  # the front cache's regions (lt_fcache.h)
         ]
+
+
+def _possible_cpus() -> int:
+    from leaktap.controller.kernel.pinned import possible_cpus
+
+    return possible_cpus()
 
 
 def abi_digest(source: str, cflags: list[str]) -> str:

@@ -52,7 +52,7 @@ def current_layouts(probes: Any, ssl: Any) -> dict[str, dict[str, Any]]:
         "lt_flow_key": layout(flows.Key),
         "lt_flow_val": layout(flows.sLeaf),  # per-CPU: sLeaf is one CPU's value
         "lt_volume": layout(probes.table("lt_cgtot").sLeaf),
-        "lt_fcache_ent": layout(probes.table("lt_fcache").sLeaf),  # per-CPU
+        "lt_fcache_ent": layout(probes.table("lt_fcache").Leaf),
         "lt_hello_state": layout(probes.table("lt_hello").Leaf),
         "lt_event": layout(probes.table("lt_scratch").sLeaf),
         # issue 12: kernel-read names and the enforcement policy

@@ -35,7 +35,7 @@ PIN_ROOT = loader.BPFFS / "leaktap-test-fcache"
 def cached_packets(h: Harness, sport: int) -> int:
     """Packets of the flow from `sport` that sit in front cache entries now."""
     table = h.probes.table("lt_fcache")
-    return sum(int(e.packets) for _, per_cpu in table.items_lookup_batch() for e in per_cpu
+    return sum(int(e.packets) for _, e in table.items_lookup_batch()
                if int(e.key.sport) == sport)
 
 
