@@ -20,6 +20,7 @@ import secrets
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,13 @@ NAMING_WAIT_POLLS = 2
 # flow rows written per transaction (bounds a poll's transient memory, see _write)
 FLOW_WRITE_CHUNK = 2048
 # flow rows whose counters a poll of the poll loop refreshes, least recently written
-# first (new and renamed rows are always written): 100,000 busy conversations cost
-# ~0.3 s of SQLite a second otherwise; an explicit or final poll writes every row
-FLOW_ROW_UPDATES_PER_POLL = 20_000
+# first (new and renamed rows are always written): 100,000 busy conversations would
+# cost 0.3-1.5 s of SQLite a second (the last_seen index); with this, each row is at
+# most 10 s behind at that load. An explicit or final poll writes every row
+FLOW_ROW_UPDATES_PER_POLL = 10_000
 IPPROTO_TCP = 6
+# drained rows folded into the conversations at a time (bounds a poll's numpy temporaries)
+POLL_SLICE_ROWS = 16384
 # "columns" (numpy, controller/attribution/live.py) or "objects" (the earlier drain,
 # one ConversationTable object per conversation: kept for perf/bench_agent_memory's
 # before/after)
@@ -130,6 +134,7 @@ class Agent:
         self.totals: dict[int, tuple[int, int]] = {}
         self.cgroup_totals: dict[int, tuple[int, int]] = {}
         self.attributed_bytes = 0
+        self.flow_entries_drained = 0  # kernel flow entries taken by the polls
         # (tenant, vendor, instance) -> (bytes, packets) out since start, for /metrics;
         # replaced, never mutated, so readers need no lock
         self.egress_by_destination: dict[tuple[str, str, str], tuple[int, int]] = {}
@@ -394,7 +399,12 @@ class Agent:
             self.attributor.on_sample(sample)
 
     def _poll_loop(self) -> None:
-        while not self._stop.wait(POLL_INTERVAL_S):
+        # one poll a second, counted from the start of the previous one: a poll taking
+        # 0.6 s must not stretch the period to 1.6 s (each drain would then take more
+        # entries than a second makes and the drain rate would fall behind)
+        next_poll = time.monotonic() + POLL_INTERVAL_S
+        while not self._stop.wait(max(0.0, next_poll - time.monotonic())):
+            next_poll = max(next_poll + POLL_INTERVAL_S, time.monotonic())
             try:
                 self.poll_once(row_budget=FLOW_ROW_UPDATES_PER_POLL)
             except Exception:  # noqa: BLE001 - keep polling; the error is logged
@@ -438,6 +448,7 @@ class Agent:
                 conv = self.table.add(counters)
                 touched[id(conv)] = conv
                 self.attributed_bytes += counters.tx_bytes
+                self.flow_entries_drained += 1
                 pending.append((conv, counters, 0))
             for conv, counters, polls in pending:
                 names = self.attributor.names(conv)
@@ -537,42 +548,63 @@ class Agent:
         """poll_once with the flow map drained into columns (LiveConversations): objects
         are made only for new conversations, those waiting for a name and those whose
         names may have changed; everything else is folded in with array operations."""
-        batch = self.flow_drain.drain() if self.flow_drain is not None else (
-            FlowBatch.from_counters(self.reader.drain_flows()))
+        # the flow map is read chunk by chunk as it is folded in (never held whole),
+        # after the server names the kernel read (a hello names its flow in this poll)
+        parts: Iterator[FlowBatch] = self.flow_drain.chunks() if self.flow_drain else iter(
+            [FlowBatch.from_counters(self.reader.drain_flows())])
         kernel_names = self.reader.drain_name_rows()
-        stats = self.reader.stats()
-        totals = self.reader.totals()
-        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
-                                                self.reader.remove_cgroups)
         now = time.time()
-        table: LiveConversations = self.table
         buckets: dict[BucketKey, Volume] = {}
         with self.lock:
             egress = dict(self.egress_by_destination)
             minute = minute_of(now)
             self.attributor.on_kernel_names(kernel_names)
-            slots, sent_by_a, created = table.locate(batch)
-            if self.resumable:
-                for i in created:
-                    self._resume_slot(int(slots[i]), batch.counters(i), now)
-            changed = table.accumulate(batch, slots, sent_by_a)
-            self.attributed_bytes += int(batch.tx_bytes.sum())
-            self._rename(changed)
-            named = table.cols["named"][slots]
-            waiting = np.flatnonzero(~named)
-            pending = self._unnamed_rows + list(zip(
-                slots[waiting].tolist(), sent_by_a[waiting].tolist(),
-                batch.tx_bytes[waiting].tolist(), batch.tx_packets[waiting].tolist(),
-                [0] * len(waiting), strict=True))
-            self._unnamed_rows = []
-            self._attribute_named(batch, np.flatnonzero(named), slots, sent_by_a, minute,
-                                  buckets, egress)
+            waiting: list[tuple[Any, ...]] = []
+            for part in parts:
+                for start in range(0, len(part), POLL_SLICE_ROWS):  # bounded temporaries
+                    waiting.append(self._fold(part.rows(start, start + POLL_SLICE_ROWS), now,
+                                              minute, buckets, egress))
+            pending, self._unnamed_rows = self._unnamed_rows, []
             self._attribute_pending(pending, final, minute, buckets, egress)
+            # rows of conversations not named yet (new ones), a chunk of objects at a time
+            for slots, sent_by_a, nbytes, npackets in waiting:
+                for start in range(0, len(slots), FLOW_WRITE_CHUNK):
+                    rows = slice(start, start + FLOW_WRITE_CHUNK)
+                    self._attribute_pending(list(zip(
+                        slots[rows].tolist(), sent_by_a[rows].tolist(),
+                        nbytes[rows].tolist(), npackets[rows].tolist(),
+                        [0] * len(slots[rows]), strict=True)), final, minute, buckets, egress)
+            del waiting
+        # read after the flows: what they counted is in these totals
+        stats = self.reader.stats()
+        totals = self.reader.totals()
+        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
+                                                self.reader.remove_cgroups)
+        with self.lock:
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
             self.egress_by_destination = egress
-        del batch, slots, sent_by_a, pending  # a poll of 100,000 flows: free before writing
         self._write_columns(buckets, row_budget)
         self._finish_poll(buckets, stats, now)
+
+    def _fold(self, batch: FlowBatch, now: float, minute: int,
+              buckets: dict[BucketKey, Volume],
+              egress: dict[tuple[str, str, str], tuple[int, int]]) -> tuple[Any, ...]:
+        """Fold drained rows into their conversations and attribute those of named ones;
+        returns (slots, sent by a, bytes, packets) of the rows still to be named."""
+        table: LiveConversations = self.table
+        slots, sent_by_a, created = table.locate(batch)
+        if self.resumable:
+            for i in created:
+                self._resume_slot(int(slots[i]), batch.counters(i), now)
+        changed = table.accumulate(batch, slots, sent_by_a)
+        self.attributed_bytes += int(batch.tx_bytes.sum())
+        self.flow_entries_drained += len(batch)
+        self._rename(changed)
+        named = table.cols["named"][slots]
+        self._attribute_named(batch, np.flatnonzero(named), slots, sent_by_a, minute,
+                              buckets, egress)
+        rows = np.flatnonzero(~named)
+        return slots[rows], sent_by_a[rows], batch.tx_bytes[rows], batch.tx_packets[rows]
 
     def _resume_slot(self, slot: int, counters: FlowCounters, now: float) -> None:
         """_resume for a conversation the columns have just opened."""
@@ -697,9 +729,9 @@ class Agent:
             n = table.size
             ids = c["names_id"][:n]
             full = np.flatnonzero(c["live"][:n] & ((c["row_id"][:n] == 0) | (
-                (ids >= 0) & (ids != c["row_names_id"][:n])))).tolist()
+                (ids >= 0) & (ids != c["row_names_id"][:n]))))
         for start in range(0, max(len(full), 1), FLOW_WRITE_CHUNK):
-            chunk = full[start : start + FLOW_WRITE_CHUNK]
+            chunk = full[start : start + FLOW_WRITE_CHUNK].tolist()
             with self.lock:
                 chunk = [s for s in chunk if c["live"][s]]
                 records = [self._slot_record(s) for s in chunk]
@@ -896,6 +928,19 @@ def _return_freed_heap() -> None:
 
 
 _LIBC = ctypes.CDLL(None)
+# glibc's mallopt parameter; the unit sets MALLOC_ARENA_MAX=2 as well
+M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas() -> None:
+    """At most MALLOC_ARENAS heaps: glibc otherwise gives busy threads (poll, ring
+    drain, uvicorn, outbox) an arena each, up to 8 per CPU, and freed memory scattered
+    over them is rarely returned (tens of MB under 100,000 flows/s)."""
+    try:
+        _LIBC.mallopt(M_ARENA_MAX, MALLOC_ARENAS)
+    except AttributeError:
+        pass  # not glibc
 
 
 def _epoch(monotonic_ns: int) -> float:
@@ -977,6 +1022,7 @@ def api_server(app: Any, host: str, port: int, tls: TlsConfig | None) -> Any:
 
 
 def main(args: Any) -> int:
+    _limit_malloc_arenas()  # before the threads start
     from leaktap.controller.api.main import create_app
 
     config = load_config(args.config)

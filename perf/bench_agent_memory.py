@@ -24,11 +24,13 @@ lt_tc_egress by id and runs BENCH_FLOWS distinct 54-byte frames through it every
 second (BPF_PROG_TEST_RUN): every flow is new to the map once per second, so
 each drain takes BENCH_FLOWS flows. After BENCH_AGENT_SECONDS of that, the
 agent's /proc/<pid>/status is sampled once a second; medians and the peak are
-printed, with the flows the agent drained per second (attributed egress packets
-per second: each flow sends one packet per second), once with the programs
-compiled in a short-lived child (the default) and once in-process
-(LT_COMPILE=in-process, the earlier path). BENCH_PART=kernel|agent|both.
-The generator and the agent share the machine's CPUs.
+printed, with the flow entries the agent's polls took per second
+(leaktap_flow_entries_drained_total), side by side for each of BENCH_RUNS
+(drain/compile pairs, default "columns/child,objects/child": the numpy drain
+and the earlier object drain, LT_FLOW_DRAIN; compile "in-process" is
+LT_COMPILE=in-process). BENCH_PART=kernel|agent|both. The generator and the
+agent share the machine's CPUs: on 2 CPUs the generator itself may make fewer
+than BENCH_FLOWS a second, which then bounds the drain rate (printed).
 """
 
 from __future__ import annotations
@@ -312,10 +314,10 @@ def run_agent(drain: str, compile_mode: str, workdir: str) -> dict[str, Any]:
         except subprocess.TimeoutExpired:
             agent.kill()
         shutil.rmtree(PIN_ROOT, ignore_errors=True)
-    # a flow's entry is created again only after a drain took it: in steady state the
-    # kernel's new-entry count per second is the agent's drain rate
-    new_flows = 'leaktap_kernel_events_total{reason="cnt_flow_new"}'
-    drained = (last.get(new_flows, 0.0) - first.get(new_flows, 0.0)) / elapsed
+    # every flow has a packet each generator round: entries the polls took per second
+    # is the drain rate while the agent keeps up (a flow drained once per round)
+    drained_total = "leaktap_flow_entries_drained_total"
+    drained = (last.get(drained_total, 0.0) - first.get(drained_total, 0.0)) / elapsed
     return {
         "mode": f"{drain}/{compile_mode}", "drain": drain, "started": started, "samples": samples,
         "drained_per_s": drained, "sent": sent.value, "mappings": mappings,
@@ -334,24 +336,32 @@ def whole_agent() -> bool:
             results.append(run_agent(drain, compile_mode, workdir))
     w(f"\nwhole agent (`leaktap run`, API + detectors + drains, one veth), {FLOWS} flows "
       f"per second for {AGENT_SECONDS} s, then {SAMPLES} samples; {os.cpu_count()} CPUs\n")
-    w(f"{'compile':11s} {'idle RSS':>8s} {'VmRSS':>7s} {'anon':>6s} {'file':>6s} "
-      f"{'VmHWM':>7s} {'made/s':>7s} {'drained/s':>10s} {'convs':>7s}  compiler mapped\n")
+    w(f"{'drain/compile':15s} {'idle RSS':>8s} {'VmRSS':>7s} {'anon':>6s} {'file':>6s} "
+      f"{'VmHWM':>7s} {'made/s':>7s} {'drained/s':>10s} {'convs':>7s}  memory  drain   "
+      "compiler mapped\n")
     ok = True
     for r in results:
         med = {k: statistics.median(s[k] for s in r["samples"]) for k in r["samples"][0]}
         peak = max(s["VmHWM"] for s in r["samples"])
-        w(f"{r['mode']:11s} {r['started']['VmRSS']:8.1f} {med['VmRSS']:7.1f} "
+        # the drain keeps up when it takes what the generator makes (it cannot take more)
+        mem_ok = med["VmRSS"] < AGENT_TARGET_MB and peak < AGENT_TARGET_MB
+        drain_ok = r["drained_per_s"] >= min(FLOWS, 0.95 * r["generated_per_s"])
+        w(f"{r['mode']:15s} {r['started']['VmRSS']:8.1f} {med['VmRSS']:7.1f} "
           f"{med['RssAnon']:6.1f} {med['RssFile']:6.1f} {peak:7.1f} {r['generated_per_s']:7.0f} "
           f"{r['drained_per_s']:10.0f} {r['conversations']:7.0f}  "
+          f"{'PASS' if mem_ok else 'MISS':6s}  {'PASS' if drain_ok else 'MISS':6s}  "
           f"{', '.join(r['mappings']) or 'none'}\n")
-        if r["mode"] == "child":
-            ok = peak < AGENT_TARGET_MB
+        if r["drain"] == "columns":
+            ok = ok and mem_ok and drain_ok
     w("(MB; VmRSS/anon/file: medians of the samples; VmHWM: the peak since start; made/s: "
-      "flows the generator ran per second; drained/s: new lt_flows entries per second)\n")
-    w(f"target: whole agent VmHWM < {AGENT_TARGET_MB:.0f} MB with {FLOWS} flows/s "
-      f"(compile in a child): {'PASS' if ok else 'MISS'}\n")
+      "flows the generator ran per second; drained/s: flow entries the agent's polls took "
+      "per second; columns: the numpy drain, objects: the earlier one (LT_FLOW_DRAIN))\n")
+    w(f"targets: VmRSS median and peak < {AGENT_TARGET_MB:.0f} MB; drained/s >= "
+      f"min({FLOWS}, 95% of made/s); columns drain: {'PASS' if ok else 'MISS'}\n")
+    if any(r["generated_per_s"] < 0.95 * FLOWS for r in results):
+        w(f"(the generator made fewer than {FLOWS} flows/s on this machine: the drain rate "
+          "is bounded by what it makes)\n")
     return ok
-
 
 if __name__ == "__main__":
     part = os.environ.get("BENCH_PART", "both")

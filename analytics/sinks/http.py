@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-
-import httpx
+from typing import TYPE_CHECKING
 
 from leaktap.analytics.sinks.base import PermanentDelivery, RetryableDelivery, retry_after_seconds
+
+if TYPE_CHECKING:  # imported when a sink is built: ~13 MB an agent without sinks saves
+    import httpx
 
 # a payload the receiver validated and refused: sending it again cannot help
 PAYLOAD_REJECTED = frozenset({400, 413, 422})
@@ -32,6 +34,8 @@ def post(
 
     The error text holds a redacted excerpt of the answer (a receiver or proxy may
     echo the request, routing key and headers included)."""
+    import httpx
+
     try:
         response = client.post(url, content=body, headers=headers, follow_redirects=False)
     except httpx.HTTPError as e:  # connect, read, timeouts, protocol errors

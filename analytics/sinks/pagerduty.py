@@ -10,7 +10,6 @@ import json
 import socket
 from typing import Annotated, Any, Literal
 
-import httpx
 from pydantic import AfterValidator, Field, model_validator
 
 from leaktap.analytics.sinks.base import (
@@ -52,6 +51,8 @@ class PagerDutySink:
         self.routing_key = read_secret(settings.routing_key, settings.routing_key_file,
                                        "routing_key") or ""
         self.source = settings.source or socket.gethostname()
+        import httpx  # only with a sink configured (sinks/http.py)
+
         self.client = httpx.Client(timeout=settings.timeout_s)
         self.redact = Redactor([self.routing_key, *url_secrets(self.url)])
 

@@ -14,7 +14,6 @@ import json
 import time
 from typing import Annotated, Literal
 
-import httpx
 from pydantic import AfterValidator, Field, model_validator
 
 from leaktap.analytics.sinks.base import (
@@ -57,6 +56,8 @@ class WebhookSink:
         secret = read_secret(settings.secret, settings.secret_file, "secret")
         self.secret = secret.encode() if secret else None
         self.extra_headers = dict(settings.headers)
+        import httpx  # only with a sink configured (sinks/http.py)
+
         self.client = httpx.Client(timeout=settings.timeout_s)
         self.redact = Redactor([secret, *self.extra_headers.values(), *url_secrets(self.url)])
 

@@ -152,41 +152,61 @@ class LiveConversations:
         hashes = ident_hashes(idents)
         codes = self._find(idents, hashes)
         created: list[int] = []
-        fresh: dict[bytes, int] = {}  # identities first seen in this drain
-        new_hashes: dict[int, int] = {}
         misses = np.flatnonzero(codes < 0)
+        if len(misses) and self._collided:
+            for i in misses.tolist():
+                codes[i] = self._collided.get(idents[i].tobytes(), -1)
+            misses = np.flatnonzero(codes < 0)
         if len(misses):
-            # the other direction of each, and whether its hash is taken, all at once
-            reverse = _reverse_idents(idents[misses])
-            other_codes = self._find(reverse, ident_hashes(reverse)).tolist()
-            taken = self._hashes_taken(hashes[misses]).tolist()
-        for j, i in enumerate(misses.tolist()):
+            self._open(batch, idents, hashes, codes, misses, created)
+        return codes >> 1, (codes & 1) == 0, created
+
+    def _open(self, batch: FlowBatch, idents: Array, hashes: Array, codes: Array,
+              misses: Array, created: list[int]) -> None:
+        """Codes for the identities the index lacks, in arrays: the first row of each
+        (its lead) joins the conversation of its other direction (indexed, or a lead
+        of this drain) or opens one, in row order; no per-row dict of bytes."""
+        distinct, first, inverse = np.unique(hashes[misses], return_index=True,
+                                             return_inverse=True)
+        leads = misses[first]
+        lead_idents = idents[leads]
+        same = idents[misses] == lead_idents[inverse]  # False: a hash shared in this drain
+        reverse = _reverse_idents(lead_idents)
+        reverse_hashes = ident_hashes(reverse)
+        lead_codes = self._find(reverse, reverse_hashes)
+        lead_codes[lead_codes >= 0] ^= 1  # the conversation's other direction
+        partner = np.minimum(np.searchsorted(distinct, reverse_hashes), len(distinct) - 1)
+        paired = (distinct[partner] == reverse_hashes) & (lead_idents[partner] == reverse)
+        for k in np.argsort(leads, kind="stable").tolist():  # row order
+            if lead_codes[k] >= 0:
+                continue
+            other = int(lead_codes[partner[k]]) if paired[k] else -1
+            if other >= 0:
+                lead_codes[k] = other ^ 1
+            else:
+                lead_codes[k] = self._create(batch, int(leads[k]))
+                created.append(int(leads[k]))
+        codes[misses[same]] = lead_codes[inverse[same]]
+        taken = self._hashes_taken(distinct)
+        for k in np.flatnonzero(taken).tolist():  # another identity holds its hash
+            self._collided[lead_idents[k].tobytes()] = int(lead_codes[k])
+        hs = np.concatenate([self._hashes, distinct[~taken]])
+        cs = np.concatenate([self._codes, lead_codes[~taken]])
+        order = np.argsort(hs, kind="stable")
+        self._hashes, self._codes = hs[order], cs[order]
+        for i in misses[~same].tolist():  # practically never: one by one
             ident = idents[i].tobytes()
-            code = fresh.get(ident, self._collided.get(ident))
+            code = self.code_of(ident)
             if code is None:
-                other = fresh.get(_reverse(ident)) if fresh else None
-                if other is None and other_codes[j] >= 0:
-                    other = other_codes[j]
-                if other is None and self._collided:
-                    other = self._collided.get(_reverse(ident))
-                if other is not None:
-                    code = other ^ 1  # the conversation's other direction
+                other_code = self.code_of(_reverse(ident))
+                if other_code is not None:
+                    code = other_code ^ 1
                 else:
                     code = self._create(batch, i)
                     created.append(i)
-                fresh[ident] = code
-                h = int(hashes[i])
-                if h in new_hashes or taken[j]:
-                    self._collided[ident] = code
-                else:
-                    new_hashes[h] = code
+                self._collided[ident] = code
             codes[i] = code
-        if new_hashes:
-            hs = np.concatenate([self._hashes, np.fromiter(new_hashes.keys(), np.uint64)])
-            cs = np.concatenate([self._codes, np.fromiter(new_hashes.values(), np.int64)])
-            order = np.argsort(hs, kind="stable")
-            self._hashes, self._codes = hs[order], cs[order]
-        return codes >> 1, (codes & 1) == 0, created
+        created.sort()
 
     def _find(self, idents: Array, hashes: Array) -> Array:
         """Codes of identities in the sorted index (-1: not there)."""

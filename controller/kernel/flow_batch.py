@@ -18,6 +18,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,6 +60,11 @@ class FlowBatch:
 
     def __len__(self) -> int:
         return len(self.tx_bytes)
+
+    def rows(self, start: int, stop: int) -> FlowBatch:
+        """Rows start..stop, as views (no copy)."""
+        return FlowBatch(**{name: getattr(self, name)[start:stop] for name in _COLUMNS},
+                         now_ns=self.now_ns)
 
     def idents(self) -> Array:
         """Each row's conversation identity in its packet direction: (n,) V40 (IDENT)."""
@@ -157,9 +163,15 @@ class FlowDrain:
 
     def drain(self) -> FlowBatch:
         """Take every entry out of the map, each atomically with its read."""
+        parts = list(self.chunks())
+        now_ns = parts[0].now_ns if parts else time.monotonic_ns()
+        return _batch([{name: getattr(p, name) for name in _COLUMNS} for p in parts], now_ns)
+
+    def chunks(self) -> Iterator[FlowBatch]:
+        """drain() one syscall's entries at a time (then the front cache's): a caller
+        folding each in as it comes never holds the whole drain."""
         call = libbpf().bpf_map_lookup_and_delete_batch
         fd = int(self.table.map_fd)
-        parts: list[dict[str, Array]] = []
         now_ns = time.monotonic_ns()
         first = True
         while True:
@@ -174,7 +186,8 @@ class FlowDrain:
             if err not in (0, errno.ENOENT):
                 raise OSError(err, f"batch read of lt_flows: {os.strerror(err)}")
             if count.value:
-                parts.append(_merge_cpus(self._keys[: count.value], self._values[: count.value]))
+                yield _batch([_merge_cpus(self._keys[: count.value],
+                                          self._values[: count.value])], now_ns)
             if err == errno.ENOENT:
                 break
             ctypes.memmove(self._in, self._out, len(self._in))
@@ -182,8 +195,7 @@ class FlowDrain:
         if self.front is not None:
             cached = self.front.drain()
             if cached:
-                parts.append(_cached_columns(cached))
-        return _batch(parts, now_ns)
+                yield _batch([_cached_columns(cached)], now_ns)
 
 
 def _cached_columns(cached: list[Any]) -> dict[str, Array]:

@@ -115,8 +115,10 @@ def _comparable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in rows]
 
 
+@pytest.mark.parametrize("slice_rows", [agent_module.POLL_SLICE_ROWS, 1])
 def test_columns_store_bucket_and_attribute_as_the_object_poll(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slice_rows: int) -> None:
+    monkeypatch.setattr(agent_module, "POLL_SLICE_ROWS", slice_rows)  # 1: a row at a time
     objects, rows_o, buckets_o = _run(tmp_path, "objects", monkeypatch)
     columns, rows_c, buckets_c = _run(tmp_path, "columns", monkeypatch)
     assert isinstance(columns.table, LiveConversations)

@@ -75,6 +75,10 @@ class _AgentCollector:
         yield GaugeMetricFamily(
             "leaktap_conversations", "conversations in memory", value=len(a.table)
         )
+        yield CounterMetricFamily(
+            "leaktap_flow_entries_drained", "flow entries the polls took from the kernel",
+            value=getattr(a, "flow_entries_drained", 0),  # agent views of tests lack it
+        )
         egress_bytes = CounterMetricFamily(
             "leaktap_egress_bytes", "egress bytes attributed to a flow",
             labels=["tenant", "vendor", "instance"],
