@@ -84,9 +84,7 @@ class FrontCache:
         self._gen[zero] = self._gen.Leaf(gen + 1)
         self.flips += 1
         rcu_grace_period()
-        idle = self._bank(gen & 1)
-        for index in idle:
-            self._cache[self._cache.Key(index)] = self._cache.Leaf()
+        idle = self._bank(gen & 1)  # copies: the map can be zeroed under them
         flows: dict[bytes, CachedFlow] = {}
         for e in idle.values():
             if not e.packets:
@@ -104,6 +102,11 @@ class FrontCache:
             flows[raw] = CachedFlow(seen.key, seen.tx_bytes + int(e.bytes),
                                     seen.tx_packets + int(e.packets), first, uid,
                                     seen.flags | int(e.flags))
+        # taken out of the map, then counted where cgroup totals live: a crash in
+        # between loses this bank's cgroup volume (as one after lt_flows' lookup-and-
+        # delete loses its flows), never counts it twice
+        for index in idle:
+            self._cache[self._cache.Key(index)] = self._cache.Leaf()
         self._add_cgroups(flows.values())
         return list(flows.values())
 
