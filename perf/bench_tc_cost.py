@@ -304,6 +304,9 @@ def main() -> int:
             "loss_rate_limited", "loss_truncated", "loss_hello_pending")
     w("leaktap counters during the rounds: "
       + ", ".join(f"{k}={after.get(k, 0) - before.get(k, 0)}" for k in keys) + "\n")
+    if BASELINE:
+        w(f"leaktap {BASELINE}: its hello rows do not read the server name (no tail programs "
+          "loaded): compare its data rows\n")
     w(f"target: leaktap data packets, enforcement off and on, <= {TARGET_DIFF_NS:.0f} ns "
       f"above empty: {'PASS' if data_ok else 'MISS'}\n")
     return 0
