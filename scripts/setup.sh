@@ -16,6 +16,9 @@ say() { printf 'setup: %s\n' "$*"; }
 # 1. Debian packages. bcc's Python module is python3-bpfcc (not on PyPI).
 PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 ethtool
       ca-certificates curl binutils util-linux)
+# gcc and libssl-dev compile the fingerprint prefilter (analytics/plaintext/_prefilter.c)
+# at `pip install -e .`, on every host (without them the numpy path is used, slower)
+PKGS+=(gcc libc6-dev libssl-dev)
 # Test tools, on the Debian host only (the Ubuntu VM that vagrant/ makes runs the
 # agent and the demo, not the suite; Ubuntu ships chromium only as a snap):
 # chromium for the dashboard's browser test, vagrant for `vagrant validate`;
@@ -23,7 +26,7 @@ PKGS=(python3-bpfcc python3-venv python3-dev iproute2 openssl libssl3 iperf3 eth
 # libssl-dev's libssl.a/libcrypto.a for a statically linked client, Node.js, and
 # a JDK (`java Client.java` compiles a single-file source) for a JSSE client.
 if [ "$DISTRO" = debian ]; then
-    PKGS+=(chromium vagrant gcc libc6-dev libssl-dev nodejs default-jdk-headless)
+    PKGS+=(chromium vagrant nodejs default-jdk-headless)  # gcc, libssl-dev: above
 fi
 # The Go connector the plaintext tests build from source (issue 13.1), with the
 # distribution's toolchain (Debian 12: Go 1.19); the agent itself needs only
@@ -103,7 +106,9 @@ if [ ! -x "$VENV/bin/python" ]; then
     quiet "$VENV/bin/pip" install -q --upgrade pip
 fi
 stamp="$VENV/.leaktap-installed"
-if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
+# setup.py and the C it compiles (the fingerprint prefilter) count as well as pyproject.toml
+if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ] || [ "$ROOT/setup.py" -nt "$stamp" ] \
+        || [ "$ROOT/analytics/plaintext/_prefilter.c" -nt "$stamp" ]; then
     say "installing leaktap and its test extras into $VENV"
     quiet "$VENV/bin/pip" install -q -e "$ROOT[test]"
     touch "$stamp"

@@ -28,9 +28,13 @@ keys (one cache line a lookup, not a binary search's twenty). The n-grams of a f
 word found go through the prefilter too (one AES call for all of them, probed one by
 one). The tokens are found with bytes.translate and numpy over the whole view, never
 one Python object per token, and nothing is cached between writes: a token seen for
-the first time costs what a recurring one does. Sets built before the prefilter load
-without it (every token is then hashed, counted as fingerprint_tokens_unfiltered):
-build them again.
+the first time costs what a recurring one does. When the compiled accelerator
+(_prefilter.c, built by `pip install -e .` with gcc and libssl-dev) is there, an ASCII
+view's tokens, blocks, AES call and probes are one C call that returns the runs that
+passed, exactly what the numpy path finds (tests/analytics/test_fingerprint_prefilter);
+without it (said once in the log) the numpy path does the same work. Sets built
+before the prefilter load without it (every token is then hashed, counted as
+fingerprint_tokens_unfiltered): build them again.
 A set matches when a write holds `min_matches` of its distinct values, or two
 columns of one of its rows. Values shared by more than COMMON_VALUE_ROWS rows are
 dropped at build time: they cannot tell one record from another.
@@ -39,6 +43,7 @@ dropped at build time: they cannot tell one record from another.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import struct
 import threading
@@ -56,6 +61,14 @@ from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algori
 
 from leaktap.analytics.allowlist import allows
 from leaktap.analytics.plaintext.redact import KeyedHasher
+
+try:  # the compiled prefilter (optional: setup.py builds it where gcc and libssl-dev are)
+    from leaktap.analytics.plaintext import _prefilter as _accelerator
+except ImportError:  # pragma: no cover - exercised by the fallback test with it hidden
+    _accelerator = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+_fallback_said = False
 
 KEY_LABEL = b"leaktap fingerprints v1"
 PREFILTER_LABEL = b"leaktap fingerprints prefilter v1"
@@ -144,26 +157,7 @@ class Tokens:
 
     def token(self, i: int) -> bytes | None:
         """Run i as a token (None: a digit run too short or too long to be a phone)."""
-        start, n = int(self.starts[i]) + 1, int(self.lens[i])
-        if start <= self.words_end:
-            return self.buf[start:start + n]
-        if PHONE_DIGITS_MIN <= n <= PHONE_DIGITS_MAX:
-            return b"+" + self.buf[start:start + n]
-        return None
-
-    def tokens(self, positions: list[int]) -> list[bytes | None]:
-        """`token` of each of these runs."""
-        buf, words_end, starts, lens = self.buf, self.words_end, self.starts, self.lens
-        out: list[bytes | None] = []
-        for i in positions:  # a few: one numpy scalar each costs less than a fancy index
-            start, n = starts.item(i) + 1, lens.item(i)
-            if start <= words_end:
-                out.append(buf[start:start + n])
-            elif PHONE_DIGITS_MIN <= n <= PHONE_DIGITS_MAX:
-                out.append(b"+" + buf[start:start + n])
-            else:
-                out.append(None)
-        return out
+        return run_token(self.buf, self.words_end, int(self.starts[i]), int(self.lens[i]))
 
     def blocks(self) -> npt.NDArray[np.uint64]:
         """Every run's prefilter block (two little-endian words each, in one array): one
@@ -175,6 +169,17 @@ class Tokens:
         # "clip": a run longer than a block takes the last mask (all 16 bytes)
         out &= _BLOCK_MASKS.take(self.lens, mode="clip").view("<u8")
         return out
+
+
+def run_token(buf: bytes, words_end: int, start: int, n: int) -> bytes | None:
+    """The token of the run of `n` bytes after the separator at `start` (None: a digit
+    run too short or too long to be a phone)."""
+    start += 1
+    if start <= words_end:
+        return buf[start:start + n]
+    if PHONE_DIGITS_MIN <= n <= PHONE_DIGITS_MAX:
+        return b"+" + buf[start:start + n]
+    return None
 
 
 def tokenise_view(data: bytes) -> Tokens:
@@ -223,6 +228,9 @@ class ValueHasher:
         self.key_id = hashlib.blake2s(b"key id", key=key[:32], digest_size=8).hexdigest()
         self._prefilter_key = self.digest(PREFILTER_LABEL)
         self._local = threading.local()  # a cipher context is not shared between threads
+        # the compiled prefilter under the same key (it holds the GIL while it runs)
+        self.scanner: _accelerator.Scanner | None = (
+            _accelerator.Scanner(self._prefilter_key) if _accelerator is not None else None)
 
     def digest(self, token: bytes) -> bytes:
         return self._digest(token).digest()
@@ -501,6 +509,7 @@ class Prefilter:
                 self._add(table[at:at + PREFILTER_CHUNK])
         self.keys = total
         self._words, self._pairs = self.words.data, self._PAIRS.data
+        self._shift = int(self.shift)
 
     def _add(self, keys: U64) -> None:
         """OR each key's pair of bits into its word: sorted by word, pairs of one word
@@ -522,6 +531,14 @@ class Prefilter:
         """Positions of the keys that may be in the filter (every key put in it is)."""
         pair = self._pair(keys)
         return np.flatnonzero((self.words[self._at(keys)] & pair) == pair)
+
+    def scan(self, scanner: _accelerator.Scanner, data: bytes) -> _accelerator.Scan | None:
+        """The compiled prefilter of one view (None: not ASCII, the numpy path's)."""
+        return scanner.scan(data, self._words, self._pairs, self._shift)
+
+    def probe(self, scanner: _accelerator.Scanner, blocks: bytes) -> list[int]:
+        """Positions of the 16-byte blocks whose keys may be in the filter (compiled)."""
+        return scanner.probe(blocks, self._words, self._pairs, self._shift)
 
     def passes_few(self, keys: Iterable[int]) -> list[int]:
         """`passes` for a few keys (Python ints): no numpy call per key."""
@@ -559,6 +576,12 @@ class FingerprintMatcher:
         return bool(self._index.sets)
 
     def replace(self, index: FingerprintIndex) -> None:
+        global _fallback_said
+        if index.sets and _accelerator is None and not _fallback_said:
+            _fallback_said = True
+            logger.warning("fingerprints: the compiled prefilter (leaktap.analytics.plaintext."
+                           "_prefilter) is not built: the numpy path is used, at about half "
+                           "the speed; `make setup` builds it (needs gcc and libssl-dev)")
         self._index = index
 
     def sanctioned(self, owner: str, vendor: str | None, instance: str | None) -> bool:
@@ -579,19 +602,41 @@ class FingerprintMatcher:
         self.stats["fingerprint_tokens_passed"] += len(passed)
         return passed
 
+    def passed_runs(self, data: bytes, index: FingerprintIndex
+                    ) -> tuple[bytes, int, list[int], list[int]] | None:
+        """The run buffer of one view, where its words end, and the starts and lengths
+        of the runs that the prefilter lets through (None: none did). The compiled
+        prefilter answers for an ASCII view when it is built, the numpy path otherwise."""
+        scanner, prefilter = self.hasher.scanner, index.prefilter
+        if scanner is not None and prefilter is not None:
+            scan = prefilter.scan(scanner, data)
+            if scan is not None:
+                buf, words_end, runs, _, starts, lens = scan
+                self.stats["fingerprint_tokens"] += runs
+                self.stats["fingerprint_tokens_passed"] += len(starts)
+                return (buf, words_end, starts, lens) if starts else None
+        tokens = tokenise_view(data)
+        if not len(tokens):
+            return None
+        passed = self._passed(index, tokens.blocks().data.cast("B"), len(tokens))
+        if not passed:
+            return None
+        # a few: one numpy scalar each costs less than a fancy index
+        return (tokens.buf, tokens.words_end, [tokens.starts.item(i) for i in passed],
+                [tokens.lens.item(i) for i in passed])
+
     def value_keys(self, data: bytes, index: FingerprintIndex | None = None) -> set[int]:
         """Keys of the set values found in one decoded view."""
         index = self._index if index is None else index
-        tokens = tokenise_view(data)
-        if not len(tokens):
+        runs = self.passed_runs(data, index)
+        if runs is None:
             return set()
-        passed = self._passed(index, tokens.blocks().data.cast("B"), len(tokens))
-        if not passed:
-            return set()
-        at: dict[bytes, list[int]] = {}  # distinct tokens let through -> their positions
-        for i, token in zip(passed, tokens.tokens(passed), strict=True):
+        buf, words_end, starts, lens = runs
+        at: dict[bytes, list[int]] = {}  # distinct tokens let through -> their runs' starts
+        for start, n in zip(starts, lens, strict=True):
+            token = run_token(buf, words_end, start, n)
             if token is not None:
-                at.setdefault(token, []).append(i)
+                at.setdefault(token, []).append(start)
         self.stats["fingerprint_tokens_hashed"] += len(at)
         found: set[int] = set()
         grams: list[bytes] = []
@@ -602,7 +647,7 @@ class FingerprintMatcher:
             if value is not None:
                 found.add(value)
             if mask and len(grams) < GRAMS_MAX:
-                grams += self._grams(tokens, positions, mask)
+                grams += self._grams(buf, words_end, positions, mask)
         if grams:
             if len(grams) >= GRAMS_MAX:
                 self.stats["fingerprint_grams_capped"] += 1
@@ -613,7 +658,12 @@ class FingerprintMatcher:
         """Keys of the set values among n-grams; the prefilter answers first (per n-gram,
         most n-grams of a first word found are not a value: "jane" and the next words)."""
         blocks = b"".join([g[:BLOCK].ljust(BLOCK, b"\0") for g in grams])  # `block` of words
-        if index.prefilter is not None and len(grams) <= GRAMS_SCALAR:
+        scanner = self.hasher.scanner
+        if index.prefilter is not None and scanner is not None:
+            self.stats["fingerprint_tokens"] += len(grams)
+            passed = index.prefilter.probe(scanner, blocks)
+            self.stats["fingerprint_tokens_passed"] += len(passed)
+        elif index.prefilter is not None and len(grams) <= GRAMS_SCALAR:
             self.stats["fingerprint_tokens"] += len(grams)
             passed = index.prefilter.passes_few(
                 self.hasher.prefilter_keys(blocks).tolist())
@@ -624,15 +674,16 @@ class FingerprintMatcher:
         keys = [self.hasher.value_key(grams[i]) for i in passed]
         return [k for k in keys if index.has_value(k)]
 
-    def _grams(self, tokens: Tokens, positions: list[int], mask: int) -> list[bytes]:
-        """The n-grams of words that start at `positions`, n the lengths in `mask`."""
+    def _grams(self, buf: bytes, words_end: int, starts: list[int], mask: int) -> list[bytes]:
+        """The n-grams of the words whose runs start at `starts` (the separators in front
+        of them in `buf`), n the lengths in `mask`."""
         lengths = self._lengths.get(mask)
         if lengths is None:
             lengths = self._lengths[mask] = _lengths(mask)
         longest = lengths[-1]
-        buf, words_end, join = tokens.buf, tokens.words_end, b" ".join
+        join = b" ".join
         grams: list[bytes] = []
-        for start in map(tokens.starts.item, positions):
+        for start in starts:
             # the words from this one on: a slice of the buffer split at its separators,
             # longer until it holds `longest` words or reaches the last word
             span = GRAM_SPAN * longest

@@ -57,3 +57,11 @@ def test_every_tracked_file_of_a_top_level_folder_is_in_the_wheel(
 def test_nothing_named_controller_or_analytics_lands_at_the_top(wheel_names: set[str]) -> None:
     tops = {name.split("/", 1)[0] for name in wheel_names}
     assert tops <= {"leaktap"} | {t for t in tops if t.endswith((".dist-info", ".data"))}
+
+
+def test_the_wheel_carries_the_compiled_fingerprint_prefilter(wheel_names: set[str]) -> None:
+    # built from analytics/plaintext/_prefilter.c (issue 15.3); optional in setup.py, so
+    # only this test notices a build that silently fell back to the numpy path
+    built = [n for n in wheel_names
+             if n.startswith("leaktap/analytics/plaintext/_prefilter.") and n.endswith(".so")]
+    assert len(built) == 1, sorted(n for n in wheel_names if "_prefilter" in n)
