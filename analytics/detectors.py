@@ -232,6 +232,7 @@ class VolumeScorer:
                 vol.share_windows_minutes, vol.scale_alpha, capacity,
                 vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, 0.0,
+                vol.scale_record_margin, by_hour=vol.scale_by_hour,
             ) if vol.scale_enabled and vol.share_enabled else None
         )
         self._share_min_ratio = np.full((len(vol.share_windows_minutes), 1), vol.share_min_ratio)

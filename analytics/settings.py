@@ -35,8 +35,10 @@ class VolumeSettings(_Frozen):
     # The expected per-hour maximum of normal minutes sits about this many sigmas up;
     # scoring against it as well keeps recurring batch minutes quiet.
     envelope_z: Annotated[float, Field(ge=0, le=10)] = 2.3
-    # Slow drips: excess of windowed sums over the expected sums.
-    drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = [60, 240]
+    # Slow drips, the first detector: excess of windowed sums over the expected sums, its
+    # noise the fit's hour-to-hour level noise. Off by default (no windows): the window bank
+    # catches what it caught, and on tuning seeds it only added false incidents.
+    drip_windows_minutes: list[Annotated[int, Field(ge=5, le=1440)]] = []
     drip_z: Annotated[float, Field(gt=0, le=100)] = 4.0
     drip_min_ratio: Annotated[float, Field(gt=1, le=100)] = 1.7
     # Window bank (issue 18, analytics/scales.py): mean standardised log residual over each
@@ -48,46 +50,51 @@ class VolumeSettings(_Frozen):
     # on; with one week there is no week-to-week level noise to measure).
     scale_min_weeks: Annotated[int, Field(ge=1, le=12)] = 2
     scale_windows_minutes: list[Annotated[int, Field(ge=1, le=1440)]] = [
-        5, 15, 180, 360, 720, 1440]
+        5, 10, 15, 180, 360, 720, 1440]
     scale_alpha: Annotated[float, Field(gt=0, lt=1)] = 0.0001
     # Half-life of the running level (today's level, growth the fit missed) and of the
     # learned noise scale of each window.
     scale_level_halflife_minutes: Annotated[float, Field(gt=0, le=10_080)] = 240.0
     scale_noise_halflife_minutes: Annotated[float, Field(gt=0, le=100_800)] = 10_080.0
-    # A series is under suspicion (level and scales frozen) once a window reaches this
-    # fraction of its threshold, for at most scale_freeze_minutes.
+    # A series is under suspicion once a window reaches this fraction of its threshold: its
+    # open episode stays open, and for at most scale_freeze_minutes its running level learns
+    # at a quarter of its rate. 0 by default: each window reads the level where the window
+    # starts, so a drip cannot lift its own reference, and the learned-slower level of a
+    # suspect series turned the day-to-day swings that follow into false incidents.
     scale_suspect_fraction: Annotated[float, Field(gt=0, le=1)] = 0.6
     scale_freeze_minutes: Annotated[int, Field(ge=0, le=10_080)] = 0
     # A minute's standardised residual is clipped to this range before entering windows.
     scale_clip_low: Annotated[float, Field(ge=-20, le=0)] = -3.0
     scale_clip_high: Annotated[float, Field(gt=0, le=50)] = 4.0
     # Windows of an hour or more never use a noise scale below this share of the fit's
-    # hour-to-hour level noise (day-to-day swings that a few weeks of learning may miss).
-    # (Issue 18: the floor decides most missed drips, but lowering it to 0.6 doubled the
-    # false alarms on fresh tuning seeds; the share-of-tenant bank below is the fix.)
+    # hour-to-hour level noise. 0 by default: that floor decided most missed drips, and the
+    # per-hour-of-day scales (scale_by_hour) now carry the day-to-day swings where they are.
     scale_level_noise_share: Annotated[float, Field(ge=0, le=5)] = 0.0
     # The series' own record (issue 18.1): a window pages only above this multiple of the
     # highest score that window reached on the week before today, so a series whose window
-    # means have heavier tails than the learned scale says sets its own bar (0: off).
+    # means have heavier tails than the learned scale says sets its own bar (0: off). Off by
+    # default: with three weeks of history the record comes from the week of a one-week fit,
+    # whose residuals are noisier (tuning seeds: drips 0.70 -> 0.60 at 1.0).
     scale_record_margin: Annotated[float, Field(ge=0, le=10)] = 0.0
     # Each window's noise scale learned per hour of the day too (issue 18.1): the windows
-    # across a series' day boundary (where its level steps) are far noisier than the rest.
+    # across a series' day boundary (where its level steps) are up to twice as noisy as the
+    # rest, so one scale per window is too wide by day and too narrow across the step.
     scale_by_hour: bool = True
     # A window pages only if its bytes out are at least this multiple of the expected.
-    scale_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.15
+    scale_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.2
     # ... and windows of 15 minutes or less this multiple (bursts; minute noise is large).
-    scale_short_min_ratio: Annotated[float, Field(ge=1, le=100)] = 2.5
+    scale_short_min_ratio: Annotated[float, Field(ge=1, le=100)] = 2.7
     # Share of the tenant (issue 18.1): a second window bank on a destination's log residual
     # minus that of the tenant's other traffic, so the tenant's day-to-day swings (common to
     # all its destinations) cancel and a drip to one destination stands out as a shift in
     # share. Needs another destination with traffic; same scale_alpha, its own windows.
-    # Off by default: on tuning seeds it caught more drips (0.55 -> 0.70) for one more false
-    # incident in 160 tenant-weeks, but on held-out seeds 301-302 no more drips and false
-    # incidents 0.037 -> 0.075 per tenant-week (perf/bench_subtle.py --share).
-    share_enabled: bool = False
-    share_windows_minutes: list[Annotated[int, Field(ge=15, le=1440)]] = [60, 180, 360, 720]
+    # With per-hour scales, windows of 3 h and more and a 1.2x bytes gate it adds drips
+    # without false incidents on tuning seeds 201-208 (0.78 -> 0.85, false 15 -> 15 in 320
+    # tenant-weeks); before (one scale per window, from 60 min, gate 1.1) it cost false ones.
+    share_enabled: bool = True
+    share_windows_minutes: list[Annotated[int, Field(ge=15, le=1440)]] = [180, 360, 720]
     # A share window pages only if the destination's bytes are this multiple of expected.
-    share_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.1
+    share_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.2
     # The weekly batch (issue 18.3): during an hour-of-week slot that is a batch slot (its
     # mean minute far above its median, two weeks of history), the bytes above the ordinary
     # traffic around it (the quieter neighbouring slot's mean) are summed from the hour's

@@ -71,7 +71,7 @@ def test_incidents_are_one_per_episode(
 
 # -- issue 18: the patient exfiltrator, on a seed never used while tuning -------------------
 
-SUBTLE_SEED = scenario.HELD_OUT_SEEDS[0]
+SUBTLE_SEED = scenario.RETIRED_SEEDS[0]  # not tuned on (nor looked at for this round)
 
 
 @pytest.fixture(scope="module")

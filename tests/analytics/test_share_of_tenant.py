@@ -17,14 +17,16 @@ SEED = 202  # a tuning seed: the held-out ones are only evaluated (perf/bench_su
 def runs() -> tuple[scenario.Scenario, list[Incident], list[Incident]]:
     assert SEED in scenario.TUNING_SEEDS
     scen = scenario.generate(SEED, n_tenants=12, weeks=3, events_per_kind=3, subtle=True)
-    assert not DetectionSettings().volume.share_enabled  # off by default (see VolumeSettings)
+    assert DetectionSettings().volume.share_enabled  # on by default (see VolumeSettings)
     # against the level bank as it was when the share bank was added (one scale per window,
     # floored at the fit's level noise): the default one now catches this drip by itself
     base = DetectionSettings()
     level_only = base.model_copy(update={"volume": VolumeSettings(**{
         **base.volume.model_dump(), "scale_by_hour": False, "scale_level_noise_share": 1.0,
-        "scale_windows_minutes": [5, 15, 60, 180, 360, 720, 1440],
-        "scale_freeze_minutes": 1440, "burst_h": 5.0})})
+        "scale_windows_minutes": [5, 15, 60, 180, 360, 720, 1440], "scale_min_ratio": 1.15,
+        "scale_short_min_ratio": 2.5, "drip_windows_minutes": [60, 240],
+        "scale_freeze_minutes": 1440, "burst_h": 5.0, "share_enabled": False,
+        "share_windows_minutes": [60, 180, 360, 720], "share_min_ratio": 1.1})})
     with_share = level_only.model_copy(update={"volume": VolumeSettings(
         **{**level_only.volume.model_dump(), "share_enabled": True})})
     return scen, run_detector(scen, with_share), run_detector(scen, level_only)
