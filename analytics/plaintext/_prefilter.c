@@ -29,6 +29,7 @@
 #define TAIL (2 * BLOCK) /* separators that end the buffer */
 #define PAIRS 1024
 #define MAX_VIEW ((Py_ssize_t)1 << 26) /* larger views take the Python path */
+#define KEEP_SCRATCH ((size_t)4 << 20)  /* scratch kept between calls (a 4 KiB view: ~0.2 MB) */
 
 static unsigned char word_table[256];  /* lower case letters and digits, else a space */
 static unsigned char phone_table[256]; /* digits and space kept, punctuation 0 (deleted), else SEP */
@@ -223,6 +224,20 @@ static int grow(Scanner *self, size_t bytes, size_t runs) {
     return 0;
 }
 
+/* A large view's scratch is not kept for the agent's lifetime. */
+static void shrink(Scanner *self) {
+    if (self->scratch_size > KEEP_SCRATCH) {
+        PyMem_Free(self->scratch);
+        self->scratch = NULL;
+        self->scratch_size = 0;
+    }
+    if (self->runs_size * 2 * sizeof(Py_ssize_t) > KEEP_SCRATCH) {
+        PyMem_Free(self->runs);
+        self->runs = NULL;
+        self->runs_size = 0;
+    }
+}
+
 static int Scanner_init(Scanner *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"key", NULL};
     Py_buffer key;
@@ -378,6 +393,10 @@ static int encrypt_keys(Scanner *self, const unsigned char *blocks, Py_ssize_t n
                         unsigned char *out, uint64_t *keys) {
     if (nblocks == 0)
         return 0;
+    if (self->ctx == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Scanner.__init__ was not called");
+        return -1;
+    }
 #ifdef HAVE_AESNI
     if (self->aesni) {
         aesni_keys(self->round_keys, blocks, nblocks, keys);
@@ -520,6 +539,7 @@ static PyObject *Scanner_scan(Scanner *self, PyObject *args) {
         Py_XDECREF(lens);
     }
 done:
+    shrink(self);
     filter_release(&f);
     PyBuffer_Release(&data);
     return result;
@@ -564,6 +584,7 @@ static PyObject *Scanner_tokens(Scanner *self, PyObject *args) {
         Py_XDECREF(kb);
     }
 done:
+    shrink(self);
     PyBuffer_Release(&data);
     return result;
 }
@@ -608,6 +629,7 @@ static PyObject *Scanner_probe(Scanner *self, PyObject *args) {
             PyList_SET_ITEM(result, j++, v);
         }
 done:
+    shrink(self);
     filter_release(&f);
     PyBuffer_Release(&blocks);
     return result;

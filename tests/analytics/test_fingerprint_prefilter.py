@@ -238,3 +238,21 @@ def test_without_the_accelerator_the_numpy_path_is_used_and_said_once(
     assert len(said) == 1 and "numpy path" in said[0]
     matches = matchers[0].scan([as_json(records[:3])])
     assert [(m.info.tenant, m.values) for m in matches] == [("acme", 12)]  # 3 rows x 4 columns
+
+
+def test_a_view_of_megabytes_then_a_small_one_give_the_numpy_paths_runs() -> None:
+    # past the scratch the scanner keeps between calls: it is let go and grown again
+    hasher = _hasher()
+    assert hasher.scanner is not None
+    large = (b'{"name": "Jane Smith", "phone": "+1 (555) 010-2345", "email": '
+             b'"jane.smith@example.org", "n": 1234567890123456789}, ' * 40_000)
+    assert len(large) > 4_000_000
+    for data in (large, b"Jane Smith +1 (555) 010-2345", large[:70_001]):
+        assert hasher.scanner.tokens(data) == _numpy_tokens(hasher, data)
+
+
+def test_a_scanner_never_initialised_is_an_error_not_a_crash() -> None:
+    scanner = type(_hasher().scanner).__new__(type(_hasher().scanner))
+    pre = _dense_prefilter(6)
+    with pytest.raises(RuntimeError, match="__init__"):
+        pre.scan(scanner, b"jane smith")
