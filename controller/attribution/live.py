@@ -131,7 +131,9 @@ class LiveConversations:
             slot = self._free.pop()
         else:
             if self.size == self.capacity:
-                self._grow(self.capacity * 2)
+                # by a quarter: 100,000 conversations take 102,400 slots, not 131,072
+                # (the copy is one column at a time, amortised over the growth)
+                self._grow(self.capacity + max(self.capacity // 4, FIRST_CAPACITY))
             slot = self.size
             self.size += 1
         self._count += 1

@@ -11,7 +11,6 @@ from leaktap.controller.api.deps import AgentDep, ReaderDep
 from leaktap.controller.api.routes.metrics import LOSS_RING
 from leaktap.controller.attribution import losses as userspace
 from leaktap.controller.kernel import loss
-from leaktap.controller.plaintext import monitor as plaintext
 
 router = APIRouter(prefix="/v1/stats", tags=["stats"])
 
@@ -21,6 +20,9 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
     kernel = dict(agent.stats)
     monitor = getattr(agent, "plaintext", None)
     inspection = monitor.stats() if monitor is not None else {}
+    plaintext_remedies: dict[str, str] = {}
+    if monitor is not None:  # the inspection's modules are loaded only when it runs
+        from leaktap.controller.plaintext.monitor import REMEDIES as plaintext_remedies
     losses = [
         {"ring": LOSS_RING.get(name, "lt_events"), "reason": name.removeprefix("loss_"),
          "count": value, "remedy": loss.REMEDIES.get(name)}
@@ -31,7 +33,7 @@ def read_stats(agent: AgentDep, _: ReaderDep) -> dict[str, Any]:
         for name, value in sorted(kernel.items()) if name.startswith("sni_giveup_")
     ] + [
         {"ring": "lt_ssl_events", "reason": name.removeprefix("ssl_loss_"), "count": value,
-         "remedy": plaintext.REMEDIES.get(name)}
+         "remedy": plaintext_remedies.get(name)}
         for name, value in sorted(inspection.items()) if name.startswith("ssl_loss_")
     ]
     attributor = getattr(agent, "attributor", None)
