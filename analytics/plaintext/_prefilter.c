@@ -512,7 +512,8 @@ static PyObject *Scanner_scan(Scanner *self, PyObject *args) {
         goto done;
     char *passed = (char *)cipher;
     Py_ssize_t count = probe(&f, keys, nruns, passed);
-    /* the passed runs (index, start, length), gathered after the keys are read */
+    /* the passed runs (index, start, length) copied out of the scratch before any
+     * Python object is made (a collection's finalizers may let another thread in) */
     Py_ssize_t *picked = PyMem_Malloc((size_t)(count ? count : 1) * 3 * sizeof(Py_ssize_t));
     if (picked == NULL) {
         PyErr_NoMemory();
@@ -571,10 +572,20 @@ static PyObject *Scanner_tokens(Scanner *self, PyObject *args) {
     for (Py_ssize_t k = 0; k < nruns; k++)
         for (int b = 0; b < 8; b++)
             le[8 * k + b] = (unsigned char)(keys[k] >> (8 * b));
+    /* bytes first (no collection can run while they are made), then the runs copied out
+     * of the scratch: making lists may run a collection, whose finalizers may let
+     * another thread use this scanner */
     PyObject *buf = PyBytes_FromStringAndSize((const char *)self->scratch, len);
-    PyObject *starts = int_list(self->runs, nruns, 2);
-    PyObject *lens = int_list(self->runs + 1, nruns, 2);
     PyObject *kb = PyBytes_FromStringAndSize((const char *)le, nruns * 8);
+    PyObject *starts = NULL, *lens = NULL;
+    Py_ssize_t *runs = PyMem_Malloc((size_t)(nruns ? nruns : 1) * 2 * sizeof(Py_ssize_t));
+    if (runs != NULL) {
+        memcpy(runs, self->runs, (size_t)nruns * 2 * sizeof(Py_ssize_t));
+        starts = int_list(runs, nruns, 2);
+        lens = int_list(runs + 1, nruns, 2);
+        PyMem_Free(runs);
+    } else
+        PyErr_NoMemory();
     if (buf && starts && lens && kb)
         result = Py_BuildValue("(NnNNN)", buf, words_end, starts, lens, kb);
     else {
@@ -616,18 +627,18 @@ static PyObject *Scanner_probe(Scanner *self, PyObject *args) {
     if (encrypt_keys(self, blocks.buf, n, cipher, keys) < 0)
         goto done;
     Py_ssize_t count = probe(&f, keys, n, passed);
-    result = PyList_New(count);
-    if (result == NULL)
+    /* the indexes copied out of the scratch first: making Python objects may run a
+     * collection, whose finalizers may let another thread use this scanner */
+    Py_ssize_t *picked = PyMem_Malloc((size_t)(count ? count : 1) * sizeof(Py_ssize_t));
+    if (picked == NULL) {
+        PyErr_NoMemory();
         goto done;
+    }
     for (Py_ssize_t k = 0, j = 0; k < n; k++)
-        if (passed[k]) {
-            PyObject *v = PyLong_FromSsize_t(k);
-            if (v == NULL) {
-                Py_CLEAR(result);
-                goto done;
-            }
-            PyList_SET_ITEM(result, j++, v);
-        }
+        if (passed[k])
+            picked[j++] = k;
+    result = int_list(picked, count, 1);
+    PyMem_Free(picked);
 done:
     shrink(self);
     filter_release(&f);

@@ -10,6 +10,7 @@ import logging
 import os
 import random
 import string
+import threading
 
 import numpy as np
 import pytest
@@ -256,3 +257,26 @@ def test_a_scanner_never_initialised_is_an_error_not_a_crash() -> None:
     pre = _dense_prefilter(6)
     with pytest.raises(RuntimeError, match="__init__"):
         pre.scan(scanner, b"jane smith")
+
+
+def test_threads_sharing_one_matcher_find_what_one_thread_finds() -> None:
+    # one scanner (its cipher context and scratch) serves every thread of a matcher
+    records = list(contacts(500, seed=12))
+    index = _index(records)
+    matcher = FingerprintMatcher(KEY)
+    matcher.replace(index)
+    rng = random.Random(12)
+    texts = [as_paragraph(rng.sample(records, 2), rng) for _ in range(150)] + _texts(12, 150)
+    want = [matcher.value_keys(t, index) for t in texts]
+    results: list[list[set[int]]] = [[] for _ in range(4)]
+
+    def work(out: list[set[int]]) -> None:
+        out.extend(matcher.value_keys(t, index) for t in texts)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in results]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(map(len, want)) > 500
+    assert all(r == want for r in results)
