@@ -9,11 +9,13 @@ the test statistic is
 
 where m is a slow running level of u (a few hours' half-life): it absorbs what the
 seasonal fit misses (today's level, growth since the fit) but is read where the window
-starts, so a drip never hides itself, and it learns at SUSPECT_WEIGHT of its rate while
-the series is under suspicion (some window past a fraction of its threshold). D_w is
-divided by the series' own running scale of D_w (mean absolute value, learned online),
-which folds in the autocorrelation and the level noise at that length, never below a
-share of the fit's hour-to-hour level noise for windows of an hour or more. Thresholds
+starts, so a drip never hides itself (optionally it also learns at SUSPECT_WEIGHT of its
+rate while the series is under suspicion). D_w is divided by the series' own running
+scale of D_w (mean absolute value, learned online), which folds in the autocorrelation
+and the level noise at that length; with `by_hour` learned per UTC hour of the day the
+window ends at, since windows across a series' day boundary (where its level steps) are
+far noisier than the rest (optionally never below a share of the fit's hour-to-hour
+level noise). Thresholds
 are split Bonferroni-style over the scales and over the ~10080/w independent windows of
 a week, so that the bank as a whole is aimed at `alpha` false alarms per series-week
 (the noise has heavier tails than a Gaussian: the default alpha is set low for that).
