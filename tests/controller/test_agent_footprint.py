@@ -12,8 +12,9 @@ from leaktap.controller import agent as agent_module
 from leaktap.controller.agent import Agent
 from leaktap.controller.attribution.attributor import Attributor
 from leaktap.controller.config import parse_config
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName, NameRow, name_row
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey
 from leaktap.controller.storage import Store
+from tests.controller.map_doubles import IdleMapReader
 
 
 def test_agent_and_api_import_neither_bcc_nor_pandas() -> None:
@@ -25,7 +26,7 @@ def test_agent_and_api_import_neither_bcc_nor_pandas() -> None:
     assert out.stdout.strip() == "[]"
 
 
-class _Flows:
+class _Flows(IdleMapReader):
     """A map reader whose flow map holds `n` distinct flows at every drain."""
 
     def __init__(self, n: int) -> None:
@@ -35,27 +36,6 @@ class _Flows:
     def drain_flows(self) -> list[FlowCounters]:
         now = time.monotonic_ns()
         return [FlowCounters(k, 100, 1, now - 1000, now, 0, 0) for k in self.keys]
-
-    def drain_names(self) -> list[KernelName]:
-        return []
-
-    def drain_name_rows(self) -> list[NameRow]:
-        return [name_row(n) for n in self.drain_names()]
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    def totals(self) -> dict[int, tuple[int, int]]:
-        return {0: (0, 0)}
-
-    def cgroup_totals(self) -> dict[int, tuple[int, int]]:
-        return {}
-
-    def remove_cgroups(self, ids: list[int]) -> dict[int, tuple[int, int]]:
-        return {}
-
-    def expire_hellos(self, max_age_ns: int) -> int:
-        return 0
 
 
 def test_a_poll_of_several_write_chunks_stores_each_conversation_once(tmp_path: Path) -> None:

@@ -18,8 +18,9 @@ from leaktap.controller.attribution.flows import FF_SYN
 from leaktap.controller.attribution.live import LiveConversations, TrackedAttributor
 from leaktap.controller.config import parse_config
 from leaktap.controller.kernel.flow_batch import FlowBatch
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName, NameRow, name_row
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, KernelName
 from leaktap.controller.storage import Store
+from tests.controller.map_doubles import IdleMapReader
 
 CONFIG = """
 tenants:
@@ -31,7 +32,7 @@ LOCAL, CRM, OTHER = "198.18.70.1", "198.18.71.1", "198.18.72.1"
 OUT, IN = 0, 1
 
 
-class _Script:
+class _Script(IdleMapReader):
     """A map reader replaying a scripted drain per poll: (flows, kernel names)."""
 
     def __init__(self, polls: list[tuple[list[FlowCounters], list[KernelName]]]) -> None:
@@ -44,24 +45,6 @@ class _Script:
 
     def drain_names(self) -> list[KernelName]:
         return self.polls[self.at][1] if self.at < len(self.polls) else []
-
-    def drain_name_rows(self) -> list[NameRow]:
-        return [name_row(n) for n in self.drain_names()]
-
-    def stats(self) -> dict[str, int]:
-        return {}
-
-    def totals(self) -> dict[int, tuple[int, int]]:
-        return {0: (0, 0)}
-
-    def cgroup_totals(self) -> dict[int, tuple[int, int]]:
-        return {}
-
-    def remove_cgroups(self, ids: list[int]) -> dict[int, tuple[int, int]]:
-        return {}
-
-    def expire_hellos(self, max_age_ns: int) -> int:
-        return 0
 
 
 def _flow(src: tuple[str, int], dst: tuple[str, int], nbytes: int, direction: int = OUT,
