@@ -198,6 +198,8 @@ class Agent:
         cgroup_mount = find_cgroup2_mount()
         self.attributor = (TrackedAttributor if self.columnar else Attributor)(
             self.config, cgroup_mount=cgroup_mount)
+        # a plaintext write before the poll drains its hello's name reads it in place
+        self.attributor.peek_kernel_name = self.reader.peek_name
         if cgroup_mount is not None:
             self.cgroup_accounting = CgroupAccounting(
                 CgroupReaper(lambda: cgroup_ids(cgroup_mount)))

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ class Attributor:
         self._dns_contradicted: set[Any] = set()
         self.cgroups = CgroupPaths(cgroup_mount)
         self._hello_by_conv: dict[Any, ClientHello] = {}
+        # one flow's kernel reading still waiting in lt_names (the agent's
+        # MapReader.peek_name), for a plaintext write that comes before the poll drains it
+        self.peek_kernel_name: Callable[[FlowKey], NameRow | None] | None = None
         # conversation -> (vendor, instance) named by an inspected plaintext request
         self._refined: OrderedDict[ConversationId, tuple[str, str]] = OrderedDict()
         # names a previous run recorded for conversations still open at this start
@@ -207,17 +211,33 @@ class Attributor:
         return CrmMatch(vendor=found[0].vendor, instance=None, host=found[0].host)
 
     def destination(
-        self, family: int, local: tuple[str, int], remote: tuple[str, int], proto: int = 6
+        self, family: int, local: tuple[str, int], remote: tuple[str, int], proto: int = 6,
+        cgroup_id: int | None = None,
     ) -> tuple[str | None, list[str], CrmMatch | None]:
         """(SNI, DNS names, CRM) of a live connection seen from this host, for
-        joining a TLS plaintext write to its flow. Reads only; safe without the
-        agent's lock (dict lookups)."""
+        joining a TLS plaintext write to its flow. Safe without the agent's lock (dict
+        lookups). `cgroup_id` (the writer's): the kernel's reading of the hello is
+        looked up in lt_names when the poll has not drained it yet."""
         ends = sorted([local, remote])
         cid = (family, proto, ends[0], ends[1])
         sni, resumed_dns = self._known_sni(cid)
+        if sni is None and cgroup_id is not None and self.peek_kernel_name is not None:
+            sni = self._peek_sni(cid, FlowKey(cgroup_id, family, proto, 0, local[0],
+                                              remote[0], local[1], remote[1]))
         dns_names = self.dns.names_for(remote[0]) or resumed_dns
         crm = self.catalogue.lookup(sni) if sni else self._crm_by_dns(dns_names)
         return sni, dns_names, self._with_refinement(cid, crm)
+
+    def _peek_sni(self, cid: ConversationId, key: FlowKey) -> str | None:
+        """The name the kernel read from this egress flow's hello, if it waits in lt_names
+        (kept for the conversation; the drain names it again, and counts it)."""
+        assert self.peek_kernel_name is not None
+        row = self.peek_kernel_name(key)
+        hello = self.kernel_names.hello_of(row[6], row[7], row[8], count=False) \
+            if row is not None else None
+        if hello is None:
+            return None
+        return self._hello_by_conv.setdefault(cid, hello).sni
 
     def _known_sni(self, cid: Any) -> tuple[str | None, list[str]]:
         """(server name, DNS names) of a conversation: its hello's name, else what the

@@ -42,16 +42,20 @@ class KernelNames:
         """The hello a named reading stands for (shared per name), else None; counted."""
         return self.hello_of(reading.name, reading.outcome, reading.ech)
 
-    def hello_of(self, name: str | None, outcome: str, ech: bool) -> ClientHello | None:
-        """hello() of a reading's fields (the agent's batch path: no object per reading)."""
+    def hello_of(self, name: str | None, outcome: str, ech: bool,
+                 count: bool = True) -> ClientHello | None:
+        """hello() of a reading's fields (the agent's batch path: no object per reading).
+        `count`: False for a reading peeked before its drain (the drain counts it)."""
         if outcome == "named" and name is not None:
-            self.stats.named += 1
+            self.stats.named += count
             hello = self._hellos.get((name, ech))
             if hello is None:
                 if len(self._hellos) >= _HELLOS_MAX:
                     self._hellos.clear()
                 hello = self._hellos[name, ech] = ClientHello(name, ech, (), 0, (), name)
             return hello
+        if not count:
+            return None
         if outcome == "no_name":
             self.stats.no_name += 1
         elif outcome == "malformed":

@@ -195,6 +195,11 @@ _FLOW_KEY_FIELDS = ("cgroup_id", "saddr", "daddr", "sport", "dport", "family", "
 NAMES_CHUNK = 16384
 
 
+def _addr_bytes(addr: str) -> bytes:
+    """An address as struct lt_flow_key holds it (v4 in the first 4 of 16 bytes)."""
+    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+
+
 def _check_layout(ctype: Any, fmt: struct.Struct, fields: tuple[str, ...]) -> None:
     """The struct format's fields sit where the C type has them (ABI drift is a bug)."""
     offset = 0
@@ -300,6 +305,24 @@ class MapReader:
                         outcomes[outcome] if outcome < len(outcomes) else f"unknown_{outcome}",
                         ech != 0, cgroup, direction, uid, seq, ts_ns, ifindex))
         return out
+
+    def peek_name(self, key: FlowKey) -> NameRow | None:
+        """One flow's kernel reading while it waits in lt_names for the next drain (left
+        there: the drain still takes and counts it). A plaintext write comes right after
+        its hello, before the poll, and must be joined to the name."""
+        raw = _FLOW_KEY.pack(key.cgroup_id, _addr_bytes(key.src), _addr_bytes(key.dst),
+                             key.sport, key.dport, key.family, key.proto, key.dir)
+        try:
+            rec = self._names[self._names.Key.from_buffer_copy(raw)]
+        except (KeyError, OSError):
+            return None
+        value = bytes(rec)
+        ts_ns, uid, ifindex, seq, name_len, outcome, ech = _NAME_REC_HEAD.unpack_from(value)
+        name = value[_NAME_REC_HEAD.size:][:name_len].decode("ascii", "replace") or None
+        return (key.family, key.proto, key.src, key.sport, key.dst, key.dport, name or None,
+                _OUTCOME_NAMES[outcome] if outcome < len(_OUTCOME_NAMES)
+                else f"unknown_{outcome}", ech != 0, key.cgroup_id, key.dir, uid, seq, ts_ns,
+                ifindex)
 
     def _name_chunks(self) -> Iterator[tuple[Any, Any, int]]:
         """lt_names taken out in raw chunks; BCC's own tables (in-process compile) have no

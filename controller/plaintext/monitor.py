@@ -686,7 +686,8 @@ class PlaintextMonitor:
         if ends is not None:
             self.counters["joined_writes"] += 1
             src = ends.local[0]
-            sni, dns_names, crm = a.destination(ends.family, ends.local, ends.remote)
+            sni, dns_names, crm = a.destination(ends.family, ends.local, ends.remote,
+                                                cgroup_id=ev.cgroup_id)
             destination = sni or (dns_names[0] if dns_names else
                                   f"{ends.remote[0]}:{ends.remote[1]}")
             if crm is not None:

@@ -480,14 +480,20 @@ def test_hostile_writes_are_counted_and_inspection_goes_on(lab, monitor, collect
 
 def test_flow_join_takes_the_crm_instance_from_the_sni(lab, monitor, collected):
     """With the TC probes feeding the attributor, a write is joined through its
-    socket to the flow: the instance comes from the ClientHello, not the Host header."""
+    socket to the flow: the instance comes from the ClientHello, not the Host header.
+    The kernel named the hello (lt_names) and no poll drained it before the write: the
+    join reads it in place, as the agent's does."""
     from leaktap.controller.kernel import loader
+    from leaktap.controller.kernel.maps import MapReader
     from leaktap.controller.kernel.ringbuf import RingDrainer
 
     mon, _ = monitor
     probes = loader.load("tc", loader.KernelOptions(flows_max=4096))
     try:
         drainer = RingDrainer(probes, mon.attributor.on_sample)
+        reader = MapReader(probes)
+        mon.attributor.peek_kernel_name = reader.peek_name
+        named_before = mon.attributor.kernel_names.stats.named
         with loader.attached(probes, [lab["net"].host_if]):
             drainer.start()
             try:
@@ -502,12 +508,16 @@ def test_flow_join_takes_the_crm_instance_from_the_sni(lab, monitor, collected):
                 wait_probed(mon, p.pid)
                 p.communicate(b"go\n\n", timeout=20)
                 (a,) = collected.audit("salesforce:bulk2.query")
+                # the reading stays for the poll's drain, which counts it once
+                assert [r[6] for r in reader.drain_name_rows()] == ["globex.my.salesforce.com"]
             finally:
                 drainer.stop()
+                mon.attributor.peek_kernel_name = None
     finally:
         probes.close()
     assert (a.tenant, a.crm_vendor, a.crm_instance, a.destination, a.allowed) == (
         "acme", "salesforce", "globex", "globex.my.salesforce.com", True)
+    assert mon.attributor.kernel_names.stats.named == named_before  # peeked, not counted
 
 
 def test_raw_secrets_reach_no_database_log_sink_or_audit(lab, monitor, collected, tmp_path,
