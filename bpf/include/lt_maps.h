@@ -3,22 +3,19 @@
  * lt_maps.h - every map of leaktap, declared once for all programs compiled
  * into one BCC module (tc_egress + tc_ingress share them).
  *
- * With -DLT_PIN_DIR="\"/sys/fs/bpf/leaktap/<abi>\"" the counting maps are
- * pinned there, so a controller restart resumes counting where it left off;
- * the controller puts the ABI hash in the directory name so that a changed
- * layout never adopts stale maps. Without it (tests, replay) nothing is pinned.
+ * The maps declared with LT_TABLE are the counting maps: the loader pins them
+ * (kernel/loader.py adopt_pins), so a controller restart resumes counting where
+ * it left off; it names their directory by a digest of the sources and flags,
+ * so that a changed layout never adopts stale maps. Tests and replay pin
+ * nothing. LT_TABLE is only BPF_TABLE to the compiler: the loader finds the
+ * names in the source.
  */
 #ifndef __LT_MAPS_H
 #define __LT_MAPS_H
 
 #include "lt_types.h"
 
-#ifdef LT_PIN_DIR
-#define LT_TABLE(type, k, v, name, max) \
-	BPF_TABLE_PINNED(type, k, v, name, max, LT_PIN_DIR "/" #name)
-#else
 #define LT_TABLE(type, k, v, name, max) BPF_TABLE(type, k, v, name, max)
-#endif
 
 /* Per-flow counters, drained by the controller every second. */
 LT_TABLE("lru_percpu_hash", struct lt_flow_key, struct lt_flow_val, lt_flows, LT_FLOWS_MAX);

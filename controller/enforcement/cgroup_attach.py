@@ -1,13 +1,18 @@
-"""Attaching cgroup programs (BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI) through libbpf.
+"""Attaching cgroup programs through pinned BPF links (libbpf).
 
-A program attached this way is not tied to the process that attached it: it
-keeps running (with its maps) until detached, also after a crash. So an attach
-first removes leaktap's own programs a previous run left on the cgroup (found
-by name through BPF_PROG_QUERY), and never touches anyone else's.
+A link pinned on the bpffs keeps its program attached (with its maps and its
+last policy) after the agent dies, and the next start swaps its own program
+into the same link (BPF_LINK_UPDATE: no moment without a program, no second
+attachment). Everything goes through the pin's path: reopening an attachment
+by program id (BPF_PROG_GET_FD_BY_ID) is reserved to CAP_SYS_ADMIN, which the
+unit does not have. Programs that earlier versions attached without a link are
+found by name through BPF_PROG_QUERY and detached when the capability allows
+(detach_by_prefix); nobody else's are touched.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from functools import cache
@@ -15,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
-from leaktap.controller.kernel.pinned import libbpf
+from leaktap.controller.kernel.pinned import libbpf, obj_get, obj_pin
 
-BPF_F_ALLOW_MULTI = 1 << 1
 # the leading part of struct bpf_prog_info: name[16] sits at offset 64
 _PROG_INFO_SIZE = 80
 _PROG_NAME_OFFSET = 64
@@ -29,10 +33,12 @@ def _lib() -> Any:
     lib = libbpf()
     c_int, c_u32, c_u32p = ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)
     sigs: dict[str, tuple[Any, list[Any]]] = {
-        "bpf_prog_attach": (c_int, [c_int, c_int, ctypes.c_int, ctypes.c_uint]),
         "bpf_prog_detach2": (c_int, [c_int, c_int, ctypes.c_int]),
         "bpf_prog_query": (c_int, [c_int, ctypes.c_int, c_u32, c_u32p, c_u32p, c_u32p]),
         "bpf_prog_get_fd_by_id": (c_int, [c_u32]),
+        "bpf_link_create": (c_int, [c_int, c_int, ctypes.c_int, ctypes.c_void_p]),
+        "bpf_link_update": (c_int, [c_int, c_int, ctypes.c_void_p]),
+        "bpf_link_detach": (c_int, [c_int]),
     }
     for name, (restype, argtypes) in sigs.items():
         fn = getattr(lib, name)
@@ -103,19 +109,46 @@ def detach_by_prefix(cgroup: Path, attach_type: int, prefix: str) -> int:
     return removed
 
 
-def attach(prog_fd: int, cgroup: Path, attach_type: int) -> None:
+def attach_link(prog_fd: int, cgroup: Path, attach_type: int, pin: Path) -> int:
+    """Attach `prog_fd` to `cgroup` through the link pinned at `pin`: the program
+    replaces the one a previous run left in it, or a new link is made and pinned.
+    Returns the link's fd (the caller keeps it). A pin that is no link of this
+    kind (another cgroup's leftovers are named apart by the caller) is replaced."""
+    lib = _lib()
+    if pin.exists():
+        try:
+            link = obj_get(str(pin))
+        except ProbeLoadError:
+            link = -1
+        if link >= 0:
+            if lib.bpf_link_update(link, prog_fd, None) == 0:
+                return link
+            os.close(link)
+        release_link(pin, -1)
     fd = _open_cgroup(cgroup)
     try:
-        rc = _lib().bpf_prog_attach(prog_fd, fd, attach_type, BPF_F_ALLOW_MULTI)
-        if rc < 0:
-            raise ProbeLoadError(f"attaching to cgroup {cgroup}: {os.strerror(-rc)}")
+        link = lib.bpf_link_create(prog_fd, fd, attach_type, None)
+        if link < 0:
+            raise ProbeLoadError(f"attaching to cgroup {cgroup}: {os.strerror(-link)}")
     finally:
         os.close(fd)
-
-
-def detach(prog_fd: int, cgroup: Path, attach_type: int) -> bool:
-    fd = _open_cgroup(cgroup)
     try:
-        return bool(_lib().bpf_prog_detach2(prog_fd, fd, attach_type) == 0)
-    finally:
-        os.close(fd)
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        obj_pin(link, str(pin))
+    except (OSError, ProbeLoadError):
+        _lib().bpf_link_detach(link)
+        os.close(link)
+        raise
+    return int(link)
+
+
+def release_link(pin: Path, link: int) -> None:
+    """Detach a pinned link's program (fail open): the pin goes, then the link."""
+    if link < 0 and pin.exists():
+        with contextlib.suppress(ProbeLoadError):
+            link = obj_get(str(pin))
+    with contextlib.suppress(FileNotFoundError):
+        pin.unlink()
+    if link >= 0:
+        _lib().bpf_link_detach(link)  # also when someone else holds the link open
+        os.close(link)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -68,21 +69,37 @@ class ConnectGuard:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._event_class: Any = None
+        self._links_dir = loader.PIN_ROOT / loader.LINKS_DIR
+        self._links: dict[str, tuple[Path, int]] = {}  # direction -> (pin, link fd)
 
     def load(self, pin_root: str) -> None:
         """Compile (in the compiler child) and open the programs; nothing runs yet."""
+        self._links_dir = Path(pin_root) / loader.LINKS_DIR
         self.probes = loader.load("connect", loader.KernelOptions(pin=False, pin_root=pin_root))
         self._event_class = self.probes.table("lt_cg_scratch").sLeaf
         self.probes.table("lt_cg_events").open_ring_buffer(self._on_record)
 
     def attach(self) -> None:
-        """Attach both programs to the cgroup root (a crashed run's are replaced first)."""
+        """Attach both programs to the cgroup root through pinned links: a crashed
+        run's programs, still enforcing its last policy, are swapped for these."""
         stale = remove_stale(self.cgroup_root)
         if stale:
-            logger.warning("removed %d connect program(s) left on %s by an earlier run",
+            logger.warning("removed %d connect program(s) left on %s by an earlier version",
                            stale, self.cgroup_root)
+        suffix = f"-{os.stat(self.cgroup_root).st_ino}"
+        # links left on another cgroup root (the configuration changed) are released
+        for pin in sorted(self._links_dir.glob("connect*")) if self._links_dir.exists() else ():
+            if not pin.name.endswith(suffix):
+                logger.warning("releasing connect link %s of another cgroup root", pin)
+                cgroup_attach.release_link(pin, -1)
         for direction, attach_type in ATTACH_TYPES.items():
-            cgroup_attach.attach(self.probes.fd(direction), self.cgroup_root, attach_type)
+            pin = self._links_dir / f"{direction}{suffix}"
+            replaces = pin.exists()
+            link = cgroup_attach.attach_link(self.probes.fd(direction), self.cgroup_root,
+                                             attach_type, pin)
+            self._links[direction] = (pin, link)
+            if replaces:
+                logger.info("%s: replaced the program an earlier run left in %s", direction, pin)
         self.attached = True
         self._thread = threading.Thread(target=self._drain, name="lt-connect", daemon=True)
         self._thread.start()
@@ -94,13 +111,16 @@ class ConnectGuard:
             self._thread.join(timeout=2)
         if self.probes is None:
             return
-        if self.attached:
-            for direction, attach_type in ATTACH_TYPES.items():
-                try:
-                    cgroup_attach.detach(self.probes.fd(direction), self.cgroup_root, attach_type)
-                except Exception as e:  # noqa: BLE001 - keep detaching the other
-                    logger.error("detaching %s from %s: %s", direction, self.cgroup_root, e)
-            self.attached = False
+        for direction, (pin, link) in self._links.items():
+            if not self.attached:  # as after a crash: the pinned link keeps the program
+                os.close(link)
+                continue
+            try:
+                cgroup_attach.release_link(pin, link)
+            except Exception as e:  # noqa: BLE001 - keep detaching the other
+                logger.error("detaching %s from %s: %s", direction, self.cgroup_root, e)
+        self._links.clear()
+        self.attached = False
         self.probes.bpf.ring_buffer_consume()
         self.probes.close()
         self.probes = None

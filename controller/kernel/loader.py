@@ -6,8 +6,9 @@ only in the main translation unit, so the program files and the headers they
 include from bpf/include are expanded into one text here, with ``#line``
 markers so that compiler and verifier messages name the original file.
 
-Kernel knobs reach C only as integers (``-DLT_X=%d``); the one string, the pin
-directory, is built here from a fixed prefix and a hex digest.
+Kernel knobs reach C only as integers (``-DLT_X=%d``). The counting maps
+(``LT_TABLE`` in bpf/include/lt_maps.h) are pinned under a directory named by a
+digest of the sources and flags; a restart adopts them by path (see adopt_pins).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
-from leaktap.controller.kernel import abi
+from leaktap.controller.kernel import abi, pinned
 from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ BPFFS = Path("/sys/fs/bpf")
 PIN_ROOT = BPFFS / "leaktap"
 # under the pin root: the compiler child's transient pins, one directory per load
 LOAD_DIR = "loading"  # bpffs refuses names with a dot
+# under the pin root: the connect programs' cgroup links (enforcement/cgroup_attach.py)
+LINKS_DIR = "links"
 
 # The BPF object for each mode: program files compiled together so they share maps.
 MODE_SOURCES = {
@@ -198,7 +201,7 @@ def _prepare_pin_dir(digest: str, root: Path) -> Path:
         )
     root.mkdir(exist_ok=True)
     for stale in root.iterdir():
-        if stale.name not in (digest, LOAD_DIR):  # LOAD_DIR: loads in progress
+        if stale.name not in (digest, LOAD_DIR, LINKS_DIR):  # LOAD_DIR: loads in progress
             logger.warning(
                 "removing pinned maps of another build (%s): their counts since the last "
                 "poll are lost",
@@ -211,6 +214,47 @@ def _prepare_pin_dir(digest: str, root: Path) -> Path:
     if resumed:
         logger.info("resuming pinned maps in %s", pin_dir)
     return pin_dir
+
+
+# a counting map's declaration: LT_TABLE("type", key, value, name, max)
+_PINNED_DECLARATION = re.compile(r'^\s*LT_TABLE\(\s*"[^"]*"\s*,[^,]*,[^,]*,\s*(\w+)\s*,', re.M)
+
+
+def pinned_table_names(source: str) -> list[str]:
+    """The maps a source declares with LT_TABLE: the ones pinned across restarts."""
+    return _PINNED_DECLARATION.findall(source)
+
+
+def adopt_pins(bpf: Any, pin_dir: Path, names: list[str]) -> None:
+    """Make each of `names` the map pinned at pin_dir/<name>, or pin BCC's new one.
+
+    Runs after BCC created the maps and before any program is loaded: a program
+    refers to a map by the fd number its instructions carry, so putting the pinned
+    map's fd at that number (dup2) makes every program use the pinned map. This
+    opens pins only by path (BPF_OBJ_GET). BCC's own BPF_TABLE_PINNED turns a pin
+    into a map id and reopens the id (BPF_MAP_GET_FD_BY_ID), which the kernel keeps
+    for CAP_SYS_ADMIN: with it, every restart of an agent without that capability
+    failed. A pin whose shape differs (it cannot, short of a hand-made pin: the
+    directory is named by the layout's digest) is replaced, with a warning."""
+    for name in names:
+        fd = int(bpf[name.encode()].map_fd)
+        path = pin_dir / name
+        if path.exists():
+            old = pinned.obj_get(str(path))
+            try:
+                have, want = pinned.map_info(old), pinned.map_info(fd)
+                shape = ("type", "key_size", "value_size", "max_entries", "map_flags")
+                differ = [f"{k} {getattr(have, k)} != {getattr(want, k)}" for k in shape
+                          if getattr(have, k) != getattr(want, k)]
+                if not differ:
+                    os.dup2(old, fd, inheritable=False)
+                    continue
+                logger.warning("pinned map %s does not match this build (%s): replaced, "
+                               "its counts since the last poll are lost", path, ", ".join(differ))
+                path.unlink()
+            finally:
+                os.close(old)
+        pinned.obj_pin(fd, str(path))
 
 
 def _bcc() -> Any:
@@ -256,8 +300,6 @@ def compile_in_process(mode: str, options: KernelOptions) -> Probes:
     pin_dir = None
     if options.pin:
         pin_dir = _prepare_pin_dir(abi_digest(source, cflags), Path(options.pin_root))
-        # the one string define: a fixed prefix and a hex digest, nothing from the user
-        cflags.append(f'-DLT_PIN_DIR="{pin_dir}"')
     started = time.monotonic()
     try:
         bpf = BPF(text=source.encode(), cflags=cflags)
@@ -267,6 +309,12 @@ def compile_in_process(mode: str, options: KernelOptions) -> Probes:
         ) from e
     _release_compiler_heap()
     probes = Probes(mode=mode, options=options, bpf=bpf, pin_dir=pin_dir)
+    if pin_dir is not None:
+        try:
+            adopt_pins(bpf, pin_dir, pinned_table_names(source))
+        except ProbeLoadError:
+            probes.close()
+            raise
     prog_type = {"tc": BPF.SCHED_CLS, "connect": BPF.CGROUP_SOCK_ADDR}.get(mode, BPF.XDP)
     for direction, name in PROGRAMS[mode].items():
         try:

@@ -160,3 +160,64 @@ def test_programs_left_by_a_crash_are_replaced(cgroups: dict[str, Path]) -> None
         assert attached_here(root) == 0
     finally:
         remove_stale(root)
+
+
+# one agent run without CAP_SYS_ADMIN (as the unit runs it): refuse REFUSED_V4 to the
+# block cgroup or nothing, then crash (os._exit) or stop cleanly
+GUARD_RUN = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from leaktap.controller.enforcement.connect_guard import ConnectGuard
+    from leaktap.controller.enforcement.refusals import kernel_address
+    status = Path("/proc/self/status").read_text()
+    cap_eff = int(next(ln for ln in status.splitlines() if ln.startswith("CapEff")).split()[1], 16)
+    assert not cap_eff & (1 << 21), "CAP_SYS_ADMIN"
+    root, block, pin_root, refuse, end = sys.argv[1:6]
+    guard = ConnectGuard(Path(root), lambda e: None)
+    guard.load(pin_root)
+    guard.set_tenants({Path(block).stat().st_ino: (1, "block")}, {})
+    if refuse != "none":
+        family, addr = kernel_address(refuse)
+        guard.set_refused({(1, family, addr): 7})
+    guard.attach()
+    if end == "crash":
+        os._exit(0)
+    guard.close()
+    """
+)
+
+
+def test_restarts_without_cap_sys_admin_swap_the_crashed_runs_programs(
+        cgroups: dict[str, Path]) -> None:
+    import shutil
+
+    root = _cgroup_root()
+    pin_root = Path("/sys/fs/bpf/leaktap-test-links")
+    shutil.rmtree(pin_root, ignore_errors=True)
+
+    def run(refuse: str, end: str) -> None:
+        command = ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "--",
+                   sys.executable, "-c", GUARD_RUN, str(root), str(cgroups["block"]),
+                   str(pin_root), refuse, end]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    try:
+        run(REFUSED_V4, "crash")
+        assert attached_here(root) == 2  # the crashed run's programs, with its policy
+        assert _run_client(cgroups["block"])[REFUSED_V4] == "PermissionError:1"
+        run("none", "crash")  # the next start swaps its programs in: none stacked
+        assert attached_here(root) == 2
+        assert _run_client(cgroups["block"])[REFUSED_V4] == "connected"
+        assert sorted(p.name.split("-")[0] for p in (pin_root / "links").iterdir()) == [
+            "connect4", "connect6"]
+        run(REFUSED_V6, "stop")  # a clean stop releases the links: fail open
+        assert attached_here(root) == 0
+        assert list((pin_root / "links").iterdir()) == []
+        assert set(_run_client(cgroups["block"]).values()) == {"connected"}
+    finally:
+        for pin in (pin_root / "links").glob("*") if (pin_root / "links").exists() else ():
+            pin.unlink()
+        shutil.rmtree(pin_root, ignore_errors=True)
+        remove_stale(root)

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -230,3 +231,78 @@ def test_possible_cpus_counts_ranges_and_singles(tmp_path: Path) -> None:
     f = tmp_path / "possible"
     f.write_text("0-3,5,8-9\n")
     assert pinned.possible_cpus(str(f)) == 7
+
+
+def _unit_capabilities() -> list[str]:
+    """The capability set deploy/systemd/leaktap.service grants, as setpriv names them."""
+    unit = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "leaktap.service"
+    line = next(ln for ln in unit.read_text().splitlines()
+                if ln.startswith("CapabilityBoundingSet="))
+    return [c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split()]
+
+
+def _ready_state(port: int) -> dict[str, Any] | None:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/readyz",
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            state: dict[str, Any] = json.loads(resp.read())
+            return state
+    except (OSError, urllib.error.HTTPError, ValueError):
+        return None
+
+
+def test_the_units_capabilities_start_and_restart_an_enforcing_agent(
+        tmp_path: Path, pin_root: Path) -> None:
+    """Exactly the unit's capabilities (no CAP_SYS_ADMIN): a first start, a restart
+    after a crash (pinned maps and the connect programs' links reopened by path) and
+    a clean stop, with a block-mode tenant."""
+    from leaktap.controller.enforcement.connect_guard import attached_here, remove_stale
+    from leaktap.controller.kernel.hostfs import find_cgroup2_mount
+
+    caps = _unit_capabilities()
+    assert "sys_admin" not in caps and "bpf" in caps
+    bounding = "-all," + ",".join(f"+{c}" for c in caps)
+    mount = find_cgroup2_mount()
+    assert mount is not None
+    port = _free_port()
+    with veth_lab("lt-c6", "198.18.21.5", "198.18.21.6") as lab:
+        cfg = _config(tmp_path, lab.host_if, port, pin_root)
+        cfg.write_text(cfg.read_text() + textwrap.dedent("""\
+            tenants:
+              - name: blk
+                match: {cgroup: "/lt-capt-blk*"}
+                allow: ["salesforce:acme"]
+                enforce: block
+            """))
+        command = ["setpriv", f"--bounding-set={bounding}", "--inh-caps=-all", "--",
+                   sys.executable, "-m", "leaktap.controller.commands.cli", "run",
+                   "--config", str(cfg)]
+        logs = ""
+        try:
+            for run in ("first", "after a crash"):
+                proc = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE, text=True)
+                deadline = time.monotonic() + 90
+                while not ((s := _ready_state(port)) and s["enforcement"]["connect_refusal"]):
+                    assert proc.poll() is None, f"{run}: " + (
+                        proc.stderr.read() if proc.stderr else "")
+                    assert time.monotonic() < deadline, f"{run}: not ready within 90 s"
+                    time.sleep(0.2)
+                assert attached_here(mount) == 2, run  # swapped in, not stacked
+                if run == "first":
+                    proc.kill()
+                    proc.wait(timeout=10)
+                    assert attached_here(mount) == 2  # still enforcing the last policy
+                    logs = proc.stderr.read() if proc.stderr else ""
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=30)
+            logs += proc.stderr.read() if proc.stderr else ""
+            assert rc == 0, logs
+            # nothing degraded quietly for want of a capability
+            assert not re.search(r"not permitted|EPERM|EACCES|denied", logs), logs
+            assert attached_here(mount) == 0  # a clean stop fails open
+            (pin_dir,) = [d for d in pin_root.iterdir() if d.name != loader.LINKS_DIR]
+            assert {p.name for p in pin_dir.iterdir()} == COUNTING_MAPS
+        finally:
+            remove_stale(mount)

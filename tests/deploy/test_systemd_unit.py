@@ -16,7 +16,7 @@ UNIT = DEPLOY / "systemd" / "leaktap.service"
 EXEC = "/opt/leaktap/.venv/bin/leaktap"
 PLAINTEXT = DEPLOY / "systemd" / "plaintext.conf"
 ADDRESSES = DEPLOY / "systemd" / "addresses.conf"
-CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE", "CAP_SYS_ADMIN"}
+CAPS = {"CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN", "CAP_SYS_RESOURCE"}  # no CAP_SYS_ADMIN
 PLAINTEXT_CAPS = {"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"}
 
 
