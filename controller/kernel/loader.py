@@ -787,5 +787,19 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     except Exception as e:
         bpf.cleanup()
         raise ProbeLoadError(f"loading the uprobe programs of {', '.join(files)}: {e}") from e
+    bpf._get_uprobe_evname = short_uprobe_event_name  # noqa: SLF001 - see its docstring
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return SslProbes(options=options, bpf=bpf)
+
+
+def short_uprobe_event_name(prefix: bytes, path: bytes, addr: int, pid: int) -> bytes:
+    """BCC's name for a uprobe's tracefs event, shortened to a digest.
+
+    Without CAP_SYS_ADMIN the kernel refuses the uprobe PMU (perf_event_open
+    returns EACCES here), and BCC falls back to an event it writes into tracefs'
+    uprobe_events, named from the whole path, the address and the pid plus
+    "_bcc_<our pid>". The kernel refuses names over 64 characters (EINVAL), which
+    every per-process probe (`plaintext.select`: /proc/<pid>/root/...) and any
+    deep library path passes. The digest keeps the name unique per probe."""
+    digest = hashlib.blake2s(b"%s\0%s\0%x\0%d" % (prefix, path, addr, pid), digest_size=8)
+    return b"%s_lt_%s" % (prefix, digest.hexdigest().encode())

@@ -189,3 +189,45 @@ def test_a_full_ring_is_counted_and_warned_about(child, caplog):
                     "writes": rises["ssl_loss_ringbuf_full"]}
     assert "ssl_loss_ringbuf_full" in caplog.text and "ring buffer" in caplog.text
 
+
+
+# the plaintext drop-in's capabilities over the base unit's: no CAP_SYS_ADMIN
+UNIT_CAPS = "-all,+bpf,+perfmon,+net_admin,+sys_resource,+sys_ptrace,+dac_read_search"
+UNPRIVILEGED_CAPTURE = f"""
+import ctypes, subprocess, sys
+from pathlib import Path
+from leaktap.controller.kernel.loader import SslOptions, load_ssl
+from leaktap.controller.plaintext.events import SslEventDecoder
+status = Path("/proc/self/status").read_text()
+assert not int(next(ln for ln in status.splitlines() if ln.startswith("CapEff")).split()[1],
+               16) & (1 << 21), "CAP_SYS_ADMIN"
+writer = subprocess.Popen([sys.executable, "-c", {WRITER!r}, "3", "100"],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+assert writer.stdout.readline().strip() == "ready"
+probes = load_ssl(SslOptions(snap_bytes=4096, events_per_sec=1000))
+decoder = SslEventDecoder(probes.table("lt_ssl_scratch").sLeaf)
+events = []
+probes.table("lt_ssl_events").open_ring_buffer(
+    lambda _c, data, size: events.append(decoder.decode(ctypes.string_at(data, size))) or 0)
+library = f"/proc/{{writer.pid}}/root{LIBSSL}"  # how the monitor names a process's library
+hooked = probes.attach(library, writer.pid)
+out, _ = writer.communicate("go\\n", timeout=60)
+probes.bpf.ring_buffer_consume()
+writes = [e for e in events if e.tgid == writer.pid and e.kind == "write"]
+print(len(writes), sorted(hooked), *(e.data[:8].hex() for e in writes))
+probes.close()
+"""
+
+
+def test_per_process_probes_attach_without_cap_sys_admin():
+    """plaintext.select probes each process apart. Without CAP_SYS_ADMIN the kernel
+    refuses the uprobe PMU and BCC falls back to a tracefs event named after the
+    whole path, which the kernel refused as too long: no process was probed."""
+    done = subprocess.run(["setpriv", f"--bounding-set={UNIT_CAPS}", "--inh-caps=-all", "--",
+                           sys.executable, "-c", UNPRIVILEGED_CAPTURE],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    count, *rest = done.stdout.split(maxsplit=1)
+    assert int(count) == 3, done.stdout
+    assert "'SSL_write'" in rest[0]
+    assert rest[0].split()[-3:] == [pattern(i, 100)[:8].hex() for i in range(3)]
