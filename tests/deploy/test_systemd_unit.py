@@ -138,6 +138,8 @@ def test_plaintext_capabilities_only_with_the_plaintext_dropin(
     dropin = directives(PLAINTEXT.read_text())
     assert set(dropin["CapabilityBoundingSet"][0].split()) == PLAINTEXT_CAPS
     assert set(dropin["AmbientCapabilities"][0].split()) == PLAINTEXT_CAPS
+    # uprobes are tracefs events without CAP_SYS_ADMIN: writable despite ProtectKernelTunables
+    assert "-/sys/kernel/tracing" in dropin["ReadWritePaths"][0].split()
     inspecting = security(_installed(tmp_path / "plaintext", installable, PLAINTEXT))
     # granted, and only here
     assert inspecting["CapabilityBoundingSet=~CAP_SYS_PTRACE"].startswith("✗")
