@@ -89,6 +89,7 @@ class ScaleBank:
             raise ValueError(f"windows longer than {BLOCK} minutes must be multiples of it")
         self.h = thresholds(self.windows, alpha)
         self.suspect_h = suspect_fraction * self.h
+        self._h_col, self._suspect_col = self.h[:, None], self.suspect_h[:, None]
         self.n_blocks = (max(self.long) // BLOCK if self.long else 0) + 1
         self.freeze_limit = freeze_limit
         self._alpha_ref = 1.0 - 0.5 ** (1.0 / ref_halflife)
@@ -101,6 +102,17 @@ class ScaleBank:
         self._level_share = np.where(np.array(self.windows) >= 60, level_share, 0.0)[:, None]
         self._min_learned = (MIN_LEARNED_MINUTES + 2 * np.array(self.windows))[:, None]
         self._scale_floor = 0.5 / np.sqrt(np.array(self.windows, dtype=np.float64))[:, None]
+        # per minute of the block (what `step` would otherwise rebuild every minute): the
+        # ring rows the short windows drop, each window's length so far, the count that
+        # makes it full, and where it starts in blocks relative to the open block
+        positions = np.arange(BLOCK)[:, None]
+        self._short_old = (positions - self._short_len) % BLOCK
+        self._minutes = np.concatenate([np.broadcast_to(self._short_len, (BLOCK, len(self.short))),
+                                        self._long_back * BLOCK + positions + 1], axis=1)
+        self._full_at = (0.75 * self._minutes)[:, :, None]
+        self._start_off = np.concatenate([
+            np.broadcast_to((positions - self._short_len + 1) // BLOCK, (BLOCK, len(self.short))),
+            np.broadcast_to(-self._long_back, (BLOCK, len(self.long)))], axis=1)
         self._cap = 0
         self.ring = np.zeros((ROWS, BLOCK, 0))
         self.blocks = np.zeros((ROWS, self.n_blocks, 0))
@@ -110,14 +122,16 @@ class ScaleBank:
         self.open_block = np.zeros((ROWS, 0))
         self._is_short = (np.array(self.windows) <= BLOCK)[:, None]
         self.ref = np.zeros(0)
-        self.scale = np.zeros((k, 0))
         # per window and UTC hour of the day the window ends at: the scale learned on those
-        # windows alone, and how many minutes it has learned from
+        # windows alone, and how many minutes it has learned from; the row after the hours
+        # is the scale over all hours (`scale`, `learned`). One array each, so that a minute
+        # updates the hour's row and the all-day row in one pass (a strided view of both).
         self.by_hour = by_hour
-        self.hour_scale = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
-        self.hour_learned = np.zeros((k, HOURS_PER_DAY if by_hour else 0, 0))
+        self._hours = HOURS_PER_DAY if by_hour else 0
+        self._scales = np.ones((k, self._hours + 1, 0))
+        self._learned = np.zeros((k, self._hours + 1, 0))
+        self._views()
         self._pooled = np.zeros((k, 0))  # the scales in use, re-pooled every block
-        self.learned = np.zeros((k, 0))
         self.suspect_run = np.zeros(0, dtype=np.int64)
         # the series' own record: per window, the highest tested score of each of the last
         # days (a ring, today's row included) and the highest of the days before today
@@ -139,11 +153,18 @@ class ScaleBank:
         self.ring, self.blocks, self.snap = wider(self.ring), wider(self.blocks), wider(self.snap)
         self.short_sums, self.long_sums = wider(self.short_sums), wider(self.long_sums)
         self.open_block, self.ref = wider(self.open_block), wider(self.ref)
-        self.scale = wider(self.scale, 1.0)
-        self.hour_scale, self.hour_learned = wider(self.hour_scale, 1.0), wider(self.hour_learned)
-        self.learned, self.suspect_run = wider(self.learned), wider(self.suspect_run)
+        self._scales, self._learned = wider(self._scales, 1.0), wider(self._learned)
+        self._views()
+        self.suspect_run = wider(self.suspect_run)
         self.day_max, self.record = wider(self.day_max, -np.inf), wider(self.record, -np.inf)
         self._cap = capacity
+
+    def _views(self) -> None:
+        """`hour_scale`/`hour_learned` (window, hour, series) and `scale`/`learned` (window,
+        series, over all hours): views of the combined arrays."""
+        hours = self._hours
+        self.hour_scale, self.scale = self._scales[:, :hours], self._scales[:, hours]
+        self.hour_learned, self.learned = self._learned[:, :hours], self._learned[:, hours]
 
     def clear(self, series: npt.NDArray[np.int64]) -> None:
         """Back to a new series' state (a freed slot, before it is reused)."""
@@ -213,25 +234,25 @@ class ScaleBank:
         """Add minute `minute_index` of series 0..n-1 and test every window ending at it."""
         n = u.shape[0]
         count = scorable.astype(np.float64)
-        value = np.stack([
-            u * count, x * count, expected * count, count, expected_wide * count])
+        value = np.array([u, x, expected, count, expected_wide], dtype=np.float64)
+        value *= count  # count * count is count
         pos = minute_index % BLOCK
         block = minute_index // BLOCK
-        ring, short_sums = self.ring[:, :, :n], self.short_sums[:, :, :n]
-        for k, w in enumerate(self.short):
-            short_sums[:, k] += value - ring[:, (minute_index - w) % BLOCK]
+        ring = self.ring[:, :, :n]
+        if self.short:
+            short_sums = self.short_sums[:, :, :n]
+            short_sums += value[:, None] - ring[:, self._short_old[pos]]
         ring[:, pos] = value
         open_block = self.open_block[:, :n]
         open_block += value
-        sums = np.concatenate([short_sums, self.long_sums[:, :, :n] + open_block[:, None]], axis=1)
-        minutes = np.concatenate([self._short_len, self._long_back * BLOCK + pos + 1])
+        sums = self.long_sums[:, :, :n] + open_block[:, None]
+        if self.short:
+            sums = np.concatenate([short_sums, sums], axis=1)
+        minutes = self._minutes[pos]
         # the running level where each window starts (short windows: their block's start)
-        start_block = np.concatenate([
-            (minute_index - self._short_len + 1) // BLOCK, block - self._long_back,
-        ]) % self.n_blocks
-        reference = self.snap[start_block, :n]
+        reference = self.snap[(block + self._start_off[pos]) % self.n_blocks, :n]
         seen = sums[COUNT]
-        full = seen >= 0.75 * minutes[:, None]
+        full = seen >= self._full_at[pos]
         deviation = sums[U] / np.maximum(seen, 1.0) - reference
         scale = self.scale[:, :n]
         if self.by_hour:
@@ -244,33 +265,32 @@ class ScaleBank:
         z = deviation / np.maximum(used, self._level_share * level_noise)
         learned = self.learned[:, :n]
         # a window is tested only once its scale has been learned on a day and two windows
-        crossed = full & (learned >= self._min_learned) & (z >= self.suspect_h[:, None])
+        crossed = full & (learned >= self._min_learned) & (z >= self._suspect_col)
         suspect = crossed.any(axis=0)
         suspect_run = self.suspect_run[:n]
         suspect_run += 1
         suspect_run *= suspect
-        frozen = suspect & (suspect_run <= self.freeze_limit)
+        if self.freeze_limit:
+            frozen = suspect & (suspect_run <= self.freeze_limit)
+            weight = np.where(frozen, SUSPECT_WEIGHT, 1.0) * scorable
+        else:  # nothing is ever frozen: each scorable minute weighs 1
+            weight = count
 
         # learn the scale of each window from every full window, suspicious ones included:
         # leaving out the high ones would truncate the tail and shrink the scale (each large
-        # deviation is capped at three scales, so one attack barely moves it)
-        calm = full
-        rate = np.maximum(1.0 / (learned + 1.0), self._alpha_scale) * calm
-        target = np.minimum(np.abs(deviation) * _MEAN_ABS_TO_SIGMA, 3.0 * scale)
-        scale += rate * (target - scale)
-        np.maximum(scale, self._scale_floor, out=scale)
-        if self.by_hour:
-            hour_scale = self.hour_scale[:, hour_of_day, :n]
-            hour_learned = self.hour_learned[:, hour_of_day, :n]
-            rate = np.maximum(1.0 / (hour_learned + 1.0), self._alpha_scale) * calm
-            target = np.minimum(np.abs(deviation) * _MEAN_ABS_TO_SIGMA, 3.0 * hour_scale)
-            hour_scale += rate * (target - hour_scale)
-            np.maximum(hour_scale, self._scale_floor, out=hour_scale)
-            hour_learned += calm
-        learned += calm
+        # deviation is capped at three scales, so one attack barely moves it). The hour's
+        # scale and the all-day one learn alike, in one pass: a view of both rows.
+        rows = (slice(hour_of_day, self._hours + 1, self._hours - hour_of_day) if self.by_hour
+                else slice(0, 1))
+        scales, counts = self._scales[:, rows, :n], self._learned[:, rows, :n]
+        calm = full[:, None]
+        rate = np.maximum(1.0 / (counts + 1.0), self._alpha_scale) * calm
+        target = np.minimum((np.abs(deviation) * _MEAN_ABS_TO_SIGMA)[:, None], 3.0 * scales)
+        scales += rate * (target - scales)
+        np.maximum(scales, self._scale_floor[:, :, None], out=scales)
+        counts += calm
         # the level is down-weighted, not frozen, under suspicion: a real change of level
         # (a refit, growth the fit did not know) is still followed, only more slowly
-        weight = np.where(frozen, SUSPECT_WEIGHT, 1.0) * scorable
         ref = self.ref[:n]
         ref += self._alpha_ref * (u - ref) * weight
 
@@ -283,11 +303,9 @@ class ScaleBank:
             self.snap[(block + 1) % self.n_blocks, :n] = ref
             open_block[:] = 0.0
 
-        record = self._update_record(minute_index, z, full & (learned >= self._min_learned), n)
-        hit = (
-            crossed & (z >= self.h[:, None]) & (z >= record) & warm
-            & (sums[OUT] - sums[EXP] >= min_excess)
-            & (sums[OUT] >= min_ratio * np.where(self._is_short, sums[EXP_WIDE], sums[EXP]))
+        record = (
+            self._update_record(minute_index, z, full & (learned >= self._min_learned), n)
+            if self.record_margin else None
         )
         if self.trace is not None:
             self.trace(minute_index, {
@@ -295,7 +313,16 @@ class ScaleBank:
                 "floor": np.broadcast_to(self._level_share * level_noise, z.shape),
                 "tested": full & (learned >= self._min_learned), "out": sums[OUT],
                 "exp": sums[EXP], "exp_wide": sums[EXP_WIDE], "reference": reference,
-                "ref": ref.copy(), "warm": warm, "record": np.broadcast_to(record, z.shape)})
+                "ref": ref.copy(), "warm": warm,
+                "record": np.broadcast_to(0.0 if record is None else record, z.shape)})
+        # the thresholds first: they are rarely crossed, the bytes gates cost more
+        hit = crossed & (z >= self._h_col) & warm
+        if not hit.any():
+            return None
+        if record is not None:
+            hit &= z >= record
+        hit &= (sums[OUT] - sums[EXP] >= min_excess) & (
+            sums[OUT] >= min_ratio * np.where(self._is_short, sums[EXP_WIDE], sums[EXP]))
         if not hit.any():
             return None
         index = np.flatnonzero(hit.any(axis=0))
