@@ -53,14 +53,16 @@ from collections import Counter
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 
 from leaktap.analytics.allowlist import allows
 from leaktap.analytics.plaintext.redact import KeyedHasher
+
+if TYPE_CHECKING:  # imported at the first numpy-path prefilter: ~7 MB resident otherwise
+    from cryptography.hazmat.primitives.ciphers import CipherContext
 
 try:  # the compiled prefilter (optional: setup.py builds it where gcc and libssl-dev are)
     from leaktap.analytics.plaintext import _prefilter as _accelerator
@@ -246,6 +248,8 @@ class ValueHasher:
         the first half of its AES-128 encryption under the prefilter subkey."""
         cipher: CipherContext | None = getattr(self._local, "cipher", None)
         if cipher is None:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
             cipher = self._local.cipher = Cipher(algorithms.AES(self._prefilter_key),
                                                  modes.ECB()).encryptor()
         return np.frombuffer(cipher.update(blocks), dtype="<u8")[0::2]

@@ -24,10 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from typing import TYPE_CHECKING
 
 from leaktap.controller.protocols.tls import (
     HS_CLIENT_HELLO,
@@ -36,6 +33,10 @@ from leaktap.controller.protocols.tls import (
     normalize_host,
     parse_handshake_message,
 )
+
+if TYPE_CHECKING:  # imported when the first Initial arrives: ~7 MB resident (issue 16.5)
+    from cryptography.hazmat.primitives.ciphers import Cipher, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +112,9 @@ def client_initial_keys(dcid: bytes, version: int) -> InitialKeys | None:
     key = _hkdf_expand_label(client_secret, params.key_label, 16)
     iv = _hkdf_expand_label(client_secret, params.iv_label, 12)
     hp = _hkdf_expand_label(client_secret, params.hp_label, 16)
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     return InitialKeys(key, iv, hp, AESGCM(key), Cipher(algorithms.AES(hp), modes.ECB()))
 
 
@@ -500,6 +504,8 @@ def decrypt_initial(dgram: bytes, pkt: InitialPacket, keys: InitialKeys) -> byte
     ciphertext = dgram[pn_off + pn_len : pkt.end]
     if len(ciphertext) < AEAD_TAG_LEN:
         return None
+    from cryptography.exceptions import InvalidTag
+
     try:
         return keys.aead.decrypt(nonce, ciphertext, bytes(header))
     except InvalidTag:
