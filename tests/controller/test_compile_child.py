@@ -69,14 +69,20 @@ def _fd_map_types(pid: int) -> list[int]:
     return types
 
 
-def _ready(port: int) -> bool:
+def _ready_state(port: int) -> dict[str, Any] | None:
+    """The agent's /readyz answer, or None while it does not answer 200."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/readyz",
                                  headers={"Authorization": f"Bearer {TOKEN}"})
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
-            return resp.status == 200
-    except (OSError, urllib.error.HTTPError):
-        return False
+            state: dict[str, Any] = json.loads(resp.read())
+            return state
+    except (OSError, urllib.error.HTTPError, ValueError):
+        return None
+
+
+def _ready(port: int) -> bool:
+    return _ready_state(port) is not None
 
 
 def _config(tmp_path: Path, iface: str, port: int, root: Path) -> Path:
@@ -239,17 +245,6 @@ def _unit_capabilities() -> list[str]:
     line = next(ln for ln in unit.read_text().splitlines()
                 if ln.startswith("CapabilityBoundingSet="))
     return [c.removeprefix("CAP_").lower() for c in line.split("=", 1)[1].split()]
-
-
-def _ready_state(port: int) -> dict[str, Any] | None:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/readyz",
-                                 headers={"Authorization": f"Bearer {TOKEN}"})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            state: dict[str, Any] = json.loads(resp.read())
-            return state
-    except (OSError, urllib.error.HTTPError, ValueError):
-        return None
 
 
 def test_the_units_capabilities_start_and_restart_an_enforcing_agent(
