@@ -91,3 +91,31 @@ def test_null_instance_and_vendor_are_what_leaktap_writes() -> None:
         "b.jsonl", report))
     assert [r.crm_instance for r in rows] == ["unknown", "acme"]
     assert (report.rows, report.not_crm, report.bad) == (3, 1, {})
+
+
+def test_the_readers_fast_path_reads_every_row_as_parse_bucket_does() -> None:
+    """read_buckets takes the usual row through a cheaper path (issue 18.5); every row, odd
+    or not, must come out as parse_bucket reads it line by line: the same bucket, or the
+    same reason and message for a bad row."""
+    odd = [
+        line(), " " + line(), line() + " x", line() + "  \t", line() + "\r\n", "[1, 2]",
+        line(crm_instance=None), line(crm_vendor=None, crm_instance=None), line(bytes_out=5.0),
+        line(bytes_out=True), line(ts=1704067201), line(tenant=""), line(tenant="t" * 257),
+        line(bytes_in=2**51), line(ts=-60), line(tenant=None), line(crm_vendor=...),
+        line(extra=[1, {"a": None}]), '{"ts": 1704067200, "tenant": "ac\\u006de"}',
+        json.dumps({**GOOD, "tenant": "caf\u00e9 \u2603"}, ensure_ascii=False),
+        line()[:-1], line() + line(), '{"ts": 01}', "{}", "null", "\"text\"",
+    ]
+    for number, text in enumerate(odd):
+        try:
+            expected: object = parse_bucket(text)
+        except BucketError as e:
+            expected = (e.reason, str(e))
+        report = RowReport()
+        rows = list(read_buckets([f"{text}\n" if number % 2 else text], "b.jsonl", report))
+        got: object = rows[0] if rows else None
+        if report.bad:
+            [reason] = report.bad
+            got = (reason, report.first_message[reason])
+        assert (text, got) == (text, expected)
+        assert type(got) is type(expected)
