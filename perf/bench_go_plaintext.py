@@ -196,7 +196,7 @@ plaintext:
                         binary, addr, None, found.probes, count_ns))
             stats = monitor.kernel_stats()
             assert monitor.probes is not None
-            write_ns = run_stats(monitor.probes.bpf.funcs[b"lt_go_write"].fd)
+            write_ns = run_stats(monitor.probes.program_fd("lt_go_write"))
             logger.info("round %d: %s", r + 1, {k: round(v[-1]) for k, v in rows.items()})
         logger.info("rounds: %s", {k: [round(x) for x in v] for k, v in rows.items()})
     finally:

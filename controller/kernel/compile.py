@@ -9,7 +9,8 @@ and the programs into a private load directory on the bpffs, prints a manifest
 stdout and exits. The parent reopens everything by path with libbpf, checks
 each map against the manifest, and removes the load directory: from then on
 its fds keep the programs and transient maps alive, and only the counting
-maps stay pinned for the next start.
+maps stay pinned for the next start. The plaintext programs (mode "ssl") go the
+same way, none of their maps persisting; kernel/uprobe_attach.py attaches them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import secrets
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel import loader, pinned
@@ -39,12 +41,15 @@ LOAD_DIR = loader.LOAD_DIR
 _ERROR = "leaktap-compile: error: "
 CHILD_COMMAND = [sys.executable, "-m", "leaktap.controller.kernel.compile"]
 _STDERR_TAIL = 4000
+# what a request carries: the network programs' options or the plaintext ones
+Options = loader.KernelOptions | loader.SslOptions
+T = TypeVar("T")
 
 
 # ---- child ------------------------------------------------------------------------
 
 
-def compile_and_pin(mode: str, options: loader.KernelOptions, load_dir: Path) -> dict[str, Any]:
+def compile_and_pin(mode: str, options: Options, load_dir: Path) -> dict[str, Any]:
     """Compile and load in this process, pin what the counting maps' pins do not
     cover into load_dir, and return the manifest."""
     existing = next(d for d in load_dir.parents if d.exists())
@@ -53,6 +58,8 @@ def compile_and_pin(mode: str, options: loader.KernelOptions, load_dir: Path) ->
             f"{options.pin_root} is not on a bpf filesystem: mount -t bpf bpf {loader.BPFFS} "
             "(scripts/setup.sh does)")
     _remove_orphans(load_dir.parent)
+    if isinstance(options, loader.SslOptions):
+        return _pin_ssl(options, load_dir)
     probes = loader.compile_in_process(mode, options)
     try:
         load_dir.mkdir(parents=True)
@@ -81,6 +88,25 @@ def compile_and_pin(mode: str, options: loader.KernelOptions, load_dir: Path) ->
     }
 
 
+def _pin_ssl(options: loader.SslOptions, load_dir: Path) -> dict[str, Any]:
+    """The plaintext programs: every map and program pinned into load_dir (none
+    persists: their counters restart with the agent)."""
+    bpf = loader.compile_ssl(options)
+    try:
+        load_dir.mkdir(parents=True)
+        maps: dict[str, Any] = loader.describe_tables(bpf)
+        for name, entry in maps.items():
+            entry["path"], entry["persistent"] = str(load_dir / name), False
+            pinned.obj_pin(entry.pop("fd"), entry["path"])
+        programs = {}
+        for name, fd in loader.ssl_program_fds(bpf).items():
+            programs[name] = {"name": name, "path": str(load_dir / name)}
+            pinned.obj_pin(fd, programs[name]["path"])
+    finally:
+        bpf.cleanup()  # the pins keep everything alive; BCC's tracepoint attachments go
+    return {"mode": "ssl", "pin_dir": None, "maps": maps, "programs": programs}
+
+
 def _remove_orphans(root: Path) -> None:
     """Load directories of processes that died before removing them."""
     if not root.is_dir():
@@ -99,7 +125,8 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         request = json.load(sys.stdin)
-        options = loader.KernelOptions(**request["options"])
+        kind = loader.SslOptions if request["mode"] == "ssl" else loader.KernelOptions
+        options: Options = kind(**request["options"])
         manifest = compile_and_pin(request["mode"], options, Path(request["load_dir"]))
     except ProbeLoadError as e:
         sys.stderr.write(f"{_ERROR}{e}\n")
@@ -115,7 +142,7 @@ def main() -> int:
 # ---- parent -----------------------------------------------------------------------
 
 
-def load_dir_for(options: loader.KernelOptions) -> Path:
+def load_dir_for(options: Options) -> Path:
     """A fresh load directory under the pin root (on the bpffs)."""
     root = Path(options.pin_root)
     return root / LOAD_DIR / f"{os.getpid()}-{secrets.token_hex(4)}"
@@ -141,6 +168,18 @@ def _failure(files: str, stderr: str) -> ProbeLoadError:
 
 def load_in_child(mode: str, options: loader.KernelOptions) -> loader.Probes:
     """Compile in a child, then reopen its programs and maps by path."""
+    return _compile_in_child(mode, options, lambda m: open_manifest(mode, options, m))
+
+
+def load_ssl_in_child(options: loader.SslOptions) -> tuple[pinned.PinnedObject,
+                                                           dict[str, pinned.PinnedProgram]]:
+    """The plaintext programs compiled in a child: their maps and programs, reopened."""
+    return _compile_in_child("ssl", options, open_pinned)
+
+
+def _compile_in_child(mode: str, options: Options, open_: Callable[[dict[str, Any]], T]) -> T:
+    """Run the compiler child and open its manifest with `open_` before its load
+    directory goes."""
     files = ", ".join(loader.MODE_SOURCES[mode])
     load_dir = load_dir_for(options)
     request = {"mode": mode, "options": dataclasses.asdict(options), "load_dir": str(load_dir)}
@@ -167,7 +206,7 @@ def load_in_child(mode: str, options: loader.KernelOptions) -> loader.Probes:
             manifest = json.loads(done.stdout)
         except ValueError as e:
             raise ProbeLoadError(f"compiling {files}: unreadable manifest: {e}") from e
-        return open_manifest(mode, options, manifest)
+        return open_(manifest)
     finally:
         # the transient pins: the parent's fds keep those objects alive now
         shutil.rmtree(load_dir, ignore_errors=True)
@@ -178,10 +217,19 @@ def load_in_child(mode: str, options: loader.KernelOptions) -> loader.Probes:
 def open_manifest(mode: str, options: loader.KernelOptions,
                   manifest: dict[str, Any]) -> loader.Probes:
     """Open every map and program of a manifest; a mismatch is a ProbeLoadError."""
-    obj = pinned.PinnedObject()
+    obj, functions = open_pinned(manifest)
     pin_dir = manifest.get("pin_dir")
     probes = loader.Probes(mode=mode, options=options, bpf=obj,
                            pin_dir=Path(pin_dir) if pin_dir else None)
+    probes.functions.update(functions)
+    return probes
+
+
+def open_pinned(manifest: dict[str, Any]) -> tuple[pinned.PinnedObject,
+                                                   dict[str, pinned.PinnedProgram]]:
+    """The manifest's maps (checked against it) and programs, opened by path."""
+    obj = pinned.PinnedObject()
+    functions: dict[str, pinned.PinnedProgram] = {}
     try:
         for name, m in manifest["maps"].items():
             fd = pinned.obj_get(m["path"])
@@ -194,11 +242,11 @@ def open_manifest(mode: str, options: loader.KernelOptions,
         for direction, p in manifest["programs"].items():
             fd = pinned.obj_get(p["path"])
             obj.fds.append(fd)
-            probes.functions[direction] = pinned.PinnedProgram(p["name"], fd)
+            functions[direction] = pinned.PinnedProgram(p["name"], fd)
     except Exception:
-        probes.close()
+        obj.cleanup()
         raise
-    return probes
+    return obj, functions
 
 
 def _check_map(name: str, fd: int, m: dict[str, Any], key_type: Any, leaf_type: Any) -> None:

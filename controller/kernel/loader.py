@@ -30,6 +30,7 @@ from typing import Any
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel import abi, pinned
 from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
+from leaktap.controller.kernel.uprobe_attach import PerfAttachments, short_uprobe_event_name
 
 logger = logging.getLogger(__name__)
 
@@ -627,6 +628,7 @@ class SslOptions:
     threads_max: int = abi.limit("LT_SSL_THREADS_MAX").default
     chunks_max: int = abi.limit("LT_SSL_CHUNKS_MAX").default  # chunks one write may send
     mmap_all: bool = False  # report every process's executable mappings (select: all)
+    pin_root: str = str(PIN_ROOT)  # where the compiler child pins them for this process
 
     def __post_init__(self) -> None:
         for option, name in SSL_LIMITS.items():
@@ -646,11 +648,15 @@ class SslProbes:
     """The loaded plaintext program set and its uprobe attachments.
 
     Its tracepoints (send syscalls, exec, exit) attach at load; the uprobes are
-    attached per (library, pid), pid -1 meaning every process.
+    attached per (library, pid), pid -1 meaning every process. Compiled in the
+    compiler child (the default), `bpf` is the reopened maps and `perf` attaches
+    the reopened `programs`; compiled in this process, BCC does both.
     """
 
     options: SslOptions
     bpf: Any
+    perf: PerfAttachments | None = None
+    programs: dict[str, int] = field(default_factory=dict)  # function name -> fd
     attached: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
     # library -> {symbol: address}: resolved once, since BCC re-reads the ELF symbol
     # table for every by-name attach (5-30 ms, longer than a fresh curl takes to write)
@@ -658,6 +664,14 @@ class SslProbes:
 
     def symbols(self, library: str) -> dict[str, int]:
         found = self.addresses.get(library)
+        if found is None and self.perf is not None:
+            from leaktap.controller.plaintext.libraries import ElfError, ssl_function_addresses
+
+            try:
+                found = ssl_function_addresses(library)
+            except (OSError, ElfError) as e:
+                raise ProbeLoadError(f"reading the symbols of {library}: {e}") from e
+            self.addresses[library] = found
         if found is None:
             from bcc import BPF
 
@@ -690,8 +704,7 @@ class SslProbes:
                 errors.append(f"{sym}: no such symbol")
                 continue
             try:
-                self.bpf.attach_uprobe(name=library.encode(), addr=addresses[sym],
-                                       fn_name=fn.encode(), pid=pid)
+                self._probe(library, addresses[sym], fn, pid, ret=False)
             except Exception as e:  # noqa: BLE001 - a missing symbol is reported below
                 errors.append(f"{sym}: {e}")
                 continue
@@ -700,8 +713,7 @@ class SslProbes:
             if ret is None:
                 continue
             try:
-                self.bpf.attach_uretprobe(name=library.encode(), addr=addresses[sym],
-                                          fn_name=ret.encode(), pid=pid)
+                self._probe(library, addresses[sym], ret, pid, ret=True)
             except Exception as e:  # noqa: BLE001 - an entry without its return is useless
                 errors.append(f"{sym} return: {e}")
                 self._detach_one(library, hooked.pop(), pid)
@@ -723,8 +735,7 @@ class SslProbes:
             try:
                 if fn is None:
                     raise ValueError(f"unknown Go probe label {label}")
-                self.bpf.attach_uprobe(name=binary.encode(), addr=addr, fn_name=fn.encode(),
-                                       pid=pid)
+                self._probe(binary, addr, fn, pid, ret=False)
             except Exception as e:  # noqa: BLE001 - reported as a load error below
                 for done in hooked:
                     self._detach_one(binary, done, pid)
@@ -735,15 +746,30 @@ class SslProbes:
 
     def _detach_one(self, library: str, sym: str, pid: int) -> None:
         try:
-            if sym.endswith(RETURN_LABEL):
-                self.bpf.detach_uretprobe(
-                    name=library.encode(),
-                    addr=self.addresses[library][sym.removesuffix(RETURN_LABEL)], pid=pid)
-                return
-            self.bpf.detach_uprobe(name=library.encode(), addr=self.addresses[library][sym],
-                                   pid=pid)
+            ret = sym.endswith(RETURN_LABEL)
+            addr = self.addresses[library][sym.removesuffix(RETURN_LABEL)]
+            if self.perf is not None:
+                self.perf.detach_uprobe(library, addr, pid, ret)
+            elif ret:
+                self.bpf.detach_uretprobe(name=library.encode(), addr=addr, pid=pid)
+            else:
+                self.bpf.detach_uprobe(name=library.encode(), addr=addr, pid=pid)
         except Exception as e:  # noqa: BLE001 - the process may be gone; keep going
             logger.debug("detaching %s:%s for pid %d: %s", library, sym, pid, e)
+
+    def program_fd(self, fn: str) -> int:
+        """The fd of the loaded program `fn` (a function of ssl_uprobe.bpf.c)."""
+        if self.perf is not None:
+            return self.programs[fn]
+        return int(self.bpf.funcs[fn.encode()].fd)
+
+    def _probe(self, path: str, addr: int, fn: str, pid: int, ret: bool) -> None:
+        if self.perf is not None:
+            self.perf.attach_uprobe(self.programs[fn], path, addr, pid, ret)
+        elif ret:
+            self.bpf.attach_uretprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
+        else:
+            self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
 
     def detach(self, library: str, pid: int = -1) -> None:
         for sym in self.attached.pop((library, pid), ()):
@@ -759,13 +785,44 @@ class SslProbes:
     def close(self) -> None:
         for library, pid in list(self.attached):
             self.detach(library, pid)
+        if self.perf is not None:
+            self.perf.close()
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
 
 
 def load_ssl(options: SslOptions | None = None) -> SslProbes:
-    """Compile and load ssl_uprobe.bpf.c (its tracepoints attach at once)."""
+    """Compile and load ssl_uprobe.bpf.c and attach its tracepoints.
+
+    Compiled in the compiler child (kernel/compile.py), which pins the programs
+    and maps; this process reopens them and attaches through perf events, and
+    never maps LLVM. LT_COMPILE=in-process compiles here with BCC."""
     options = options or SslOptions()
+    if os.environ.get(COMPILE_ENV) == "in-process":
+        return SslProbes(options=options, bpf=compile_ssl(options))
+    from leaktap.controller.kernel.compile import load_ssl_in_child
+
+    maps, functions = load_ssl_in_child(options)
+    probes = SslProbes(options=options, bpf=maps, perf=PerfAttachments(),
+                       programs={name: int(fn.fd) for name, fn in functions.items()})
+    try:
+        for name, fd in probes.programs.items():
+            if name.startswith(TRACEPOINT_PREFIX):
+                category, _, event = name.removeprefix(TRACEPOINT_PREFIX).partition("__")
+                probes.perf.attach_tracepoint(fd, category, event)  # type: ignore[union-attr]
+    except ProbeLoadError:
+        probes.close()
+        raise
+    return probes
+
+
+# BCC's name for a TRACEPOINT_PROBE(category, event) function
+TRACEPOINT_PREFIX = "tracepoint__"
+
+
+def compile_ssl(options: SslOptions) -> Any:
+    """Compile ssl_uprobe.bpf.c with BCC in this process and load every program
+    (BCC attaches the tracepoints); the BCC object."""
     BPF = _bcc()
     files = MODE_SOURCES["ssl"]
     try:
@@ -781,25 +838,34 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     # verify the uprobe programs now (the chunk loop takes the verifier a few hundred
     # ms), not at the first attach, where a fresh process would outrun it
     try:
-        for fn in {*SSL_SYMBOLS.values(), *SSL_RETURN_PROBES.values(),
-                   *GO_PROGRAMS.values()}:
+        for fn in ssl_uprobe_programs():
             bpf.load_func(fn.encode(), BPF.KPROBE)
     except Exception as e:
         bpf.cleanup()
         raise ProbeLoadError(f"loading the uprobe programs of {', '.join(files)}: {e}") from e
     bpf._get_uprobe_evname = short_uprobe_event_name  # noqa: SLF001 - see its docstring
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
-    return SslProbes(options=options, bpf=bpf)
+    return bpf
 
 
-def short_uprobe_event_name(prefix: bytes, path: bytes, addr: int, pid: int) -> bytes:
-    """BCC's name for a uprobe's tracefs event, shortened to a digest.
+def ssl_uprobe_programs() -> list[str]:
+    return sorted({*SSL_SYMBOLS.values(), *SSL_RETURN_PROBES.values(), *GO_PROGRAMS.values()})
 
-    Without CAP_SYS_ADMIN the kernel refuses the uprobe PMU (perf_event_open
-    returns EACCES here), and BCC falls back to an event it writes into tracefs'
-    uprobe_events, named from the whole path, the address and the pid plus
-    "_bcc_<our pid>". The kernel refuses names over 64 characters (EINVAL), which
-    every per-process probe (`plaintext.select`: /proc/<pid>/root/...) and any
-    deep library path passes. The digest keeps the name unique per probe."""
-    digest = hashlib.blake2s(b"%s\0%s\0%x\0%d" % (prefix, path, addr, pid), digest_size=8)
-    return b"%s_lt_%s" % (prefix, digest.hexdigest().encode())
+
+def ssl_program_fds(bpf: Any) -> dict[str, int]:
+    """Every program of a compiled plaintext object by function name: the uprobe
+    programs and the tracepoint programs BCC loaded and attached."""
+    BPF = _bcc()
+    programs = {fn: int(bpf.load_func(fn.encode(), BPF.KPROBE).fd) for fn in ssl_uprobe_programs()}
+    for (category, event) in tracepoints_of(expand_source(MODE_SOURCES["ssl"])):
+        fn = f"{TRACEPOINT_PREFIX}{category}__{event}"
+        programs[fn] = int(bpf.load_func(fn.encode(), BPF.TRACEPOINT).fd)
+    return programs
+
+
+_TRACEPOINT_PROBE = re.compile(r"^\s*TRACEPOINT_PROBE\(\s*(\w+)\s*,\s*(\w+)\s*\)", re.M)
+
+
+def tracepoints_of(source: str) -> list[tuple[str, str]]:
+    """(category, event) of each TRACEPOINT_PROBE a source defines."""
+    return _TRACEPOINT_PROBE.findall(source)

@@ -258,7 +258,7 @@ class PlaintextMonitor:
         self.selector = ProcessSelector(pt.select) if not isinstance(pt.select, str) else None
         self.options = ssl_options or loader.SslOptions(
             snap_bytes=pt.max_bytes, events_per_sec=pt.events_per_second,
-            mmap_all=self.select_all)
+            mmap_all=self.select_all, pin_root=config.kernel.pin_root or str(loader.PIN_ROOT))
         secret_path = Path(pt.hmac_secret_file) if pt.hmac_secret_file else (
             Path(config.storage.path or DEFAULT_DB).parent / SECRET_FILE)
         self.hasher = KeyedHasher(load_or_create_secret(secret_path))

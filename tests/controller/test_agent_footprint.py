@@ -1,5 +1,6 @@
 """The resident agent's footprint (issue 16.5): it imports neither bcc nor pandas
-(nor, until the first QUIC Initial or numpy-path prefilter, cryptography: ~7 MB), and a poll larger than one write chunk stores every conversation's row once."""
+(nor, until the first QUIC Initial or numpy-path prefilter, cryptography: ~7 MB),
+and a poll larger than one write chunk stores every conversation's row once."""
 
 from __future__ import annotations
 

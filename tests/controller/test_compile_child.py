@@ -53,7 +53,7 @@ def pin_root() -> Iterator[Path]:
 def _compiler_mappings(pid: int) -> list[str]:
     text = Path(f"/proc/{pid}/maps").read_text()
     return sorted({line.split()[-1] for line in text.splitlines()
-                   if re.search(r"libbcc|llvm|clang", line, re.IGNORECASE)})
+                   if re.search(r"libbcc\.so|llvm|clang", line, re.IGNORECASE)})
 
 
 def _fd_map_types(pid: int) -> list[int]:
@@ -105,6 +105,8 @@ def test_running_agent_never_maps_the_compiler(tmp_path: Path, pin_root: Path) -
     port = _free_port()
     with veth_lab("lt-c5", "198.18.21.1", "198.18.21.2") as lab:
         cfg = _config(tmp_path, lab.host_if, port, pin_root)
+        # plaintext inspection too: its programs are compiled in the child as well
+        cfg.write_text(cfg.read_text() + "plaintext: {enabled: true, select: {exes: ['*/curl']}}\n")
         proc = subprocess.Popen(
             [sys.executable, "-m", "leaktap.controller.commands.cli", "run", "--config", str(cfg)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -121,8 +123,11 @@ def test_running_agent_never_maps_the_compiler(tmp_path: Path, pin_root: Path) -
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=30)
-    assert mapped == []  # no libbcc, libLLVM or libclang-cpp in the resident agent
-    assert pinned.MAP_RINGBUF in map_types and pinned.MAP_LRU_PERCPU_HASH in map_types
+    # no libbcc, libLLVM or libclang-cpp in the resident agent (libbcc_bpf, the perf-event
+    # half that attaches the plaintext uprobes, links none of them)
+    assert mapped == []
+    # the flow events' ring and the plaintext one, reopened by path
+    assert map_types.count(pinned.MAP_RINGBUF) == 2 and pinned.MAP_LRU_PERCPU_HASH in map_types
     # only the counting maps stay pinned; the load directory is gone
     assert pinned_names == COUNTING_MAPS
     assert rc == 0, proc.stderr.read() if proc.stderr else ""
