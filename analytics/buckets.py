@@ -87,7 +87,7 @@ def bucket_from_dict(row: object) -> Bucket | None:
 
 _raw_decode = json.JSONDecoder().raw_decode
 _scan_once = json.JSONDecoder().scan_once  # raw_decode without its Python frame
-_make_bucket = Bucket._make  # tuple.__new__: no Python-level __new__ per row
+_new_tuple = tuple.__new__  # a Bucket without NamedTuple's Python-level __new__
 
 
 def parse_bucket(line: str) -> Bucket | None:
@@ -140,7 +140,7 @@ def _well_formed(text: str) -> Bucket | None:
         and ts >= 0 and not ts % MINUTE and 0 <= out <= _MAX_BYTES and 0 <= inb <= _MAX_BYTES
         and 0 < len(tenant) <= 256 and 0 < len(vendor) <= 256 and 0 < len(instance) <= 256
     ):
-        bucket: Bucket = _make_bucket((ts, tenant, vendor, instance, out, inb))
+        bucket: Bucket = _new_tuple(Bucket, (ts, tenant, vendor, instance, out, inb))
         return bucket
     return None
 
