@@ -30,7 +30,7 @@ from typing import Any
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel import abi, pinned
 from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
-from leaktap.controller.kernel.uprobe_attach import PerfAttachments, short_uprobe_event_name
+from leaktap.controller.kernel.uprobe_attach import PerfAttachments
 
 logger = logging.getLogger(__name__)
 
@@ -648,39 +648,29 @@ class SslProbes:
     """The loaded plaintext program set and its uprobe attachments.
 
     Its tracepoints (send syscalls, exec, exit) attach at load; the uprobes are
-    attached per (library, pid), pid -1 meaning every process. Compiled in the
-    compiler child (the default), `bpf` is the reopened maps and `perf` attaches
-    the reopened `programs`; compiled in this process, BCC does both.
+    attached per (library, pid), pid -1 meaning every process, as perf events on
+    `programs` (kernel/uprobe_attach.py). `bpf` holds the maps: the ones the
+    compiler child pinned, reopened (the default), or BCC's module.
     """
 
     options: SslOptions
     bpf: Any
-    perf: PerfAttachments | None = None
-    programs: dict[str, int] = field(default_factory=dict)  # function name -> fd
+    programs: dict[str, int]  # function name -> program fd
+    perf: PerfAttachments = field(default_factory=PerfAttachments)
     attached: dict[tuple[str, int], tuple[str, ...]] = field(default_factory=dict)
-    # library -> {symbol: address}: resolved once, since BCC re-reads the ELF symbol
-    # table for every by-name attach (5-30 ms, longer than a fresh curl takes to write)
+    # library -> {symbol: address}: resolved once (the monitor passes what it read
+    # while finding the library; an ELF read costs longer than a fresh curl takes to write)
     addresses: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def symbols(self, library: str) -> dict[str, int]:
         found = self.addresses.get(library)
-        if found is None and self.perf is not None:
+        if found is None:
             from leaktap.controller.plaintext.libraries import ElfError, ssl_function_addresses
 
             try:
                 found = ssl_function_addresses(library)
             except (OSError, ElfError) as e:
                 raise ProbeLoadError(f"reading the symbols of {library}: {e}") from e
-            self.addresses[library] = found
-        if found is None:
-            from bcc import BPF
-
-            pattern = "^(" + "|".join(SSL_SYMBOLS) + ")$"
-            try:
-                pairs = BPF.get_user_functions_and_addresses(library.encode(), pattern.encode())
-            except Exception as e:  # noqa: BLE001 - reported as a load error below
-                raise ProbeLoadError(f"reading the symbols of {library}: {e}") from e
-            found = {name.decode(): int(addr) for name, addr in pairs}
             self.addresses[library] = found
         return found
 
@@ -748,28 +738,16 @@ class SslProbes:
         try:
             ret = sym.endswith(RETURN_LABEL)
             addr = self.addresses[library][sym.removesuffix(RETURN_LABEL)]
-            if self.perf is not None:
-                self.perf.detach_uprobe(library, addr, pid, ret)
-            elif ret:
-                self.bpf.detach_uretprobe(name=library.encode(), addr=addr, pid=pid)
-            else:
-                self.bpf.detach_uprobe(name=library.encode(), addr=addr, pid=pid)
+            self.perf.detach_uprobe(library, addr, pid, ret)
         except Exception as e:  # noqa: BLE001 - the process may be gone; keep going
             logger.debug("detaching %s:%s for pid %d: %s", library, sym, pid, e)
 
     def program_fd(self, fn: str) -> int:
         """The fd of the loaded program `fn` (a function of ssl_uprobe.bpf.c)."""
-        if self.perf is not None:
-            return self.programs[fn]
-        return int(self.bpf.funcs[fn.encode()].fd)
+        return self.programs[fn]
 
     def _probe(self, path: str, addr: int, fn: str, pid: int, ret: bool) -> None:
-        if self.perf is not None:
-            self.perf.attach_uprobe(self.programs[fn], path, addr, pid, ret)
-        elif ret:
-            self.bpf.attach_uretprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
-        else:
-            self.bpf.attach_uprobe(name=path.encode(), addr=addr, fn_name=fn.encode(), pid=pid)
+        self.perf.attach_uprobe(self.programs[fn], path, addr, pid, ret)
 
     def detach(self, library: str, pid: int = -1) -> None:
         for sym in self.attached.pop((library, pid), ()):
@@ -785,8 +763,7 @@ class SslProbes:
     def close(self) -> None:
         for library, pid in list(self.attached):
             self.detach(library, pid)
-        if self.perf is not None:
-            self.perf.close()
+        self.perf.close()
         with contextlib.suppress(Exception):
             self.bpf.cleanup()
 
@@ -799,17 +776,18 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
     never maps LLVM. LT_COMPILE=in-process compiles here with BCC."""
     options = options or SslOptions()
     if os.environ.get(COMPILE_ENV) == "in-process":
-        return SslProbes(options=options, bpf=compile_ssl(options))
+        bpf = compile_ssl(options)  # BCC attached its tracepoints
+        return SslProbes(options=options, bpf=bpf, programs=ssl_program_fds(bpf))
     from leaktap.controller.kernel.compile import load_ssl_in_child
 
     maps, functions = load_ssl_in_child(options)
-    probes = SslProbes(options=options, bpf=maps, perf=PerfAttachments(),
+    probes = SslProbes(options=options, bpf=maps,
                        programs={name: int(fn.fd) for name, fn in functions.items()})
     try:
         for name, fd in probes.programs.items():
             if name.startswith(TRACEPOINT_PREFIX):
                 category, _, event = name.removeprefix(TRACEPOINT_PREFIX).partition("__")
-                probes.perf.attach_tracepoint(fd, category, event)  # type: ignore[union-attr]
+                probes.perf.attach_tracepoint(fd, category, event)
     except ProbeLoadError:
         probes.close()
         raise
@@ -843,7 +821,6 @@ def compile_ssl(options: SslOptions) -> Any:
     except Exception as e:
         bpf.cleanup()
         raise ProbeLoadError(f"loading the uprobe programs of {', '.join(files)}: {e}") from e
-    bpf._get_uprobe_evname = short_uprobe_event_name  # noqa: SLF001 - see its docstring
     logger.info("compiled and loaded %s in %.1f s", ", ".join(files), time.monotonic() - started)
     return bpf
 
