@@ -24,8 +24,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from leaktap.controller.protocols.initial_aead import aes128_encrypt_block, aes128_gcm_open
 from leaktap.controller.protocols.tls import (
     HS_CLIENT_HELLO,
     HS_HDR_LEN,
@@ -33,10 +33,6 @@ from leaktap.controller.protocols.tls import (
     normalize_host,
     parse_handshake_message,
 )
-
-if TYPE_CHECKING:  # imported when the first Initial arrives: ~7 MB resident (issue 16.5)
-    from cryptography.hazmat.primitives.ciphers import Cipher, modes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +94,6 @@ class InitialKeys:
     key: bytes
     iv: bytes
     hp_key: bytes
-    aead: AESGCM
-    hp: Cipher[modes.ECB]
 
 
 def client_initial_keys(dcid: bytes, version: int) -> InitialKeys | None:
@@ -112,10 +106,7 @@ def client_initial_keys(dcid: bytes, version: int) -> InitialKeys | None:
     key = _hkdf_expand_label(client_secret, params.key_label, 16)
     iv = _hkdf_expand_label(client_secret, params.iv_label, 12)
     hp = _hkdf_expand_label(client_secret, params.hp_label, 16)
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
-    return InitialKeys(key, iv, hp, AESGCM(key), Cipher(algorithms.AES(hp), modes.ECB()))
+    return InitialKeys(key, iv, hp)
 
 
 def _varint(buf: bytes, p: int, end: int) -> tuple[int, int] | None:
@@ -489,8 +480,7 @@ def decrypt_initial(dgram: bytes, pkt: InitialPacket, keys: InitialKeys) -> byte
     sample = dgram[pn_off + 4 : pn_off + 4 + SAMPLE_LEN]
     if len(sample) < SAMPLE_LEN:
         return None
-    enc = keys.hp.encryptor()
-    mask = enc.update(sample) + enc.finalize()
+    mask = aes128_encrypt_block(keys.hp_key, sample)
     first = dgram[start] ^ (mask[0] & 0x0F)
     pn_len = (first & 0x03) + 1
     rel = pn_off - start
@@ -504,9 +494,4 @@ def decrypt_initial(dgram: bytes, pkt: InitialPacket, keys: InitialKeys) -> byte
     ciphertext = dgram[pn_off + pn_len : pkt.end]
     if len(ciphertext) < AEAD_TAG_LEN:
         return None
-    from cryptography.exceptions import InvalidTag
-
-    try:
-        return keys.aead.decrypt(nonce, ciphertext, bytes(header))
-    except InvalidTag:
-        return None
+    return aes128_gcm_open(keys.key, nonce, ciphertext, bytes(header))

@@ -1,5 +1,5 @@
 """The resident agent's footprint (issue 16.5): it imports neither bcc nor pandas
-(nor, until the first QUIC Initial or numpy-path prefilter, cryptography: ~7 MB),
+(nor cryptography, ~7 MB: QUIC Initials are opened with libcrypto through ctypes),
 and a poll larger than one write chunk stores every conversation's row once."""
 
 from __future__ import annotations
