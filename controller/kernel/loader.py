@@ -30,7 +30,7 @@ from typing import Any
 from leaktap.controller.errors import ProbeLoadError
 from leaktap.controller.kernel import abi, pinned
 from leaktap.controller.kernel.hostfs import BPF_FS_MAGIC, filesystem_magic
-from leaktap.controller.kernel.uprobe_attach import PerfAttachments
+from leaktap.controller.kernel.uprobe_attach import PerfAttachments, remove_stale_events
 
 logger = logging.getLogger(__name__)
 
@@ -780,6 +780,7 @@ def load_ssl(options: SslOptions | None = None) -> SslProbes:
         return SslProbes(options=options, bpf=bpf, programs=ssl_program_fds(bpf))
     from leaktap.controller.kernel.compile import load_ssl_in_child
 
+    remove_stale_events()
     maps, functions = load_ssl_in_child(options)
     probes = SslProbes(options=options, bpf=maps,
                        programs={name: int(fn.fd) for name, fn in functions.items()})

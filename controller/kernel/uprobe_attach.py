@@ -9,11 +9,15 @@ the ELF's executable PT_LOAD headers, as BCC's bcc_resolve_symname does.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import logging
 import os
+import re
 import struct
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 from leaktap.controller.errors import ProbeLoadError
@@ -22,6 +26,11 @@ _PT_LOAD, _PF_X = 1, 1
 _PHDR = struct.Struct("<IIQQQQQQ")  # Elf64_Phdr
 _PHDRS_MAX = 256
 BPF_PROBE_ENTRY, BPF_PROBE_RETURN = 0, 1
+TRACEFS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
+# our tracefs uprobe events: short_uprobe_event_name + libbcc's "_bcc_<pid>"
+_OUR_EVENT = re.compile(r"^[pr]:(\S+/([pr]_lt_[0-9a-f]{16}_bcc_(\d+)))\s", re.M)
+
+logger = logging.getLogger(__name__)
 
 
 @cache
@@ -54,6 +63,39 @@ def short_uprobe_event_name(prefix: bytes, path: bytes, addr: int, pid: int) -> 
     any deep library path passes."""
     digest = hashlib.blake2s(b"%s\0%s\0%x\0%d" % (prefix, path, addr, pid), digest_size=8)
     return b"%s_lt_%s" % (prefix, digest.hexdigest().encode())
+
+
+def remove_stale_events(tracefs: tuple[Path, ...] = TRACEFS) -> int:
+    """Remove the tracefs uprobe events a crashed agent left (named by us, made by
+    a process that is gone): each would stay in the kernel until reboot, one per
+    probed library and process for every crash. Returns how many went."""
+    for root in tracefs:
+        events = root / "uprobe_events"
+        try:
+            text = events.read_text()
+        except OSError:
+            continue
+        removed = 0
+        for m in _OUR_EVENT.finditer(text):
+            if Path(f"/proc/{m.group(3)}").exists():
+                continue
+            with contextlib.suppress(OSError):
+                tracefs_write(events, f"-:{m.group(1)}\n")
+                removed += 1
+        if removed:
+            logger.info("removed %d uprobe event(s) left by an earlier run", removed)
+        return removed
+    return 0
+
+
+def tracefs_write(path: Path, line: str) -> None:
+    """One command to a tracefs control file (Python's append mode seeks, which
+    tracefs refuses with EINVAL)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
 
 
 def file_offset(path: str, addr: int) -> int:

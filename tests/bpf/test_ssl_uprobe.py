@@ -5,7 +5,9 @@ per connection and reason."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -231,3 +233,37 @@ def test_per_process_probes_attach_without_cap_sys_admin():
     assert int(count) == 3, done.stdout
     assert "'SSL_write'" in rest[0]
     assert rest[0].split()[-3:] == [pattern(i, 100)[:8].hex() for i in range(3)]
+
+
+def test_uprobe_events_left_by_a_dead_agent_are_removed():
+    from pathlib import Path
+
+    from leaktap.controller.kernel.uprobe_attach import (
+        TRACEFS,
+        file_offset,
+        remove_stale_events,
+        short_uprobe_event_name,
+        tracefs_write,
+    )
+    from leaktap.controller.plaintext.libraries import ssl_function_addresses
+
+    events = next(root / "uprobe_events" for root in TRACEFS
+                  if (root / "uprobe_events").exists())
+    offset = file_offset(LIBSSL, ssl_function_addresses(LIBSSL)["SSL_write"])
+    dead = subprocess.Popen(["true"])  # only its pid, free once it has exited, matters
+    dead.wait()
+    names = {
+        who: short_uprobe_event_name(b"p", who.encode(), offset, -1).decode() + f"_bcc_{pid}"
+        for who, pid in (("dead", dead.pid), ("alive", os.getpid()))}
+    names["other"] = f"p_someone_else_bcc_{dead.pid}"  # not ours: never touched
+    for name in names.values():
+        tracefs_write(events, f"p:uprobes/{name} {LIBSSL}:{offset:#x}\n")
+    try:
+        assert remove_stale_events() == 1
+        left = Path(events).read_text()
+        assert names["dead"] not in left
+        assert names["alive"] in left and names["other"] in left
+    finally:
+        for name in names.values():
+            with contextlib.suppress(OSError):
+                tracefs_write(events, f"-:uprobes/{name}\n")
