@@ -44,13 +44,9 @@ def analyze_lines(
             if out is not None:
                 out.write(json.dumps(incident.to_dict(), separators=(",", ":")) + "\n")
 
-    observe, pop_closed = detector.observe, detector.pop_closed
-    newest = None
-    for bucket in read_buckets(lines, source, report):
-        if bucket.ts != newest:  # episodes end only when minutes close
-            emit(pop_closed())
-            newest = bucket.ts
-        observe(bucket)
+    # episodes end only when minutes close: hand them over as each new minute starts
+    detector.observe_all(read_buckets(lines, source, report),
+                         lambda: emit(detector.pop_closed()))
     detector.flush()
     emit(detector.close_all())
     logger.info("%s: %d rows, %d series, %d incidents", source, detector.rows_seen,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +136,28 @@ class StreamingDetector:
         self._rows_out.append(bucket[4])
         self._rows_in.append(bucket[5])
         return raised
+
+    def observe_all(self, buckets: Iterable[Bucket], new_minute: Callable[[], None]) -> None:
+        """`observe` each row in turn (`leaktap analyze`), calling `new_minute()` before the
+        first row of each minute, before that row closes the minutes before it. The same as
+        observe row by row; the rows of the open minute go straight to its lists."""
+        index_of = self._index.get
+        newest: int | None = None
+        rows_idx, rows_out, rows_in = self._rows_idx, self._rows_out, self._rows_in
+        for bucket in buckets:
+            if bucket[0] != newest:
+                new_minute()
+                self.observe(bucket)  # closes the minutes before it: new row lists
+                newest = bucket[0]
+                rows_idx, rows_out, rows_in = self._rows_idx, self._rows_out, self._rows_in
+                continue
+            index = index_of(bucket[1:4])
+            if index is None:
+                self._new_rows.append(bucket)
+            else:
+                rows_idx.append(index)
+                rows_out.append(bucket[4])
+                rows_in.append(bucket[5])
 
     def advance(self, ts: int) -> list[Incident]:
         """Close every minute before `ts` (idle minutes count as zero traffic)."""
