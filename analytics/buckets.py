@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from leaktap.analytics.allowlist import UNKNOWN_INSTANCE
 
@@ -86,7 +86,9 @@ def bucket_from_dict(row: object) -> Bucket | None:
 
 
 _raw_decode = json.JSONDecoder().raw_decode
-_scan_once = json.JSONDecoder().scan_once  # raw_decode without its Python frame
+# raw_decode without its Python frame (an attribute typeshed does not declare)
+_scan_once: Callable[[str, int], tuple[Any, int]] = (
+    json.JSONDecoder().scan_once)  # type: ignore[attr-defined]
 _new_tuple = tuple.__new__  # a Bucket without NamedTuple's Python-level __new__
 
 
