@@ -54,7 +54,7 @@ def read_tenant_volume(
     until = until if until is not None else time.time() + 60
     since = since if since is not None else until - DAY_S
     if since >= until:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "since must be before until")
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "since must be before until")
     known = tenant in agent.config_tenant_names or tenant == UNASSIGNED_TENANT
     series = agent.store.volume(tenant, since, until, vendor)
     if not known and not series:
