@@ -478,6 +478,26 @@ static PyObject *int_list(const Py_ssize_t *values, Py_ssize_t n, Py_ssize_t str
     return list;
 }
 
+/* The runs of `data` and their prefilter keys, in the scratch: returns the run
+ * buffer's length (-2: not ASCII, -1: an error is set), where its words end, how many
+ * runs it has, the keys and the ciphertext they were taken from (free for reuse). */
+static Py_ssize_t runs_and_keys(Scanner *self, const Py_buffer *data, Py_ssize_t *words_end,
+                                Py_ssize_t *nruns, uint64_t **keys, unsigned char **cipher) {
+    Py_ssize_t len = build_runs(self, data->buf, data->len, words_end, nruns);
+    if (len < 0)
+        return len;
+    unsigned char *blocks = self->scratch + blocks_at(3 + 3 * (size_t)data->len + TAIL +
+                                                      (size_t)data->len);
+    *cipher = blocks + *nruns * BLOCK;
+    /* keys overwrite the blocks (key i over block i / 2, read by then: also with AES-NI,
+     * which reads eight blocks before it writes their keys) */
+    *keys = (uint64_t *)blocks;
+    run_blocks(self, self->scratch, *nruns, blocks);
+    if (encrypt_keys(self, blocks, *nruns, *cipher, *keys) < 0)
+        return -1;
+    return len;
+}
+
 /* scan(data, words, pairs, shift) -> None (not ASCII) or (buf, words_end, runs,
  * passed, starts, lengths): the run buffer, where its words end, how many runs it
  * has, and the indexes, starts and lengths of the runs that passed the filter. */
@@ -494,23 +514,16 @@ static PyObject *Scanner_scan(Scanner *self, PyObject *args) {
     }
     PyObject *result = NULL;
     Py_ssize_t words_end, nruns;
-    Py_ssize_t len = build_runs(self, data.buf, data.len, &words_end, &nruns);
+    uint64_t *keys;
+    unsigned char *cipher;
+    Py_ssize_t len = runs_and_keys(self, &data, &words_end, &nruns, &keys, &cipher);
     if (len == -2) {
         result = Py_NewRef(Py_None);
         goto done;
     }
     if (len < 0)
         goto done;
-    unsigned char *blocks = self->scratch + blocks_at(3 + 3 * (size_t)data.len + TAIL +
-                                                      (size_t)data.len);
-    unsigned char *cipher = blocks + nruns * BLOCK;
-    /* keys overwrite the blocks (key i over block i / 2, read by then: also with AES-NI,
-     * which reads eight blocks before it writes their keys), passed flags the ciphertext */
-    uint64_t *keys = (uint64_t *)blocks;
-    run_blocks(self, self->scratch, nruns, blocks);
-    if (encrypt_keys(self, blocks, nruns, cipher, keys) < 0)
-        goto done;
-    char *passed = (char *)cipher;
+    char *passed = (char *)cipher; /* the ciphertext is read: passed flags go there */
     Py_ssize_t count = probe(&f, keys, nruns, passed);
     /* the passed runs (index, start, length) copied out of the scratch before any
      * Python object is made (a collection's finalizers may let another thread in) */
@@ -554,19 +567,14 @@ static PyObject *Scanner_tokens(Scanner *self, PyObject *args) {
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t words_end, nruns;
-    Py_ssize_t len = build_runs(self, data.buf, data.len, &words_end, &nruns);
+    uint64_t *keys;
+    unsigned char *cipher;
+    Py_ssize_t len = runs_and_keys(self, &data, &words_end, &nruns, &keys, &cipher);
     if (len == -2) {
         result = Py_NewRef(Py_None);
         goto done;
     }
     if (len < 0)
-        goto done;
-    unsigned char *blocks = self->scratch + blocks_at(3 + 3 * (size_t)data.len + TAIL +
-                                                      (size_t)data.len);
-    unsigned char *cipher = blocks + nruns * BLOCK;
-    uint64_t *keys = (uint64_t *)blocks;
-    run_blocks(self, self->scratch, nruns, blocks);
-    if (encrypt_keys(self, blocks, nruns, cipher, keys) < 0)
         goto done;
     unsigned char *le = cipher; /* the keys as little-endian bytes */
     for (Py_ssize_t k = 0; k < nruns; k++)
