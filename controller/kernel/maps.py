@@ -220,6 +220,40 @@ def _format_codes(fmt: struct.Struct) -> list[str]:
     return codes
 
 
+def _parse_names(keys: Any, values: Any, count: int, out: list[NameRow],
+                 addrs: dict[bytes, str], names: dict[bytes, str | None]) -> None:
+    """Append the NameRow of each of `count` raw lt_names entries (keys and values as
+    the map holds them); `addrs` and `names` cache the texts across calls."""
+    append = out.append
+    outcomes = _OUTCOME_NAMES
+    vsize = len(values) // (len(keys) // _FLOW_KEY.size)
+    rec = struct.Struct(f"{_NAME_REC_HEAD.format}{vsize - _NAME_REC_HEAD.size}s")
+    for (cgroup, saddr, daddr, sport, dport, family, proto, direction), (
+            ts_ns, uid, ifindex, seq, name_len, outcome, ech, raw) in zip(
+            _FLOW_KEY.iter_unpack(keys[:count * _FLOW_KEY.size]),
+            rec.iter_unpack(values[:count * vsize]), strict=True):
+        src = addrs.get(saddr)
+        if src is None:
+            src = addrs[saddr] = _addr_text(family, saddr)
+        dst = addrs.get(daddr)
+        if dst is None:
+            dst = addrs[daddr] = _addr_text(family, daddr)
+        name = names.get(raw)
+        if name is None and raw not in names:
+            text = raw[:name_len].decode("ascii", "replace") if name_len else None
+            name = names[raw] = sys.intern(text) if text else None
+        append((family, proto, src, sport, dst, dport, name,
+                outcomes[outcome] if outcome < len(outcomes) else f"unknown_{outcome}",
+                ech != 0, cgroup, direction, uid, seq, ts_ns, ifindex))
+
+
+def _add_totals(out: dict[int, tuple[int, int]], more: dict[int, tuple[int, int]]) -> None:
+    """Add `more`'s (bytes, packets) per cgroup to `out`'s."""
+    for cgroup_id, (b, p) in more.items():
+        b0, p0 = out.get(cgroup_id, (0, 0))
+        out[cgroup_id] = (b0 + b, p0 + p)
+
+
 class MapReader:
     """Reads one loaded program set's maps (see bpf/include/lt_maps.h)."""
 
@@ -278,32 +312,11 @@ class MapReader:
         NAMES_CHUNK entries per syscall, parsed from the chunk's bytes without an object
         per entry (issue 12: the agent's poll keeps up with 50,000 new flows/s)."""
         out: list[NameRow] = []
-        append = out.append
         addrs: dict[bytes, str] = {}  # a node talks from and to few addresses
         names: dict[bytes, str | None] = {}  # and to few hosts
-        outcomes = _OUTCOME_NAMES
         for keys, values, count in self._name_chunks():
-            if not count:
-                continue
-            vsize = len(values) // (len(keys) // _FLOW_KEY.size)
-            rec = struct.Struct(f"{_NAME_REC_HEAD.format}{vsize - _NAME_REC_HEAD.size}s")
-            for (cgroup, saddr, daddr, sport, dport, family, proto, direction), (
-                    ts_ns, uid, ifindex, seq, name_len, outcome, ech, raw) in zip(
-                    _FLOW_KEY.iter_unpack(keys[:count * _FLOW_KEY.size]),
-                    rec.iter_unpack(values[:count * vsize]), strict=True):
-                src = addrs.get(saddr)
-                if src is None:
-                    src = addrs[saddr] = _addr_text(family, saddr)
-                dst = addrs.get(daddr)
-                if dst is None:
-                    dst = addrs[daddr] = _addr_text(family, daddr)
-                name = names.get(raw)
-                if name is None and raw not in names:
-                    text = raw[:name_len].decode("ascii", "replace") if name_len else None
-                    name = names[raw] = sys.intern(text) if text else None
-                append((family, proto, src, sport, dst, dport, name,
-                        outcomes[outcome] if outcome < len(outcomes) else f"unknown_{outcome}",
-                        ech != 0, cgroup, direction, uid, seq, ts_ns, ifindex))
+            if count:
+                _parse_names(keys, values, count, out, addrs, names)
         return out
 
     def peek_name(self, key: FlowKey) -> NameRow | None:
@@ -316,13 +329,9 @@ class MapReader:
             rec = self._names[self._names.Key.from_buffer_copy(raw)]
         except (KeyError, OSError):
             return None
-        value = bytes(rec)
-        ts_ns, uid, ifindex, seq, name_len, outcome, ech = _NAME_REC_HEAD.unpack_from(value)
-        name = value[_NAME_REC_HEAD.size:][:name_len].decode("ascii", "replace") or None
-        return (key.family, key.proto, key.src, key.sport, key.dst, key.dport, name or None,
-                _OUTCOME_NAMES[outcome] if outcome < len(_OUTCOME_NAMES)
-                else f"unknown_{outcome}", ech != 0, key.cgroup_id, key.dir, uid, seq, ts_ns,
-                ifindex)
+        out: list[NameRow] = []
+        _parse_names(raw, bytes(rec), 1, out, {}, {})
+        return out[0]
 
     def _name_chunks(self) -> Iterator[tuple[Any, Any, int]]:
         """lt_names taken out in raw chunks; BCC's own tables (in-process compile) have no
@@ -356,9 +365,7 @@ class MapReader:
             # BCC yields a scalar key from its ctypes key array as a plain int
             cgroup_id = int(getattr(key, "value", key))
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
-        for cgroup_id, (b, p) in self._front.cgroup_totals().items():  # drained from the cache
-            b0, p0 = out.get(cgroup_id, (0, 0))
-            out[cgroup_id] = (b0 + b, p0 + p)
+        _add_totals(out, self._front.cgroup_totals())  # what the drain took from the cache
         return out
 
     def remove_cgroups(self, cgroup_ids: list[int]) -> dict[int, tuple[int, int]]:
@@ -375,9 +382,7 @@ class MapReader:
             except KeyError:
                 continue
             out[cgroup_id] = (sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu))
-        for cgroup_id, (b, p) in self._front.remove_cgroups(cgroup_ids).items():
-            b0, p0 = out.get(cgroup_id, (0, 0))
-            out[cgroup_id] = (b0 + b, p0 + p)
+        _add_totals(out, self._front.remove_cgroups(cgroup_ids))
         return out
 
     def expire_hellos(self, max_age_ns: int) -> int:
