@@ -34,8 +34,7 @@ from leaktap.controller.attribution.flows import (
     conversation_id,
 )
 from leaktap.controller.kernel.flow_batch import IDENT, U64_MAX, FlowBatch
-from leaktap.controller.kernel.flow_batch import addr_text as _addr_text
-from leaktap.controller.kernel.maps import KernelName, NameRow
+from leaktap.controller.kernel.maps import KernelName, NameRow, addr_text
 from leaktap.controller.kernel.ringbuf import Sample
 
 Array = npt.NDArray[Any]
@@ -256,8 +255,8 @@ class LiveConversations:
     def _create(self, batch: FlowBatch, i: int) -> int:
         family = int(batch.family[i])
         saddr, daddr = batch.saddr[i].tobytes(), batch.daddr[i].tobytes()
-        src = (_addr_text(family, saddr), int(batch.sport[i]))
-        dst = (_addr_text(family, daddr), int(batch.dport[i]))
+        src = (addr_text(family, saddr), int(batch.sport[i]))
+        dst = (addr_text(family, daddr), int(batch.dport[i]))
         sender_is_a = src <= dst  # conversation_id's order
         slot = self._new_slot()
         c = self.cols
@@ -329,7 +328,7 @@ class LiveConversations:
         family = int(self.cols["family"][slot])
         raw = self.cols["addr"][slot].tobytes()
         port_a, port_b = self.cols["port"][slot].tolist()
-        return ((_addr_text(family, raw[:16]), port_a), (_addr_text(family, raw[16:]), port_b))
+        return ((addr_text(family, raw[:16]), port_a), (addr_text(family, raw[16:]), port_b))
 
     def conversation(self, slot: int) -> Conversation:
         """A copy of the slot as flows.Conversation (store() writes one back)."""

@@ -16,7 +16,6 @@ import ctypes
 import errno
 import os
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, addr_text
 from leaktap.controller.kernel.pinned import libbpf
 
 # entries per batch syscall (the buffers are reused from drain to drain)
@@ -123,15 +122,6 @@ class FlowBatch:
             flags=col([f.flags for f in flows], np.uint32),
             now_ns=max((f.last_seen_ns for f in flows), default=time.monotonic_ns()),
         )
-
-
-def addr_text(family: int, raw: bytes) -> str:
-    """A key's 16 address bytes as text, interned (a node talks to few addresses)."""
-    if family == 6:
-        return sys.intern(socket.inet_ntop(socket.AF_INET6, raw))
-    if family == 4:
-        return sys.intern(socket.inet_ntop(socket.AF_INET, raw[:4]))
-    return ""
 
 
 def _errno(rc: int) -> int:

@@ -144,8 +144,8 @@ SNI_OUTCOMES = {0: "named", 1: "no_name", 2: "malformed", 3: "limit"}
 _OUTCOME_NAMES = tuple(SNI_OUTCOMES[i] for i in range(len(SNI_OUTCOMES)))
 
 
-def _addr_text(family: int, raw: bytes) -> str:
-    """format_addr of a key's 16 address bytes, interned (few distinct addresses)."""
+def addr_text(family: int, raw: bytes) -> str:
+    """format_addr of a key's 16 address bytes, interned (a node talks to few addresses)."""
     if family == 4:
         return sys.intern(socket.inet_ntop(socket.AF_INET, raw[:4]))
     if family == 6:
@@ -234,10 +234,10 @@ def _parse_names(keys: Any, values: Any, count: int, out: list[NameRow],
             rec.iter_unpack(values[:count * vsize]), strict=True):
         src = addrs.get(saddr)
         if src is None:
-            src = addrs[saddr] = _addr_text(family, saddr)
+            src = addrs[saddr] = addr_text(family, saddr)
         dst = addrs.get(daddr)
         if dst is None:
-            dst = addrs[daddr] = _addr_text(family, daddr)
+            dst = addrs[daddr] = addr_text(family, daddr)
         name = names.get(raw)
         if name is None and raw not in names:
             text = raw[:name_len].decode("ascii", "replace") if name_len else None
