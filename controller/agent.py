@@ -38,7 +38,12 @@ from leaktap.controller.attribution.flows import (
     ConversationTable,
     conversation_id,
 )
-from leaktap.controller.attribution.live import LiveConversations, NameSets, TrackedAttributor
+from leaktap.controller.attribution.live import (
+    LiveConversations,
+    NameSets,
+    TrackedAttributor,
+    destination_of,
+)
 from leaktap.controller.attribution.losses import UserspaceLossMonitor
 from leaktap.controller.attribution.resume import ResumableFlows
 from leaktap.controller.attribution.tenants import TenantResolver
@@ -433,10 +438,7 @@ class Agent:
         flows = self.reader.drain_flows()
         # server names the kernel read (issue 12): in batches, after the flows they name
         kernel_names = self.reader.drain_name_rows()
-        stats = self.reader.stats()
-        totals = self.reader.totals()
-        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
-                                                self.reader.remove_cgroups)
+        stats, totals, cgroups = self._read_totals()
         now = time.time()
         with self.lock:
             buckets: dict[BucketKey, Volume] = {}
@@ -461,33 +463,30 @@ class Agent:
                     continue
                 conv.named = True
                 outbound = conv.is_outbound(counters.key)
-                _, (remote, _), _, _ = conv.oriented(prefer_local=True)
-                key = BucketKey(
-                    minute, names.tenant, names.crm_vendor, names.crm_instance,
-                    names.sni or (names.dns_names[0] if names.dns_names else remote),
-                )
-                vol = buckets.setdefault(key, Volume())
-                if outbound:
-                    vol.bytes_out += counters.tx_bytes
-                    vol.packets_out += counters.tx_packets
-                    dest = (names.tenant, names.crm_vendor or "", names.crm_instance or "")
-                    if dest not in egress and not self.egress_series.admits(dest):
-                        dest = OTHER_DESTINATION
-                    b, p = egress.get(dest, (0, 0))
-                    egress[dest] = (b + counters.tx_bytes, p + counters.tx_packets)
-                    if names.crm_vendor and self.coverage is not None and counters.tx_bytes:
-                        local, far, _, _ = conv.oriented(prefer_local=True)
-                        self.coverage.observe(conv.family, local, far, names.crm_vendor,
-                                              names.crm_instance, names.tenant, names.cgroup,
-                                              counters.tx_bytes)
-                else:
-                    vol.bytes_in += counters.tx_bytes
-                    vol.packets_in += counters.tx_packets
+                local, far, _, _ = conv.oriented(prefer_local=True)
+                destination = destination_of(names, far[0])
+                self._add_volume(buckets, egress, minute, names, destination, outbound,
+                                 counters.tx_bytes, counters.tx_packets)
+                if outbound and names.crm_vendor and self.coverage is not None and (
+                        counters.tx_bytes):
+                    self.coverage.observe(conv.family, local, far, names.crm_vendor,
+                                          names.crm_instance, names.tenant, names.cgroup,
+                                          counters.tx_bytes)
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
             self.egress_by_destination = egress
         self._write(buckets, list(touched.values()))
         del flows, touched, pending  # a poll of 100,000 flows: free them before scoring
         self._finish_poll(buckets, stats, now)
+
+    def _read_totals(self) -> tuple[dict[str, int], dict[int, tuple[int, int]],
+                                    dict[int, tuple[int, int]]]:
+        """The kernel's stats, its totals by direction and the cgroup totals (the
+        reaper's removals folded in), read after a drain of the flows."""
+        stats = self.reader.stats()
+        totals = self.reader.totals()
+        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
+                                                self.reader.remove_cgroups)
+        return stats, totals, cgroups
 
     def _finish_poll(self, buckets: dict[BucketKey, Volume], stats: dict[str, int],
                      now: float) -> None:
@@ -578,10 +577,7 @@ class Agent:
                         [0] * len(slots[rows]), strict=True)), final, minute, buckets, egress)
             del waiting
         # read after the flows: what they counted is in these totals
-        stats = self.reader.stats()
-        totals = self.reader.totals()
-        cgroups = self.cgroup_accounting.update(self.reader.cgroup_totals(),
-                                                self.reader.remove_cgroups)
+        stats, totals, cgroups = self._read_totals()
         with self.lock:
             self.stats, self.totals, self.cgroup_totals = stats, totals, cgroups
             self.egress_by_destination = egress

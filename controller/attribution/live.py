@@ -410,6 +410,12 @@ class LiveConversations:
         return gone
 
 
+def destination_of(names: Any, remote: str) -> str:
+    """The destination a minute bucket names: the server name, else the first DNS
+    name, else the remote address."""
+    return str(names.sni or (names.dns_names[0] if names.dns_names else remote))
+
+
 class NameSets:
     """Distinct (names, bucket destination) pairs, each conversation holding an id:
     a poll groups its volume by id instead of naming every flow again."""
@@ -422,7 +428,7 @@ class NameSets:
         return len(self.items)
 
     def intern(self, names: Any, remote: str) -> int:
-        destination = names.sni or (names.dns_names[0] if names.dns_names else remote)
+        destination = destination_of(names, remote)
         key = (names.sni, names.ech, tuple(names.dns_names), names.crm_vendor,
                names.crm_instance, names.tenant, names.cgroup, names.shared, names.crm_region,
                names.named_by, destination)
