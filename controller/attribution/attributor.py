@@ -30,7 +30,7 @@ from leaktap.controller.attribution.flows import (
 from leaktap.controller.attribution.kernel_names import KernelNames
 from leaktap.controller.attribution.tenants import TenantResolver
 from leaktap.controller.config import LeaktapConfig
-from leaktap.controller.kernel.maps import FlowKey, KernelName, NameRow
+from leaktap.controller.kernel.maps import FlowKey, KernelName, NameRow, name_row
 from leaktap.controller.kernel.ringbuf import Sample
 from leaktap.controller.protocols.quic import QuicHelloAssembler
 from leaktap.controller.protocols.tls import ClientHello, HelloReassembler
@@ -157,14 +157,7 @@ class Attributor:
     def on_kernel_name(self, name: KernelName) -> None:
         """A server name the kernel read from a flow's ClientHello (drained in batches
         from lt_names, issue 12): names the conversation as the hello's event would."""
-        self.samples["kernel_name"] = self.samples.get("kernel_name", 0) + 1
-        hello = self.kernel_names.hello(name)
-        if hello is None:
-            return  # no valid name: the hello's ring event carries what was sent
-        k = name.key  # conversation_id, inlined: this runs for every new TLS flow
-        a, b = (k.src, k.sport), (k.dst, k.dport)
-        cid = (k.family, k.proto, a, b) if a <= b else (k.family, k.proto, b, a)
-        self._hello_by_conv.setdefault(cid, hello)
+        self.on_kernel_names([name_row(name)])
 
     def on_kernel_names(self, rows: list[NameRow]) -> list[ConversationId]:
         """on_kernel_name of a whole drain (MapReader.drain_name_rows), without an object
@@ -176,7 +169,8 @@ class Attributor:
         for family, proto, src, sport, dst, dport, name, outcome, ech, *_ in rows:
             hello = hello_of(name, outcome, ech)
             if hello is None:
-                continue
+                continue  # no valid name: the hello's ring event carries what was sent
+            # conversation_id, inlined: this runs for every new TLS flow
             a, b = (src, sport), (dst, dport)
             cid = (family, proto, a, b) if a <= b else (family, proto, b, a)
             by_conv.setdefault(cid, hello)

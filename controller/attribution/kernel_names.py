@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from leaktap.controller.kernel.maps import KernelName
 from leaktap.controller.protocols.tls import ClientHello
 
 # distinct names whose ClientHello stand-in is shared (few hosts, many flows)
@@ -38,14 +37,11 @@ class KernelNames:
         self.stats = KernelNameStats()
         self._hellos: dict[tuple[str, bool], ClientHello] = {}
 
-    def hello(self, reading: KernelName) -> ClientHello | None:
-        """The hello a named reading stands for (shared per name), else None; counted."""
-        return self.hello_of(reading.name, reading.outcome, reading.ech)
-
     def hello_of(self, name: str | None, outcome: str, ech: bool,
                  count: bool = True) -> ClientHello | None:
-        """hello() of a reading's fields (the agent's batch path: no object per reading).
-        `count`: False for a reading peeked before its drain (the drain counts it)."""
+        """The hello a reading (its name, outcome and ECH flag) stands for, shared per
+        name, else None; counted by outcome. `count`: False for a reading peeked before
+        its drain (the drain counts it)."""
         if outcome == "named" and name is not None:
             self.stats.named += count
             hello = self._hellos.get((name, ech))

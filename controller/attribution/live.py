@@ -34,7 +34,7 @@ from leaktap.controller.attribution.flows import (
     conversation_id,
 )
 from leaktap.controller.kernel.flow_batch import IDENT, U64_MAX, FlowBatch
-from leaktap.controller.kernel.maps import KernelName, NameRow, addr_text
+from leaktap.controller.kernel.maps import NameRow, addr_text
 from leaktap.controller.kernel.ringbuf import Sample
 
 Array = npt.NDArray[Any]
@@ -465,10 +465,6 @@ class TrackedAttributor(Attributor):
         super().on_sample(s)
         if s.kind in ("tls_hello", "quic_initial"):
             self.renamed.add(conversation_id(_sample_key(s)))
-
-    def on_kernel_name(self, name: KernelName) -> None:
-        super().on_kernel_name(name)
-        self.renamed.add(conversation_id(name.key))
 
     def on_kernel_names(self, rows: list[NameRow]) -> list[ConversationId]:
         named = super().on_kernel_names(rows)
