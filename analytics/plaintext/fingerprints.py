@@ -156,7 +156,6 @@ class Tokens:
     def is_word(self, i: int) -> bool:
         return int(self.starts[i]) < self.words_end
 
-
     def token(self, i: int) -> bytes | None:
         """Run i as a token (None: a digit run too short or too long to be a phone)."""
         return run_token(self.buf, self.words_end, int(self.starts[i]), int(self.lens[i]))
@@ -546,7 +545,7 @@ class Prefilter:
 
     def passes_few(self, keys: Iterable[int]) -> list[int]:
         """`passes` for a few keys (Python ints): no numpy call per key."""
-        words, pairs, shift = self._words, self._pairs, int(self.shift)
+        words, pairs, shift = self._words, self._pairs, self._shift
         return [i for i, k in enumerate(keys)
                 if words[k >> shift] & pairs[k & 1023] == pairs[k & 1023]]
 

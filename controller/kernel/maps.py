@@ -175,7 +175,6 @@ NameRow = tuple[int, int, str, int, str, int, str | None, str, bool, int, int, i
                 int]
 
 
-
 def name_row(name: KernelName) -> NameRow:
     """A KernelName as the NameRow drain_name_rows gives for it (for readers that hold
     objects, such as test doubles)."""
