@@ -15,7 +15,6 @@ hook (or the `inside` networks in gateway mode), else the initiator.
 from __future__ import annotations
 
 import ipaddress
-import socket
 import struct
 from typing import Any
 
@@ -34,7 +33,7 @@ from leaktap.controller.attribution.flows import (
     conversation_id,
 )
 from leaktap.controller.kernel.flow_batch import IDENT, U64_MAX, FlowBatch
-from leaktap.controller.kernel.maps import NameRow, addr_text
+from leaktap.controller.kernel.maps import NameRow, addr_bytes, addr_text
 from leaktap.controller.kernel.ringbuf import Sample
 
 Array = npt.NDArray[Any]
@@ -62,10 +61,8 @@ _INITIAL = {"uid": NO_UID, "local_is_a": -1, "names_id": -1, "row_names_id": -1}
 
 def ident_of(family: int, proto: int, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
     """The FlowBatch.idents bytes of packets from `src` to `dst`."""
-    af = socket.AF_INET6 if family == 6 else socket.AF_INET
-    return _IDENT.pack(socket.inet_pton(af, src[0]).ljust(16, b"\0"),
-                       socket.inet_pton(af, dst[0]).ljust(16, b"\0"),
-                       src[1], dst[1], family, proto, 0)
+    return _IDENT.pack(addr_bytes(src[0]), addr_bytes(dst[0]), src[1], dst[1], family, proto,
+                       0)
 
 
 _SEED, _MIX = np.uint64(0xCBF29CE484222325), np.uint64(0x9E3779B97F4A7C15)

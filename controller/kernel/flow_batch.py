@@ -15,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from leaktap.controller.kernel.maps import FlowCounters, FlowKey, addr_text
+from leaktap.controller.kernel.maps import FlowCounters, FlowKey, addr_bytes, addr_text
 from leaktap.controller.kernel.pinned import libbpf
 
 # entries per batch syscall (the buffers are reused from drain to drain)
@@ -92,16 +91,10 @@ class FlowBatch:
     @classmethod
     def from_counters(cls, flows: list[FlowCounters]) -> FlowBatch:
         """A batch of already-made flow objects (readers without a raw drain, tests)."""
-        def addr(family: int, text: str) -> bytes:
-            if not text:
-                return b"\0" * 16
-            af = socket.AF_INET6 if family == 6 else socket.AF_INET
-            return socket.inet_pton(af, text).ljust(16, b"\0")
-
         n = len(flows)
-        saddr = np.frombuffer(b"".join(addr(f.key.family, f.key.src) for f in flows),
+        saddr = np.frombuffer(b"".join(addr_bytes(f.key.src) for f in flows),
                               np.uint8).reshape(n, 16).copy()
-        daddr = np.frombuffer(b"".join(addr(f.key.family, f.key.dst) for f in flows),
+        daddr = np.frombuffer(b"".join(addr_bytes(f.key.dst) for f in flows),
                               np.uint8).reshape(n, 16).copy()
 
         def col(values: list[int], dtype: Any) -> Array:

@@ -194,9 +194,13 @@ _FLOW_KEY_FIELDS = ("cgroup_id", "saddr", "daddr", "sport", "dport", "family", "
 NAMES_CHUNK = 16384
 
 
-def _addr_bytes(addr: str) -> bytes:
-    """An address as struct lt_flow_key holds it (v4 in the first 4 of 16 bytes)."""
-    return ipaddress.ip_address(addr).packed.ljust(16, b"\0")
+def addr_bytes(addr: str) -> bytes:
+    """A text address as struct lt_flow_key holds it: 16 bytes, IPv4 in the first 4
+    ("": no address, 16 zero bytes); the reverse of addr_text."""
+    if not addr:
+        return bytes(16)
+    return socket.inet_pton(socket.AF_INET6 if ":" in addr else socket.AF_INET,
+                            addr).ljust(16, b"\0")
 
 
 def _check_layout(ctype: Any, fmt: struct.Struct, fields: tuple[str, ...]) -> None:
@@ -322,7 +326,7 @@ class MapReader:
         """One flow's kernel reading while it waits in lt_names for the next drain (left
         there: the drain still takes and counts it). A plaintext write comes right after
         its hello, before the poll, and must be joined to the name."""
-        raw = _FLOW_KEY.pack(key.cgroup_id, _addr_bytes(key.src), _addr_bytes(key.dst),
+        raw = _FLOW_KEY.pack(key.cgroup_id, addr_bytes(key.src), addr_bytes(key.dst),
                              key.sport, key.dport, key.family, key.proto, key.dir)
         try:
             rec = self._names[self._names.Key.from_buffer_copy(raw)]
