@@ -101,8 +101,12 @@ logger = logging.getLogger(__name__)
 
 MAPS_RESCAN_S = 1.0
 # closing a uprobe waits for an RCU grace period (~100 ms each here) and holds up
-# attaches meanwhile; detaches wait for this long without exec notices
+# attaches meanwhile; detaches wait for this long without exec, exit or mmap
+# notices (a job runner's next exec often follows the last one's exit)
 DETACH_QUIET_S = 0.5
+# ...but no longer than this after the exit: a node that execs every few hundred
+# ms is never quiet, and each undetached probe is a kernel perf event kept
+DETACH_WAIT_MAX_S = 60.0
 BINDINGS_MAX = 65536
 SECRET_BYTES = 32
 SECRET_FILE = "plaintext-hmac.key"
@@ -288,8 +292,9 @@ class PlaintextMonitor:
         self.loss = LossMonitor(prefix="ssl_loss_", remedies=REMEDIES)
         self._lock = threading.RLock()  # probes, probed, libraries
         self._work: queue.Queue[tuple[str, int, int]] = queue.Queue()
-        self._detach_queue: queue.Queue[tuple[int, list[str]]] = queue.Queue()
-        self._last_exec_monotonic = 0.0
+        # (pid, library paths, when queued)
+        self._detach_queue: queue.Queue[tuple[int, list[str], float]] = queue.Queue()
+        self._last_notice_monotonic = 0.0
         self.attach_latency_ms: list[float] = []  # exec -> probes attached, last 100
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -336,7 +341,7 @@ class PlaintextMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._work.put(("stop", 0, 0))
-        self._detach_queue.put((-2, []))
+        self._detach_queue.put((-2, [], 0.0))
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
@@ -525,7 +530,7 @@ class PlaintextMonitor:
                 del pids[pids.Key(pid)]
             except KeyError:
                 pass  # the exit tracepoint removed it
-        self._detach_queue.put((pid, paths))
+        self._detach_queue.put((pid, paths, time.monotonic()))
         # a process's last, unfinished messages are inspected as it goes
         self._handle_result(self.inspector.forget_where(
             lambda conn: isinstance(conn, tuple) and conn[0] == pid))
@@ -537,19 +542,23 @@ class PlaintextMonitor:
 
     def _detach_loop(self) -> None:
         while True:
-            pid, paths = self._detach_queue.get()
+            pid, paths, queued = self._detach_queue.get()
             if pid < -1:
                 return
             # an attach waits behind a running detach in the kernel: let fresh
-            # processes be probed first (a quiet moment), exited ones can wait
-            while (not self._stop.is_set()
-                   and time.monotonic() - self._last_exec_monotonic < DETACH_QUIET_S):
-                self._stop.wait(DETACH_QUIET_S)
-            probes = self.probes
-            if probes is None:
-                continue
+            # processes be probed first (a quiet moment, looked for again before
+            # each library's detach), exited ones can wait
             for path in paths:
+                self._wait_quiet(queued + DETACH_WAIT_MAX_S)
+                probes = self.probes
+                if probes is None:
+                    break
                 probes.detach(path, pid)
+
+    def _wait_quiet(self, deadline: float) -> None:
+        while (not self._stop.is_set() and time.monotonic() < deadline
+               and time.monotonic() - self._last_notice_monotonic < DETACH_QUIET_S):
+            self._stop.wait(DETACH_QUIET_S)
 
     # -- threads -----------------------------------------------------------------
 
@@ -646,11 +655,10 @@ class PlaintextMonitor:
             elif ev.kind == "bind":
                 self._remember_binding(ev.tgid, ev.ssl_ptr, ev.fd)
             elif ev.kind in ("exec", "exit") and not self.select_all:
-                if ev.kind == "exec":
-                    self._last_exec_monotonic = time.monotonic()
+                self._last_notice_monotonic = time.monotonic()
                 self._work.put((ev.kind, ev.tgid, ev.ts_ns))
             elif ev.kind == "mmap":
-                self._last_exec_monotonic = time.monotonic()  # attaches first
+                self._last_notice_monotonic = time.monotonic()  # attaches first
                 self._work.put(("mmap", ev.tgid, ev.ts_ns))
         except Exception:  # noqa: BLE001 - one bad write must not stop the drain
             self.counters["inspection_errors"] += 1

@@ -64,9 +64,13 @@ plaintext:
   streams: {{exchange_timeout_s: {TIMEOUT_S}}}
 """
 
-# argv[1]: JSON [[host, method, target, body, status], ...]; status -1: never answered
+# argv[1]: JSON [[host, method, target, body, status], ...]; status -1: never answered.
+# Each client calls only once told that it is probed (`go`): the exec-to-probe
+# race is test_plaintext_tls's subject, counting the calls is this file's
+GATE = 'print("started", flush=True); sys.stdin.readline()'
 REQUESTS_CLIENT = f"""
 import json, sys, requests, urllib3
+{GATE}
 urllib3.disable_warnings()
 with requests.Session() as s:
     for host, method, target, body, status in json.loads(sys.argv[1]):
@@ -82,6 +86,7 @@ print("ok")
 """
 HTTP_CLIENT = f"""
 import http.client, json, ssl, sys
+{GATE}
 c = http.client.HTTPSConnection("{CRM_IP}", 443, context=ssl._create_unverified_context(),
                                 timeout=10)
 for host, method, target, body, status in json.loads(sys.argv[1]):
@@ -93,6 +98,7 @@ print("ok")
 """
 HTTPX_CLIENT = f"""
 import httpx, json, sys
+{GATE}
 with httpx.Client(http2=True, verify=False, timeout=10) as c:
     for host, method, target, body, status in json.loads(sys.argv[1]):
         r = c.request(method, "https://{CRM_IP}" + target, content=body.encode() or None,
@@ -151,12 +157,13 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 def client(lab: dict[str, Any], mon: PlaintextMonitor, code: str, calls: str) -> None:
     p = subprocess.Popen(in_cgroup(lab["mount"], CGROUP, [*py(code), calls]), cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     try:
+        assert p.stdout is not None and p.stdout.readline() == "started\n"
         wait_probed(mon, p.pid)
     finally:
-        out, err = p.communicate(timeout=60)
+        out, err = p.communicate("go\n", timeout=60)
     assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
 
 
