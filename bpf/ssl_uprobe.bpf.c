@@ -57,6 +57,7 @@ BPF_TABLE("hash", __u32, __u8, lt_ssl_pids, LT_SSL_PIDS_MAX);
 #endif
 #define LT_PROT_EXEC 0x4
 #define LT_MAP_ANONYMOUS 0x20
+#define LT_CLONE_THREAD 0x10000
 #define LT_NSEC_PER_SEC 1000000000ULL
 /* Chunks wake the controller at most this often per CPU: one wakeup (two
  * context switches and a poll) per event cost the writer more than the
@@ -627,6 +628,36 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 	if (ssl_emit(e, LT_SSL_LOSS_NOTIFY) == 0)
 		ssl_stat_inc(LT_SSL_CNT_EXEC);
+	return 0;
+}
+
+/**
+ * A selected process made a new process (a fork, not a thread): the child maps
+ * its parent's libraries but carries none of its probes (a per-pid uprobe
+ * fires only in its own process's memory), so it is reported like an exec
+ * instead of waiting for the rescan. Its mmaps and exit are reported from now on.
+ */
+TRACEPOINT_PROBE(task, task_newtask)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u32 child = (__u32)args->pid;
+	__u8 one = 1;
+
+	if ((args->clone_flags & LT_CLONE_THREAD) || !lt_ssl_pids.lookup(&tgid))
+		return 0;
+	/* fork storms are rate limited like execs, per parent */
+	if (!ssl_rate_allowed(tgid))
+		return 0;
+	lt_ssl_pids.update(&child, &one);
+	struct lt_ssl_event *e = ssl_event_init(LT_SSL_EV_FORK, 0, -1);
+	if (!e) {
+		ssl_stat_inc(LT_SSL_LOSS_NOTIFY);
+		return 0;
+	}
+	e->pid = child;
+	e->tgid = child;
+	if (ssl_emit(e, LT_SSL_LOSS_NOTIFY) == 0)
+		ssl_stat_inc(LT_SSL_CNT_FORK);
 	return 0;
 }
 

@@ -703,6 +703,7 @@ enum lt_ssl_stat {
 	LT_SSL_CNT_GO_FD,           /* a Go Conn's socket fd read from its net.TCPConn */
 	LT_SSL_LOSS_GO_FD,          /* a Go Conn's fd unreadable: learned from the send instead */
 	LT_SSL_LOSS_GO_UNMATCHED,   /* a Go Read returned without its call seen (or evicted) */
+	LT_SSL_CNT_FORK,            /* fork notifications of selected processes delivered */
 	LT_SSL_STAT_MAX,
 };
 
@@ -724,6 +725,7 @@ enum lt_ssl_event_kind {
 	LT_SSL_EV_EXIT = 4,         /* a selected process exited: detach its probes */
 	LT_SSL_EV_MMAP = 5,         /* a process mapped a file executable: look for libssl */
 	LT_SSL_EV_READ = 6,         /* one chunk of what one SSL_read/SSL_read_ex returned */
+	LT_SSL_EV_FORK = 7,         /* a selected process made a process (tgid: the child) */
 };
 
 /* Direction of a connection's plaintext: lt_ssl_key.dir, and an event's kind

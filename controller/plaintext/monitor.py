@@ -8,19 +8,21 @@ its tenant, environment and destination. Findings go to `on_finding`
 (analytics.alerts.Finding), bulk-export calls to `on_audit` (BulkAudit).
 
 Picking up new processes: the sched_process_exec tracepoint reports every
-exec (a few per second on a node; each costs one ring-buffer record), and the
-attach runs on a worker thread at once, before a typical client has loaded
-its TLS library. A periodic /proc rescan (plaintext.rescan_interval_s)
-catches processes that changed cgroup or uid without exec and any exec
-notice that was lost; selected processes' maps are re-read every
-MAPS_RESCAN_S for libssl copies loaded later (dlopen). A TLS library is any
-file mapped executable that defines SSL_write/SSL_write_ex, whatever its
-name; the sys_exit_mmap tracepoint reports new executable mappings (of
-probed processes, or of every process with `select: all`) so a library
-loaded later is probed at once, not on the next rescan. A selected process
-whose executable is a Go program is probed in it (golang.py: crypto/tls's
-Write and Read from the binary's own tables; ssl_go.bpf.c); one whose tables
-are gone is kept in `go_processes` with its reason for the coverage report.
+exec (a few per second on a node; each costs one ring-buffer record), and
+task_newtask every process a probed process forks (a pre-fork server's
+workers, a child sent to do the upload); the attach runs on a worker thread at
+once, before a typical client has loaded its TLS library. A periodic /proc
+rescan (plaintext.rescan_interval_s) catches processes that changed cgroup or
+uid without exec and any notice that was lost; selected processes' maps are
+re-read every MAPS_RESCAN_S for libssl copies loaded later (dlopen). A TLS
+library is any file mapped executable that defines SSL_write/SSL_write_ex,
+whatever its name; the sys_exit_mmap tracepoint reports new executable
+mappings (of probed processes, or of every process with `select: all`) so a
+library loaded later is probed at once, not on the next rescan. A selected
+process whose executable is a Go program is probed in it (golang.py:
+crypto/tls's Write and Read from the binary's own tables; ssl_go.bpf.c); one
+whose tables are gone is kept in `go_processes` with its reason for the
+coverage report.
 
 Coverage: the kernel sends each write in chunks with their offsets and adds
 every byte it could not deliver to lt_ssl_lost (per connection and reason),
@@ -130,7 +132,7 @@ REMEDIES = {
     "ssl_loss_lost_record": "a connection's lost bytes could not be recorded (map full)",
     "ssl_loss_read_user": "plaintext not readable (paged out); the write is seen without content",
     "ssl_loss_bind_event": "a connection's socket binding was lost; its next write retries",
-    "ssl_loss_notify": "an exec/exit notice was lost; the periodic rescan catches up",
+    "ssl_loss_notify": "an exec/fork/exit/mmap notice was lost; the periodic rescan catches up",
     "ssl_loss_bind_giveup": "a memory-BIO write was not followed by a TLS send",
     "ssl_loss_read_unmatched": "an SSL_read returned without its call seen (probed mid-call, "
     "or more threads in SSL_read than plaintext.threads_max): that answer is not paired",
@@ -654,9 +656,12 @@ class PlaintextMonitor:
                 self._on_write(ev)
             elif ev.kind == "bind":
                 self._remember_binding(ev.tgid, ev.ssl_ptr, ev.fd)
-            elif ev.kind in ("exec", "exit") and not self.select_all:
+            elif ev.kind in ("exec", "exit", "fork") and not self.select_all:
                 self._last_notice_monotonic = time.monotonic()
-                self._work.put((ev.kind, ev.tgid, ev.ts_ns))
+                # a forked child is judged as a fresh program would be (its probes
+                # are per process: none of its parent's fires in its memory)
+                what = "exec" if ev.kind == "fork" else ev.kind
+                self._work.put((what, ev.tgid, ev.ts_ns))
             elif ev.kind == "mmap":
                 self._last_notice_monotonic = time.monotonic()  # attaches first
                 self._work.put(("mmap", ev.tgid, ev.ts_ns))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from leaktap.controller.plaintext.monitor import PlaintextMonitor
 from tests.netlab import make_cert, veth_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
+logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 HOST_IP, CRM_IP = "198.18.60.1", "198.18.60.2"
@@ -524,8 +526,6 @@ def test_raw_secrets_reach_no_database_log_sink_or_audit(lab, monitor, collected
                                                          caplog):
     """Redaction guarantee: the token, canary and SSN the clients send appear in
     none of the SQLite files, the log output, the sinks' payloads or the audit records."""
-    import logging
-
     from leaktap.analytics.alerts import AlertManager, SinkRoute
     from leaktap.analytics.outbox import OutboxDispatcher
     from leaktap.analytics.sinks import build_sink
@@ -597,3 +597,70 @@ sinks:
                 at = content.find(form.encode())
                 context = content[max(0, at - 300) : at + 80]
                 assert at < 0, f"{value!r} found in the {where}: {context!r}"
+
+
+FORK = """
+import os, socket, ssl, sys, threading
+print("started", flush=True)
+sys.stdin.readline()  # the parent is probed
+threading.Thread(target=lambda: None).start()  # a thread is no new process: no notice
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(w)
+    os.read(r, 1)  # the test says go once the child is probed
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with ctx.wrap_socket(socket.create_connection(("{ip}", 443)),
+                         server_hostname="acme.my.salesforce.com") as tls:
+        body = b'{{"Description": "{canary}"}}'
+        tls.sendall(b"POST /services/data/v59.0/sobjects/Note HTTP/1.1\\r\\n"
+                    b"Host: acme.my.salesforce.com\\r\\nContent-Length: %d\\r\\n\\r\\n"
+                    % len(body) + body)
+        ok = b"200" in tls.recv(4096)
+    os._exit(0 if ok else 3)
+os.close(r)
+print(child, flush=True)
+sys.stdin.readline()
+os.write(w, b"g")
+_, status = os.waitpid(child, 0)
+print(status, flush=True)
+"""
+
+
+def test_a_forked_child_is_probed_on_its_fork_not_at_the_rescan(lab):
+    """A probed process forks a child that uploads (a pre-fork worker, or a child
+    sent to evade): the child shares no probe of its parent (a per-pid uprobe
+    fires in its own process's memory only), so the fork is reported by the
+    kernel and the child probed at once; the rescan is an hour away here."""
+    config = lab_config(lab, CONFIG.replace("  max_bytes: 4096",
+                                            "  max_bytes: 4096\n  rescan_interval_s: 3600"),
+                        "fork.db")
+    with running_monitor(lab, config) as (mon, got):
+        before = mon.kernel_stats()
+        proc = subprocess.Popen(
+            in_cgroup(lab["mount"], "lt-pt-acme", py(FORK.format(ip=CRM_IP, canary=CANARY))),
+            cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            assert proc.stdout.readline() == b"started\n"
+            wait_probed(mon, proc.pid)
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            child = int(proc.stdout.readline())
+            forked = time.monotonic()
+            wait_probed(mon, child, timeout=3)
+            logger.warning("fork -> child probed within %.1f ms",
+                           (time.monotonic() - forked) * 1000)
+            proc.stdin.write(b"go\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline() == b"0\n"
+            (f,) = got.finding("canary_token")
+        finally:
+            _, err = proc.communicate(b"", timeout=30)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        assert f.tenant == "acme" and f.evidence["pid"] == child
+        after = mon.kernel_stats()
+        assert after["ssl_cnt_fork"] - before.get("ssl_cnt_fork", 0) == 1  # not the thread
+        assert mon.counters["rescans"] == 1  # the one at start
