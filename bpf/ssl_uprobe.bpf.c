@@ -296,7 +296,6 @@ static __always_inline int ssl_emit(struct lt_ssl_event *e, __u32 loss)
 static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __u32 dir)
 {
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)pid_tgid;
 	struct lt_ssl_key key = {};
 	struct lt_ssl_sock *sock;
 	__s32 fd = -1;
@@ -307,13 +306,6 @@ static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __
 	sock = lt_ssl_fds.lookup(&key);
 	if (sock)
 		fd = sock->fd;
-	/* a binding learned from a send can go stale when the SSL object's
-	 * memory is reused for another connection: confirm it on every write */
-	if (dir == LT_SSL_DIR_WRITE && (!sock || !sock->via_set_fd)) {
-		struct lt_ssl_pending p = { .ssl_ptr = ssl };
-
-		lt_ssl_pend.update(&tid, &p);
-	}
 	if (len == 0) {
 		ssl_stat_inc(LT_SSL_CNT_EMPTY);
 		return 0;
@@ -411,10 +403,93 @@ static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __
 	return 0;
 }
 
-/* one SSL_write/SSL_write_ex call (also ssl_go.bpf.c's tls.Conn.Write) */
+/**
+ * ssl_write_pending - a write on @ssl is starting on this thread
+ * Its socket is learned from the send syscall it makes (ssl_send_seen) unless
+ * SSL_set_fd told it; a binding learned from a send can go stale when the SSL
+ * object's memory is reused for another connection: confirm it on every write.
+ */
+static __always_inline void ssl_write_pending(__u64 ssl)
+{
+	struct lt_ssl_key key = { .ssl_ptr = ssl, .tgid = bpf_get_current_pid_tgid() >> 32 };
+	struct lt_ssl_sock *sock = lt_ssl_fds.lookup(&key);
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	if (!sock || !sock->via_set_fd) {
+		struct lt_ssl_pending p = { .ssl_ptr = ssl };
+
+		lt_ssl_pend.update(&tid, &p);
+	}
+}
+
+/* one write captured at its entry: ssl_go.bpf.c's tls.Conn.Write (Go has no
+ * want-write retries, and a return probe must not be put in a Go function) */
 static __always_inline int ssl_write_common(__u64 ssl, const void *buf, __u64 len)
 {
+	ssl_write_pending(ssl);
 	return ssl_capture(ssl, buf, len, LT_SSL_DIR_WRITE);
+}
+
+/* ---- OpenSSL writes: entry remembers the call, the return captures what it wrote.
+ * A call that returns "want write" (or "want read", as Node's during a
+ * handshake) wrote nothing and is retried with the same buffer: captured at
+ * the entry, each try would send the bytes again; captured at the return,
+ * only the try that wrote counts, and only the bytes it wrote. */
+
+/* thread (pid_tgid) -> its SSL_write/SSL_write_ex call in progress */
+BPF_TABLE("lru_hash", __u64, struct lt_ssl_write_call, lt_ssl_writes, LT_SSL_THREADS_MAX);
+
+static __always_inline int ssl_write_enter(struct pt_regs *ctx, __u64 len, __u64 written)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct lt_ssl_write_call call = {
+		.ssl_ptr = PT_REGS_PARM1(ctx),
+		.buf = PT_REGS_PARM2(ctx),
+		.len = len,
+		.written = written,
+	};
+
+	ssl_write_pending(call.ssl_ptr);
+	lt_ssl_writes.update(&pid_tgid, &call);
+	return 0;
+}
+
+/**
+ * ssl_write_done - capture @n bytes of the thread's write call recorded at entry
+ * A write of nothing (want read/write, an error) is counted; one whose entry
+ * was not seen (probed mid-call, evicted) is counted as a loss.
+ */
+static __always_inline int ssl_write_done(__s64 n, int from_written)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct lt_ssl_write_call *c = lt_ssl_writes.lookup(&pid_tgid);
+	struct lt_ssl_write_call call;
+	__u64 wrote = 0;
+
+	if (!c) {
+		ssl_stat_inc(LT_SSL_LOSS_WRITE_UNMATCHED);
+		return 0;
+	}
+	call = *c;
+	lt_ssl_writes.delete(&pid_tgid);
+	if (call.len == 0) {  /* a write of 0 bytes (or a negative length) */
+		ssl_stat_inc(LT_SSL_CNT_EMPTY);
+		return 0;
+	}
+	if (from_written) {
+		if (n == 1 && call.written &&
+		    bpf_probe_read_user(&wrote, sizeof(wrote), (const void *)call.written) != 0)
+			wrote = 0;
+	} else if (n > 0) {
+		wrote = (__u64)n;
+	}
+	if (wrote == 0) {
+		ssl_stat_inc(LT_SSL_CNT_WRITE_NOTHING);
+		return 0;
+	}
+	if (wrote > call.len)  /* never more than the buffer it was given */
+		wrote = call.len;
+	return ssl_capture(call.ssl_ptr, (const void *)call.buf, wrote, LT_SSL_DIR_WRITE);
 }
 
 /* int SSL_write(SSL *ssl, const void *buf, int num) */
@@ -423,16 +498,27 @@ int lt_ssl_write(struct pt_regs *ctx)
 	int num = (int)PT_REGS_PARM3(ctx);
 
 	/* a negative num is an error in OpenSSL; nothing is written */
-	return ssl_write_common(PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
-				num > 0 ? (__u64)num : 0);
+	return ssl_write_enter(ctx, num > 0 ? (__u64)num : 0, 0);
 }
 
 /* int SSL_write_ex(SSL *s, const void *buf, size_t num, size_t *written) */
 int lt_ssl_write_ex(struct pt_regs *ctx)
 {
-	return ssl_write_common(PT_REGS_PARM1(ctx), (const void *)PT_REGS_PARM2(ctx),
-				PT_REGS_PARM3(ctx));
+	return ssl_write_enter(ctx, PT_REGS_PARM3(ctx), PT_REGS_PARM4(ctx));
 }
+
+/* SSL_write returned: > 0 is the bytes written; <= 0 nothing (want read/write, error) */
+int lt_ssl_write_ret(struct pt_regs *ctx)
+{
+	return ssl_write_done((__s64)(int)PT_REGS_RC(ctx), 0);
+}
+
+/* SSL_write_ex returned: 1 with *written bytes written, 0 on failure */
+int lt_ssl_write_ex_ret(struct pt_regs *ctx)
+{
+	return ssl_write_done((__s64)(int)PT_REGS_RC(ctx), 1);
+}
+/* ---- end of OpenSSL writes ---- */
 
 /* int SSL_set_fd(SSL *s, int fd): the socket is known before any write */
 int lt_ssl_set_fd(struct pt_regs *ctx)

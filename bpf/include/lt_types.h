@@ -675,7 +675,7 @@ struct lt_sni_scratch {
 
 /* Index of lt_ssl_stats (per-CPU, monotonic), exported as ssl_<name>. */
 enum lt_ssl_stat {
-	LT_SSL_CNT_WRITE = 0,       /* SSL_write/SSL_write_ex calls probed */
+	LT_SSL_CNT_WRITE = 0,       /* SSL_write/SSL_write_ex calls that wrote (Go: calls) */
 	LT_SSL_CNT_EVENT,           /* plaintext events delivered */
 	LT_SSL_CNT_BIND,            /* SSL object -> fd bindings learned from a send syscall */
 	LT_SSL_CNT_SET_FD,          /* SSL_set_fd calls probed */
@@ -704,6 +704,9 @@ enum lt_ssl_stat {
 	LT_SSL_LOSS_GO_FD,          /* a Go Conn's fd unreadable: learned from the send instead */
 	LT_SSL_LOSS_GO_UNMATCHED,   /* a Go Read returned without its call seen (or evicted) */
 	LT_SSL_CNT_FORK,            /* fork notifications of selected processes delivered */
+	LT_SSL_CNT_WRITE_NOTHING,   /* SSL_write calls that wrote nothing (want read/write:
+	                             * retried with the same buffer; or an error) */
+	LT_SSL_LOSS_WRITE_UNMATCHED, /* a write returned without its call seen (or evicted) */
 	LT_SSL_STAT_MAX,
 };
 
@@ -749,6 +752,15 @@ struct lt_ssl_read_call {
 	__u64 ssl_ptr;
 	__u64 buf;                  /* the caller's buffer: filled when the call returns */
 	__u64 readbytes;            /* SSL_read_ex's size_t *readbytes; 0 for SSL_read */
+};
+
+/* Value of lt_ssl_writes (key: pid_tgid): an SSL_write/SSL_write_ex call between
+ * its entry and its return, where its bytes are captured (as many as it wrote). */
+struct lt_ssl_write_call {
+	__u64 ssl_ptr;
+	__u64 buf;                  /* the caller's buffer */
+	__u64 len;                  /* bytes asked to write */
+	__u64 written;              /* SSL_write_ex's size_t *written; 0 for SSL_write */
 };
 
 /* Value of lt_ssl_fds. */

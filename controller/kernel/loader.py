@@ -595,6 +595,8 @@ SSL_SYMBOLS = {
 SSL_RETURN_PROBES = {
     "SSL_read": "lt_ssl_read_ret",
     "SSL_read_ex": "lt_ssl_read_ex_ret",
+    "SSL_write": "lt_ssl_write_ret",
+    "SSL_write_ex": "lt_ssl_write_ex_ret",
 }
 RETURN_LABEL = ":return"  # a hooked symbol's return probe, in SslProbes.attached
 # Go probe label (controller/plaintext/golang.py; before any "@") -> program

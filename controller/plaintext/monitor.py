@@ -137,6 +137,8 @@ REMEDIES = {
     "ssl_loss_read_unmatched": "an SSL_read returned without its call seen (probed mid-call, "
     "or more threads in SSL_read than plaintext.threads_max): that answer is not paired",
     "ssl_loss_read_length": "SSL_read_ex's byte count was unreadable: that read is unseen",
+    "ssl_loss_write_unmatched": "an SSL_write returned without its call seen (probed mid-call, "
+    "or more threads in SSL_write than plaintext.threads_max): that write is not inspected",
     "ssl_loss_go_fd": "a Go tls.Conn's socket was not readable from its net.Conn (not TCP, "
     "or a Go struct layout not known): it is learned from the write's send syscall",
     "ssl_loss_go_unmatched": "a Go Read returned without its call seen (probed mid-call, or "

@@ -46,6 +46,7 @@ def current_layouts(probes: Any, ssl: Any) -> dict[str, dict[str, Any]]:
         "lt_ssl_sock": layout(ssl.table("lt_ssl_fds").Leaf),
         "lt_ssl_pending": layout(ssl.table("lt_ssl_pend").Leaf),
         "lt_ssl_read_call": layout(ssl.table("lt_ssl_reads").Leaf),
+        "lt_ssl_write_call": layout(ssl.table("lt_ssl_writes").Leaf),
         "lt_ssl_budget": layout(ssl.table("lt_ssl_budget").Leaf),
         "lt_ssl_lost": layout(ssl.table("lt_ssl_lost").Leaf),
         "lt_ssl_plan": layout(ssl.table("lt_ssl_plan").sLeaf),  # per-CPU

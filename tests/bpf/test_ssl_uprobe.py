@@ -102,6 +102,58 @@ def run(probes: SslProbes, proc: subprocess.Popen[str]) -> tuple[list[SslEvent],
     return [e for e in events if e.tgid == proc.pid and e.kind == "write"], stats
 
 
+# a write tried before the handshake is done wants to read (as Node's first request
+# does): it wrote nothing, and the same buffer is written again once the handshake is
+RETRY = """
+import ssl, subprocess, sys, tempfile
+d = tempfile.mkdtemp()
+subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                "-subj", "/CN=t", "-keyout", d + "/k", "-out", d + "/c"], check=True,
+               capture_output=True)
+sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); sctx.load_cert_chain(d + "/c", d + "/k")
+cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); cctx.check_hostname = False
+cctx.verify_mode = ssl.CERT_NONE
+c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+cli = cctx.wrap_bio(c_in, c_out); srv = sctx.wrap_bio(s_in, s_out, server_side=True)
+print("ready", flush=True)
+sys.stdin.readline()
+data = bytes((65 + j * 7) % 251 for j in range(int(sys.argv[2])))
+try:
+    cli.write(data)
+    sys.exit("wrote before the handshake")
+except ssl.SSLWantReadError:
+    pass
+for _ in range(10):
+    s_in.write(c_out.read()); c_in.write(s_out.read())
+    for side in (cli, srv):
+        try:
+            side.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+assert cli.write(data) == len(data)
+print("done", flush=True)
+"""
+
+
+def test_a_write_retried_after_wanting_to_read_is_captured_once():
+    probes = load_ssl(SslOptions(snap_bytes=4096, events_per_sec=1000))
+    p = subprocess.Popen([sys.executable, "-c", RETRY, "1", "10000"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        events, stats = run(probes, p)
+    finally:
+        p.kill()
+        p.wait()
+        probes.close()
+    # the try that wanted to read wrote nothing: one write, captured once, whole
+    assert (stats["ssl_cnt_write"], stats["ssl_cnt_write_nothing"]) == (1, 1)
+    assert [e.data_off for e in events] == [0, 4096, 8192]
+    assert b"".join(e.data for e in events) == pattern(0, 10_000)
+    assert stats["ssl_cnt_bytes_written"] == stats["ssl_cnt_bytes_captured"] == 10_000
+    assert stats["ssl_loss_write_unmatched"] == 0
+
+
 def test_writes_beyond_the_budget_are_dropped_and_every_byte_counted(child):
     probes = load_ssl(SslOptions(snap_bytes=64, events_per_sec=10))
     try:
