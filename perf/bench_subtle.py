@@ -16,6 +16,11 @@ before the held-out seeds 401-410 were evaluated, once; figures from the same ev
   short_burst 0.98, batch_more 1.00, batch_longer 0.98, false 0.030 per tenant-week,
   burst median 3 min (p90 4); scale_alpha 1e-5 / 1e-4 / 1e-3: false 0.018 / 0.030 / 0.048,
   drips 0.62 / 0.64 / 0.72, bursts 0.94 / 0.98 / 0.98.
+  held-out 501-510 (fourth round, looked at once; no detection change since 401-410):
+  slow_drip 0.72 (1.30-1.45x 7/15, 1.45-1.60x 13/15, 1.60-1.80x 16/20), short_burst 0.84,
+  batch_more 1.00, batch_longer 0.93, false 0.028, burst median 3 min (p90 4); scale_alpha
+  1e-4 / 3e-4 / 1e-3: false 0.028 / 0.028 / 0.043, drips 0.72 / 0.72 / 0.78, bursts 0.84 /
+  0.88 / 0.88.
   tuning 201-208, 211-214: slow_drip 0.78, short_burst 0.92, batch_more 1.00, batch_longer
   0.96, false 0.029, burst median 2 min. Before this round (201-204): drips 0.40, bursts
   0.80, batch_more 0.45, batch_longer 1.00, false 0.044.

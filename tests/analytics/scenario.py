@@ -288,9 +288,10 @@ def generate(
                         length += BATCH_LONGER_MINUTES
                     elif odd:
                         factor = odd[0][4]
-                    span = slice(start, start + length)
-                    push = factor * tenant.batch[3] * weekday_noon[span] * np.exp(
-                        rng.normal(0, 0.2, length))
+                    # a batch late in the last week may run past the end of the run
+                    span = slice(start, min(start + length, minutes))
+                    jitter = rng.normal(0, 0.2, length)[:span.stop - start]
+                    push = factor * tenant.batch[3] * weekday_noon[span] * np.exp(jitter)
                     out[span] += push
                     inb[span] += 0.3 * push
                     if odd:

@@ -23,9 +23,9 @@ pytestmark = pytest.mark.kernel
 
 LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
 
-# client and server SSLObjects in one process, handshaking through memory BIOs;
-# waits for a line, then makes `count` writes of `size` bytes (pattern(i, size))
-WRITER = """
+# client and server SSLObjects in one process, connected through memory BIOs
+# (no network); handshake() pumps the BIOs until both sides are done
+OBJECTS = """
 import ssl, subprocess, sys, tempfile, os
 d = tempfile.mkdtemp()
 subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
@@ -36,13 +36,18 @@ cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); cctx.check_hostname = False
 cctx.verify_mode = ssl.CERT_NONE
 c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
 cli = cctx.wrap_bio(c_in, c_out); srv = sctx.wrap_bio(s_in, s_out, server_side=True)
-for _ in range(10):
-    for side in (cli, srv):
-        try:
-            side.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
-    s_in.write(c_out.read()); c_in.write(s_out.read())
+def handshake():
+    for _ in range(10):
+        s_in.write(c_out.read()); c_in.write(s_out.read())
+        for side in (cli, srv):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+"""
+# handshakes, waits for a line, then makes `count` writes of `size` bytes (pattern(i, size))
+WRITER = OBJECTS + """
+handshake()
 print("ready", flush=True)
 sys.stdin.readline()
 count, size = int(sys.argv[1]), int(sys.argv[2])
@@ -104,17 +109,7 @@ def run(probes: SslProbes, proc: subprocess.Popen[str]) -> tuple[list[SslEvent],
 
 # a write tried before the handshake is done wants to read (as Node's first request
 # does): it wrote nothing, and the same buffer is written again once the handshake is
-RETRY = """
-import ssl, subprocess, sys, tempfile
-d = tempfile.mkdtemp()
-subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                "-subj", "/CN=t", "-keyout", d + "/k", "-out", d + "/c"], check=True,
-               capture_output=True)
-sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); sctx.load_cert_chain(d + "/c", d + "/k")
-cctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); cctx.check_hostname = False
-cctx.verify_mode = ssl.CERT_NONE
-c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
-cli = cctx.wrap_bio(c_in, c_out); srv = sctx.wrap_bio(s_in, s_out, server_side=True)
+RETRY = OBJECTS + """
 print("ready", flush=True)
 sys.stdin.readline()
 data = bytes((65 + j * 7) % 251 for j in range(int(sys.argv[2])))
@@ -123,13 +118,7 @@ try:
     sys.exit("wrote before the handshake")
 except ssl.SSLWantReadError:
     pass
-for _ in range(10):
-    s_in.write(c_out.read()); c_in.write(s_out.read())
-    for side in (cli, srv):
-        try:
-            side.do_handshake()
-        except ssl.SSLWantReadError:
-            pass
+handshake()
 assert cli.write(data) == len(data)
 print("done", flush=True)
 """

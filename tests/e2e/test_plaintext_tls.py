@@ -2,6 +2,11 @@
 HTTP/2, curl, openssl s_client) in tenant cgroups talk to a local TLS server
 posing as a CRM; the monitor's uprobes see their writes and each case yields
 its finding or audit record with the right tenant and CRM instance within 5 s.
+
+A process is probed tens of milliseconds after its exec (or fork); a client that
+writes sooner is not seen. The Python clients here call only once probed
+(run_probed), curl runs behind a launcher that waits before exec'ing into it,
+so a loaded machine cannot make these tests race the attach.
 """
 
 from __future__ import annotations
@@ -84,6 +89,22 @@ def run(argv: list[str], stdin: bytes | None = None, timeout: float = 30) -> str
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr.decode(errors="replace")[-2000:]
     return out.stdout.decode(errors="replace")
+
+
+def run_probed(mon: Any, argv: list[str], timeout: float = 30) -> str:
+    """Run a client that prints `started` and waits for a line; it is told to go once
+    `mon` has probed it. A fresh process is probed tens of ms after its exec, before a
+    Python client has imported its HTTP library, but a loaded machine can take longer:
+    these tests are about what the monitor makes of the writes, not that race."""
+    p = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"started\n"
+        wait_probed(mon, p.pid)
+    finally:
+        out, err = p.communicate(b"go\n", timeout=timeout)
+    assert p.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode(errors="replace")
 
 
 class Collected:
@@ -181,9 +202,12 @@ def collected(monitor: tuple[PlaintextMonitor, Collected]) -> Collected:
     return monitor[1]
 
 
+# the clients call only once told that they are probed (run_probed)
+GATE = 'print("started", flush=True); sys.stdin.readline()'
 REQUESTS = """
 import requests, urllib3, sys, json
 urllib3.disable_warnings()
+""" + GATE + """
 r = requests.request({method!r}, "https://{ip}{path}", data={body!r},
                      headers={headers!r}, verify=False, timeout=10)
 assert r.status_code == 200, r.status_code
@@ -191,6 +215,7 @@ assert r.status_code == 200, r.status_code
 
 HTTPX = """
 import httpx, sys
+""" + GATE + """
 with httpx.Client(http2={h2}, verify=False, timeout=10) as c:
     r = c.request({method!r}, "https://{ip}{path}", content={body!r}, headers={headers!r})
     assert r.status_code == 200 and r.http_version == {version!r}, (r.status_code, r.http_version)
@@ -210,9 +235,10 @@ def httpx_client(method: str, path: str, body: bytes, headers: dict[str, str],
 SF = {"Host": "acme.my.salesforce.com"}
 
 
-def test_bulk2_ingest_job_with_requests_is_audited_and_alerts(lab, collected):
+def test_bulk2_ingest_job_with_requests_is_audited_and_alerts(lab, monitor, collected):
+    mon, _ = monitor
     body = json.dumps({"object": "Account", "operation": "insert"}).encode()
-    run(in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
+    run_probed(mon, in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
         "POST", "/services/data/v59.0/jobs/ingest", body,
         {**SF, "Content-Type": "application/json", "Authorization": f"Bearer {TOKEN}"})))
 
@@ -226,9 +252,10 @@ def test_bulk2_ingest_job_with_requests_is_audited_and_alerts(lab, collected):
     assert (f.tenant, f.crm_instance, f.severity) == ("acme", "acme", "high")
 
 
-def test_hubspot_export_over_http2_with_httpx_is_audited_as_allowed(lab, collected):
+def test_hubspot_export_over_http2_with_httpx_is_audited_as_allowed(lab, monitor, collected):
+    mon, _ = monitor
     body = json.dumps({"exportType": "VIEW", "format": "CSV"}).encode()
-    run(in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
+    run_probed(mon, in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
         "POST", "/crm/v3/exports/export/async", body,
         {"Host": "api.hubapi.com", "Content-Type": "application/json"}, h2=True)))
 
@@ -267,12 +294,13 @@ def test_canary_in_json_and_in_base64_with_curl(lab, collected):
     assert f.evidence["comm"] == "curl"
 
 
-def test_must_be_encrypted_field_in_clear_alerts_and_encrypted_does_not(lab, collected):
+def test_must_be_encrypted_field_in_clear_alerts_and_encrypted_does_not(lab, monitor, collected):
+    mon, _ = monitor
     path = "/services/data/v59.0/sobjects/Contact/003ACME"
     enc = "enc:v1:" + base64.b64encode(os.urandom(24)).decode()
     for value in (enc, SSN):
         body = json.dumps({"LastName": "Doe", "SSN__c": value}).encode()
-        run(in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
+        run_probed(mon, in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
             "PATCH", path, body, {**SF, "Content-Type": "application/json"})))
 
     (f,) = collected.finding("unencrypted_field")
@@ -281,11 +309,12 @@ def test_must_be_encrypted_field_in_clear_alerts_and_encrypted_does_not(lab, col
     assert f.evidence["excerpt"] == '"SSN__c": "***-**-**89"'
 
 
-def test_same_bearer_token_from_two_tenants_cgroups(lab, collected):
+def test_same_bearer_token_from_two_tenants_cgroups(lab, monitor, collected):
+    mon, _ = monitor
     headers = {**SF, "Authorization": f"Bearer {TOKEN}"}
-    run(in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
+    run_probed(mon, in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
         "GET", "/services/data/v59.0/limits", b"", headers)))
-    run(in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
+    run_probed(mon, in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
         "GET", "/services/data/v59.0/limits", b"", headers, h2=False)))
 
     (f,) = collected.finding("oauth_token_reuse")
@@ -294,7 +323,8 @@ def test_same_bearer_token_from_two_tenants_cgroups(lab, collected):
     assert f.evidence["excerpt"] == "authorization: Bearer ****9f3a"
 
 
-def test_safetensors_upload_is_a_model_artifact(lab, collected):
+def test_safetensors_upload_is_a_model_artifact(lab, monitor, collected):
+    mon, _ = monitor
     import numpy as np
 
     weights = np.random.default_rng(7).normal(0, 0.02, 8192).astype(np.float16).tobytes()
@@ -302,7 +332,7 @@ def test_safetensors_upload_is_a_model_artifact(lab, collected):
                                                                            len(weights)]}},
                         separators=(",", ":")).encode()
     payload = struct.pack("<Q", len(header)) + header + weights
-    run(in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
+    run_probed(mon, in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
         "POST", "/services/data/v59.0/sobjects/ContentVersion", payload,
         {**SF, "Content-Type": "application/octet-stream"})))
 
@@ -564,9 +594,9 @@ sinks:
             headers = {**SF, "Authorization": f"Bearer {TOKEN2}",
                        "Content-Type": "application/json"}
             body = json.dumps({"SSN__c": SSN, "Note": CANARY}).encode()
-            run(in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
+            run_probed(mon, in_cgroup(lab["mount"], "lt-pt-acme", requests_client(
                 "POST", "/services/data/v59.0/jobs/ingest", body, headers)))
-            run(in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
+            run_probed(mon, in_cgroup(lab["mount"], "lt-pt-globex", httpx_client(
                 "POST", "/services/data/v59.0/jobs/ingest", body, headers, h2=True)))
             kinds = {"canary_token", "oauth_token_reuse", "unencrypted_field", "bulk_export"}
             assert collected.wait(lambda: [1] if kinds <= {f.kind for f in collected.findings}
