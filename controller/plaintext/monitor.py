@@ -109,6 +109,8 @@ DETACH_QUIET_S = 0.5
 # ...but no longer than this after the exit: a node that execs every few hundred
 # ms is never quiet, and each undetached probe is a kernel perf event kept
 DETACH_WAIT_MAX_S = 60.0
+# an exit notice's process is looked at again after these delays until it is gone
+EXIT_RECHECK_S = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BINDINGS_MAX = 65536
 SECRET_BYTES = 32
 SECRET_FILE = "plaintext-hmac.key"
@@ -299,6 +301,7 @@ class PlaintextMonitor:
         # (pid, library paths, when queued)
         self._detach_queue: queue.Queue[tuple[int, list[str], float]] = queue.Queue()
         self._last_notice_monotonic = 0.0
+        self._exit_checks: dict[int, tuple[float, int]] = {}  # pid -> (due, tries), work thread
         self.attach_latency_ms: list[float] = []  # exec -> probes attached, last 100
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -589,7 +592,11 @@ class PlaintextMonitor:
 
     def _work_loop(self) -> None:
         while True:
-            what, pid, ts_ns = self._work.get()
+            try:
+                what, pid, ts_ns = self._work.get(timeout=self._next_exit_check())
+            except queue.Empty:
+                self._recheck_exits()
+                continue
             if what == "stop" or self._stop.is_set():
                 return
             try:
@@ -603,15 +610,37 @@ class PlaintextMonitor:
                     elif info is None:
                         self._unprobe(pid, "gone")
                 elif what == "exit":
-                    info = read_process(pid, self.proc)
-                    if info is None or info.zombie:
-                        self._unprobe(pid, "exited")
+                    self._exit_checks[pid] = (time.monotonic(), 0)
+                    self._recheck_exits()
                 elif what == "mmap":
                     self._on_mapping(pid, ts_ns)
                 if what in ("exec", "mmap") and self.on_process_change is not None:
                     self.on_process_change(pid)
             except Exception:  # noqa: BLE001 - one process must not stop the others
                 logger.exception("handling %s of pid %d", what, pid)
+
+    def _next_exit_check(self) -> float | None:
+        """Seconds until the next exit re-check is due (None: none waiting)."""
+        if not self._exit_checks:
+            return None
+        return max(0.0, min(due for due, _ in self._exit_checks.values()) - time.monotonic())
+
+    def _recheck_exits(self) -> None:
+        """Unprobe the processes whose exit was reported once they are gone or zombies.
+        The notice comes from inside the exit, usually before the process is a zombie:
+        it is looked at again after EXIT_RECHECK_S delays, then left to the rescan."""
+        now = time.monotonic()
+        for pid, (due, tries) in list(self._exit_checks.items()):
+            if due > now:
+                continue
+            info = read_process(pid, self.proc)
+            if info is None or info.zombie:
+                del self._exit_checks[pid]
+                self._unprobe(pid, "exited")
+            elif tries < len(EXIT_RECHECK_S):
+                self._exit_checks[pid] = (now + EXIT_RECHECK_S[tries], tries + 1)
+            else:  # its leader left, its threads did not: the rescan decides
+                del self._exit_checks[pid]
 
     def _on_mapping(self, pid: int, ts_ns: int) -> None:
         """A process mapped a file executable: probe it if it is a TLS library."""

@@ -693,4 +693,8 @@ def test_a_forked_child_is_probed_on_its_fork_not_at_the_rescan(lab):
         assert f.tenant == "acme" and f.evidence["pid"] == child
         after = mon.kernel_stats()
         assert after["ssl_cnt_fork"] - before.get("ssl_cnt_fork", 0) == 1  # not the thread
+        # both are unprobed on their exit notices (the exit is reported from inside it,
+        # before the process is a zombie: looked at again until it is gone)
+        assert got.wait(lambda: [] if {proc.pid, child} & set(mon.probed_pids()) else [1],
+                        timeout=2), mon.probed_pids()
         assert mon.counters["rescans"] == 1  # the one at start
