@@ -611,11 +611,12 @@ class PlaintextMonitor:
                         self._unprobe(pid, "gone")
                 elif what == "exit":
                     self._exit_checks[pid] = (time.monotonic(), 0)
-                    self._recheck_exits()
                 elif what == "mmap":
                     self._on_mapping(pid, ts_ns)
                 if what in ("exec", "mmap") and self.on_process_change is not None:
                     self.on_process_change(pid)
+                if self._exit_checks:  # due ones too when notices never let get() time out
+                    self._recheck_exits()
             except Exception:  # noqa: BLE001 - one process must not stop the others
                 logger.exception("handling %s of pid %d", what, pid)
 
