@@ -193,9 +193,8 @@ class ScaleBank:
     ) -> FloatArray:
         """Keep each window's highest tested score per day; return the bar a score must clear
         by the series' own record: `record_margin` times the highest of the days before
-        today (today's excluded, so an attack building up does not raise its own bar)."""
-        if not self.record_margin:
-            return np.zeros((len(self.windows), 1))
+        today (today's excluded, so an attack building up does not raise its own bar).
+        Called only with a record_margin."""
         day = minute_index // DAY_MINUTES
         days = self.day_max.shape[1]
         if day != self._day:

@@ -233,7 +233,6 @@ def test_a_full_ring_is_counted_and_warned_about(child, caplog):
     assert "ssl_loss_ringbuf_full" in caplog.text and "ring buffer" in caplog.text
 
 
-
 # the plaintext drop-in's capabilities over the base unit's: no CAP_SYS_ADMIN
 UNIT_CAPS = "-all,+bpf,+perfmon,+net_admin,+sys_resource,+sys_ptrace,+dac_read_search"
 UNPRIVILEGED_CAPTURE = f"""
