@@ -224,6 +224,7 @@ class VolumeScorer:
                 vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, vol.scale_level_noise_share,
                 vol.scale_record_margin, by_hour=vol.scale_by_hour,
+                bias_halflife_days=vol.scale_bias_halflife_days,
             ) if vol.scale_enabled else None
         )
         # the share-of-tenant bank: the tenant's common swings cancel, so no level-noise floor
@@ -233,6 +234,7 @@ class VolumeScorer:
                 vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, 0.0,
                 vol.scale_record_margin, by_hour=vol.scale_by_hour,
+                bias_halflife_days=vol.scale_bias_halflife_days,
             ) if vol.scale_enabled and vol.share_enabled else None
         )
         self._share_min_ratio = np.full((len(vol.share_windows_minutes), 1), vol.share_min_ratio)
@@ -441,7 +443,7 @@ class VolumeScorer:
         minute_of_hour = (ts // 60) % MINUTES_PER_HOUR
         batch, batch_score, batch_expected = self._score_batch(x, minute_of_hour, cache, warm)
         bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm, total_of,
-                                (ts // 3600) % 24)
+                                (ts // 900) % 96)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
 
@@ -534,7 +536,7 @@ class VolumeScorer:
     def _score_bank(
         self, x: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
         w: float, cache: _SlotCache, scorable: BoolArray, warm: BoolArray,
-        total_of: IntArray | None, hour_of_day: int,
+        total_of: IntArray | None, block_of_day: int,
     ) -> BankHits | None:
         """One minute of the window bank, on seasonal series only (cold ones have no fit),
         and of the share-of-tenant bank on destinations (merged: the stronger window)."""
@@ -548,9 +550,11 @@ class VolumeScorer:
         residual = (log_x - center) * inv_sigma
         u = np.clip(residual, vol.scale_clip_low, vol.scale_clip_high)
         watched = scorable & cache.seasonal if not cache.all_seasonal else scorable
-        # idle minutes are left out: how often a series idles depends on the hour, and
-        # counting them would move a window's mean with the share of idle minutes in it
-        watched = watched & (x > 0)
+        # Idle minutes count, at the clip's floor (log of the floor alone is far below any
+        # centre), so that a window never falls when bytes are added to any of its minutes:
+        # left out, a minute the series would have idled and a throttled stream fills with
+        # small writes entered the window below its mean and hid the drip. How often a
+        # series idles depends on the hour; the bank's quarter-hour profile takes that out.
         mean = np.maximum(cache.mean_a + w * cache.mean_d, 0.0)
         # the short windows' bytes must beat the neighbouring hours' mean only around a
         # batch (its timing jitter): elsewhere that would hide a burst on a ramp-up hour
@@ -559,18 +563,18 @@ class VolumeScorer:
                               warm & cache.mature,
                               float(vol.min_excess_bytes), self._bank_min_ratio,
                               np.sqrt(cache.spread_level_sq) * inv_sigma,
-                              hour_of_day=hour_of_day)
+                              hour_of_day=block_of_day // 4, block_of_day=block_of_day)
         self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
         if self.share_bank is None or total_of is None:
             return hits
         share_hits = self._score_share(x, log_x, center, inv_sigma, watched, mean,
-                                       cache, warm, total_of)
+                                       cache, warm, total_of, block_of_day)
         return _stronger(hits, share_hits)
 
     def _score_share(
         self, x: FloatArray, log_x: FloatArray, center: FloatArray, inv_sigma: FloatArray,
         watched: BoolArray, mean: FloatArray, cache: _SlotCache, warm: BoolArray,
-        total_of: IntArray,
+        total_of: IntArray, block_of_day: int,
     ) -> BankHits | None:
         """A destination's log residual minus that of the rest of its tenant (the total less
         this destination), in the destination's noise units: whatever moves the whole tenant
@@ -596,7 +600,8 @@ class VolumeScorer:
         # share that rises because the rest of the tenant fell quiet is no exfiltration)
         hits = self.share_bank.step(
             self.minute_index, share, x, mean, cache.hour_mean, share_watched, warm & mature,
-            float(vol.min_excess_bytes), self._share_min_ratio, np.zeros(n))
+            float(vol.min_excess_bytes), self._share_min_ratio, np.zeros(n),
+            hour_of_day=block_of_day // 4, block_of_day=block_of_day)
         self.suspect_hour[:n] |= self.share_bank.suspect_run[:n] > 0
         return hits
 
