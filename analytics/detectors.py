@@ -563,7 +563,7 @@ class VolumeScorer:
                               warm & cache.mature,
                               float(vol.min_excess_bytes), self._bank_min_ratio,
                               np.sqrt(cache.spread_level_sq) * inv_sigma,
-                              hour_of_day=block_of_day // 4, block_of_day=block_of_day)
+                              block_of_day=block_of_day)
         self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
         if self.share_bank is None or total_of is None:
             return hits
@@ -601,7 +601,7 @@ class VolumeScorer:
         hits = self.share_bank.step(
             self.minute_index, share, x, mean, cache.hour_mean, share_watched, warm & mature,
             float(vol.min_excess_bytes), self._share_min_ratio, np.zeros(n),
-            hour_of_day=block_of_day // 4, block_of_day=block_of_day)
+            block_of_day=block_of_day)
         self.suspect_hour[:n] |= self.share_bank.suspect_run[:n] > 0
         return hits
 

@@ -52,6 +52,7 @@ HOURS_PER_DAY = 24
 HOUR_MIN_DAYS = 4  # days an hour-of-day scale learns before it is used
 HOUR_SHARE = 0.5  # an hour-of-day scale is never below this share of the all-day one
 BLOCKS_PER_DAY = DAY_MINUTES // BLOCK
+BLOCKS_PER_HOUR = 60 // BLOCK
 BIAS_PRIOR_MINUTES = 45.0  # a block's bias is shrunk by 45 / (45 + minutes learned): 3 days
 
 
@@ -261,16 +262,17 @@ class ScaleBank:
     def step(
         self, minute_index: int, u: FloatArray, x: FloatArray, expected: FloatArray,
         expected_wide: FloatArray, scorable: BoolArray, warm: BoolArray, min_excess: float,
-        min_ratio: FloatArray, level_noise: FloatArray, hour_of_day: int = 0,
-        block_of_day: int = 0,
+        min_ratio: FloatArray, level_noise: FloatArray, block_of_day: int = 0,
     ) -> BankHits | None:
-        """`expected`: bytes of the minute by the seasonal fit; `expected_wide`: the same
+        """Add minute `minute_index` of series 0..n-1 and test every window ending at it.
+        `expected`: bytes of the minute by the seasonal fit; `expected_wide`: the same
         widened to the neighbouring hours (a batch's timing jitter), which the short windows'
         bytes must beat. `min_ratio`: per window, the least bytes out / expected to page.
         `level_noise`: per series, the fit's hour-to-hour level noise in units of u; the
-        windows of an hour and longer never trust a learned scale below that share of it."""
-        """Add minute `minute_index` of series 0..n-1 and test every window ending at it."""
+        windows of an hour and longer never trust a learned scale below that share of it.
+        `block_of_day`: the minute's quarter hour of the UTC day (its hour: `by_hour`)."""
         n = u.shape[0]
+        hour_of_day = block_of_day // BLOCKS_PER_HOUR
         count = scorable.astype(np.float64)
         if self._alpha_bias:
             u = self._debias(u, count, block_of_day, minute_index % BLOCK == BLOCK - 1)

@@ -411,9 +411,10 @@ static __always_inline int ssl_capture(__u64 ssl, const void *buf, __u64 len, __
  */
 static __always_inline void ssl_write_pending(__u64 ssl)
 {
-	struct lt_ssl_key key = { .ssl_ptr = ssl, .tgid = bpf_get_current_pid_tgid() >> 32 };
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct lt_ssl_key key = { .ssl_ptr = ssl, .tgid = pid_tgid >> 32 };
 	struct lt_ssl_sock *sock = lt_ssl_fds.lookup(&key);
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)pid_tgid;
 
 	if (!sock || !sock->via_set_fd) {
 		struct lt_ssl_pending p = { .ssl_ptr = ssl };

@@ -78,7 +78,7 @@ def _run_with_misfit(bias_days: float) -> tuple[ScaleBank, list[tuple[int, int, 
         found = bank.step(minute, u, x, expected, expected, np.ones(2, dtype=bool),
                           np.full(2, minute >= 9 * 1440), 0.0,
                           np.ones((len(WINDOWS), 1)), np.zeros(2),
-                          hour_of_day=block // 4, block_of_day=block)
+                          block_of_day=block)
         if found is not None:
             hits += [(minute, int(i), int(w)) for i, w in
                      zip(found.index.tolist(), found.window.tolist(), strict=True)]

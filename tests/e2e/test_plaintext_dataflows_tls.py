@@ -39,7 +39,7 @@ from leaktap.controller.storage import Store
 from tests.analytics.crm_fixtures import FIXTURES, SECRETS, Call
 from tests.controller.test_api_dataflows import AgentView, get, serve
 from tests.e2e.crm_api_server import REFUSED_TARGET, SILENT_TARGET
-from tests.e2e.test_plaintext_tls import in_cgroup, py, wait_probed
+from tests.e2e.test_plaintext_tls import GATE, in_cgroup, py, run_probed
 from tests.netlab import make_cert, veth_lab
 
 pytestmark = [pytest.mark.kernel, pytest.mark.netns]
@@ -67,7 +67,6 @@ plaintext:
 # argv[1]: JSON [[host, method, target, body, status], ...]; status -1: never answered.
 # Each client calls only once told that it is probed (`go`): the exec-to-probe
 # race is test_plaintext_tls's subject, counting the calls is this file's
-GATE = 'print("started", flush=True); sys.stdin.readline()'
 REQUESTS_CLIENT = f"""
 import json, sys, requests, urllib3
 {GATE}
@@ -156,15 +155,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def client(lab: dict[str, Any], mon: PlaintextMonitor, code: str, calls: str) -> None:
-    p = subprocess.Popen(in_cgroup(lab["mount"], CGROUP, [*py(code), calls]), cwd=REPO,
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    try:
-        assert p.stdout is not None and p.stdout.readline() == "started\n"
-        wait_probed(mon, p.pid)
-    finally:
-        out, err = p.communicate("go\n", timeout=60)
-    assert p.returncode == 0 and out.strip() == "ok", err[-2000:]
+    out = run_probed(mon, in_cgroup(lab["mount"], CGROUP, [*py(code), calls]), timeout=60)
+    assert out.strip() == "ok", out[-2000:]
 
 
 def test_each_vendors_calls_are_counted_per_object_with_refused_and_unanswered_ones(lab):
