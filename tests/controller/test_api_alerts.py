@@ -237,6 +237,8 @@ def test_cached_alert_pages_follow_every_change(client: TestClient, agent: Agent
         body = client.get("/v1/alerts", headers=auth(READER)).json()
         return [(a["tenant"], a["status"]) for a in body["alerts"]]
 
+    # The outbox's first deliveries commit too; a page is cached only between commits.
+    assert agent.outbox.wait_idle(5)
     assert statuses() == statuses() == [("globex", "open"), ("acme", "open")]
     cache = client.app.state.response_cache  # type: ignore[attr-defined]
     assert cache.hits >= 1
