@@ -40,8 +40,12 @@ BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
 
 SPIKE, BURST, DRIP, RATIO, WINDOW, BATCH = "spike", "burst", "drip", "ratio", "window", "batch"
+MIX = "mix"  # a window of the bank on the out/in mix (on the volume or the share: WINDOW)
 _SLOW_K = 0.25  # slow CUSUM, only used to date the start of a drip
 _LEVEL_LIMIT = 3.0  # the growth level never claims more than e^3 = 20x
+_MEAN_ABS_TO_SIGMA = math.sqrt(math.pi / 2)
+_MIX_SIGMA_FLOOR = 0.05  # log units: the out/in mix's minute noise is never taken below
+_MIX_CAP_AFTER = 240  # minutes the mix learns freely before its steps are capped
 
 
 @dataclass
@@ -80,7 +84,10 @@ def _stronger(a: BankHits | None, b: BankHits | None) -> BankHits | None:
     if a is None or b is None:
         return a if b is None else b
     index = np.union1d(a.index, b.index)
-    fields = ("window", "score", "z", "observed", "expected")
+    for hits in (a, b):
+        if hits.mix is None:
+            hits.mix = np.zeros(len(hits.index), dtype=bool)
+    fields = ("window", "score", "z", "observed", "expected", "mix")
     merged = {f: np.zeros(len(index), dtype=getattr(a, f).dtype) for f in fields}
     merged["score"] = np.full(len(index), -np.inf)
     for hits in (a, b):
@@ -89,6 +96,22 @@ def _stronger(a: BankHits | None, b: BankHits | None) -> BankHits | None:
         for f in fields:
             merged[f][at[better]] = getattr(hits, f)[better]
     return BankHits(index=index, **merged)
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a and b interleaved: a[i] at 2i, b[i] at 2i + 1."""
+    out = np.empty(2 * a.shape[0], dtype=a.dtype)
+    out[0::2], out[1::2] = a, b
+    return out
+
+
+def _series_hits(hits: BankHits, keep: BoolArray, mix: bool) -> BankHits | None:
+    """The hits of one of a paired bank's two columns per series, indexed by series."""
+    if not keep.any():
+        return None
+    return BankHits(index=hits.index[keep] // 2, window=hits.window[keep],
+                    score=hits.score[keep], z=hits.z[keep], observed=hits.observed[keep],
+                    expected=hits.expected[keep], mix=np.full(int(keep.sum()), mix))
 
 
 class _SlotCache:
@@ -199,6 +222,9 @@ class VolumeScorer:
     sums_exp: FloatArray
     ratio_out: FloatArray
     ratio_in: FloatArray
+    mix_center: FloatArray  # usual minute log(out/in) against the slot's, learned online
+    mix_dev: FloatArray  # its mean absolute deviation
+    mix_seen: FloatArray  # minutes it has learned from
 
     def __init__(self, settings: DetectionSettings, capacity: int) -> None:
         self.settings = settings
@@ -218,9 +244,10 @@ class VolumeScorer:
         self._declare(capacity)
         self.fit = SeasonalFit.empty(capacity)
         self._empty_fit = SeasonalFit.empty(1)  # a new series' fit (fill values of `clear`)
+        # Two columns per series (see _score_bank): its volume at 2i, its out/in mix at 2i+1.
         self.bank = (
             ScaleBank(
-                vol.scale_windows_minutes, vol.scale_alpha, capacity,
+                vol.scale_windows_minutes, vol.scale_alpha, 2 * capacity,
                 vol.scale_level_halflife_minutes, vol.scale_noise_halflife_minutes,
                 vol.scale_suspect_fraction, vol.scale_freeze_minutes, vol.scale_level_noise_share,
                 vol.scale_record_margin, by_hour=vol.scale_by_hour,
@@ -238,6 +265,8 @@ class VolumeScorer:
             ) if vol.scale_enabled and vol.share_enabled else None
         )
         self._share_min_ratio = np.full((len(vol.share_windows_minutes), 1), vol.share_min_ratio)
+        self._alpha_mix = 1.0 - 0.5 ** (1.0 / vol.mix_noise_halflife_minutes)
+        self._pair_min_ratio = np.zeros((len(vol.scale_windows_minutes), 0))
         self._bank_min_ratio = np.array([
             vol.scale_short_min_ratio if w <= 15 else vol.scale_min_ratio
             for w in sorted(vol.scale_windows_minutes)])[:, None]
@@ -255,6 +284,7 @@ class VolumeScorer:
             "ring_out": ((length,), 0.0), "ring_exp": ((length,), 0.0),
             "ring_in": ((self.ratio_window,), 0.0), "sums_out": ((k,), 0.0),
             "sums_exp": ((k,), 0.0), "ratio_out": ((), 0.0), "ratio_in": ((), 0.0),
+            "mix_center": ((), 0.0), "mix_dev": ((), 0.0), "mix_seen": ((), 0.0),
         }
         for name, (lead, fill) in specs.items():
             dtype = (
@@ -272,12 +302,20 @@ class VolumeScorer:
             self._arrays[name] = (grown, fill)
             setattr(self, name, grown)
         self.fit = self._widened(self.fit, self._cap, capacity)
-        for bank in self._banks():
-            bank.grow(capacity)
+        if self.bank is not None:
+            self.bank.grow(2 * capacity)
+        if self.share_bank is not None:
+            self.share_bank.grow(capacity)
         self._cap = capacity
 
     def _banks(self) -> list[ScaleBank]:
         return [b for b in (self.bank, self.share_bank) if b is not None]
+
+    def _bank_columns(self, bank: ScaleBank, series: IntArray) -> IntArray:
+        """The columns of `series` in `bank`: the volume bank keeps two per series."""
+        if bank is self.bank:
+            return np.concatenate([2 * series, 2 * series + 1])
+        return series
 
     @staticmethod
     def _widened(fit: SeasonalFit, n: int, capacity: int) -> SeasonalFit:
@@ -303,7 +341,7 @@ class VolumeScorer:
         for name in vars(self.fit):
             getattr(self.fit, name)[..., series] = getattr(self._empty_fit, name)
         for bank in self._banks():
-            bank.clear(series)
+            bank.clear(self._bank_columns(bank, series))
         self._cache = None
 
     def set_fit(self, fit: SeasonalFit, n: int) -> None:
@@ -442,7 +480,7 @@ class VolumeScorer:
         ratio = self._score_ratio(x, y, cache, warm)
         minute_of_hour = (ts // 60) % MINUTES_PER_HOUR
         batch, batch_score, batch_expected = self._score_batch(x, minute_of_hour, cache, warm)
-        bank = self._score_bank(x, log_x, inv_sigma, w, cache, scorable, warm, total_of,
+        bank = self._score_bank(x, y, log_x, inv_sigma, w, cache, scorable, warm, total_of,
                                 (ts // 900) % 96)
         self.ring_out[pos, :n] = x
         self.ring_exp[pos, :n] = hour_mean
@@ -478,11 +516,14 @@ class VolumeScorer:
         ratio_at = ratio[index] if ratio is not None else np.zeros(count)
         # the window bank's view of each alarmed series (zero where it did not fire)
         bank_score, bank_window = np.zeros(count), np.ones(count, dtype=np.int64)
+        bank_mix = np.zeros(count, dtype=bool)
         bank_observed, bank_expected = x[index].copy(), expected[index].copy()
         if bank is not None:
             at = np.searchsorted(index, bank.index)
             bank_score[at], bank_window[at] = bank.score, bank.window
             bank_observed[at], bank_expected[at] = bank.observed, bank.expected
+            if bank.mix is not None:
+                bank_mix[at] = bank.mix
         spike_score = np.where(is_spike, step[index] / vol.spike_z, 0.0)
         burst_score = np.where(is_burst, cusum[index] / vol.burst_h, 0.0)
         d_score = drip_score[index] if drip_score is not None else np.zeros(count)
@@ -491,7 +532,8 @@ class VolumeScorer:
                            batch_score[index]])
         best = scores.argmax(axis=0)
         names = (SPIKE, BURST, DRIP, WINDOW, RATIO, BATCH)
-        detector = [names[b] for b in best.tolist()]
+        detector = [MIX if b == 3 and mixed else names[b]
+                    for b, mixed in zip(best.tolist(), bank_mix.tolist(), strict=True)]
         run_start = self.run_start[index]
         window_start = ts - (bank_window - 1) * 60
         first_ts = np.where(
@@ -534,12 +576,13 @@ class VolumeScorer:
         )
 
     def _score_bank(
-        self, x: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
+        self, x: FloatArray, y: FloatArray, log_x: FloatArray, inv_sigma: FloatArray,
         w: float, cache: _SlotCache, scorable: BoolArray, warm: BoolArray,
         total_of: IntArray | None, block_of_day: int,
     ) -> BankHits | None:
-        """One minute of the window bank, on seasonal series only (cold ones have no fit),
-        and of the share-of-tenant bank on destinations (merged: the stronger window)."""
+        """One minute of the window bank, on seasonal series only (cold ones have no fit):
+        each series' volume and, on destinations, its out/in mix; and of the
+        share-of-tenant bank on destinations (merged: the strongest window of each series)."""
         if self.bank is None:
             return None
         vol, n = self.settings.volume, self.n
@@ -559,17 +602,69 @@ class VolumeScorer:
         # the short windows' bytes must beat the neighbouring hours' mean only around a
         # batch (its timing jitter): elsewhere that would hide a burst on a ramp-up hour
         wide = np.where(cache.peak_slot, cache.hour_mean, mean) if cache.any_peak else mean
-        hits = self.bank.step(self.minute_index, u, x, mean, wide, watched,
-                              warm & cache.mature,
-                              float(vol.min_excess_bytes), self._bank_min_ratio,
-                              np.sqrt(cache.spread_level_sq) * inv_sigma,
-                              block_of_day=block_of_day)
-        self.suspect_hour[:n] |= self.bank.suspect_run[:n] > 0
+        mix_u, mix_watched = self._mix_units(x, y, watched, cache)
+        # One bank step for both tests of every series (their columns interleaved): the
+        # step's cost is mostly per call, not per column.
+        ready = warm & cache.mature
+        if self._pair_min_ratio.shape[1] < 2 * n:
+            k = len(vol.scale_windows_minutes)
+            self._pair_min_ratio = np.empty((k, 2 * self._cap))
+            self._pair_min_ratio[:, 0::2] = self._bank_min_ratio
+            # the mix's bytes gate: its own for the short windows (the volume's 2.7x would
+            # hide the bursts the mix is there for), the volume's for the longer ones
+            short = np.array(sorted(vol.scale_windows_minutes))[:, None] <= 15
+            self._pair_min_ratio[:, 1::2] = np.where(short, vol.mix_short_min_ratio,
+                                                     vol.scale_min_ratio)
+        level_noise = np.sqrt(cache.spread_level_sq) * inv_sigma
+        paired = self.bank.step(
+            self.minute_index, _pair(u, mix_u), _pair(x, x), _pair(mean, mean),
+            _pair(wide, wide), _pair(watched, mix_watched), _pair(ready, ready),
+            float(vol.min_excess_bytes), self._pair_min_ratio[:, :2 * n],
+            _pair(level_noise, np.zeros(n)), block_of_day=block_of_day)
+        self.suspect_hour[:n] |= (self.bank.suspect_run[:2 * n] > 0).reshape(n, 2).any(axis=1)
+        hits = None
+        if paired is not None:
+            is_mix = (paired.index % 2).astype(bool)
+            hits = _stronger(_series_hits(paired, ~is_mix, False),
+                             _series_hits(paired, is_mix, True))
         if self.share_bank is None or total_of is None:
             return hits
         share_hits = self._score_share(x, log_x, center, inv_sigma, watched, mean,
                                        cache, warm, total_of, block_of_day)
         return _stronger(hits, share_hits)
+
+    def _mix_units(
+        self, x: FloatArray, y: FloatArray, watched: BoolArray, cache: _SlotCache,
+    ) -> tuple[FloatArray, BoolArray]:
+        """The out/in mix test's minute (u and the minutes it watches): a destination's
+        log(out/in) against the slot's usual, in units of its own minute noise of that. An
+        upload (requests without the responses that ordinary calls pull back) shifts it by
+        the upload's factor. Idle minutes count at the low clip, so bytes added to any
+        minute never lower a window. Totals (they mix destinations) and batch slots (a
+        batch has a mix of its own that the hourly fit blurs) are left out."""
+        vol, n = self.settings.volume, self.n
+        if not vol.mix_enabled:
+            return np.zeros(n), np.zeros(n, dtype=bool)
+        floor = float(vol.floor_bytes_per_minute)
+        r = np.log(x + floor) - np.log(y + floor) - cache.ratio_base
+        active = x > 0
+        mix_watched = watched & ~self.is_total[:n] & ~cache.peak_slot
+        center, dev, seen = self.mix_center[:n], self.mix_dev[:n], self.mix_seen[:n]
+        sigma = np.maximum(dev * _MEAN_ABS_TO_SIGMA, _MIX_SIGMA_FLOOR)
+        u = np.where(active, np.clip((r - center) / sigma, vol.scale_clip_low,
+                                     vol.scale_clip_high), vol.scale_clip_low)
+        # learn the usual mix and its noise (after u is taken), on active minutes; each
+        # step capped at three deviations once a few hours have taught them, so an upload
+        # barely moves either
+        learn = active & mix_watched
+        np.copyto(center, r, where=learn & (seen == 0))
+        rate = np.maximum(1.0 / (seen + 1.0), self._alpha_mix) * learn
+        gap = r - center
+        cap = np.where(seen >= _MIX_CAP_AFTER, 3.0 * sigma, np.inf)
+        center += rate * np.clip(gap, -cap, cap)
+        dev += rate * (np.minimum(np.abs(gap), cap) - dev)
+        seen += learn
+        return u, mix_watched
 
     def _score_share(
         self, x: FloatArray, log_x: FloatArray, center: FloatArray, inv_sigma: FloatArray,
@@ -634,8 +729,10 @@ class VolumeScorer:
         """Per series: a window of a bank is under suspicion this minute."""
         n = self.n
         out = np.zeros(n, dtype=bool)
-        for bank in self._banks():
-            out |= bank.suspect_run[:n] > 0
+        if self.bank is not None:
+            out |= (self.bank.suspect_run[:2 * n] > 0).reshape(n, 2).any(axis=1)
+        if self.share_bank is not None:
+            out |= self.share_bank.suspect_run[:n] > 0
         return out
 
     def forget_recent(self, series: IntArray) -> None:
@@ -645,7 +742,7 @@ class VolumeScorer:
         self.cusum[series] = 0.0
         self.slow[series] = 0.0
         for bank in self._banks():
-            bank.reset(series)
+            bank.reset(self._bank_columns(bank, series))
 
     def _score_ratio(
         self, x: FloatArray, y: FloatArray, cache: _SlotCache, warm: BoolArray

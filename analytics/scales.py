@@ -74,6 +74,7 @@ class BankHits:
     z: FloatArray
     observed: FloatArray  # bytes out over the window
     expected: FloatArray  # expected bytes over the window
+    mix: BoolArray | None = None  # per hit: told by the out/in mix test (None: none was)
 
 
 class ScaleBank:

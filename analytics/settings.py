@@ -101,10 +101,28 @@ class VolumeSettings(_Frozen):
     # With per-hour scales, windows of 3 h and more and a 1.2x bytes gate it adds drips
     # without false incidents on tuning seeds 201-208 (0.78 -> 0.85, false 15 -> 15 in 320
     # tenant-weeks); before (one scale per window, from 60 min, gate 1.1) it cost false ones.
-    share_enabled: bool = True
+    # Off by default since the out/in mix (below): a tenant's common swings cancel in the
+    # mix as well, and on the same tuning seeds the share bank added 1 drip of 60 (and one
+    # batch +45 min) at the cost of a second bank step a minute (analyze ~10 % slower).
+    share_enabled: bool = False
     share_windows_minutes: list[Annotated[int, Field(ge=15, le=1440)]] = [180, 360, 720]
     # A share window pages only if the destination's bytes are this multiple of expected.
     share_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.2
+    # Out/in mix (issue 18.1): the window bank tests a destination's log(bytes out / bytes
+    # in) against the slot's usual too, in units of its own minute noise of that, with the
+    # same windows and scale_alpha. An upload pushes bytes out with acknowledgements alone
+    # coming back, so the mix shifts by the upload's factor, while ordinary calls keep
+    # requests and responses paired: that noise is often far below the volume's (3x for 5
+    # minutes is invisible in the volume at log-noise 0.9, plain in the mix). Totals (they
+    # mix destinations) and batch slots are left out. A mix window pages only if its bytes
+    # out are also mix_short_min_ratio times the expected (windows of 15 minutes or less)
+    # or scale_min_ratio times (longer ones, as the volume windows). Tuning seeds 201-208,
+    # 211-214: drips 52 -> 60 of 60, bursts 57 -> 60, false incidents 11 -> 13 in 480
+    # tenant-weeks (with the share bank off; a 1.5x gate on every mix window: 56 drips).
+    mix_enabled: bool = True
+    mix_short_min_ratio: Annotated[float, Field(ge=1, le=100)] = 1.5
+    # Half-life of the learned minute noise of the mix (a week).
+    mix_noise_halflife_minutes: Annotated[float, Field(gt=0, le=100_800)] = 10_080.0
     # The weekly batch (issue 18.3): during an hour-of-week slot that is a batch slot (its
     # mean minute far above its median, two weeks of history), the bytes above the ordinary
     # traffic around it (the quieter neighbouring slot's mean) are summed from the hour's

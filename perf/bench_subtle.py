@@ -47,7 +47,21 @@ Fifth round (tuning 201-206 and 207-208, 211-214 run apart, 30 drips and bursts 
   a false incident more), scale_short_min_ratio 2.3 (bursts unchanged, false 10 -> 22),
   scoring the banks against the level of the last refit instead of the hourly one (drips
   49 -> 47, false 10 -> 13).
-
+Sixth round: the bank tests each destination's out/in mix too (two columns per series in
+  one step); the share bank off by default. Tuning 201-206 / 207-208, 211-214, with the mix
+  gated at 1.5x on every window: drips 52 -> 56 of 60, bursts 57 -> 60, batch_longer 55 ->
+  54, false 11 -> 11 in 480 tenant-weeks (the mix as a bank of its own, share bank on:
+  drips 57, bursts 60, false 11). Held out, looked at once with that gate: 801-810 drips
+  0.96, bursts 0.96, batch_more 0.98, batch_longer 0.96, false 0.020 (scale_alpha 3e-4 /
+  1e-3: false 0.028 / 0.040, the same recall); 901-910 drips 0.88 (1.30-1.45x 13/19),
+  bursts 1.00, false 0.028. The long mix windows then gated at scale_min_ratio (1.2x), on
+  tuning seeds: drips 60 of 60, bursts 60, false 13.
+  held-out 1001-1010 (looked at once, these defaults): slow_drip 0.98 (1.30-1.45x 11/11,
+  1.45-1.60x 16/17, 1.60-1.80x 22/22), short_burst 0.98 (3-4x 15/15, 4-5x 13/14, 5-6x
+  21/21), batch_more 1.00, batch_longer 0.98, false 0.025, burst median 2 min (p90 3);
+  scale_alpha 1e-4 / 3e-4 / 1e-3: drips 0.98 / 0.98 / 0.98, bursts 0.98 / 0.98 / 0.94,
+  false 0.025 / 0.033 / 0.040. 801-810 / 901-910 again with these defaults (seen before):
+  drips 0.98 / 0.96, bursts 0.96 / 1.00, false 0.022 / 0.028.
 Usage: python perf/bench_subtle.py [--seeds 401,402] [--tenants 40] [--events 6]
        [--alphas 0.001,0.01,0.1] [--tuning] [--no-share] [--set scale_clip_low=-1.5]
 The machine is shared (2 cores): one seed of 40 tenants takes a minute or two per alpha.
@@ -167,7 +181,8 @@ def main() -> int:
         base = DetectionSettings()
         settings = base.model_copy(update={"volume": VolumeSettings(
             **{**base.volume.model_dump(), **overrides, "scale_alpha": alpha,
-               "share_enabled": base.volume.share_enabled and not args.no_share})})
+               "share_enabled": overrides.get("share_enabled", base.volume.share_enabled)
+               and not args.no_share})})
         tally = Tally()
         for scen in scens:
             tally.add(scen, run(scen, settings), args.verbose and alpha == default)

@@ -22,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from leaktap.analytics.scales import ScaleBank  # noqa: E402
 from leaktap.analytics.settings import DetectionSettings  # noqa: E402
 from leaktap.analytics.stream import StreamingDetector  # noqa: E402
 from tests.analytics import scenario  # noqa: E402
@@ -39,22 +40,31 @@ def diagnose(seed: int, tenants: int, events: int, settings: DetectionSettings) 
                              subtle=True)
     detector = StreamingDetector(settings, scen.allow)
     volume = detector._volume
-    banks = {"level": volume.bank, "share": volume.share_bank}
+    # per test: its bank and the bank's column of a series (the volume bank keeps a
+    # series' volume at 2i and its out/in mix at 2i + 1)
+    banks: dict[str, tuple[ScaleBank | None, Callable[[int], int]]] = {
+        "level": (volume.bank, lambda i: 2 * i), "mix": (volume.bank, lambda i: 2 * i + 1),
+        "share": (volume.share_bank, lambda i: i)}
     watched: dict[int, list[tuple[int, int, scenario.Event, bool]]] = {}
     records: dict[tuple[str, int, int], list[dict[str, np.ndarray]]] = {}
     levels: dict[tuple[str, int, int], list[float]] = {}
 
-    def tracer(name: str) -> Callable[[int, dict[str, np.ndarray]], None]:
+    def tracer(bank: ScaleBank) -> Callable[[int, dict[str, np.ndarray]], None]:
+        tests = [(name, column) for name, (b, column) in banks.items() if b is bank]
+
         def trace(minute_index: int, view: dict[str, np.ndarray]) -> None:
             ts = detector._open_ts
             assert ts is not None
             for index, spans in watched.items():
                 for number, (start, end, _, _) in enumerate(spans):
-                    if start - 3600 <= ts <= end + scenario.GRACE_MINUTES * 60:
+                    if not start - 3600 <= ts <= end + scenario.GRACE_MINUTES * 60:
+                        continue
+                    for name, column in tests:
+                        at = column(index)
                         key = (name, index, number)
                         records.setdefault(key, []).append(
-                            {f: np.array(view[f][..., index]) for f in FIELDS}
-                            | {"ref": np.array(view["ref"][index]), "ts": np.array(ts)})
+                            {f: np.array(view[f][..., at]) for f in FIELDS}
+                            | {"ref": np.array(view["ref"][at]), "ts": np.array(ts)})
                         levels.setdefault(key, []).append(float(volume.level[index]))
         return trace
 
@@ -69,9 +79,9 @@ def diagnose(seed: int, tenants: int, events: int, settings: DetectionSettings) 
                     if index is not None:
                         watched.setdefault(index, []).append(
                             (event.start_ts, event.end_ts, event, key[1] is None))
-            for name, bank in banks.items():
+            for bank, _ in banks.values():
                 if bank is not None:
-                    bank.trace = tracer(name)
+                    bank.trace = tracer(bank)
             traced = True
         detector.observe(bucket)
     detector.flush()
@@ -91,7 +101,7 @@ def diagnose(seed: int, tenants: int, events: int, settings: DetectionSettings) 
             for number, (start, _, ev, is_total) in enumerate(spans):
                 if ev is not event:
                     continue
-                for name, bank in banks.items():
+                for name, (bank, _) in banks.items():
                     rows = records.get((name, index, number), [])
                     if bank is None or not rows:
                         continue

@@ -94,8 +94,9 @@ def test_window_bank_catches_throttled_exfiltration_the_old_detectors_miss(
         scenario.SUBTLE_KINDS, 3)
     caught = sum(result.caught[k] for k in scenario.SUBTLE_KINDS)
     caught_before = sum(before.caught[k] for k in scenario.SUBTLE_KINDS)
-    # measured on this held-out seed: 7 of 12 with the bank, 6 of 12 without
-    assert caught > caught_before, (result.caught, before.caught)
+    # measured on this held-out seed: 12 of 12 with the bank (7 before it tested the out/in
+    # mix too), 6 of 12 without
+    assert caught >= 11 and caught > caught_before, (result.caught, before.caught)
     assert result.recall["short_burst"] == 1.0 and result.recall["batch_longer"] == 1.0
     assert statistics.median(result.burst_minutes_to_alert) <= 3
     # the target is 0.05; this seed measures 0.125 (3 in 24 tenant-weeks)
@@ -114,6 +115,8 @@ def test_every_volume_incident_names_its_window_volumes_and_score(
         assert evidence["window_observed_bytes"] >= 0 and evidence["window_expected_bytes"] >= 0
         assert 0 < evidence["score"] <= incident.score
         assert f"score {evidence['score']:.2f}" in incident.summary
-    windows = {i.evidence["window_minutes"] for i in volume if i.evidence["detector"] == "window"}
-    assert any(w >= 180 for w in windows), windows  # drips are told by a long window
-    assert any(w <= 15 for w in windows), windows  # bursts by a short one
+    told = {(i.evidence["detector"], i.evidence["window_minutes"]) for i in volume}
+    # bursts are told by a short window; the drips of this seed by the out/in mix, within
+    # minutes of their start (a volume window took hours to reach them)
+    assert any(d in ("window", "mix") and w <= 15 for d, w in told), told
+    assert any(d == "mix" for d, _ in told), told

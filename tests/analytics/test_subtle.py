@@ -70,13 +70,11 @@ def _cases() -> dict[str, np.ndarray]:
     return cases
 
 
-@pytest.fixture(scope="module")
-def by_tenant() -> dict[str, list[Incident]]:
-    rows = sorted(
-        (Bucket(MONDAY + 60 * int(m), name, "salesforce", f"{name}-prod", int(r[m]),
-                int(r[m])) for name, r in _cases().items() for m in np.flatnonzero(r >= 1)),
-        key=lambda b: b.ts)
-    detector = StreamingDetector(DetectionSettings())
+def incidents_by_tenant(
+    rows: list[Bucket], settings: DetectionSettings,
+) -> dict[str, list[Incident]]:
+    """The buckets (in time order) through the streaming detector: its incidents by tenant."""
+    detector = StreamingDetector(settings)
     for bucket in rows:
         detector.observe(bucket)
     detector.flush()
@@ -84,6 +82,15 @@ def by_tenant() -> dict[str, list[Incident]]:
     for incident in detector.close_all():
         grouped.setdefault(incident.tenant, []).append(incident)
     return grouped
+
+
+@pytest.fixture(scope="module")
+def by_tenant() -> dict[str, list[Incident]]:
+    rows = sorted(
+        (Bucket(MONDAY + 60 * int(m), name, "salesforce", f"{name}-prod", int(r[m]),
+                int(r[m])) for name, r in _cases().items() for m in np.flatnonzero(r >= 1)),
+        key=lambda b: b.ts)
+    return incidents_by_tenant(rows, DetectionSettings())
 
 
 def test_a_throttled_drip_on_a_noisy_tenant_pages_once(
