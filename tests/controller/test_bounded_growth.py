@@ -252,7 +252,8 @@ def detector_sizes(detector: StreamingDetector) -> dict[str, int]:
     sizes = {f"volume.{name}": a.shape[-1] for name, (a, _) in volume._arrays.items()}
     sizes |= {f"fit.{name}": getattr(volume.fit, name).shape[-1] for name in vars(volume.fit)}
     assert volume.bank is not None
-    sizes |= {f"bank.{name}": a.shape[-1] for name, a in vars(volume.bank).items()
+    # the window bank keeps two columns per series (its volume and its out/in mix)
+    sizes |= {f"bank.{name}": a.shape[-1] // 2 for name, a in vars(volume.bank).items()
               if isinstance(a, np.ndarray) and a.ndim and name.startswith(
                   ("ring", "blocks", "snap", "short_sums", "long_sums", "open_block", "ref",
                    "scale", "learned", "suspect_run"))}
