@@ -126,11 +126,12 @@ t1 = time.monotonic_ns()
 while ctypes.string_at(entry, 1) != b"\\xcc" and time.monotonic_ns() - t0 < 5e9:
     time.sleep(0.001)
 t2 = time.monotonic_ns()
+print(t0, t1, t2, flush=True)
+sys.stdin.readline()
 body = b'{{"Name": "{canary}"}}'
 req = (b"POST /services/data/v59.0/sobjects/Account HTTP/1.1\\r\\n"
        b"Host: acme.my.salesforce.com\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
 assert lib.SSL_write(conn, req, len(req)) == len(req)
-print(t0, t1, t2, flush=True)
 s.recv(100)
 """
 
@@ -241,7 +242,17 @@ def test_select_all_probes_a_dlopened_copy_before_its_first_write(lab, tmp_path)
     try:
         proc = start(lab, DLOPEN.format(ip=CRM_IP, canary=CANARY), cgroup=CGROUP_ALL,
                      args=(str(copy),))
-        t0, t1, t2 = (int(x) for x in go(proc).split())
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+        t0, t1, t2 = (int(x) for x in proc.stdout.readline().split())
+        # The breakpoint shows once the first of SSL_write's two probes (entry, return) is
+        # registered, and a call before the second one is lost (each registration waits
+        # for an RCU grace period): the write waits for the whole attach.
+        deadline = time.monotonic() + 10
+        while not mon.mmap_attach_latency_ms and time.monotonic() < deadline:
+            time.sleep(0.005)
+        go(proc)
         found = got.wait(lambda: [f for f in got.findings if f.kind == "canary_token"])
         latency = list(mon.mmap_attach_latency_ms)
         state = (dict(mon.counters), mon.kernel_stats(), mon.probed_pids().get(-1))

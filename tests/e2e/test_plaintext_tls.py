@@ -40,8 +40,8 @@ logger = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
 HOST_IP, CRM_IP = "198.18.60.1", "198.18.60.2"
 LIBSSL = "/lib/x86_64-linux-gnu/libssl.so.3"
-# how long a finding may take to arrive: generous, since on a loaded two-core CI machine one
-# probed write had no finding within 5 s (cause not reproduced); a passing wait returns early
+# how long a finding may take to arrive: generous for a loaded two-core CI machine (a passing
+# wait returns as soon as its finding is there)
 DEADLINE_S = 15.0
 TOKEN = "00D5g000004ABCD!AR8AQPlaintextLeakTestBearer9f3a"
 TOKEN2 = "00D5g000004WXYZ!AR8AQRedactionTestBearerToken77c4"
