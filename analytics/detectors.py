@@ -31,7 +31,7 @@ from leaktap.analytics.baseline import (
     SeasonalFit,
     hour_of_week,
 )
-from leaktap.analytics.scales import SUSPECT_WEIGHT, BankHits, ScaleBank
+from leaktap.analytics.scales import BLOCK, SUSPECT_WEIGHT, BankHits, ScaleBank
 from leaktap.analytics.settings import DetectionSettings
 
 logger = logging.getLogger(__name__)
@@ -84,18 +84,17 @@ def _stronger(a: BankHits | None, b: BankHits | None) -> BankHits | None:
     if a is None or b is None:
         return a if b is None else b
     index = np.union1d(a.index, b.index)
-    for hits in (a, b):
-        if hits.mix is None:
-            hits.mix = np.zeros(len(hits.index), dtype=bool)
-    fields = ("window", "score", "z", "observed", "expected", "mix")
+    fields = ("window", "score", "z", "observed", "expected")
     merged = {f: np.zeros(len(index), dtype=getattr(a, f).dtype) for f in fields}
     merged["score"] = np.full(len(index), -np.inf)
+    mix = np.zeros(len(index), dtype=bool)
     for hits in (a, b):
         at = np.searchsorted(index, hits.index)
         better = hits.score > merged["score"][at]
         for f in fields:
             merged[f][at[better]] = getattr(hits, f)[better]
-    return BankHits(index=index, **merged)
+        mix[at[better]] = hits.mix[better] if hits.mix is not None else False
+    return BankHits(index=index, mix=mix, **merged)
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -266,10 +265,14 @@ class VolumeScorer:
         )
         self._share_min_ratio = np.full((len(vol.share_windows_minutes), 1), vol.share_min_ratio)
         self._alpha_mix = 1.0 - 0.5 ** (1.0 / vol.mix_noise_halflife_minutes)
-        self._pair_min_ratio = np.zeros((len(vol.scale_windows_minutes), 0))
-        self._bank_min_ratio = np.array([
-            vol.scale_short_min_ratio if w <= 15 else vol.scale_min_ratio
-            for w in sorted(vol.scale_windows_minutes)])[:, None]
+        # per window, the least bytes out / expected to page: the volume's column, then the
+        # mix's (its own for the short windows, where the volume's 2.7x would hide the
+        # bursts the mix is there for; the volume's for the longer ones), tiled per series
+        short = np.array(sorted(vol.scale_windows_minutes))[:, None] <= BLOCK
+        self._gates = np.concatenate([
+            np.where(short, vol.scale_short_min_ratio, vol.scale_min_ratio),
+            np.where(short, vol.mix_short_min_ratio, vol.scale_min_ratio)], axis=1)
+        self._pair_min_ratio = np.tile(self._gates, (1, capacity))
 
     # -- state ----------------------------------------------------------------
 
@@ -306,6 +309,7 @@ class VolumeScorer:
             self.bank.grow(2 * capacity)
         if self.share_bank is not None:
             self.share_bank.grow(capacity)
+        self._pair_min_ratio = np.tile(self._gates, (1, capacity))
         self._cap = capacity
 
     def _banks(self) -> list[ScaleBank]:
@@ -606,22 +610,13 @@ class VolumeScorer:
         # One bank step for both tests of every series (their columns interleaved): the
         # step's cost is mostly per call, not per column.
         ready = warm & cache.mature
-        if self._pair_min_ratio.shape[1] < 2 * n:
-            k = len(vol.scale_windows_minutes)
-            self._pair_min_ratio = np.empty((k, 2 * self._cap))
-            self._pair_min_ratio[:, 0::2] = self._bank_min_ratio
-            # the mix's bytes gate: its own for the short windows (the volume's 2.7x would
-            # hide the bursts the mix is there for), the volume's for the longer ones
-            short = np.array(sorted(vol.scale_windows_minutes))[:, None] <= 15
-            self._pair_min_ratio[:, 1::2] = np.where(short, vol.mix_short_min_ratio,
-                                                     vol.scale_min_ratio)
         level_noise = np.sqrt(cache.spread_level_sq) * inv_sigma
         paired = self.bank.step(
             self.minute_index, _pair(u, mix_u), _pair(x, x), _pair(mean, mean),
             _pair(wide, wide), _pair(watched, mix_watched), _pair(ready, ready),
             float(vol.min_excess_bytes), self._pair_min_ratio[:, :2 * n],
             _pair(level_noise, np.zeros(n)), block_of_day=block_of_day)
-        self.suspect_hour[:n] |= (self.bank.suspect_run[:2 * n] > 0).reshape(n, 2).any(axis=1)
+        self.suspect_hour[:n] |= self._bank_suspects(n)
         hits = None
         if paired is not None:
             is_mix = (paired.index % 2).astype(bool)
@@ -730,10 +725,15 @@ class VolumeScorer:
         n = self.n
         out = np.zeros(n, dtype=bool)
         if self.bank is not None:
-            out |= (self.bank.suspect_run[:2 * n] > 0).reshape(n, 2).any(axis=1)
+            out |= self._bank_suspects(n)
         if self.share_bank is not None:
             out |= self.share_bank.suspect_run[:n] > 0
         return out
+
+    def _bank_suspects(self, n: int) -> BoolArray:
+        """Per series: either of its two columns of the window bank is under suspicion."""
+        assert self.bank is not None
+        return np.asarray((self.bank.suspect_run[:2 * n] > 0).reshape(n, 2).any(axis=1))
 
     def forget_recent(self, series: IntArray) -> None:
         """After an episode: its minutes still fill the windows, so re-arm the windows only
